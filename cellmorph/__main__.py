@@ -1,0 +1,5 @@
+import sys
+
+from cellmorph.cli import main
+
+sys.exit(main())

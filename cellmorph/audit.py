@@ -1,0 +1,143 @@
+"""Leakage audit: the original study's protocol next to cellmorph's default, on the same data.
+
+The study oversampled the whole dataset and then split it image by image, so copies of one
+image (and sites of one well) sit in training and validation. The audit trains both protocols
+and writes both scores side by side with the number of validation images that have an
+identical copy in training: the gap is what the leak was worth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from cellmorph.config import Config, DataConfig, config_from_dict, config_to_dict
+from cellmorph.errors import CellmorphError
+
+AUDIT_FILE = "audit.json"
+STUDY_SUFFIX = "-study-protocol"
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "well_accuracy")
+STUDY_TITLE = "original study: oversample, then image-level split"
+DEFAULT_TITLE = "cellmorph default: {split} split, oversample the training fold"
+
+
+def study_config(cfg: Config) -> Config:
+    """``cfg`` with the study's protocol: oversample everything, split images, weight classes."""
+    raw = config_to_dict(cfg)
+    raw["name"] = f"{cfg.name}{STUDY_SUFFIX}"
+    raw["data"].update(
+        {"split": "image", "oversample_before_split": True, "balance": "both", "val_plates": []}
+    )
+    return config_from_dict(raw)
+
+
+def _check_default(cfg: DataConfig) -> None:
+    if cfg.split == "image" or cfg.oversample_before_split:
+        raise CellmorphError(
+            "audit: the config to compare against the study must be leak-free "
+            f"(data.split={cfg.split}, data.oversample_before_split="
+            f"{cfg.oversample_before_split}); use data.split=grouped or plate"
+        )
+
+
+def _val_copies(data: DataConfig) -> tuple[int, int]:
+    """(validation images, of which have an identical copy in training) for a data config."""
+    from cellmorph.index import build_index, count_val_copies_in_train
+    from cellmorph.store import open_store
+
+    index = build_index(open_store(data.store).metadata, data)
+    return len(index.val), count_val_copies_in_train(index)
+
+
+def _protocol_row(key: str, title: str, run_dir: Path, data: DataConfig) -> dict[str, Any]:
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise CellmorphError(f"audit: {metrics_path} is missing (did the {key} run finish?)")
+    metrics = json.loads(metrics_path.read_text())
+    n_val, copies = _val_copies(data)
+    row: dict[str, Any] = {"name": key, "title": title, "run_dir": str(run_dir)}
+    row.update({k: metrics.get(k) for k in METRIC_KEYS})
+    row.update(
+        {
+            "split": data.split,
+            "oversample_before_split": data.oversample_before_split,
+            "balance": data.balance,
+            "n_val_images": n_val,
+            "val_copies_in_train": copies,
+        }
+    )
+    return row
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The side-by-side table printed at the end of the audit."""
+    study, default = result["protocols"]
+    labels = [*METRIC_KEYS, "n_val_images", "val_copies_in_train"]
+    width = max(len(x) for x in labels) + 2
+    lines = [f"{'':{width}}{'study protocol':>16}{'cellmorph default':>20}"]
+    for key in labels:
+        a, b = study.get(key), default.get(key)
+        fa = f"{a:.3f}" if isinstance(a, float) else str(a)
+        fb = f"{b:.3f}" if isinstance(b, float) else str(b)
+        lines.append(f"{key:{width}}{fa:>16}{fb:>20}")
+    return "\n".join(lines)
+
+
+def audit(cfg: Config, *, reuse_default_run: Path | None = None) -> dict[str, Any]:
+    """Train the study protocol (and the default, unless ``reuse_default_run`` holds it) and
+    write ``audit.json`` into the default run's directory; returns its content."""
+    from cellmorph.train import run_local
+
+    _check_default(cfg.data)
+    study = study_config(cfg)
+    study_dir = Path(run_local(study))
+    default_dir = Path(reuse_default_run) if reuse_default_run else Path(run_local(cfg))
+    result = {
+        "protocols": [
+            _protocol_row("study", STUDY_TITLE, study_dir, study.data),
+            _protocol_row(
+                "default", DEFAULT_TITLE.format(split=cfg.data.split), default_dir, cfg.data
+            ),
+        ],
+        "note": (
+            "Both models are trained on the same images with the same settings except the "
+            "split and balancing. The study's numbers are inflated by validation images that "
+            "also sit in training (identical copies, and sites of the same well)."
+        ),
+    }
+    out = default_dir / AUDIT_FILE
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(format_table(result))
+    print(f"audit: {out}")
+    return result
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit", help="train the original study's leaky protocol and the default side by side"
+    )
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument(
+        "--reuse-run",
+        default=None,
+        help="an already trained run of this config (skips retraining it)",
+    )
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.epochs=3")
+    p.set_defaults(func=_cmd_audit)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from cellmorph.config import load_config
+    from cellmorph.launch import resolve_paths
+    from cellmorph.report import build_report
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    reuse = Path(args.reuse_run) if args.reuse_run else None
+    result = audit(cfg, reuse_default_run=reuse)
+    default_dir = Path(result["protocols"][1]["run_dir"])
+    print(f"report: {build_report(default_dir)}")
+    return 0

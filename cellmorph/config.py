@@ -1,0 +1,270 @@
+"""One frozen, typed config tree, loaded from YAML with dotlist overrides.
+
+Every section is a pydantic model with ``extra="forbid"`` and ``frozen=True``: an unknown key
+or a wrong type stops with a message naming the full key (``train.epochs``), and nothing mutates
+a config after it is loaded. Functions take the sub-config they need, not the whole tree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cellmorph.errors import CellmorphError
+
+
+class ConfigError(CellmorphError):
+    """A config that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SynthConfig(_Section):
+    """Synthetic Cell Painting plate (the embedded default dataset)."""
+
+    out: str = "data/demo/raw"
+    seed: int = 0
+    plates: int = Field(2, ge=1)
+    rows: int = Field(4, ge=1, le=16)
+    cols: int = Field(6, ge=1, le=24)
+    sites: int = Field(4, ge=1)
+    size: int = Field(96, ge=32)
+    cells_per_site: int = Field(14, ge=1)
+
+
+class ConvertConfig(_Section):
+    """Packing TIFFs into the store (writer side)."""
+
+    load_data: str | None = None
+    images: str | None = None
+    metadata: str | None = None
+    id_pattern: str | None = None
+    id_column: str | None = None
+    join: str | None = None
+    join_on: list[str] = []
+    illum_dir: str | None = None
+    channels: list[str] = ["DNA", "ER", "RNA", "AGP", "Mito"]
+    size: int = Field(160, ge=8)
+    codec: Literal["zstd", "lz4"] = "zstd"
+    shard_size: int = Field(1024, ge=1)
+    workers: int = Field(2, ge=1)
+    label_column: str = "Metadata_pert_iname"
+    allow_unlabeled: bool = Field(False, description="keep sites without a label (prediction)")
+    file_channels: list[str] = Field(
+        [], description="channel names in file order for multi-channel TIFFs; [] = channels"
+    )
+    path_replace: list[str] = Field([], description="OLD=NEW prefixes applied to LoadData paths")
+    stats_images: int = Field(256, ge=1, description="images sampled for channel statistics")
+
+
+class DataConfig(_Section):
+    """Labels, class selection, split and balancing (index arrays only, never images)."""
+
+    store: str = "data/demo/store.zarr"
+    label_column: str = "Metadata_pert_iname"
+    top_k: int = Field(0, ge=0, description="keep the K most frequent classes; 0 keeps all")
+    min_count: int = Field(0, ge=0)
+    split: Literal["grouped", "plate", "image"] = "grouped"
+    group_by: Literal["well", "plate"] = "well"
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    val_plates: list[str] = []
+    balance: Literal["oversample", "class_weight", "both", "none"] = "oversample"
+    seed: int = Field(0, ge=0)
+    oversample_before_split: bool = Field(
+        False,
+        description="the original study's flawed protocol (split=image only): oversample all "
+        "rows, then split, so copies of one image land on both sides; for the leakage audit",
+    )
+
+    @model_validator(mode="after")
+    def _split_options_agree(self) -> DataConfig:
+        if self.oversample_before_split and self.split != "image":
+            raise ValueError("oversample_before_split is only allowed with split=image")
+        if self.val_plates and self.split != "plate":
+            raise ValueError(f"val_plates is set but split is {self.split!r} (use split=plate)")
+        return self
+
+
+AugmentOp = Literal["hflip", "vflip", "rotate", "brightness_contrast"]
+
+
+class LoaderConfig(_Section):
+    """Batches for training and evaluation: which loader, how big, which augmentations."""
+
+    kind: Literal["torch", "dali"] = "torch"
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    num_workers: int = Field(1, ge=0)
+    image_size: int = Field(128, ge=8)
+    augment: list[AugmentOp] = ["hflip", "vflip", "rotate", "brightness_contrast"]
+    rotate_degrees: float = Field(10.0, ge=0.0, le=180.0)
+    brightness: float = Field(0.1, ge=0.0, le=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    normalize: Literal["store", "imagenet"] = "store"
+    view_fraction: float = Field(
+        0.8, gt=0.0, le=1.0, description="central fraction of the resized image kept; margin for rotation"
+    )
+    reader_threads: int = Field(2, ge=1, description="decode threads of the shard reader")
+    prefetch: int = Field(2, ge=1, description="batches prepared ahead per worker (torch) / queue (DALI)")
+    dali_threads: int = Field(2, ge=1, description="DALI pipeline num_threads")
+
+
+class ModelConfig(_Section):
+    backbone: Literal["mobilenet_v2"] = "mobilenet_v2"
+    pretrained: str | None = Field(None, description="local torchvision checkpoint; never downloaded")
+    width_mult: float = Field(1.0, gt=0.0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class OptimConfig(_Section):
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(5, ge=1)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    keep_best: int = Field(1, ge=0)
+    best_metric: str = "balanced_accuracy"
+    max_steps_per_epoch: int = Field(0, ge=0, description="cap for smoke runs; 0 = whole epoch")
+    log_every: int = Field(20, ge=1)
+
+
+class RayConfig(_Section):
+    """How the training run is scaled (Ray Train ScalingConfig/RunConfig)."""
+
+    address: str | None = None
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    max_failures: int = Field(0, ge=-1)
+
+
+class EvalConfig(_Section):
+    tsne_max_points: int = Field(2000, ge=10)
+    top_k: int = Field(5, ge=1)
+    sample_grid_per_class: int = Field(4, ge=0)
+
+
+class Config(_Section):
+    """The whole tree: one per run, written to ``runs/<name>/config.yaml``."""
+
+    name: str = "demo"
+    seed: int = 0
+    run_root: str = "runs"
+    synth: SynthConfig = SynthConfig()
+    convert: ConvertConfig = ConvertConfig()
+    data: DataConfig = DataConfig()
+    loader: LoaderConfig = LoaderConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _name_is_a_folder(self) -> Config:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.name
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.epochs=3", "loader.augment=[hflip]"]`` into a nested dict.
+
+    Values are parsed as YAML scalars/flow collections, so ``3`` is an int and ``[a,b]`` a list.
+    """
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r} ({e})") from None
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is set to a value and a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain dict into a Config, or raise ConfigError naming the bad keys."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config: {_describe(e)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or the built-in defaults when ``path`` is None) and apply dotlist overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raw = loaded
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return config_from_dict(raw)
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(p)

@@ -1,0 +1,536 @@
+"""The index: labels, class selection, honest splits and balancing, over row numbers only.
+
+Everything here works on arrays of store rows (never images), so a 3,000,000-row metadata
+table is indexed in seconds.
+
+- Labels come from a configurable column. Classes are sorted by name (class id = position), so
+  the encoding does not depend on row order; ``classes.json`` stores it with every run.
+- ``split=grouped`` (default) splits *wells* (or plates), stratified by class, so no well has
+  images on both sides: sites of one well are near-duplicates. Wells are collapsed to one unit
+  each (with their majority label) before scikit-learn sees them, which is what makes it fast.
+- ``split=plate`` holds out whole plates; ``split=image`` is the original study's image-level
+  split, kept for comparison and flagged ``leaky``.
+- Oversampling (imbalanced-learn ``RandomOverSampler`` over row ids) touches the training fold
+  only, unless ``oversample_before_split`` asks for the study's flawed protocol on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from imblearn.over_sampling import RandomOverSampler
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.utils.class_weight import compute_class_weight
+
+from cellmorph.config import DataConfig
+from cellmorph.errors import CellmorphError
+from cellmorph.sampling import contiguous_runs, epoch_indices, epoch_permutation
+
+__all__ = [
+    "Index",
+    "LabelEncoding",
+    "build_index",
+    "contiguous_runs",
+    "count_val_copies_in_train",
+    "encode_labels",
+    "epoch_indices",
+    "epoch_permutation",
+    "load_label_encoding",
+    "save_label_encoding",
+    "shared_wells",
+]
+
+log = logging.getLogger(__name__)
+
+PLATE = "Metadata_Plate"
+WELL = "Metadata_Well"
+CHECKSUM = "checksum"
+_OVERSAMPLE_BLOCK = 16
+IMAGE_SPLIT_WARNING = (
+    "split=image: sites of one well are near-duplicates and land on both sides, so validation "
+    "accuracy is inflated; use it only to compare with the original study"
+)
+STUDY_WARNING = (
+    "oversample_before_split: rows were oversampled before the split, so copies of the same "
+    "image sit in training and validation (the original study's flaw); for the leakage audit only"
+)
+
+
+class IndexBuildError(CellmorphError):
+    """Metadata or data settings that cannot produce an index; the message names the key."""
+
+
+@dataclass(frozen=True, eq=False)
+class Index:
+    """Row-level labels and folds for one run.
+
+    ``train``/``val`` are sorted store rows, unique except under ``oversample_before_split``
+    (the study protocol), where they are the two halves of an oversampled list and repeat.
+    """
+
+    classes: list[str]  # class id -> name, sorted by name
+    labels: np.ndarray  # int64 per store row; -1 = not used (no label or dropped class)
+    train: np.ndarray
+    val: np.ndarray
+    train_order: np.ndarray  # training rows after balancing; what each epoch permutes
+    class_weights: np.ndarray | None
+    summary: dict[str, Any]
+    well_ids: np.ndarray | None = None  # int64 per store row: one id per (plate, well)
+    content_ids: np.ndarray | None = None  # int64 per store row: equal ids = identical checksum
+
+
+class _Rows(NamedTuple):
+    """Row-level arrays the splitters share."""
+
+    labels: np.ndarray
+    well_ids: np.ndarray
+    plate_codes: np.ndarray
+    plate_names: list[str]
+    well_codes: np.ndarray
+    n_classes: int
+
+
+# ---------------------------------------------------------------------------------- labels
+
+
+def _encode_raw(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (-1 = missing or blank) and sorted unique names of a label column."""
+    if column not in metadata.columns:
+        cols = [c for c in metadata.columns if str(c).startswith("Metadata_")]
+        raise IndexBuildError(
+            f"data.label_column: column {column!r} not in the metadata "
+            f"(Metadata_ columns: {', '.join(map(str, cols)) or 'none'})"
+        )
+    codes, uniques = pd.factorize(metadata[column], sort=False)
+    names = np.asarray([str(u).strip() for u in uniques], dtype=object)
+    # Merge values that print alike (1 and "1", "a " and "a") and sort by name in one step.
+    sorted_names, remap = np.unique(names, return_inverse=True)
+    remap = np.append(remap.astype(np.int64), -1)  # code -1 (missing) maps to -1
+    codes = remap[codes]
+    if len(sorted_names) and sorted_names[0] == "":
+        codes = np.where(codes <= 0, -1, codes - 1)  # blank (0) and missing (-1)
+        sorted_names = sorted_names[1:]
+    return codes, sorted_names
+
+
+def _select_classes(
+    codes: np.ndarray, names: np.ndarray, cfg: DataConfig
+) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Keep classes with >= min_count images, then the top_k most frequent (ties by name)."""
+    column = cfg.label_column
+    counts = np.bincount(codes[codes >= 0], minlength=len(names))
+    if counts.sum() == 0:
+        raise IndexBuildError(f"data.label_column: no rows have a label in column {column!r}")
+    by_freq = np.lexsort((np.arange(len(names)), -counts))  # names are sorted: ties by name
+    keep = by_freq[counts[by_freq] >= max(cfg.min_count, 1)]
+    if cfg.top_k:
+        keep = keep[: cfg.top_k]
+    keep = np.sort(keep)
+    if len(keep) < 2:
+        raise IndexBuildError(
+            f"data.label_column: {len(keep)} class(es) of column {column!r} left after "
+            f"top_k={cfg.top_k}, min_count={cfg.min_count} (of {int((counts > 0).sum())}); "
+            "a classifier needs at least 2"
+        )
+    mapping = np.full(len(names) + 1, -1, dtype=np.int64)  # last slot catches code -1
+    mapping[keep] = np.arange(len(keep))
+    info = {
+        "counts_before_topk": {str(names[i]): int(counts[i]) for i in by_freq if counts[i]},
+        "counts_after_topk": {str(names[i]): int(counts[i]) for i in by_freq if mapping[i] >= 0},
+    }
+    return mapping[codes], [str(n) for n in names[keep]], info
+
+
+# ----------------------------------------------------------------------------------- wells
+
+
+def _factorize_required(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str]]:
+    if column not in metadata.columns:
+        raise IndexBuildError(f"metadata: required column {column!r} is missing")
+    codes, uniques = pd.factorize(metadata[column], sort=True)
+    missing = int((codes < 0).sum())
+    if missing:
+        raise IndexBuildError(f"metadata: {missing} row(s) have no value in column {column!r}")
+    return codes.astype(np.int64), [str(u) for u in uniques]
+
+
+def _rows(metadata: pd.DataFrame, labels: np.ndarray, n_classes: int) -> _Rows:
+    plate_codes, plate_names = _factorize_required(metadata, PLATE)
+    well_codes, well_names = _factorize_required(metadata, WELL)
+    key = plate_codes * len(well_names) + well_codes
+    well_ids, _ = pd.factorize(key, sort=True)
+    return _Rows(labels, well_ids.astype(np.int64), plate_codes, plate_names, well_codes, n_classes)
+
+
+def _wells_with_majority_label(rows: _Rows) -> tuple[np.ndarray, np.ndarray, int]:
+    """One unit per well that has used rows: (well id, majority label, wells with >1 label)."""
+    used = rows.labels >= 0
+    k = rows.n_classes
+    pairs, counts = np.unique(rows.well_ids[used] * k + rows.labels[used], return_counts=True)
+    wells, labels = pairs // k, pairs % k
+    order = np.lexsort((-counts, wells))  # stable: count ties go to the smaller class id
+    wells, labels = wells[order], labels[order]
+    first = np.r_[True, wells[1:] != wells[:-1]]
+    return wells[first], labels[first], int(len(wells) - first.sum())
+
+
+# ---------------------------------------------------------------------------------- splits
+
+
+def _n_splits(val_fraction: float) -> int:
+    return max(2, round(1.0 / val_fraction))
+
+
+def _fold0(splitter: Any, y: np.ndarray, groups: np.ndarray | None, what: str) -> np.ndarray:
+    """Test positions of the first fold; sklearn's refusals become CellmorphErrors."""
+    with warnings.catch_warnings():
+        # Small classes are handled by the caller (train-only or an error), not by a warning.
+        warnings.filterwarnings("ignore", message="The least populated class")
+        try:
+            _, test = next(iter(splitter.split(np.zeros(len(y)), y, groups)))
+        except ValueError as e:
+            raise IndexBuildError(f"data.val_fraction: cannot split {what}: {e}") from None
+    return test
+
+
+def _stratified_val(y: np.ndarray, n_classes: int, cfg: DataConfig, what: str) -> np.ndarray:
+    """Boolean val mask over units; classes with a single unit stay in training."""
+    per_class = np.bincount(y, minlength=n_classes)
+    splittable = np.flatnonzero(per_class[y] >= 2)
+    val = np.zeros(len(y), dtype=bool)
+    if len(splittable):
+        skf = StratifiedKFold(_n_splits(cfg.val_fraction), shuffle=True, random_state=cfg.seed)
+        val[splittable[_fold0(skf, y[splittable], None, what)]] = True
+    return val
+
+
+def _split_grouped(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Val mask over rows: whole wells (or plates) go to one side, stratified by class."""
+    wells, well_label, mixed = _wells_with_majority_label(rows)
+    if cfg.group_by == "well":
+        # One unit per well: grouping is already done, so stratified k-fold over wells is the
+        # grouped split (StratifiedGroupKFold loops in Python per group: too slow for 300k).
+        val_unit = _stratified_val(well_label, rows.n_classes, cfg, "wells")
+    else:
+        plate_of_well = np.zeros(rows.well_ids.max() + 1, dtype=np.int64)
+        plate_of_well[rows.well_ids] = rows.plate_codes
+        sgkf = StratifiedGroupKFold(
+            _n_splits(cfg.val_fraction), shuffle=True, random_state=cfg.seed
+        )
+        test = _fold0(sgkf, well_label, plate_of_well[wells], "plates (data.group_by=plate)")
+        val_unit = np.zeros(len(wells), dtype=bool)
+        val_unit[test] = True
+    val_well = np.zeros(rows.well_ids.max() + 1, dtype=bool)
+    val_well[wells[val_unit]] = True
+    return val_well[rows.well_ids], {"mixed_label_wells": mixed}
+
+
+def _split_plate(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Val mask over rows: named plates, or a seeded fraction of the plates with used rows."""
+    names = np.asarray(rows.plate_names, dtype=object)
+    if cfg.val_plates:
+        unknown = sorted(set(cfg.val_plates) - set(rows.plate_names))
+        if unknown:
+            raise IndexBuildError(
+                f"data.val_plates: unknown plate(s) {', '.join(unknown)} "
+                f"(column {PLATE!r} has {', '.join(rows.plate_names[:20])}"
+                f"{' ...' if len(names) > 20 else ''})"
+            )
+        chosen = np.flatnonzero(np.isin(names, cfg.val_plates))
+    else:
+        candidates = np.unique(rows.plate_codes[rows.labels >= 0])
+        if len(candidates) < 2:
+            raise IndexBuildError(f"data.split=plate needs at least 2 plates in column {PLATE!r}")
+        n_val = min(len(candidates) - 1, max(1, round(cfg.val_fraction * len(candidates))))
+        rng = np.random.default_rng(cfg.seed)
+        chosen = np.sort(rng.choice(candidates, size=n_val, replace=False))
+    return np.isin(rows.plate_codes, chosen), {"val_plates": [str(p) for p in names[chosen]]}
+
+
+def _split_image(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Val mask over rows: the study's image-level stratified split (leaky by design)."""
+    used = np.flatnonzero(rows.labels >= 0)
+    val = np.zeros(len(rows.labels), dtype=bool)
+    val[used[_stratified_val(rows.labels[used], rows.n_classes, cfg, "images")]] = True
+    return val, {}
+
+
+_SPLITTERS = {"grouped": _split_grouped, "plate": _split_plate, "image": _split_image}
+
+
+def _oversample(rows: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """RandomOverSampler over row ids (a (n, 1) array), never over images.
+
+    Every class is drawn up to the size of the largest. imbalanced-learn grows its bookkeeping
+    array once per class (quadratic in the number of classes), so classes are resampled in
+    blocks of ``_OVERSAMPLE_BLOCK`` against the global target; one RandomState threads through
+    the blocks, so the result is fixed by ``seed``.
+    """
+    y = labels[rows]
+    counts = np.bincount(y)
+    present = np.flatnonzero(counts)
+    target = int(counts.max())
+    state = np.random.RandomState(seed)
+    blocks = [present[i : i + _OVERSAMPLE_BLOCK] for i in range(0, len(present), _OVERSAMPLE_BLOCK)]
+    if len(blocks) > 1 and len(blocks[-1]) < 2:  # imbalanced-learn needs 2 classes per call
+        blocks[-2:] = [np.concatenate(blocks[-2:])]
+    out = []
+    for block in blocks:
+        sel = np.isin(y, block)
+        ros = RandomOverSampler(
+            sampling_strategy={int(c): target for c in block}, random_state=state
+        )
+        resampled, _ = ros.fit_resample(rows[sel].reshape(-1, 1), y[sel])
+        out.append(resampled[:, 0])
+    return np.concatenate(out).astype(np.int64, copy=False)
+
+
+def _study_split(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The original protocol: oversample every used row, then split the oversampled list."""
+    resampled = _oversample(np.flatnonzero(rows.labels >= 0), rows.labels, cfg.seed)
+    val_pos = _stratified_val(rows.labels[resampled], rows.n_classes, cfg, "images")
+    return np.sort(resampled[~val_pos]), np.sort(resampled[val_pos])
+
+
+# ------------------------------------------------------------------------------ build_index
+
+
+def _check_folds(train: np.ndarray, val: np.ndarray, rows: _Rows, classes: list[str]) -> None:
+    if len(train) == 0:
+        raise IndexBuildError(f"data.split: the training fold is empty ({len(val)} rows in val)")
+    if len(val) == 0:
+        raise IndexBuildError(
+            f"data.split: the validation fold is empty ({len(train)} in training)"
+        )
+    in_train = np.bincount(rows.labels[train], minlength=rows.n_classes)
+    missing = [classes[i] for i in np.flatnonzero(in_train == 0)]
+    if missing:
+        raise IndexBuildError(
+            f"data.split: {len(missing)} class(es) have no training images "
+            f"({', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}); raise "
+            "data.min_count, lower data.top_k, or choose other data.val_plates"
+        )
+
+
+def _content_ids(metadata: pd.DataFrame) -> np.ndarray | None:
+    """Equal ids for rows with identical image checksums; rows without one are unique."""
+    if CHECKSUM not in metadata.columns:
+        return None
+    codes, uniques = pd.factorize(metadata[CHECKSUM])
+    codes = codes.astype(np.int64)
+    blank = codes < 0
+    codes[blank] = len(uniques) + np.flatnonzero(blank)
+    return codes
+
+
+def _layout_confound(rows: _Rows) -> tuple[int, str | None]:
+    """Classes that occupy one well position on every plate (position == perturbation)."""
+    used = rows.labels >= 0
+    n_pos = int(rows.well_codes.max()) + 1
+    pairs = np.unique(rows.labels[used] * n_pos + rows.well_codes[used])
+    positions = np.bincount(pairs // n_pos, minlength=rows.n_classes)
+    fixed = int((positions == 1).sum())
+    plates = len(np.unique(rows.plate_codes[used]))
+    if plates < 2 or fixed < 0.5 * rows.n_classes:
+        return fixed, None
+    return fixed, (
+        f"{fixed} of {rows.n_classes} classes sit in a single well position on all {plates} "
+        "plates: position and perturbation are confounded, so no well or plate split can "
+        "separate position effects (edge effects, plate-map artefacts) from the drug"
+    )
+
+
+def _balance(
+    train: np.ndarray, labels: np.ndarray, n_classes: int, cfg: DataConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Training order (oversampled or not) and class weights for the loss.
+
+    Weights are computed on the training fold before oversampling; with ``both`` this
+    corrects the imbalance twice, as the original study did.
+    """
+    if cfg.balance in ("oversample", "both") and not cfg.oversample_before_split:
+        order = _oversample(train, labels, cfg.seed)
+    else:
+        order = train
+    weights = None
+    if cfg.balance in ("class_weight", "both"):
+        weights = compute_class_weight(
+            "balanced", classes=np.arange(n_classes), y=labels[train]
+        ).astype(np.float32)
+    return order, weights
+
+
+def _per_class(rows_: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, int]:
+    counts = np.bincount(labels[rows_], minlength=len(classes))
+    return {c: int(n) for c, n in zip(classes, counts)}
+
+
+def build_index(metadata: pd.DataFrame, cfg: DataConfig) -> Index:
+    """Labels, folds, training order and class weights for ``metadata`` (row i == store row i)."""
+    codes, names = _encode_raw(metadata, cfg.label_column)
+    labels, classes, counts = _select_classes(codes, names, cfg)
+    rows = _rows(metadata, labels, len(classes))
+    warns: list[str] = []
+    if cfg.oversample_before_split:
+        train, val = _study_split(rows, cfg)
+        extra: dict[str, Any] = {}
+        warns.append(STUDY_WARNING)
+    else:
+        val_mask, extra = _SPLITTERS[cfg.split](rows, cfg)
+        used = labels >= 0
+        train, val = np.flatnonzero(used & ~val_mask), np.flatnonzero(used & val_mask)
+    if cfg.split == "image":
+        warns.append(IMAGE_SPLIT_WARNING)
+    _check_folds(train, val, rows, classes)
+    train_order, weights = _balance(train, labels, len(classes), cfg)
+
+    index = Index(
+        classes=classes,
+        labels=labels,
+        train=train,
+        val=val,
+        train_order=train_order,
+        class_weights=weights,
+        summary={},
+        well_ids=rows.well_ids,
+        content_ids=_content_ids(metadata),
+    )
+    fixed, confound = _layout_confound(rows)
+    if confound:
+        warns.append(confound)
+    summary = _summary(index, rows, cfg, counts | extra | {"fixed_position_classes": fixed})
+    summary["warnings"] = warns + summary["warnings"]
+    for w in summary["warnings"]:
+        log.warning(w)
+    return replace(index, summary=summary)
+
+
+def _summary(index: Index, rows: _Rows, cfg: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able description written to ``data_summary.json`` and shown in the report."""
+    labels, classes = index.labels, index.classes
+    train_counts = _per_class(index.train, labels, classes)
+    val_counts = _per_class(index.val, labels, classes)
+    no_val = [c for c in classes if val_counts[c] == 0]
+    warns = []
+    if no_val:
+        warns.append(
+            f"{len(no_val)} class(es) have too few {'wells' if cfg.split == 'grouped' else 'units'}"
+            f" to appear in validation and are trained on only: {', '.join(no_val[:10])}"
+            f"{' ...' if len(no_val) > 10 else ''}"
+        )
+    n_train, n_val = len(index.train), len(index.val)
+    actual = n_val / max(1, n_train + n_val)
+    if not cfg.val_plates and abs(actual - cfg.val_fraction) > 0.1:
+        warns.append(
+            f"data.val_fraction={cfg.val_fraction} gave {actual:.2f} of the images in validation "
+            f"(one of {_n_splits(cfg.val_fraction)} stratified folds, or whole plates)"
+        )
+    growth = len(index.train_order) / max(1, n_train)
+    if growth > 10:
+        warns.append(
+            f"oversampling makes each epoch {growth:.0f}x the training fold "
+            f"({len(index.train_order)} images); consider data.balance=class_weight or data.top_k"
+        )
+    return {
+        "label_column": cfg.label_column,
+        "images": len(labels),
+        "images_used": int((labels >= 0).sum()),
+        "plates": len(rows.plate_names),
+        "wells": int(rows.well_ids.max()) + 1 if len(rows.well_ids) else 0,
+        "classes": len(classes),
+        "split": cfg.split,
+        "group_by": {"grouped": cfg.group_by, "plate": "plate"}.get(cfg.split),
+        "balance": cfg.balance,
+        "oversample_before_split": cfg.oversample_before_split,
+        "val_fraction": cfg.val_fraction,
+        "val_fraction_actual": round(actual, 4),
+        "seed": cfg.seed,
+        "top_k": cfg.top_k,
+        "min_count": cfg.min_count,
+        "train_images": n_train,
+        "val_images": n_val,
+        "train_order_images": len(index.train_order),
+        **extra,
+        "train_counts": train_counts,
+        "val_counts": val_counts,
+        "train_counts_balanced": _per_class(index.train_order, labels, classes),
+        "classes_without_val": no_val,
+        "class_weights": None if index.class_weights is None else index.class_weights.tolist(),
+        "val_wells_in_train": shared_wells(index),
+        "val_copies_in_train": count_val_copies_in_train(index),
+        "leaky": cfg.split == "image" or cfg.oversample_before_split,
+        "warnings": warns,
+    }
+
+
+# ---------------------------------------------------------------------------- leakage audit
+
+
+def count_val_copies_in_train(index: Index) -> int:
+    """Validation entries whose store row, or identical image checksum, is also in training."""
+    ids = index.content_ids
+    train_ids = index.train if ids is None else ids[index.train]
+    val_ids = index.val if ids is None else ids[index.val]
+    return int(np.isin(val_ids, train_ids).sum())
+
+
+def shared_wells(index: Index) -> int:
+    """Wells (plate + well) with images in both folds: near-duplicate sites across the split."""
+    if index.well_ids is None:
+        raise CellmorphError("shared_wells: this index carries no well ids")
+    return int(np.intersect1d(index.well_ids[index.train], index.well_ids[index.val]).size)
+
+
+# --------------------------------------------------------------------------- label encoding
+
+
+class LabelEncoding(NamedTuple):
+    label_column: str
+    classes: list[str]
+
+
+def save_label_encoding(
+    index_or_classes: Index | Sequence[str], label_column: str, path: str | Path
+) -> Path:
+    """Write ``classes.json`` (``{"label_column": ..., "classes": [...]}``) atomically."""
+    classes = index_or_classes.classes if isinstance(index_or_classes, Index) else index_or_classes
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps({"label_column": label_column, "classes": list(classes)}, indent=1))
+    tmp.replace(p)
+    return p
+
+
+def load_label_encoding(path: str | Path) -> LabelEncoding:
+    """Read ``classes.json``; a missing file or key is a CellmorphError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise CellmorphError(f"{p}: label encoding not found")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CellmorphError(f"{p}: not valid JSON ({e})") from None
+    for key in ("label_column", "classes"):
+        if not isinstance(raw, dict) or key not in raw:
+            raise CellmorphError(f"{p}: missing key {key!r}")
+    classes = [str(c) for c in raw["classes"]]
+    if len(set(classes)) != len(classes):
+        raise CellmorphError(f"{p}: 'classes' has duplicate names")
+    return LabelEncoding(str(raw["label_column"]), classes)
+
+
+def encode_labels(metadata: pd.DataFrame, encoding: LabelEncoding) -> np.ndarray:
+    """Class ids of ``metadata`` rows under a saved encoding; -1 for unknown or missing labels."""
+    codes, names = _encode_raw(metadata, encoding.label_column)
+    lookup = {c: i for i, c in enumerate(encoding.classes)}
+    mapping = np.array([lookup.get(str(n), -1) for n in names] + [-1], dtype=np.int64)
+    return mapping[codes]

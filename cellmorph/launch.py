@@ -1,0 +1,154 @@
+"""Ray Train wiring: config → ScalingConfig/RunConfig/TorchTrainer, and the worker entry point.
+
+The launchers in ``ray_jobs/`` and the ``cellmorph train``/``demo`` commands all go through
+here, so a run looks the same whether it came from a workstation or ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cellmorph.config import Config, RayConfig, config_from_dict, config_to_dict
+from cellmorph.errors import CellmorphError
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` with absolute paths: Ray workers do not share the driver's cwd."""
+    raw = config_to_dict(cfg)
+    raw["run_root"] = str(Path(cfg.run_root).expanduser().resolve())
+    raw["data"]["store"] = str(Path(cfg.data.store).expanduser().resolve())
+    if cfg.model.pretrained:
+        raw["model"]["pretrained"] = str(Path(cfg.model.pretrained).expanduser().resolve())
+    return config_from_dict(raw)
+
+
+def preflight(cfg: Config) -> None:
+    """Fail in the driver, with a message naming the setting, before any worker starts."""
+    from cellmorph.index import build_index
+    from cellmorph.store import open_store
+
+    store = open_store(cfg.data.store)
+    index = build_index(store.metadata, cfg.data)
+    if cfg.loader.batch_size > len(index.train_order):
+        raise CellmorphError(
+            f"loader.batch_size={cfg.loader.batch_size} is larger than the training fold "
+            f"({len(index.train_order)} images)"
+        )
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        raise CellmorphError(f"model.pretrained: no such file {cfg.model.pretrained}")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect to ``ray.address`` (or start a local instance bound to 127.0.0.1)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.address:
+        ray.init(address=cfg.address)
+    elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: join that cluster
+        ray.init()
+    else:
+        ray.init(include_dashboard=False)
+
+
+def check_resources(cfg: RayConfig) -> None:
+    """Refuse requests the cluster can never satisfy (Ray would wait for them forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if cfg.use_gpu:
+        need = cfg.num_workers * cfg.gpus_per_worker
+        if total.get("GPU", 0) < need:
+            raise CellmorphError(
+                f"ray.use_gpu: {cfg.num_workers} workers x {cfg.gpus_per_worker} GPU need {need:g} "
+                f"GPUs, the cluster has {total.get('GPU', 0):g}"
+            )
+    need_cpu = cfg.num_workers * cfg.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise CellmorphError(
+            f"ray.num_workers: {cfg.num_workers} workers x {cfg.cpus_per_worker:g} CPU need "
+            f"{need_cpu:g} CPUs, the cluster has {total.get('CPU', 0):g}"
+        )
+
+
+def ray_worker(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` for TorchTrainer: builds a Context from Ray Train's."""
+    import ray.train
+    import ray.train.torch
+
+    from cellmorph.train import Context, train_loop
+
+    cfg = config_from_dict(config["cfg"])
+    tctx = ray.train.get_context()
+
+    def report(metrics: dict[str, Any], ckpt: Path | None) -> None:
+        if ckpt is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy2(ckpt, Path(d) / "checkpoint.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    ctx = Context(
+        rank=tctx.get_world_rank(),
+        world_size=tctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        report=report,
+        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+    )
+    train_loop(cfg, ctx)
+
+
+def build_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
+    """The TorchTrainer for ``cfg`` (gloo on CPU, nccl on GPU)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    r = cfg.ray
+    resources = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    return TorchTrainer(
+        ray_worker,
+        train_loop_config={"cfg": config_to_dict(cfg)},
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name="ray",
+            storage_path=str(cfg.run_dir),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def run_ray_training(cfg: Config) -> Path:
+    """Train ``cfg`` with Ray Train (local instance or ``ray.address``); returns the run dir."""
+    cfg = resolve_paths(cfg)
+    preflight(cfg)
+    init_ray(cfg.ray)
+    check_resources(cfg.ray)
+    trainer = build_trainer(cfg)
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; keep the first line that says what failed
+        raise CellmorphError(f"training run {cfg.name} failed: {_first_cause(e)}") from None
+    return cfg.run_dir
+
+
+def _first_cause(e: BaseException) -> str:
+    text = str(e)
+    for line in text.splitlines():
+        if "CellmorphError:" in line:
+            return line.split("CellmorphError:", 1)[1].strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__

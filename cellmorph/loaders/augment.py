@@ -1,0 +1,225 @@
+"""Augmentation: per-sample parameters (shared by both loaders) and the torch ops.
+
+Both loaders draw the random parameters of a batch with :func:`sample_params` from a generator
+seeded by ``(seed, epoch, rank, batch)``, so a batch's flips/angles/jitter do not depend on which
+worker or loader produced it. The torch implementation of each op lives here (``TORCH_OPS``);
+the DALI implementation is the pipeline definition in ``dali_loader.py``.
+
+Geometry (the same for training and evaluation, in both loaders)::
+
+    store image (S px) -> resize to R = round(image_size / view_fraction)   (skipped when R == S)
+                       -> [vflip, hflip, rotate about the centre]           (training only)
+                       -> centre crop image_size
+                       -> normalize per channel -> [brightness/contrast]    (training only)
+
+With the defaults (store 160 px, image_size 128, view_fraction 0.8) R == S: no resize, and the
+rotation's empty corners fall in the 16 px margin that the centre crop removes (up to ~17°).
+Evaluation is the same chain without the random ops: a centre crop of the same field of view.
+Resizing before rotating keeps rotation cheap when the store is much larger than R.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cellmorph.config import LoaderConfig
+from cellmorph.errors import CellmorphError
+from cellmorph.store import Store
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+UINT16_MAX = 65535.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Store size S, resize target R, centre crop (the training image size)."""
+
+    store_size: int
+    resize_to: int
+    crop: int
+
+
+def geometry(store_size: int, cfg: LoaderConfig) -> Geometry:
+    # R - crop is kept even, so the centre crop is exactly centred (DALI's rotate centres its
+    # output canvas on the input's centre).
+    margin = round((cfg.image_size / cfg.view_fraction - cfg.image_size) / 2)
+    resize_to = cfg.image_size + 2 * max(0, margin)
+    return Geometry(store_size=store_size, resize_to=resize_to, crop=cfg.image_size)
+
+
+def normalization(store: Store, cfg: LoaderConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std in store units (uint16 intensities), float32 length C."""
+    if cfg.normalize == "store":
+        return store.mean_std()
+    c = len(store.channels)
+    if c != 3:
+        raise CellmorphError(
+            f"loader.normalize: 'imagenet' needs a 3-channel RGB store, {store.path} has {c} "
+            f"channels ({', '.join(store.channels)}); use loader.normalize=store"
+        )
+    # ImageNet statistics are for [0, 1] pixels; the store holds the full uint16 range.
+    return IMAGENET_MEAN * UINT16_MAX, IMAGENET_STD * UINT16_MAX
+
+
+@dataclass
+class AugParams:
+    """Random parameters of one batch (identity values for ops that are off)."""
+
+    hflip: np.ndarray  # (N,) bool
+    vflip: np.ndarray  # (N,) bool
+    angle: np.ndarray  # (N,) float32 degrees, counter-clockwise as displayed
+    contrast: np.ndarray  # (N, C) float32 factor on the normalized image
+    brightness: np.ndarray  # (N, C) float32 offset on the normalized image (in channel stds)
+
+    @classmethod
+    def identity(cls, n: int, channels: int) -> AugParams:
+        return cls(
+            hflip=np.zeros(n, bool),
+            vflip=np.zeros(n, bool),
+            angle=np.zeros(n, np.float32),
+            contrast=np.ones((n, channels), np.float32),
+            brightness=np.zeros((n, channels), np.float32),
+        )
+
+
+def _sample_hflip(p: AugParams, rng: np.random.Generator, cfg: LoaderConfig) -> None:
+    p.hflip = rng.random(len(p.hflip)) < 0.5
+
+
+def _sample_vflip(p: AugParams, rng: np.random.Generator, cfg: LoaderConfig) -> None:
+    p.vflip = rng.random(len(p.vflip)) < 0.5  # microscopy has no "up"
+
+
+def _sample_rotate(p: AugParams, rng: np.random.Generator, cfg: LoaderConfig) -> None:
+    d = cfg.rotate_degrees
+    p.angle = rng.uniform(-d, d, len(p.angle)).astype(np.float32)
+
+
+def _sample_bc(p: AugParams, rng: np.random.Generator, cfg: LoaderConfig) -> None:
+    shape = p.contrast.shape  # per sample and per channel: stains vary independently
+    p.contrast = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast, shape).astype(np.float32)
+    p.brightness = rng.uniform(-cfg.brightness, cfg.brightness, shape).astype(np.float32)
+
+
+SAMPLERS: dict[str, Callable[[AugParams, np.random.Generator, LoaderConfig], None]] = {
+    "hflip": _sample_hflip,
+    "vflip": _sample_vflip,
+    "rotate": _sample_rotate,
+    "brightness_contrast": _sample_bc,
+}
+
+
+def batch_rng(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, rank, batch, 0xA06])
+
+
+def sample_params(
+    cfg: LoaderConfig, n: int, channels: int, rng: np.random.Generator, train: bool
+) -> AugParams:
+    """Per-sample parameters for the ops in ``cfg.augment`` (identity when not training)."""
+    p = AugParams.identity(n, channels)
+    if train:
+        for op in cfg.augment:
+            SAMPLERS[op](p, rng, cfg)
+    return p
+
+
+# ----------------------------------------------------------------------------- torch ops
+# Geometric ops are affine maps in grid_sample's normalized coordinates (output -> input, x
+# right, y down, align_corners=False, where a flip is exactly n -> -n). Composing them with the
+# centre crop gives one grid_sample per batch that computes only the cropped pixels.
+def hflip(p: AugParams) -> np.ndarray:
+    m = np.tile(np.eye(3, dtype=np.float64), (len(p.hflip), 1, 1))
+    m[p.hflip, 0, 0] = -1
+    return m
+
+
+def vflip(p: AugParams) -> np.ndarray:
+    m = np.tile(np.eye(3, dtype=np.float64), (len(p.vflip), 1, 1))
+    m[p.vflip, 1, 1] = -1
+    return m
+
+
+def rotate(p: AugParams) -> np.ndarray:
+    """Rotation about the centre by ``angle`` degrees, counter-clockwise as displayed."""
+    a = np.deg2rad(p.angle.astype(np.float64))
+    m = np.tile(np.eye(3, dtype=np.float64), (len(a), 1, 1))
+    m[:, 0, 0], m[:, 0, 1] = np.cos(a), -np.sin(a)
+    m[:, 1, 0], m[:, 1, 1] = np.sin(a), np.cos(a)
+    return m
+
+
+def brightness_contrast(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    c = torch.from_numpy(p.contrast).to(x.device)[:, :, None, None]
+    b = torch.from_numpy(p.brightness).to(x.device)[:, :, None, None]
+    return x.mul_(c).add_(b)
+
+
+TORCH_OPS: dict[str, Callable] = {
+    "vflip": vflip,
+    "hflip": hflip,
+    "rotate": rotate,
+    "brightness_contrast": brightness_contrast,
+}
+# Applied to the image in this order (vflip first), then the centre crop.
+GEOMETRIC = ("vflip", "hflip", "rotate")
+
+
+def crop_offset(size: int, crop: int) -> int:
+    return (size - crop) // 2
+
+
+def _crop_matrix(size: int, crop: int) -> np.ndarray:
+    """Crop pixel j is resized pixel j + top: normalized n_size = n_crop*crop/size + shift."""
+    top = crop_offset(size, crop)
+    m = np.eye(3)
+    m[0, 0] = m[1, 1] = crop / size
+    m[0, 2] = m[1, 2] = (crop + 2 * top - size) / size
+    return m
+
+
+def _geometric(x: torch.Tensor, params: AugParams, crop: int, ops: list[str]) -> torch.Tensor:
+    size = x.shape[-1]
+    mats = [TORCH_OPS[op](params) for op in GEOMETRIC if op in ops]
+    if not mats or all(np.allclose(m, np.eye(3)) for m in mats):
+        top = crop_offset(size, crop)
+        return x[..., top : top + crop, top : top + crop]
+    total = np.eye(3)
+    for m in mats:  # image = rotate(hflip(vflip(x))): sampling maps compose the same way
+        total = total @ m
+    theta = torch.as_tensor((total @ _crop_matrix(size, crop))[:, :2], dtype=x.dtype)
+    grid = F.affine_grid(theta.to(x.device), [len(x), x.shape[1], crop, crop], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def transform(
+    x: torch.Tensor,
+    params: AugParams,
+    geom: Geometry,
+    mean: np.ndarray,
+    std: np.ndarray,
+    ops: list[str],
+) -> torch.Tensor:
+    """uint16 ``(N, C, S, S)`` -> float32 ``(N, C, crop, crop)``, augmented and normalized."""
+    if x.device.type == "cpu":  # numpy's uint16 -> float32 cast is ~8x faster than torch's
+        x = torch.from_numpy(x.numpy().astype(np.float32))
+    else:
+        x = x.to(torch.float32)
+    if geom.resize_to != geom.store_size:
+        x = F.interpolate(
+            x, size=(geom.resize_to,) * 2, mode="bilinear", antialias=True, align_corners=False
+        )
+    x = _geometric(x, params, geom.crop, ops)
+    x = x.contiguous()
+    m = torch.as_tensor(mean, device=x.device)[None, :, None, None]
+    s = torch.as_tensor(std, device=x.device)[None, :, None, None]
+    x = x.sub_(m).div_(s)
+    if "brightness_contrast" in ops:
+        x = TORCH_OPS["brightness_contrast"](x, params)
+    return x

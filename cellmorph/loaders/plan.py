@@ -1,0 +1,76 @@
+"""Which store rows form which batch, per epoch and rank; and one batch's pixels and parameters.
+
+Both loaders draw batches from a :class:`BatchSource`, so their sampling is identical by
+construction: training epochs come from ``sampling.epoch_indices`` (one global permutation per
+epoch, equal length on every rank), evaluation covers contiguous parts of ``rows`` in order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cellmorph.config import LoaderConfig
+from cellmorph.loaders.augment import AugParams, batch_rng, sample_params
+from cellmorph.loaders.reader import ShardReader
+from cellmorph.sampling import epoch_indices
+
+
+class BatchSource:
+    """Stateless per call: ``get(epoch, i)`` depends only on its arguments (safe in workers)."""
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        rows: np.ndarray,
+        cfg: LoaderConfig,
+        *,
+        train: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        self.reader = reader
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.cfg = cfg
+        self.train = train
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
+        self.channels = reader.shape[1]
+        self._cached: tuple[int, list[np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same every epoch)."""
+        n = len(self.rows)
+        if self.train:
+            return math.ceil(n / (self.world_size * self.batch_size)) if n else 0
+        part = n // self.world_size + (1 if self.rank < n % self.world_size else 0)
+        return math.ceil(part / self.batch_size)
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._split(epoch))
+        return self._cached[1]
+
+    def _split(self, epoch: int) -> list[np.ndarray]:
+        if self.train:
+            part = epoch_indices(
+                self.rows, epoch, self.seed, self.rank, self.world_size, self.batch_size
+            )
+        else:
+            part = np.array_split(self.rows, self.world_size)[self.rank]
+        return [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+
+    def get(
+        self, epoch: int, i: int, raw: bool = False
+    ) -> tuple[np.ndarray | list[bytes], np.ndarray, AugParams]:
+        """Batch ``i`` of ``epoch``: images (uint16 (N, C, S, S), or compressed chunks when
+        ``raw``), store rows, random parameters."""
+        rows = self.batches(epoch)[i]
+        rng = batch_rng(self.seed, epoch, self.rank, i)
+        params = sample_params(self.cfg, len(rows), self.channels, rng, self.train)
+        images = self.reader.read_raw(rows) if raw else self.reader.read(rows)
+        return images, rows, params

@@ -1,0 +1,628 @@
+"""``runs/<name>/report.html``: one self-contained page a biologist reads.
+
+Everything comes from the files in the run directory (see docs/architecture.md, "Run
+directory"); figures are PNGs under ``figures/`` and are also embedded as base64 data URIs so
+the page opens anywhere, without a network or the run directory next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from cellmorph.errors import CellmorphError  # noqa: E402
+
+FIGURES = "figures"
+REPORT = "report.html"
+# Additive colours for a composite, by channel name (Cell Painting's usual display colours).
+CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {
+    "dna": (0.0, 0.3, 1.0),
+    "hoechst": (0.0, 0.3, 1.0),
+    "dapi": (0.0, 0.3, 1.0),
+    "er": (0.0, 1.0, 0.0),
+    "cona": (0.0, 1.0, 0.0),
+    "agp": (1.0, 0.0, 0.0),
+    "actin": (1.0, 0.0, 0.0),
+    "phalloidin": (1.0, 0.0, 0.0),
+    "wga": (1.0, 0.0, 0.0),
+    "mito": (0.6, 0.0, 0.6),
+    "mitotracker": (0.6, 0.0, 0.6),
+    "rna": (0.5, 0.5, 0.0),
+    "syto": (0.5, 0.5, 0.0),
+}
+COUNT_TITLES = {
+    "counts_before_topk": "all labels, before top-K",
+    "counts_after_topk": "after top-K / min_count",
+    "train_counts": "training fold",
+    "val_counts": "validation fold",
+    "train_counts_balanced": "training fold after balancing (what an epoch sees)",
+}
+CURVE_GROUPS = {
+    "loss": ("train_loss", "loss", "val_loss"),
+    "score": (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "top5_accuracy",
+        "well_accuracy",
+        "well_balanced_accuracy",
+    ),
+    "learning rate": ("lr",),
+}
+
+
+@dataclass
+class Run:
+    """What the run directory holds (absent files are None)."""
+
+    path: Path
+    config: dict[str, Any]
+    classes: list[str]
+    label_column: str
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    predictions: pd.DataFrame | None = None
+    embeddings: np.ndarray | None = None
+    audit: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path, required: bool = True) -> Any:
+    if not path.is_file():
+        if required:
+            raise CellmorphError(f"{path} is missing (is this a finished cellmorph run?)")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CellmorphError(f"{path}: not valid JSON ({e})") from None
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}_"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        return [_flatten(json.loads(ln)) for ln in lines]
+    except json.JSONDecodeError as e:
+        raise CellmorphError(f"{path}: a line is not valid JSON ({e})") from None
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read the run directory's files; the config, classes and final metrics are required."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CellmorphError(f"run directory not found: {run_dir}")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise CellmorphError(f"{cfg_path} is missing (is this a cellmorph run directory?)")
+    classes = _read_json(run_dir / "classes.json")
+    if "classes" not in classes:
+        raise CellmorphError(f"{run_dir / 'classes.json'}: no 'classes' key")
+    run = Run(
+        path=run_dir,
+        config=yaml.safe_load(cfg_path.read_text()) or {},
+        classes=[str(c) for c in classes["classes"]],
+        label_column=str(classes.get("label_column", "")),
+        summary=_read_json(run_dir / "data_summary.json", required=False) or {},
+        history=_read_history(run_dir / "metrics.jsonl"),
+        metrics=_read_json(run_dir / "metrics.json"),
+        audit=_read_json(run_dir / "audit.json", required=False),
+    )
+    pred_path, emb_path = run_dir / "val_predictions.parquet", run_dir / "val_embeddings.npy"
+    if pred_path.is_file():
+        run.predictions = pd.read_parquet(pred_path)
+    if emb_path.is_file():
+        run.embeddings = np.load(emb_path)
+    return run
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _count_tables(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The summary's class-count tables (before/after top-K, after balancing, ...)."""
+    tables = {}
+    for key, value in summary.items():
+        if (
+            isinstance(value, dict)
+            and value
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value.values())
+        ):
+            tables[key] = {str(k): float(v) for k, v in value.items()}
+    return tables
+
+
+def _bar_panel(ax: plt.Axes, title: str, counts: dict[str, float], order: list[str]) -> None:
+    names = [c for c in order if c in counts] + sorted(c for c in counts if c not in order)
+    values = [counts[c] for c in names]
+    ax.bar(range(len(names)), values, color="#4477aa")
+    ax.set_title(f"{title} ({len(names)} classes, {int(sum(values))} images)")
+    ax.set_ylabel("images")
+    if len(names) <= 120:  # beyond that, names are unreadable: show the shape of the curve
+        ax.set_xticks(
+            range(len(names)), names, rotation=90, fontsize=max(4, min(9, 500 / len(names)))
+        )
+    else:
+        ax.set_xlabel("classes, most frequent first")
+    ax.set_xlim(-0.6, len(names) - 0.4)
+
+
+def plot_label_distribution(run: Run, out: Path) -> Path | None:
+    tables = _count_tables(run.summary)
+    if not tables:
+        run.notes.append("label distribution: data_summary.json has no class-count tables")
+        return None
+    widest = max(len(t) for t in tables.values())
+    width = min(40.0, max(8.0, 0.22 * min(widest, 120) + 2))
+    fig, axes = plt.subplots(len(tables), 1, figsize=(width, 3.6 * len(tables)), squeeze=False)
+    # One class order (most frequent first, before any selection) in every panel, so a
+    # class sits at the same place from panel to panel.
+    first = next(iter(tables.values()))
+    order = sorted(first, key=lambda c: (-first[c], c))
+    for ax, (key, counts) in zip(axes[:, 0], tables.items()):
+        _bar_panel(ax, COUNT_TITLES.get(key, key.replace("_", " ")), counts, order)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_training_curves(run: Run, out: Path) -> Path | None:
+    if not run.history:
+        run.notes.append("training curves: metrics.jsonl is missing or empty")
+        return None
+    frame = pd.DataFrame(run.history)
+    x = frame["epoch"] + 1 if "epoch" in frame else pd.Series(range(1, len(frame) + 1))
+    groups = {
+        name: [k for k in keys if k in frame and frame[k].notna().any()]
+        for name, keys in CURVE_GROUPS.items()
+    }
+    groups = {k: v for k, v in groups.items() if v}
+    if not groups:
+        run.notes.append("training curves: metrics.jsonl has no loss, score or lr columns")
+        return None
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], groups.items()):
+        for k in keys:
+            label = "validation loss" if k == "loss" else k.replace("_", " ")
+            ax.plot(x, frame[k], marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_confusion(run: Run, out: Path) -> Path | None:
+    cm = np.asarray(run.metrics.get("confusion_matrix", []), dtype=np.float64)
+    k = len(run.classes)
+    if cm.shape != (k, k):
+        run.notes.append(f"confusion matrix: metrics.json has shape {cm.shape}, expected {k}x{k}")
+        return None
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    side = max(6.0, 0.3 * k + 3)
+    font = max(4.0, min(10.0, 320 / max(k, 1)))
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), run.classes, rotation=90, fontsize=font)
+    ax.set_yticks(range(k), run.classes, fontsize=font)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("confusion matrix (each row sums to 1: recall on the diagonal)")
+    if k <= 20:
+        for i, j in zip(*np.nonzero(cm)):
+            colour = "white" if norm[i, j] > 0.5 else "black"
+            ax.text(
+                j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=font, color=colour
+            )
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return _save(fig, out)
+
+
+def _class_colours(k: int) -> list[Any]:
+    cmaps = [plt.get_cmap(n) for n in ("tab20", "tab20b", "tab20c")]
+    palette = [c for cmap in cmaps for c in cmap.colors]
+    return [palette[i % len(palette)] for i in range(k)]
+
+
+def _tsne_points(emb: np.ndarray, max_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic subsample, PCA to 50 dims, then t-SNE; returns (2-D points, chosen rows)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    n = len(emb)
+    chosen = np.arange(n)
+    if n > max_points:
+        chosen = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    x = emb[chosen].astype(np.float64)
+    if x.shape[1] > 50 and len(x) > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(x), chosen
+
+
+def plot_tsne(run: Run, out: Path, max_points: int) -> Path | None:
+    pred, emb = run.predictions, run.embeddings
+    if pred is None or emb is None:
+        run.notes.append("t-SNE: val_predictions.parquet or val_embeddings.npy is missing")
+        return None
+    if len(pred) != len(emb) or len(emb) < 5:
+        run.notes.append(f"t-SNE: needs >= 5 aligned validation images (have {len(emb)})")
+        return None
+    points, chosen = _tsne_points(emb, max_points, seed=0)
+    labels = pred["label"].to_numpy()[chosen]
+    k = len(run.classes)
+    colours, markers = _class_colours(k), "os^Dv<>P*X"
+    fig, ax = plt.subplots(figsize=(11, 8))
+    for c in range(k):
+        sel = labels == c
+        if sel.any():
+            ax.scatter(*points[sel].T, s=10, color=colours[c], marker=markers[c // 60 % 10],
+                       label=run.classes[c], alpha=0.8)  # fmt: skip
+    ax.set_title(f"t-SNE of validation embeddings (penultimate layer, {len(points)} images)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6 if k > 20 else 8,
+              ncol=1 + k // 40, markerscale=1.5, frameon=False)  # fmt: skip
+    return _save(fig, out)
+
+
+def _channel_colours(channels: list[str]) -> np.ndarray:
+    """(C, 3) display colours by channel name; unknown or brightfield channels stay dark."""
+    colours = np.zeros((len(channels), 3))
+    for i, name in enumerate(channels):
+        key = name.lower().replace("orig", "").replace("_", "")
+        for marker, rgb in CHANNEL_COLORS.items():
+            if key == marker or key.startswith(marker):
+                colours[i] = rgb
+                break
+    if not colours.any():  # no known fluorescence names: first three channels as R, G, B
+        for i in range(min(3, len(channels))):
+            colours[i, i] = 1.0
+    return colours
+
+
+def composite(image: np.ndarray, channels: list[str]) -> np.ndarray:
+    """A (H, W, 3) float RGB composite of one (C, H, W) image, each channel stretched 1-99.5 %."""
+    img = image.astype(np.float32)
+    lo = np.percentile(img, 1.0, axis=(1, 2), keepdims=True)
+    hi = np.percentile(img, 99.5, axis=(1, 2), keepdims=True)
+    stretched = np.clip((img - lo) / np.maximum(hi - lo, 1e-6), 0.0, 1.0)
+    rgb = np.einsum("chw,cr->hwr", stretched, _channel_colours(channels))
+    return np.clip(rgb, 0.0, 1.0)
+
+
+def _sample_rows(labels: pd.Series, classes: list[str], per_class: int) -> dict[str, np.ndarray]:
+    """Evenly spaced rows of each class (deterministic, spread over plates and wells)."""
+    out = {}
+    for name in classes:
+        rows = np.flatnonzero(labels.to_numpy() == name)
+        if len(rows):
+            out[name] = rows[np.linspace(0, len(rows) - 1, min(per_class, len(rows))).astype(int)]
+    return out
+
+
+def _read_images(store: Any, rows: np.ndarray) -> np.ndarray:
+    try:
+        from cellmorph.loaders import ShardReader
+    except ImportError:  # the fast reader is optional here: a few images read fine via zarr
+        return np.stack([np.asarray(store.images[int(r)]) for r in rows])
+    return ShardReader(store).read(np.asarray(rows, dtype=np.int64))
+
+
+def plot_sample_grid(run: Run, out: Path, per_class: int) -> Path | None:
+    from cellmorph.store import open_store
+
+    store_path = (run.config.get("data") or {}).get("store")
+    if per_class <= 0 or not store_path:
+        return None
+    try:
+        store = open_store(store_path)
+    except CellmorphError as e:
+        run.notes.append(f"sample images: cannot open the store ({e})")
+        return None
+    if run.label_column not in store.metadata.columns:
+        run.notes.append(f"sample images: store has no label column {run.label_column!r}")
+        return None
+    picks = _sample_rows(store.metadata[run.label_column].astype(str), run.classes, per_class)
+    if not picks:
+        return None
+    fig, axes = plt.subplots(len(picks), per_class, squeeze=False,
+                             figsize=(1.6 * per_class + 2.2, 1.6 * len(picks)))  # fmt: skip
+    for r, (name, rows) in enumerate(picks.items()):
+        images = _read_images(store, rows)
+        for c in range(per_class):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(composite(images[c], store.channels))
+            else:
+                ax.set_axis_off()
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    legend = ", ".join(
+        f"{ch}" for ch, rgb in zip(store.channels, _channel_colours(store.channels)) if rgb.any()
+    )
+    fig.suptitle(f"sample images per class (composite of {legend})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+# --------------------------------------------------------------------------- html
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    head = f"<thead><tr>{head}</tr></thead>" if any(header) else ""
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_esc(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f'<table class="{cls}">{head}<tbody>{body}</tbody></table>'
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}" '
+        f'data-file="{_esc(path.name)}"><figcaption>{_esc(alt)}</figcaption></figure>'
+    )
+
+
+def _headline(run: Run) -> str:
+    m = run.metrics
+    top_k = m.get("top_k", 5)
+    keys = [
+        ("accuracy", "accuracy"),
+        ("balanced_accuracy", "balanced accuracy"),
+        ("macro_f1", "macro F1"),
+        (f"top{top_k}_accuracy", f"top-{top_k} accuracy"),
+        ("well_accuracy", "well-level accuracy"),
+        ("well_balanced_accuracy", "well-level balanced accuracy"),
+        ("loss", "validation loss"),
+        ("chance_uniform", "chance (1/K)"),
+        ("chance_majority", "chance (majority class)"),
+        ("n_images", "validation images"),
+        ("n_wells", "validation wells"),
+    ]
+    cards = "".join(
+        f'<div class="card"><div class="v">{_esc(_fmt(m[k]))}</div><div class="k">{_esc(label)}</div></div>'
+        for k, label in keys
+        if k in m
+    )
+    return f'<div class="cards">{cards}</div>'
+
+
+def _is_leaky(summary: dict[str, Any]) -> bool:
+    flags = ("leaky", "leaky_split", "oversample_before_split")
+    return any(bool(summary.get(f)) for f in flags) or summary.get("split") == "image"
+
+
+def _leak_banner(run: Run) -> str:
+    if not _is_leaky(run.summary):
+        return ""
+    return (
+        '<div class="banner" id="leak-warning"><b>Warning: leaky split.</b> Validation images '
+        "were split from training images image by image, so images of the same well (and, "
+        "after oversampling before the split, identical copies) sit on both sides. The scores "
+        "below overstate how well the model recognizes a treatment in new wells. Use "
+        "<code>data.split=grouped</code>.</div>"
+    )
+
+
+def _summary_section(run: Run) -> str:
+    scalars = [
+        [k.replace("_", " "), v]
+        for k, v in run.summary.items()
+        if k != "warnings" and not isinstance(v, dict) and not (isinstance(v, list) and len(v) > 20)
+    ]
+    out = _table(["", ""], scalars, "kv") if scalars else "<p>data_summary.json is missing.</p>"
+    warns = "".join(f"<li>{_esc(w)}</li>" for w in run.summary.get("warnings") or [])
+    warns = f"<h3>Warnings</h3><ul class='notes'>{warns}</ul>" if warns else ""
+    return f"<h2>Data</h2>{warns}{out}{_quarantine_table(run)}"
+
+
+def _quarantine_table(run: Run) -> str:
+    store_path = (run.config.get("data") or {}).get("store")
+    q_path = Path(store_path) / "quarantine.csv" if store_path else None
+    if q_path is None or not q_path.is_file():
+        return ""
+    q = pd.read_csv(q_path)
+    if q.empty:
+        return "<p>No inputs were quarantined.</p>"
+    reasons = q["reason"].astype(str).value_counts().head(20)
+    rows = [[reason, n] for reason, n in reasons.items()]
+    return f"<h3>Quarantined inputs ({len(q)})</h3>" + _table(["reason", "inputs"], rows)
+
+
+def _per_class_section(run: Run) -> str:
+    per = run.metrics.get("per_class", {})
+    rows = [
+        [name, per[name]["precision"], per[name]["recall"], per[name]["f1"], per[name]["support"]]
+        for name in run.classes
+        if name in per
+    ]
+    if not rows:
+        return ""
+    table = _table(["class", "precision", "recall", "F1", "support"], rows, "per-class")
+    return f'<h2>Per-class metrics</h2><div id="per-class">{table}</div>'
+
+
+AUDIT_ROWS = [
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("macro_f1", "macro F1"),
+    ("well_accuracy", "well-level accuracy"),
+    ("n_val_images", "validation images"),
+    ("val_copies_in_train", "validation images with an identical copy in training"),
+]
+
+
+def _audit_section(run: Run) -> str:
+    if not run.audit:
+        return ""
+    protocols = run.audit.get("protocols", [])
+    header = ["", *[p.get("title", p.get("name", "?")) for p in protocols]]
+    rows = [[label, *[p.get(key, "") for p in protocols]] for key, label in AUDIT_ROWS]
+    note = run.audit.get("note", "")
+    return (
+        '<h2>Leakage audit</h2><div id="audit">'
+        + _table(header, rows, "audit")
+        + (f"<p>{_esc(note)}</p>" if note else "")
+        + "</div>"
+    )
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} .sub{color:#666;margin-top:0}
+.cards{display:flex;flex-wrap:wrap;gap:.6em}
+.card{border:1px solid #ddd;border-radius:6px;padding:.5em .9em;min-width:8em}
+.card .v{font-size:1.4em;font-weight:600} .card .k{color:#666;font-size:.85em}
+.banner{background:#fde8e8;border:2px solid #c53030;color:#742a2a;padding:1em;border-radius:6px;margin:1em 0}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0;overflow-x:auto} img{max-width:100%} figcaption{color:#666;font-size:.85em}
+pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:.85em}
+.notes{color:#8a6d00}
+"""
+
+
+def render_html(run: Run, figures: list[tuple[Path, str]]) -> str:
+    """The report page (all text escaped, figures embedded)."""
+    name = run.config.get("name", run.path.name)
+    figs = "".join(_img_tag(p, alt) for p, alt in figures)
+    notes = "".join(f"<li>{_esc(n)}</li>" for n in run.notes)
+    config = yaml.safe_dump(run.config, sort_keys=False)
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cellmorph report: {_esc(name)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>cellmorph report: {_esc(name)}</h1>",
+        f"<p class='sub'>{_esc(len(run.classes))} classes of {_esc(run.label_column)} · run directory {_esc(run.path)}</p>",
+        _leak_banner(run),
+        "<h2>Validation metrics</h2>",
+        _headline(run),
+        _audit_section(run),
+        _summary_section(run),
+        f"<h2>Figures</h2>{figs}",
+        f"<ul class='notes'>{notes}</ul>" if notes else "",
+        _per_class_section(run),
+        f"<h2>Resolved config</h2><pre>{_esc(config)}</pre>",
+        "</body></html>",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def make_figures(run: Run) -> list[tuple[Path, str]]:
+    """Draw every figure the run's files allow; returns (png path, caption) pairs."""
+    eval_cfg = run.config.get("eval") or {}
+    fig_dir = run.path / FIGURES
+    makers: list[tuple[str, str, Callable[[Path], Path | None]]] = [
+        ("label_distribution.png", "Label distribution: before and after top-K and balancing",
+         lambda p: plot_label_distribution(run, p)),
+        ("training_curves.png", "Training curves", lambda p: plot_training_curves(run, p)),
+        ("confusion_matrix.png", "Row-normalized confusion matrix (validation)",
+         lambda p: plot_confusion(run, p)),
+        ("tsne.png", "t-SNE of validation embeddings, coloured by true class",
+         lambda p: plot_tsne(run, p, int(eval_cfg.get("tsne_max_points", 2000)))),
+        ("sample_grid.png", "Sample images per class (channel composite)",
+         lambda p: plot_sample_grid(run, p, int(eval_cfg.get("sample_grid_per_class", 4)))),
+    ]  # fmt: skip
+    out = []
+    for filename, caption, make in makers:
+        path = make(fig_dir / filename)
+        if path is not None:
+            out.append((path, caption))
+    return out
+
+
+def build_report(run_dir: Path) -> Path:
+    """Draw the figures and write ``report.html`` in ``run_dir``; returns the page's path."""
+    run = load_run(Path(run_dir))
+    figures = make_figures(run)
+    out = run.path / REPORT
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(render_html(run, figures), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="recompute validation outputs from a run's best checkpoint and rebuild its report",
+    )
+    p.add_argument("run_dir", help="runs/<name>")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--report-only", action="store_true", help="only redraw the report from the files"
+    )
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not args.report_only:
+        from cellmorph.predict import evaluate_run
+
+        metrics = evaluate_run(run_dir, device=args.device)
+        print(
+            f"validation: accuracy {metrics['accuracy']:.3f}, balanced accuracy "
+            f"{metrics['balanced_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}"
+        )
+    print(f"report: {build_report(run_dir)}")
+    return 0

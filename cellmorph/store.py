@@ -1,0 +1,243 @@
+"""The store: the contract between conversion (writer) and training (reader).
+
+A zarr v3 group::
+
+    store.zarr/
+      zarr.json            attrs: cellmorph_format, channels, stats, size, codec, source, created
+      images/              (N, C, H, W) uint16, one image per inner chunk, S images per shard
+      metadata.parquet     one row per image, row i == images[i]
+      quarantine.csv       every rejected input and why (may be empty, always present)
+
+Only this module knows the layout; writers and readers go through it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec
+
+from cellmorph.errors import CellmorphError
+
+FORMAT_VERSION = 1
+IMAGES = "images"
+METADATA = "metadata.parquet"
+QUARANTINE = "quarantine.csv"
+QUARANTINE_COLUMNS = ["source", "plate", "well", "site", "reason"]
+# Required metadata columns; label columns are free-form (Metadata_pert_iname, ...).
+REQUIRED_COLUMNS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "checksum"]
+
+
+class StoreError(CellmorphError):
+    """A store that cannot be read as a cellmorph store; the message names the path or key."""
+
+
+def compressor_for(codec: str) -> Any:
+    """zstd (CPU decode, best ratio) or LZ4 (decodable on the GPU by DALI's inflate)."""
+    if codec == "zstd":
+        return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    if codec == "lz4":
+        from zarr.codecs.numcodecs import LZ4
+
+        return LZ4(acceleration=1)
+    raise StoreError(f"unknown codec {codec!r} (expected zstd or lz4)")
+
+
+def create_images(
+    path: str | Path,
+    n: int,
+    channels: list[str],
+    size: int,
+    codec: str = "zstd",
+    shard_size: int = 1024,
+    attrs: dict[str, Any] | None = None,
+) -> zarr.Array:
+    """Create (overwrite) the group and its empty ``images`` array; returns the array.
+
+    ``attrs`` (source description, resize policy...) is stored next to the format fields.
+    Channel statistics are added later with :func:`write_attrs` once the pixels are known.
+    """
+    if n <= 0:
+        raise StoreError(f"{path}: cannot create a store with {n} images")
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    shard = max(1, min(shard_size, n))
+    arr = group.create_array(
+        IMAGES,
+        shape=(n, len(channels), size, size),
+        chunks=(1, len(channels), size, size),
+        shards=(shard, len(channels), size, size),
+        dtype="uint16",
+        compressors=compressor_for(codec),
+        fill_value=0,
+    )
+    group.attrs.update(
+        {
+            "cellmorph_format": FORMAT_VERSION,
+            "channels": list(channels),
+            "size": size,
+            "codec": codec,
+            "shard_size": shard,
+            **(attrs or {}),
+        }
+    )
+    return arr
+
+
+def _write_file(path: str | Path, name: str, write: Any) -> None:
+    """Write ``<store>/<name>`` atomically: tmp + rename locally, one fsspec put for URLs
+    (``s3://``, ``gs://``, ``file://``...), where a put is already all-or-nothing."""
+    if "://" in str(path):
+        import io
+
+        import fsspec
+
+        buf = io.BytesIO()
+        write(buf)
+        with fsspec.open(f"{str(path).rstrip('/')}/{name}", "wb") as f:
+            f.write(buf.getvalue())
+        return
+    p = Path(path) / name
+    tmp = p.with_name(p.name + ".tmp")
+    write(tmp)
+    tmp.replace(p)
+
+
+def write_attrs(path: str | Path, attrs: dict[str, Any]) -> None:
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    group.attrs.update(attrs)
+
+
+def write_metadata(path: str | Path, metadata: pd.DataFrame) -> None:
+    """Write ``metadata.parquet`` atomically (row i describes images[i])."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
+    if missing:
+        raise StoreError(f"{path}: metadata lacks required column(s) {', '.join(missing)}")
+    _write_file(
+        path, METADATA, lambda f: metadata.reset_index(drop=True).to_parquet(f, index=False)
+    )
+
+
+def write_quarantine(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    df = pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
+    _write_file(path, QUARANTINE, lambda f: df.to_csv(f, index=False))
+
+
+def channel_stats(sample: np.ndarray, channels: list[str]) -> dict[str, dict[str, float]]:
+    """Per-channel intensity statistics of a (N, C, H, W) sample, for normalization."""
+    out: dict[str, dict[str, float]] = {}
+    for c, name in enumerate(channels):
+        v = sample[:, c].astype(np.float64).ravel()
+        p1, p50, p99 = np.percentile(v, [1, 50, 99])
+        out[name] = {
+            "mean": float(v.mean()),
+            "std": float(max(v.std(), 1e-6)),
+            "p1": float(p1),
+            "p50": float(p50),
+            "p99": float(p99),
+            "min": float(v.min()),
+            "max": float(v.max()),
+        }
+    return out
+
+
+@dataclass(frozen=True)
+class Store:
+    """A read-only view of a finished store."""
+
+    path: Path
+    images: zarr.Array
+    metadata: pd.DataFrame
+    attrs: dict[str, Any]
+    quarantine: pd.DataFrame = field(repr=False)
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.attrs["channels"])
+
+    @property
+    def stats(self) -> dict[str, dict[str, float]]:
+        return dict(self.attrs.get("stats", {}))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std (float32, length C) from the conversion-time statistics."""
+        s = self.stats
+        missing = [c for c in self.channels if c not in s]
+        if missing:
+            raise StoreError(f"{self.path}: attrs.stats has no entry for channel(s) {missing}")
+        mean = np.array([s[c]["mean"] for c in self.channels], dtype=np.float32)
+        std = np.array([s[c]["std"] for c in self.channels], dtype=np.float32)
+        return mean, std
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a finished store for reading, checking the format version and row alignment."""
+    p = Path(path)
+    if not (p / "zarr.json").is_file():
+        raise StoreError(f"{p}: not a zarr store (no zarr.json)")
+    try:
+        group = zarr.open_group(str(p), mode="r", zarr_format=3)
+    except Exception as e:  # zarr raises several types for unreadable groups
+        raise StoreError(f"{p}: cannot open zarr group ({e})") from None
+    attrs = dict(group.attrs)
+    version = attrs.get("cellmorph_format")
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"{p}: attrs.cellmorph_format is {version!r}, this cellmorph reads {FORMAT_VERSION}"
+        )
+    if attrs.get("complete") is False:
+        raise StoreError(f"{p}: conversion has not finished (rerun the same convert command)")
+    if IMAGES not in group:
+        raise StoreError(f"{p}: no '{IMAGES}' array")
+    images = group[IMAGES]
+    meta_path = p / METADATA
+    if not meta_path.is_file():
+        raise StoreError(f"{p}: missing {METADATA}")
+    metadata = pd.read_parquet(meta_path)
+    if len(metadata) != images.shape[0]:
+        raise StoreError(
+            f"{p}: {METADATA} has {len(metadata)} rows but images has {images.shape[0]}"
+        )
+    q_path = p / QUARANTINE
+    quarantine = (
+        pd.read_csv(q_path) if q_path.is_file() else pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    )
+    return Store(path=p, images=images, metadata=metadata, attrs=attrs, quarantine=quarantine)
+
+
+def describe(store: Store, label_column: str | None = None) -> dict[str, Any]:
+    """Summary for ``cellmorph inspect``: counts of images, plates, wells, classes, quarantine."""
+    md = store.metadata
+    info: dict[str, Any] = {
+        "path": str(store.path),
+        "format": store.attrs.get("cellmorph_format"),
+        "images": len(store),
+        "shape": list(store.shape),
+        "channels": store.channels,
+        "codec": store.attrs.get("codec"),
+        "plates": int(md["Metadata_Plate"].nunique()),
+        "wells": int(md.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups),
+        "quarantined": len(store.quarantine),
+    }
+    if label_column and label_column in md.columns:
+        counts = md[label_column].value_counts()
+        info["label_column"] = label_column
+        info["classes"] = int(counts.size)
+        info["class_counts"] = {str(k): int(v) for k, v in counts.items()}
+    return info
+
+
+def dumps(info: dict[str, Any]) -> str:
+    return json.dumps(info, indent=2)

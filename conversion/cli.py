@@ -1,0 +1,114 @@
+"""``cellmorph convert`` and ``cellmorph inspect`` (the Ray job reuses the same arguments)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic import ValidationError
+
+from cellmorph import store as cstore
+from cellmorph.config import ConvertConfig, load_config
+from cellmorph.errors import CellmorphError
+
+# argument name -> ConvertConfig field, for options whose value is a comma-separated list.
+_LISTS = {"channels", "file_channels", "join_on"}
+_FIELDS = [
+    "load_data", "images", "metadata", "id_pattern", "id_column", "join", "join_on", "illum_dir",
+    "channels", "file_channels", "size", "codec", "shard_size", "workers", "label_column",
+    "path_replace", "stats_images",
+]  # fmt: skip
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``cellmorph convert`` (shared with ``python -m ray_jobs.convert``)."""
+    src = p.add_argument_group("input (one layout)")
+    src.add_argument(
+        "--load-data", help="CellProfiler LoadData CSV (FileName_Orig<Ch>/PathName_Orig<Ch>)"
+    )
+    src.add_argument("--images", help="folder of multi-channel TIFFs, one per site")
+    src.add_argument("--metadata", help="metadata CSV for --images")
+    src.add_argument(
+        "--id-pattern", help="regex extracting the identifier from each file name (group 'id' or 1)"
+    )
+    src.add_argument(
+        "--id-column", help="metadata column holding that identifier (matched case-insensitively)"
+    )
+    src.add_argument("--join", help="separate metadata table joined to the LoadData rows")
+    src.add_argument("--join-on", help="comma-separated key columns for --join")
+    src.add_argument(
+        "--path-replace", action="append", help="OLD=NEW path prefix rewrite (repeatable)"
+    )
+    src.add_argument("--illum-dir", help="folder with <plate>_Illum<Ch>.npy illumination functions")
+    opt = p.add_argument_group("store")
+    opt.add_argument("--out", required=True, help="store path or URL")
+    opt.add_argument("--channels", help="channel names in store order, e.g. DNA,ER,RNA,AGP,Mito")
+    opt.add_argument("--file-channels", help="channel names in file order (folder layout)")
+    opt.add_argument("--size", type=int, help="stored image size in pixels (default 160)")
+    opt.add_argument("--codec", choices=["zstd", "lz4"])
+    opt.add_argument("--shard-size", type=int, help="images per shard file")
+    opt.add_argument("--workers", type=int, help="parallel processes")
+    opt.add_argument(
+        "--label-column", help="column that must hold a label (default Metadata_pert_iname)"
+    )
+    opt.add_argument("--allow-unlabeled", action="store_true", help="keep sites without a label")
+    opt.add_argument("--stats-images", type=int, help="images sampled for channel statistics")
+    opt.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
+    opt.add_argument("--config", help="YAML config; its convert section gives the defaults")
+
+
+def config_from_args(args: argparse.Namespace) -> ConvertConfig:
+    """Merge the YAML config's convert section (if any) with the options given."""
+    raw: dict[str, Any] = load_config(args.config).convert.model_dump()
+    for name in _FIELDS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name in _LISTS:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        raw[name] = value
+    if args.allow_unlabeled:
+        raw["allow_unlabeled"] = True
+    try:
+        return ConvertConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise CellmorphError(f"convert.{key}: {first['msg']}") from None
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    if summary["nothing_to_do"]:
+        print(f"nothing to do: {summary['store']} is complete ({summary['images']} images)")
+        return
+    print(
+        f"converted {summary['images']} images into {summary['store']} "
+        f"({summary['written']} written in this run), quarantined {summary['quarantined']} "
+        f"(see {summary['store']}/{cstore.QUARANTINE}), {summary['seconds']:.1f} s"
+    )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from conversion.pack import convert
+
+    cfg = config_from_args(args)
+    print_summary(convert(cfg, args.out, overwrite=args.overwrite))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    st = cstore.open_store(args.store)
+    label = args.label_column or st.attrs.get("label_column")
+    print(cstore.dumps(cstore.describe(st, label)))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``convert`` and ``inspect``."""
+    conv = subparsers.add_parser("convert", help="pack TIFFs into a sharded zarr store")
+    add_convert_arguments(conv)
+    conv.set_defaults(func=_convert)
+    insp = subparsers.add_parser("inspect", help="summarize a store")
+    insp.add_argument("store")
+    insp.add_argument("--label-column", help="count classes in this column")
+    insp.set_defaults(func=_inspect)

@@ -1,0 +1,82 @@
+"""The conversion manifest: what a rerun needs to finish a store and prove it is the same job.
+
+Kept in ``<store>/.convert/`` (zarr ignores it) as small JSON files, each written atomically:
+
+- ``header.json``: the fingerprint of the inputs and settings, the row count, the shard size;
+- ``shard-<i>.json``: one per finished shard, written by the shard's writer *after* its data,
+  with the hash of the sites it holds and their checksums (so a shifted plan invalidates it);
+- ``bad.json``: sites whose pixels failed to decode while packing (they leave the plan).
+
+Paths may be local or any fsspec URL (the store itself goes through zarr).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+DIRNAME = ".convert"
+
+
+def digest(obj: Any) -> str:
+    """A stable hash of a JSON-serializable object."""
+    raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+class Manifest:
+    """Read/write access to one store's manifest files."""
+
+    def __init__(self, out: str) -> None:
+        self.fs, root = fsspec.core.url_to_fs(str(out))
+        self.root = f"{root.rstrip('/')}/{DIRNAME}"
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _read(self, name: str) -> Any | None:
+        try:
+            with self.fs.open(self._path(name), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def _write(self, name: str, obj: Any) -> None:
+        data = json.dumps(obj, sort_keys=True).encode()
+        target = self._path(name)
+        self.fs.makedirs(self.root, exist_ok=True)
+        if isinstance(self.fs, LocalFileSystem):
+            # Local files need tmp + rename to survive SIGKILL; object-store puts are atomic.
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def header(self) -> dict[str, Any] | None:
+        return self._read("header.json")
+
+    def write_header(self, header: dict[str, Any]) -> None:
+        self._write("header.json", header)
+
+    def bad(self) -> dict[str, str]:
+        return dict(self._read("bad.json") or {})
+
+    def write_bad(self, bad: dict[str, str]) -> None:
+        self._write("bad.json", bad)
+
+    def shard(self, index: int) -> dict[str, Any] | None:
+        return self._read(f"shard-{index:06d}.json")
+
+    def write_shard(self, index: int, record: dict[str, Any]) -> None:
+        self._write(f"shard-{index:06d}.json", record)
+
+    def exists(self) -> bool:
+        return self.fs.exists(self._path("header.json"))

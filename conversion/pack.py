@@ -1,0 +1,386 @@
+"""Plan, pack and finish a store: the one conversion routine every entry point calls.
+
+1. Plan: read the layout (structural checks), probe every TIFF header in parallel (missing,
+   unreadable, truncated, mismatched channels go to quarantine), sort the survivors by
+   (plate, well, site) and give each a row. The plan's fingerprint identifies the job.
+2. Pack: one task per shard decodes, corrects, resizes and writes its rows in one write, then
+   records itself in the manifest. Tasks run inline, in a process pool, or as Ray tasks; they
+   produce the same bytes because a shard's content depends only on the plan.
+3. A site whose pixels fail to decode although its header was fine is only found while packing:
+   it is quarantined, the plan is recomputed without it (later rows move up), and the shards
+   whose content changed are packed again. No row ever holds a placeholder image.
+4. Finish: metadata.parquet (row i == images[i], with checksums), quarantine.csv, channel
+   statistics from a sample of stored images, then ``complete: true``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+import numpy as np
+import pandas as pd
+import zarr
+from tqdm import tqdm
+
+from cellmorph import store as cstore
+from cellmorph.config import ConvertConfig
+from cellmorph.errors import CellmorphError
+from conversion.layouts import KEYS, SOURCES, Inputs, load_inputs, quarantine_row
+from conversion.manifest import Manifest, digest
+from conversion.tiffs import BadImage, Source, apply_illum, checksum, probe_site, read_site, resize
+
+T = TypeVar("T")
+R = TypeVar("R")
+# map_unordered(fn, tasks) -> results as they finish (inline, process pool, or Ray).
+Mapper = Callable[[Callable[[T], R], list[T]], Iterator[R]]
+PROBE_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything one writer needs to pack rows ``start .. start + len(sites)`` of the store."""
+
+    out: str
+    index: int
+    start: int
+    key: str
+    size: int
+    sites: list[tuple[list[Source], list[str]]]  # (channel sources, illumination files or [])
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    count: int
+    failures: dict[int, str] = field(default_factory=dict)  # row within shard -> reason
+
+
+def inline_map(fn: Callable[[T], R], tasks: list[T]) -> Iterator[R]:
+    """Run tasks one after another in this process."""
+    return (fn(t) for t in tasks)
+
+
+class ProcessMapper:
+    """A local process pool (forkserver: safe next to threads started by zarr or Ray)."""
+
+    def __init__(self, workers: int) -> None:
+        ctx = get_context("forkserver")
+        # Workers fork from a server that already imported the packing code: fast start.
+        ctx.set_forkserver_preload(["conversion.pack"])
+        self.pool = ProcessPoolExecutor(workers, mp_context=ctx)
+
+    def __call__(self, fn: Callable[[T], R], tasks: list[T]) -> Iterator[R]:
+        futures = [self.pool.submit(fn, t) for t in tasks]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _illum(path: str) -> np.ndarray:
+    return np.load(path).astype(np.float32)
+
+
+def load_site(sources: list[Source], illum: list[str], size: int) -> np.ndarray:
+    """Decode one site, divide by its illumination functions, resize: (C, size, size) uint16."""
+    img = read_site(sources)
+    if illum:
+        img = apply_illum(img, [_illum(p) for p in illum])
+    return resize(img, size)
+
+
+def pack_shard(task: ShardTask) -> ShardResult:
+    """Pack one shard in a single write, then record it (data first, so a record means done)."""
+    n = len(task.sites)
+    arr = zarr.open_array(store=task.out, path=cstore.IMAGES, mode="r+", zarr_format=3)
+    block = np.zeros((n, *arr.shape[1:]), dtype=np.uint16)
+    failures: dict[int, str] = {}
+    for i, (sources, illum) in enumerate(task.sites):
+        try:
+            block[i] = load_site(sources, illum, task.size)
+        except BadImage as e:
+            failures[i] = str(e)
+    if failures:
+        return ShardResult(task.index, 0, failures)
+    # Test hook: a pause before the write lets the resume test SIGKILL in the middle of a shard.
+    time.sleep(float(os.environ.get("CELLMORPH_CONVERT_PAUSE_S") or 0))
+    arr[task.start : task.start + n] = block
+    record = {"key": task.key, "start": task.start, "checksums": [checksum(b) for b in block]}
+    Manifest(task.out).write_shard(task.index, record)
+    return ShardResult(task.index, n)
+
+
+def probe_chunk(chunk: list[tuple[int, list[Source], list[str], tuple[int, int] | None]]) -> list:
+    """Probe sites' headers: (row, file stats) on success, (row, reason) on failure."""
+    out = []
+    for row, sources, names, illum_shape in chunk:
+        try:
+            infos = probe_site(sources, names)
+            first = next(iter(infos.values()))
+            if illum_shape and (first.height, first.width) != illum_shape:
+                raise BadImage(
+                    f"image shape {first.height}x{first.width} != illumination function "
+                    f"shape {illum_shape[0]}x{illum_shape[1]}"
+                )
+            out.append((row, [[p, i.size, i.mtime_ns] for p, i in infos.items()]))
+        except BadImage as e:
+            out.append((row, str(e)))
+    return out
+
+
+def illum_files(cfg: ConvertConfig, plates: Iterable[str]) -> dict[str, list[str]]:
+    """``<plate>_Illum<Ch>.npy`` for every plate and channel, or stop naming the missing file."""
+    if not cfg.illum_dir:
+        return {}
+    found = {}
+    for plate in sorted(set(plates)):
+        paths = [Path(cfg.illum_dir) / f"{plate}_Illum{ch}.npy" for ch in cfg.channels]
+        for p in paths:
+            if not p.is_file():
+                raise CellmorphError(f"illumination function not found: {p}")
+        found[plate] = [str(p) for p in paths]
+    return found
+
+
+def _illum_shape(paths: list[str]) -> tuple[int, int]:
+    shapes = {np.load(p, mmap_mode="r").shape for p in paths}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise CellmorphError(f"illumination functions {paths} are not 2-D arrays of one shape")
+    return next(iter(shapes))
+
+
+def probe_all(inputs: Inputs, cfg: ConvertConfig, illum: dict, mapper: Mapper) -> pd.DataFrame:
+    """Probe every site; move failures to quarantine; return survivors with a ``_stat`` column."""
+    sites = inputs.sites
+    shapes = {plate: _illum_shape(paths) for plate, paths in illum.items()}
+    items = [
+        (i, src, list(cfg.channels), shapes.get(plate))
+        for i, (src, plate) in enumerate(zip(sites[SOURCES], sites["Metadata_Plate"]))
+    ]
+    chunks = [items[i : i + PROBE_CHUNK] for i in range(0, len(items), PROBE_CHUNK)]
+    results: dict[int, Any] = {}
+    with tqdm(total=len(items), unit="site", desc="check TIFFs", leave=False) as bar:
+        for res in mapper(probe_chunk, chunks):
+            results.update(res)
+            bar.update(len(res))
+    ok = np.array([not isinstance(results[i], str) for i in range(len(items))], dtype=bool)
+    for i in np.flatnonzero(~ok):
+        inputs.quarantine.append(quarantine_row(sites.iloc[i], results[i]))
+    survivors = sites.loc[ok].copy()
+    survivors["_stat"] = [results[i] for i in np.flatnonzero(ok)]
+    return survivors.sort_values(KEYS, kind="mergesort").reset_index(drop=True)
+
+
+def site_key(row: pd.Series) -> str:
+    return f"{row['Metadata_Plate']}/{row['Metadata_Well']}/{row['Metadata_Site']}"
+
+
+def fingerprint(sites: pd.DataFrame, cfg: ConvertConfig, illum: dict) -> str:
+    """Identify the job: settings that change bytes, every site's metadata, files and stats."""
+    settings = cfg.model_dump(mode="json", exclude={"workers"})
+    table = sites.drop(columns=[SOURCES]).astype(str)
+    rows = pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes()
+    illum_stats = {p: Path(p).stat().st_mtime_ns for ps in illum.values() for p in ps}
+    return digest(
+        [cstore.FORMAT_VERSION, settings, list(table.columns), digest(rows.hex()), illum_stats]
+    )
+
+
+def shard_tasks(
+    plan: pd.DataFrame, out: str, shard: int, fp: str, size: int, illum: dict
+) -> list[ShardTask]:
+    tasks = []
+    for index, start in enumerate(range(0, len(plan), shard)):
+        part = plan.iloc[start : start + shard]
+        sites = [(list(s), illum.get(p, [])) for s, p in zip(part[SOURCES], part["Metadata_Plate"])]
+        key = digest([fp, start, list(part["_key"]), [s for s, _ in sites]])
+        tasks.append(ShardTask(out, index, start, key, size, sites))
+    return tasks
+
+
+def _attrs(inputs: Inputs, cfg: ConvertConfig) -> dict[str, Any]:
+    return {
+        "complete": False,
+        "source": inputs.description,
+        "label_column": None if cfg.allow_unlabeled else cfg.label_column,
+        "resize": {
+            "size": cfg.size,
+            "policy": "center-crop to square, antialiased bilinear (Pillow)",
+        },
+        "illumination": "divide by <plate>_Illum<Ch>.npy" if cfg.illum_dir else None,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _is_started_store(root: str) -> bool:
+    try:
+        group = zarr.open_group(store=root, mode="r", zarr_format=3)
+    except Exception:  # anything unreadable is not a store we started
+        return False
+    return group.attrs.get("complete") is False
+
+
+def prepare(out: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig, overwrite: bool) -> str:
+    """Decide between fresh, resume and done; (re)create the store when fresh."""
+    manifest = Manifest(out)
+    fs, root = fsspec.core.url_to_fs(out)
+    header = manifest.header()
+    if header is not None and header.get("fingerprint") == fp and not overwrite:
+        group = zarr.open_group(store=out, mode="r", zarr_format=3)
+        return "done" if group.attrs.get("complete") is True else "resume"
+    if fs.exists(root) and fs.ls(root) and not overwrite:
+        if header is not None:
+            raise CellmorphError(
+                f"{out} holds a conversion of different inputs or settings; "
+                "choose a new --out or pass --overwrite"
+            )
+        if not _is_started_store(out):
+            raise CellmorphError(
+                f"{out} exists and is not a store being converted; choose a new --out or pass --overwrite"
+            )
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    cstore.create_images(
+        out, n, list(cfg.channels), cfg.size, cfg.codec, cfg.shard_size, _attrs(inputs, cfg)
+    )
+    manifest.write_header({"fingerprint": fp, "images": n, "shard_size": cfg.shard_size})
+    return "fresh"
+
+
+def _current_plan(sites: pd.DataFrame, bad: dict[str, str]) -> pd.DataFrame:
+    return sites.loc[~sites["_key"].isin(bad)].reset_index(drop=True)
+
+
+def _fit_array(out: str, n: int) -> int:
+    """Resize ``images`` to the plan's length; returns the shard length."""
+    arr = zarr.open_array(store=out, path=cstore.IMAGES, mode="r+", zarr_format=3)
+    if n == 0:
+        raise CellmorphError(f"{out}: every site failed to decode (see quarantine reasons)")
+    if arr.shape[0] != n:
+        arr.resize((n, *arr.shape[1:]))
+    return int(arr.shards[0])
+
+
+def pack_all(
+    sites: pd.DataFrame, out: str, fp: str, cfg: ConvertConfig, illum: dict, mapper: Mapper
+) -> tuple[pd.DataFrame, int]:
+    """Pack every shard not yet recorded; repeat while decode failures reshape the plan."""
+    manifest = Manifest(out)
+    written = 0
+    while True:
+        bad = manifest.bad()
+        plan = _current_plan(sites, bad)
+        shard = _fit_array(out, len(plan))
+        tasks = shard_tasks(plan, out, shard, fp, cfg.size, illum)
+        pending = [t for t in tasks if (manifest.shard(t.index) or {}).get("key") != t.key]
+        done_images = len(plan) - sum(len(t.sites) for t in pending)
+        new_bad = {}
+        with tqdm(
+            total=len(plan), initial=done_images, unit="img", desc="convert", smoothing=0.1
+        ) as bar:
+            for res in mapper(pack_shard, pending):
+                bar.update(len(tasks[res.index].sites))
+                written += res.count
+                for row, reason in res.failures.items():
+                    new_bad[plan.at[tasks[res.index].start + row, "_key"]] = reason
+        if not new_bad:
+            return plan, written
+        manifest.write_bad({**bad, **new_bad})
+
+
+def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> None:
+    """Write metadata, quarantine and statistics, then mark the store complete (last)."""
+    manifest = Manifest(out)
+    arr = zarr.open_array(store=out, path=cstore.IMAGES, mode="r", zarr_format=3)
+    shard = int(arr.shards[0])
+    checksums = [
+        c for i in range(0, len(plan), shard) for c in manifest.shard(i // shard)["checksums"]
+    ]
+    sources = [f"source_{ch}" for ch in cfg.channels]
+    other = [c for c in plan.columns if c not in KEYS + sources and not c.startswith("_")]
+    metadata = plan[KEYS + other + sources].assign(checksum=checksums)
+    bad = manifest.bad()
+    quarantine = list(inputs.quarantine) + [
+        quarantine_row(row, bad[row["_key"]])
+        for _, row in inputs.sites.iterrows()
+        if row.get("_key") in bad
+    ]
+    cstore.write_metadata(out, metadata)
+    cstore.write_quarantine(out, quarantine)
+    rows = np.unique(np.linspace(0, len(plan) - 1, min(len(plan), cfg.stats_images)).astype(int))
+    sample = np.stack([arr[int(i)] for i in rows])
+    stats = cstore.channel_stats(sample, list(cfg.channels))
+    cstore.write_attrs(
+        out, {"stats": stats, "images": len(plan), "quarantined": len(quarantine), "complete": True}
+    )
+
+
+def convert(
+    cfg: ConvertConfig, out: str | Path, overwrite: bool = False, mapper: Mapper | None = None
+) -> dict[str, Any]:
+    """Convert the inputs ``cfg`` describes into the store at ``out`` (resumable, idempotent).
+
+    ``mapper`` runs tasks (default: inline for one worker, a process pool otherwise); the Ray
+    job passes one that runs each shard as a Ray task.
+    """
+    t0 = time.perf_counter()
+    # file:// is a local path; zarr's fsspec store would not create its folders.
+    out = str(out).removeprefix("file://")
+    pool = ProcessMapper(cfg.workers) if mapper is None and cfg.workers > 1 else None
+    run = mapper or pool or inline_map
+    try:
+        inputs = load_inputs(cfg)
+        illum = illum_files(cfg, inputs.sites["Metadata_Plate"].astype(str))
+        sites = probe_all(inputs, cfg, illum, run)
+        phases = {"plan_s": time.perf_counter() - t0}
+        if len(sites) == 0:
+            _write_quarantine_only(out, inputs)
+            raise CellmorphError(
+                f"no valid sites: all {len(inputs.quarantine)} inputs were quarantined (reasons in {out}/{cstore.QUARANTINE})"
+            )
+        sites["_key"] = [site_key(r) for _, r in sites[KEYS].iterrows()]
+        inputs.sites = sites
+        fp = fingerprint(sites, cfg, illum)
+        state = prepare(out, fp, len(sites), inputs, cfg, overwrite)
+        written = 0
+        if state != "done":
+            t1 = time.perf_counter()
+            plan, written = pack_all(sites, out, fp, cfg, illum, run)
+            t2 = time.perf_counter()
+            finish(out, plan, inputs, cfg)
+            phases.update(pack_s=t2 - t1, finish_s=time.perf_counter() - t2)
+    finally:
+        if pool is not None:
+            pool.close()
+    group = zarr.open_group(store=out, mode="r", zarr_format=3)
+    return {
+        "store": out,
+        "images": int(group.attrs["images"]),
+        "written": written,
+        "quarantined": int(group.attrs["quarantined"]),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "nothing_to_do": state == "done",
+        "phases": {k: round(v, 3) for k, v in phases.items()},
+    }
+
+
+def _write_quarantine_only(out: str, inputs: Inputs) -> None:
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    cstore.write_quarantine(out, inputs.quarantine)

@@ -1,0 +1,59 @@
+"""``python -m ray_jobs.convert``: the conversion with one Ray task per shard.
+
+Same arguments as ``cellmorph convert`` (plus ``--address``). The driver plans, the tasks run
+:func:`conversion.pack.pack_shard` (and the header probes), the driver finishes the store; the
+bytes are the same as a local run's. ``--out`` may be a local (shared) path or any URL zarr's
+fsspec stores accept (``s3://bucket/store.zarr``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from cellmorph.errors import CellmorphError
+from conversion.cli import add_convert_arguments, config_from_args, print_summary
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ray_map(fn: Callable[[T], R], tasks: list[T]) -> Iterator[R]:
+    """Run each task as a Ray task (one CPU each); yield results as they finish."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+    pending = [remote.remote(t) for t in tasks]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.convert", description=__doc__)
+    add_convert_arguments(parser)
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    args = parser.parse_args(argv)
+    try:
+        import ray
+
+        from conversion.pack import convert
+
+        cfg = config_from_args(args)
+        if not ray.is_initialized():
+            ray.init(address=args.address)
+        print_summary(convert(cfg, args.out, overwrite=args.overwrite, mapper=ray_map))
+    except CellmorphError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

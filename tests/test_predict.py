@@ -1,0 +1,217 @@
+"""cellmorph predict: per-image CSV, embeddings parquet and well table on an unlabeled store."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cellmorph.cli import main
+from cellmorph.config import Config, ModelConfig
+from cellmorph.errors import CellmorphError
+from cellmorph.model import build_model
+from cellmorph.predict import PredictionWriter, infer, model_from_checkpoint, predict
+from cellmorph.store import (
+    channel_stats,
+    create_images,
+    write_attrs,
+    write_metadata,
+    write_quarantine,
+)
+
+CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
+CLASSES = ["drugA", "drugB", "drugC"]
+
+
+def make_store(
+    path: Path, channels=CHANNELS, labels: bool = True, plates=2, wells=4, sites=3, size=24
+):
+    """A tiny store: ``plates x wells x sites`` random images, shards of 8 images."""
+    rng = np.random.default_rng(0)
+    rows = [
+        {"Metadata_Plate": f"P{p}", "Metadata_Well": f"A{w + 1:02d}", "Metadata_Site": s}
+        for p in range(plates)
+        for w in range(wells)
+        for s in range(sites)
+    ]
+    n = len(rows)
+    images = rng.integers(100, 3000, (n, len(channels), size, size)).astype(np.uint16)
+    md = pd.DataFrame(rows)
+    if labels:
+        md["Metadata_pert_iname"] = [
+            CLASSES[int(w[1:]) % len(CLASSES)] for w in md["Metadata_Well"]
+        ]
+    md["checksum"] = [hashlib.sha1(im.tobytes()).hexdigest() for im in images]
+    arr = create_images(path, n, list(channels), size, shard_size=8)
+    arr[:] = images
+    write_metadata(path, md)
+    write_attrs(path, {"stats": channel_stats(images, list(channels))})
+    write_quarantine(path, [])
+    return path
+
+
+def make_checkpoint(path: Path, store: str, channels=CHANNELS, classes=CLASSES) -> Path:
+    """A checkpoint in train.py's format around a tiny random model."""
+    cfg = Config(
+        data={"store": store},
+        model={"width_mult": 0.25},
+        loader={"image_size": 16, "eval_batch_size": 5, "num_workers": 0},
+        eval={"top_k": 2},
+    )
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width_mult=0.25), len(channels), len(classes))
+    ckpt = {
+        "model": model.state_dict(),
+        "epoch": 0,
+        "config": cfg.model_dump(mode="json"),
+        "classes": list(classes),
+        "label_column": "Metadata_pert_iname",
+        "channels": list(channels),
+        "image_size": 16,
+        "metrics": {},
+    }
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def unlabeled(tmp_path: Path) -> tuple[Path, Path]:
+    store = make_store(tmp_path / "store.zarr", labels=False)
+    ckpt = make_checkpoint(tmp_path / "best.pt", str(store))
+    return store, ckpt
+
+
+def test_predict_unlabeled_store_writes_three_outputs(unlabeled, tmp_path: Path):
+    store, ckpt = unlabeled
+    out = tmp_path / "pred"
+    rc = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            "--store",
+            str(store),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    md = pd.read_parquet(store / "metadata.parquet")
+    n = len(md)
+
+    preds = pd.read_csv(out / "predictions.csv")
+    assert sorted(preds["store_row"]) == list(range(n))  # every image once
+    assert {
+        "Metadata_Plate",
+        "Metadata_Well",
+        "Metadata_Site",
+        "top1_class",
+        "top1_prob",
+        "top2_class",
+        "top2_prob",
+    } <= set(preds.columns)
+    assert "top3_class" not in preds  # eval.top_k=2 from the checkpoint
+    assert set(preds["top1_class"]) <= set(CLASSES)
+    assert (preds["top1_prob"] >= preds["top2_prob"]).all()
+    # metadata travels with its row
+    by_row = preds.set_index("store_row").sort_index()
+    assert (by_row["Metadata_Well"].to_numpy() == md["Metadata_Well"].to_numpy()).all()
+
+    emb = pd.read_parquet(out / "embeddings.parquet")
+    emb_cols = [c for c in emb.columns if c.startswith("emb_")]
+    assert (
+        len(emb) == n and len(emb_cols) == build_model(ModelConfig(width_mult=0.25), 5, 3).embed_dim
+    )
+
+    # The streamed outputs equal a direct, in-memory inference.
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = model_from_checkpoint(ck)
+    from cellmorph.config import LoaderConfig
+    from cellmorph.loaders import build_loader
+    from cellmorph.store import open_store
+
+    s = open_store(store)
+    loader = build_loader(
+        s,
+        np.arange(n),
+        np.zeros(n, np.int64),
+        LoaderConfig(**ck["config"]["loader"]),
+        train=False,
+        device=torch.device("cpu"),
+    )
+    rows, probs, embs = infer(model, loader, torch.device("cpu"))
+    emb_sorted = emb.set_index("store_row").sort_index()[emb_cols].to_numpy()
+    np.testing.assert_allclose(emb_sorted, embs[np.argsort(rows)], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        by_row["top1_prob"].to_numpy(), probs[np.argsort(rows)].max(1), rtol=1e-4
+    )
+
+    wells = pd.read_parquet(out / "wells.parquet")
+    assert len(wells) == 8  # 2 plates x 4 wells
+    assert (wells["n_images"] == 3).all()
+    # A well's mean embedding is the mean of its images' embeddings.
+    first = wells.iloc[0]
+    members = emb[
+        (emb["Metadata_Plate"] == first["Metadata_Plate"])
+        & (emb["Metadata_Well"] == first["Metadata_Well"])
+    ]
+    np.testing.assert_allclose(
+        first[emb_cols].to_numpy(float), members[emb_cols].mean().to_numpy(), rtol=1e-4, atol=1e-5
+    )
+    prob_cols = [f"prob:{c}" for c in CLASSES]
+    np.testing.assert_allclose(wells[prob_cols].sum(axis=1), 1.0, rtol=1e-5)
+    assert "Metadata_Site" not in wells  # varies within a well: not a well property
+
+
+def test_predict_refuses_other_channels(tmp_path: Path):
+    store = make_store(
+        tmp_path / "store.zarr", channels=["DNA", "ER", "RNA", "Mito", "AGP"], labels=False
+    )
+    ckpt = make_checkpoint(tmp_path / "best.pt", str(store))
+    with pytest.raises(CellmorphError) as err:
+        predict(ckpt, store, tmp_path / "out", device="cpu")
+    msg = str(err.value)
+    assert (
+        "['DNA', 'ER', 'RNA', 'Mito', 'AGP']" in msg
+        and "['DNA', 'ER', 'RNA', 'AGP', 'Mito']" in msg
+    )
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_cli_reports_bad_checkpoint_in_one_line(tmp_path: Path, capsys):
+    store = make_store(tmp_path / "store.zarr", labels=False)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    rc = main(
+        ["predict", "--checkpoint", str(bad), "--store", str(store), "--out", str(tmp_path / "o")]
+    )
+    assert rc == 2
+    assert "bad.pt" in capsys.readouterr().err
+
+
+def test_writer_memory_does_not_hold_images(tmp_path: Path):
+    """The writer keeps sums per well, not rows: its arrays are sized by wells, and repeated
+    rows (padding) are written once."""
+    md = pd.DataFrame(
+        {
+            "Metadata_Plate": ["P"] * 6,
+            "Metadata_Well": ["A01", "A01", "A02", "A02", "A03", "A03"],
+            "Metadata_Site": range(6),
+        }
+    )
+    w = PredictionWriter(tmp_path, md, ["a", "b"], top_k=1, dim=3)
+    assert w.wells.emb.shape == (3, 3)
+    probs = np.array([[0.9, 0.1]] * 4, np.float32)
+    emb = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert w.write(np.array([0, 1, 2, 3]), probs, emb) == 4
+    assert w.write(np.array([3, 4, 5]), probs[:3], emb[:3]) == 2  # row 3 repeated
+    wells = w.close(md)
+    assert list(wells["n_images"]) == [2, 2, 2]
+    assert len(pq.read_table(tmp_path / "embeddings.parquet")) == 6
