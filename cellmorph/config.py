@@ -106,11 +106,11 @@ class LoaderConfig(_Section):
     brightness: float = Field(0.1, ge=0.0, le=1.0)
     contrast: float = Field(0.1, ge=0.0, le=1.0)
     normalize: Literal["store", "imagenet"] = "store"
-    view_fraction: float = Field(
-        0.8, gt=0.0, le=1.0, description="central fraction of the resized image kept; margin for rotation"
-    )
+    # The model sees the central view_fraction of the (resized) store image; the rest is the
+    # margin that rotation's empty corners fall into (store 160 px -> 128 px crop at 0.8).
+    view_fraction: float = Field(0.8, gt=0.0, le=1.0)
     reader_threads: int = Field(2, ge=1, description="decode threads of the shard reader")
-    prefetch: int = Field(2, ge=1, description="batches prepared ahead per worker (torch) / queue (DALI)")
+    prefetch: int = Field(2, ge=1, description="batches ahead per worker (torch) / queue (DALI)")
     dali_threads: int = Field(2, ge=1, description="DALI pipeline num_threads")
 
 

@@ -86,6 +86,8 @@ def ray_worker(config: dict[str, Any]) -> None:
 
     cfg = config_from_dict(config["cfg"])
     tctx = ray.train.get_context()
+    if tctx.get_world_rank() == 0:
+        _record_placement_group(cfg.run_dir)
 
     def report(metrics: dict[str, Any], ckpt: Path | None) -> None:
         if ckpt is None:
@@ -103,6 +105,23 @@ def ray_worker(config: dict[str, Any]) -> None:
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
     )
     train_loop(cfg, ctx)
+
+
+PLACEMENT_GROUP_FILE = ".ray_placement_group"
+
+
+def _record_placement_group(run_dir: Path) -> None:
+    """Note the worker group's placement group, so a Tune driver can release it.
+
+    When Tune stops a trial (ASHA, or max_t), Train V2's placement group outlives the trial
+    and holds its CPUs (ray-project/ray#54305); the sweep removes it from this record.
+    """
+    from ray.util import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / PLACEMENT_GROUP_FILE).write_text(pg.id.hex())
 
 
 def build_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:

@@ -298,6 +298,10 @@ def plot_tsne(run: Run, out: Path, max_points: int) -> Path | None:
         if sel.any():
             ax.scatter(*points[sel].T, s=10, color=colours[c], marker=markers[c // 60 % 10],
                        label=run.classes[c], alpha=0.8)  # fmt: skip
+    if k <= 60:  # name each class at its median point: 50 colours alone are hard to tell apart
+        for c in np.unique(labels):
+            x, y = np.median(points[labels == c], axis=0)
+            ax.annotate(run.classes[c], (x, y), fontsize=6, alpha=0.8, ha="center", va="bottom")
     ax.set_title(f"t-SNE of validation embeddings (penultimate layer, {len(points)} images)")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -366,8 +370,9 @@ def plot_sample_grid(run: Run, out: Path, per_class: int) -> Path | None:
     picks = _sample_rows(store.metadata[run.label_column].astype(str), run.classes, per_class)
     if not picks:
         return None
+    cell = 1.6 if len(picks) <= 20 else 1.1  # keep 50 classes under ~6,000 px tall
     fig, axes = plt.subplots(len(picks), per_class, squeeze=False,
-                             figsize=(1.6 * per_class + 2.2, 1.6 * len(picks)))  # fmt: skip
+                             figsize=(cell * per_class + 2.2, cell * len(picks)))  # fmt: skip
     for r, (name, rows) in enumerate(picks.items()):
         images = _read_images(store, rows)
         for c in range(per_class):

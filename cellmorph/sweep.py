@@ -128,17 +128,45 @@ def fitted_concurrency(sweep: SweepConfig, base: Config, cluster_cpus: float) ->
     return min(fit, sweep.max_concurrent) if sweep.max_concurrent else fit
 
 
-def _trial(params: dict[str, Any]) -> None:
+def _trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     """One Tune trial: build and fit a TorchTrainer for the sampled config."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cellmorph.launch import build_trainer
 
-    base = config_from_dict(params.pop("__base__"))
     name = f"trial-{tune.get_context().get_trial_id()}"
-    cfg = trial_config(base, params, name)
+    cfg = trial_config(config_from_dict(base), params, name)
     build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+
+
+def _release_callback(run_root: Path) -> Any:
+    """A Tune callback that removes a finished trial's leftover Train placement group."""
+    from ray.tune import Callback
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    from cellmorph.launch import PLACEMENT_GROUP_FILE
+
+    class ReleaseTrainResources(Callback):
+        def _release(self, trial: Any) -> None:
+            record = run_root / f"trial-{trial.trial_id}" / PLACEMENT_GROUP_FILE
+            if not record.is_file():
+                return
+            pg_id = record.read_text().strip()
+            if placement_group_table().get(pg_id, {}).get("state") == "CREATED":
+                from ray._raylet import PlacementGroupID
+
+                remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+            record.unlink(missing_ok=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._release(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._release(trial)
+
+    return ReleaseTrainResources()
 
 
 def run_sweep(sweep: SweepConfig, base: Config) -> Path:
@@ -156,11 +184,10 @@ def run_sweep(sweep: SweepConfig, base: Config) -> Path:
     check_resources(base.ray)
     concurrency = fitted_concurrency(sweep, base, ray.cluster_resources().get("CPU", 0))
     print(f"sweep {sweep.name}: {sweep.num_samples} trials, {concurrency} at a time")
-    space = {k: d.to_tune() for k, d in sweep.space.items()}
-    space["__base__"] = config_to_dict(base)
+    trainable = tune.with_parameters(_trial, base=config_to_dict(base))
     tuner = tune.Tuner(
-        tune.with_resources(_trial, {"cpu": sweep.trial_cpus}),
-        param_space=space,
+        tune.with_resources(trainable, {"cpu": sweep.trial_cpus}),
+        param_space={k: d.to_tune() for k, d in sweep.space.items()},
         tune_config=tune.TuneConfig(
             metric=sweep.metric,
             mode=sweep.mode,
@@ -172,7 +199,11 @@ def run_sweep(sweep: SweepConfig, base: Config) -> Path:
                 reduction_factor=sweep.reduction_factor,
             ),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out)),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(out),
+            callbacks=[_release_callback(Path(base.run_root))],
+        ),
     )
     results = tuner.fit()
     errors = [r.error for r in results if r.error]
@@ -183,7 +214,7 @@ def run_sweep(sweep: SweepConfig, base: Config) -> Path:
 
 
 def _write_best(out: Path, base: Config, best: Any, table: Any) -> Path:
-    params = {k: v for k, v in best.config.items() if k != "__base__"}
+    params = dict(best.config)
     cfg = trial_config(base, params, f"trial-{best.metrics['trial_id']}")
     run_dir = cfg.run_dir
     best_cfg = trial_config(base, params, f"{out.name}-best")
@@ -191,9 +222,7 @@ def _write_best(out: Path, base: Config, best: Any, table: Any) -> Path:
     src = run_dir / "checkpoints" / "best.pt"
     if src.is_file():
         shutil.copy2(src, out / "best.pt")
-    table.drop(columns=[c for c in table.columns if "__base__" in c], errors="ignore").to_csv(
-        out / "results.csv", index=False
-    )
+    table.to_csv(out / "results.csv", index=False)
     (out / "best.json").write_text(
         json.dumps(
             {"params": params, "metrics": best.metrics, "run_dir": str(run_dir)},

@@ -324,8 +324,6 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
     # --- data
     store = open_store(cfg.data.store)
     index = build_index(store.metadata, cfg.data)
-    for w in index.summary.get("warnings", []):
-        log(f"warning: {w}")
     if cfg.loader.batch_size > len(index.train_order):
         raise CellmorphError(
             f"loader.batch_size={cfg.loader.batch_size} is larger than the training fold "
@@ -375,6 +373,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         _restore_rng(ckpt["rng"])
         start_epoch, best = int(ckpt["epoch"]) + 1, ckpt.get("best")
         log(f"resuming {run_dir.name} from epoch {start_epoch} ({last_path})")
+        if ctx.is_main:  # a visible trace of every restart, for users and the failure test
+            with (run_dir / "events.jsonl").open("a") as f:
+                f.write(json.dumps({"event": "resume", "epoch": start_epoch, "time": time.time()}) + "\n")
     if ctx.is_main:
         _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
 
@@ -394,7 +395,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         )  # fmt: skip
         parts = ctx.gather(evaluate(ddp_model, val_loader, ctx.device, dtype))
         rows, probs, embs = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        record: dict[str, Any] = {"epoch": epoch, **stats}
+        record: dict[str, Any] = {"epoch": epoch, "world_size": ctx.world_size, **stats}
         if ctx.is_main:
             metrics = compute_metrics(
                 index.labels[rows], probs, index.classes, wells=_wells(store, rows),

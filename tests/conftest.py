@@ -33,20 +33,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance for the whole test session (2 CPUs), in a fresh temp dir.
+    """One Ray cluster for the whole test session: two nodes of one CPU each, on this machine.
 
-    Tests that need Ray take this fixture; starting Ray costs tens of seconds on 2 cores.
+    Two nodes let the multi-node tests place one training worker per node; every Ray test
+    shares it because starting Ray costs tens of seconds on 2 cores.
     """
     import ray
+    from ray.cluster_utils import Cluster
 
-    tmp = Path(tempfile.mkdtemp(prefix="cm-ray-"))
-    ray.init(
-        num_cpus=2,
-        num_gpus=0,
-        include_dashboard=False,
-        _temp_dir=str(tmp),
-        configure_logging=False,
-        log_to_driver=False,
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False},
     )
-    yield ray
+    cluster.add_node(num_cpus=1, num_gpus=0)
+    ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_plate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic plate converted to a store (48 sites at 40 px), shared read-only."""
+    from cellmorph.config import ConvertConfig, SynthConfig
+    from cellmorph.synth import generate_plate
+    from conversion.pack import convert
+
+    root = tmp_path_factory.mktemp("tiny")
+    csv = generate_plate(
+        SynthConfig(out=str(root / "raw"), plates=2, rows=3, cols=4, sites=2, size=48),
+        progress=False,
+    )
+    store = root / "store.zarr"
+    convert(ConvertConfig(load_data=str(csv), size=40, shard_size=16, workers=1), store)
+    return store

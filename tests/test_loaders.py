@@ -275,3 +275,25 @@ def test_dali_gpu_inflate_matches_cpu(tmp_path, augment):
         assert x2.device.type == "cuda" and y2.device.type == "cuda" and r2.device.type == "cpu"
         assert torch.equal(r1, r2) and torch.equal(y1, y2.cpu())
         torch.testing.assert_close(x1, x2.cpu(), atol=1e-3, rtol=1e-3)
+
+
+def test_high_uint16_values_survive_the_float_conversion():
+    from cellmorph.loaders.augment import to_float
+
+    a = np.array([[0, 1, 32768, 65535]], dtype=np.uint16)
+    want = torch.tensor([[0.0, 1.0, 32768.0, 65535.0]])
+    assert torch.equal(to_float(torch.from_numpy(a)), want)
+    assert torch.equal(to_float(torch.from_numpy(a.view(np.int16))), want)  # the GPU path's bits
+
+
+@pytest.mark.gpu
+def test_torch_loader_on_cuda_matches_cpu(textured):
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    cfg = _cfg(augment=["hflip", "vflip", "brightness_contrast"], num_workers=1)
+    out = {}
+    for device in (CPU, gpu):
+        loader = build_loader(textured, np.arange(N), _labels(), cfg, train=True, device=device)
+        out[device.type] = _epoch(loader, 0)
+    for (x1, y1, r1), (x2, y2, r2) in zip(out["cpu"], out["cuda"]):
+        assert x2.device.type == "cuda" and torch.equal(r1, r2) and torch.equal(y1, y2.cpu())
+        torch.testing.assert_close(x1, x2.cpu(), atol=1e-4, rtol=1e-4)

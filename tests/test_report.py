@@ -19,7 +19,7 @@ from cellmorph.cli import main
 from cellmorph.config import Config
 from cellmorph.index import build_index
 from cellmorph.metrics import compute_metrics, well_ids
-from cellmorph.predict import write_val_outputs
+from cellmorph.predict import evaluate_run, write_val_outputs
 from cellmorph.report import Run, build_report, plot_confusion
 from cellmorph.store import describe, open_store
 
@@ -196,7 +196,7 @@ def test_evaluate_recomputes_outputs_from_best_checkpoint(tmp_path: Path):
 
     # Without the run's validation table the index is rebuilt from the checkpoint's config.
     (run / "val_predictions.parquet").unlink()
-    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    evaluate_run(run, device="cpu")
     rebuilt = pd.read_parquet(run / "val_predictions.parquet")
     assert list(rebuilt["store_row"]) == list(before["store_row"])
 

@@ -198,6 +198,15 @@ def _geometric(x: torch.Tensor, params: AugParams, crop: int, ops: list[str]) ->
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint16 pixels (or their bits in an int16 tensor) as float32."""
+    if x.device.type == "cpu":  # numpy's uint16 -> float32 cast is ~8x faster than torch's
+        return torch.from_numpy(x.numpy().view(np.uint16).astype(np.float32))
+    # CUDA kernels for torch.uint16 are minimal; widen the int16 bits with guaranteed ones.
+    bits = x.view(torch.int16) if x.dtype == torch.uint16 else x
+    return bits.to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32)
+
+
 def transform(
     x: torch.Tensor,
     params: AugParams,
@@ -206,11 +215,8 @@ def transform(
     std: np.ndarray,
     ops: list[str],
 ) -> torch.Tensor:
-    """uint16 ``(N, C, S, S)`` -> float32 ``(N, C, crop, crop)``, augmented and normalized."""
-    if x.device.type == "cpu":  # numpy's uint16 -> float32 cast is ~8x faster than torch's
-        x = torch.from_numpy(x.numpy().astype(np.float32))
-    else:
-        x = x.to(torch.float32)
+    """uint16 ``(N, C, S, S)`` (see :func:`to_float`) -> float32 ``(N, C, crop, crop)``, augmented and normalized."""
+    x = to_float(x)
     if geom.resize_to != geom.store_size:
         x = F.interpolate(
             x, size=(geom.resize_to,) * 2, mode="bilinear", antialias=True, align_corners=False

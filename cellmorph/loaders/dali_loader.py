@@ -168,7 +168,7 @@ class DaliLoader:
         import_dali()
         self.source, self.cfg, self.geom = source, cfg, geom
         self.mean, self.std = mean, std
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.labels = torch.tensor(np.asarray(labels, dtype=np.int64))
         self.device = device
         self.device_id = _device_id(device)
         # GPU inflate only for LZ4 chunks read straight from the shards.

@@ -34,7 +34,7 @@ class BatchSource:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.reader = reader
-        self.rows = np.asarray(rows, dtype=np.int64)
+        self.rows = np.array(rows, dtype=np.int64)  # own, writable copy (torch.from_numpy)
         self.cfg = cfg
         self.train = train
         self.seed, self.rank, self.world_size = seed, rank, world_size

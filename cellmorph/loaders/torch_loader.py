@@ -28,9 +28,10 @@ class _EpochBatches(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, AugParams]:
         images, rows, params = self.source.get(self.epoch, i)
-        x = torch.from_numpy(images)
         if self.augment_here:
-            x = transform(x, params, **self.prep)
+            x = transform(torch.from_numpy(images), params, **self.prep)
+        else:  # shipped as int16 bits: device copies of torch.uint16 are not guaranteed
+            x = torch.from_numpy(images.view(np.int16))
         return x, torch.from_numpy(rows), params
 
 
@@ -48,7 +49,7 @@ class TorchLoader:
         std: np.ndarray,
     ):
         self.source, self.cfg, self.device = source, cfg, device
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.labels = torch.tensor(np.asarray(labels, dtype=np.int64))
         ops = list(cfg.augment) if source.train else []
         self.prep = {"geom": geom, "mean": mean, "std": std, "ops": ops}
         self.epoch = 0
