@@ -20,7 +20,7 @@ venv: $(STAMP)
 demo: venv
 	$(VENV)/bin/cellmorph demo
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q
 
 test-fast: venv
@@ -42,3 +42,14 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
+
+# Headless Chromium for the report test (marker `browser`); without root or apt it is skipped.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+	  echo "chromium is installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	    || echo "could not install chromium; the browser test will be skipped"; \
+	else \
+	  echo "not installing chromium (needs root and apt-get); the browser test will be skipped"; \
+	fi

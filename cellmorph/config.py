@@ -116,7 +116,9 @@ class LoaderConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: Literal["mobilenet_v2"] = "mobilenet_v2"
-    pretrained: str | None = Field(None, description="local torchvision checkpoint; never downloaded")
+    pretrained: str | None = Field(
+        None, description="local torchvision checkpoint; never downloaded"
+    )
     width_mult: float = Field(1.0, gt=0.0)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
 
@@ -144,7 +146,9 @@ class TrainConfig(_Section):
 class RayConfig(_Section):
     """How the training run is scaled (Ray Train ScalingConfig/RunConfig)."""
 
-    address: str | None = None
+    address: str | None = Field(
+        None, description="None: start a local Ray instance; 'auto' or host:port: join a cluster"
+    )
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)

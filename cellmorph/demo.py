@@ -15,12 +15,11 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml
 
 def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     """Run every stage once; each stage skips work that is already done (rerun = no-op)."""
-    from conversion.pack import convert
-
     from cellmorph.audit import audit as run_audit
     from cellmorph.launch import run_ray_training
     from cellmorph.report import build_report
     from cellmorph.synth import generate_plate
+    from conversion.pack import convert
 
     t0 = time.perf_counter()
     print("[1/5] synthetic plate")
@@ -46,7 +45,7 @@ def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     }
     print(
         f"\nreport: {report}\n"
-        f"validation (grouped by well, {metrics.get('n', '?')} images): "
+        f"validation (grouped by well, {metrics.get('n_images', '?')} images): "
         f"accuracy {summary['accuracy']:.3f}, balanced accuracy "
         f"{summary['balanced_accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}; "
         f"chance {summary['chance']:.3f}  ({summary['seconds']:.0f} s)"

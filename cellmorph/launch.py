@@ -53,8 +53,8 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=cfg.address)
     elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: join that cluster
         ray.init()
-    else:
-        ray.init(include_dashboard=False)
+    else:  # a fresh local instance, never a stale or unrelated cluster on this host
+        ray.init(address="local", include_dashboard=False)
 
 
 def check_resources(cfg: RayConfig) -> None:

@@ -84,7 +84,9 @@ def load_pretrained(net: nn.Module, path: str | Path) -> None:
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> CellNet:
     """MobileNetV2 with its stem adapted to ``in_channels`` and its head to ``num_classes``."""
     if cfg.backbone not in BACKBONES:
-        raise CellmorphError(f"model.backbone: unknown backbone {cfg.backbone!r}; known: {BACKBONES}")
+        raise CellmorphError(
+            f"model.backbone: unknown backbone {cfg.backbone!r}; known: {BACKBONES}"
+        )
     if num_classes < 2:
         raise CellmorphError(f"need at least 2 classes to train, got {num_classes}")
     net = mobilenet_v2(weights=None, width_mult=cfg.width_mult)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cellmorph.checkpoint import load_checkpoint
 from cellmorph.config import LoaderConfig, ModelConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.metrics import WELL_COLUMNS, compute_metrics, well_ids
@@ -53,20 +54,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 # --------------------------------------------------------------------------- model
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise CellmorphError(f"checkpoint not found: {p}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or corrupt files
-        raise CellmorphError(f"{p}: not a readable cellmorph checkpoint ({e})") from None
-    missing = [k for k in ("model", "config", "classes", "channels") if k not in ckpt]
-    if missing:
-        raise CellmorphError(f"{p}: checkpoint lacks key(s) {missing}")
-    return ckpt
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
@@ -257,6 +244,12 @@ class PredictionWriter:
         return wells
 
 
+def _norm(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The training normalization saved in the checkpoint (older checkpoints: None)."""
+    norm = ckpt.get("norm")
+    return (np.asarray(norm["mean"]), np.asarray(norm["std"])) if norm else None
+
+
 def _loader_cfg(ckpt: dict[str, Any], overrides: dict[str, Any]) -> LoaderConfig:
     base = dict(ckpt["config"].get("loader", {}))
     base.update({k: v for k, v in overrides.items() if v is not None})
@@ -287,7 +280,9 @@ def predict(
     cfg = _loader_cfg(ckpt, loader_overrides or {})
     n = len(store)
     # Labels are unknown here; the loader wants an array, the model never sees it.
-    loader = build_loader(store, np.arange(n), np.zeros(n, np.int64), cfg, train=False, device=dev)
+    loader = build_loader(
+        store, np.arange(n), np.zeros(n, np.int64), cfg, train=False, device=dev, norm=_norm(ckpt)
+    )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = PredictionWriter(out_dir, store.metadata, classes, k, model.embed_dim)
@@ -349,7 +344,9 @@ def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, Any]:
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
     rows, labels = _val_rows(run_dir, ckpt, store)
-    loader = build_loader(store, rows, labels, _loader_cfg(ckpt, {}), train=False, device=dev)
+    loader = build_loader(
+        store, rows, labels, _loader_cfg(ckpt, {}), train=False, device=dev, norm=_norm(ckpt)
+    )
     got_rows, probs, embs = infer(model, loader, dev)
     got_rows, first = np.unique(got_rows, return_index=True)  # drop any padding repeats
     probs, embs = probs[first], embs[first]

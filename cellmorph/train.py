@@ -26,13 +26,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cellmorph.checkpoint import load_checkpoint, save_checkpoint
 from cellmorph.config import Config, OptimConfig, TrainConfig, config_to_dict, dump_config
 from cellmorph.errors import CellmorphError
 from cellmorph.index import Index, build_index, save_label_encoding
 from cellmorph.loaders import build_loader
+from cellmorph.loaders.augment import normalization
 from cellmorph.metrics import compute_metrics
 from cellmorph.model import CellNet, build_model
-from cellmorph.predict import write_val_outputs
+from cellmorph.predict import infer, write_val_outputs
 from cellmorph.store import Store, describe, open_store
 
 CHECKPOINTS = "checkpoints"
@@ -102,14 +104,18 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
     """(autocast dtype or None, whether to use a GradScaler) for ``train.amp`` on ``device``."""
     if device.type == "cuda":
         if mode == "auto":
-            return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+            return (
+                (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+            )
         if mode == "bf16":
             return torch.bfloat16, False
         if mode == "fp16":
             return torch.float16, True
         return None, False
     if mode == "fp16":
-        raise CellmorphError("train.amp: fp16 with a GradScaler needs a GPU; use bf16 or off on CPU")
+        raise CellmorphError(
+            "train.amp: fp16 with a GradScaler needs a GPU; use bf16 or off on CPU"
+        )
     # On CPU, autocast costs more than it saves for this model: off unless asked.
     return (torch.bfloat16, False) if mode == "bf16" else (None, False)
 
@@ -130,25 +136,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file and ``os.replace`` it, so a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise CellmorphError(f"checkpoint not found: {p}")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CellmorphError(f"{p}: not a readable cellmorph checkpoint ({e})") from None
-
-
-def check_compatible(ckpt: dict[str, Any], classes: list[str], channels: list[str], src: Path) -> None:
+def check_compatible(
+    ckpt: dict[str, Any], classes: list[str], channels: list[str], src: Path
+) -> None:
     """Refuse to resume or fine-tune across a change of classes or channels."""
     if list(ckpt.get("channels", [])) != list(channels):
         raise CellmorphError(
@@ -238,25 +228,9 @@ def train_one_epoch(
     }
 
 
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module, loader: Any, device: torch.device, dtype: torch.dtype | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def evaluate(model: nn.Module, loader: Any, device: torch.device) -> tuple[np.ndarray, ...]:
     """This rank's validation outputs: store rows, class probabilities, embeddings."""
-    net: CellNet = getattr(model, "module", model)
-    net.eval()
-    rows, probs, embs = [], [], []
-    for x, _y, r in loader:
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-        with ctx:
-            logits, emb = net.forward_with_embedding(x)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        embs.append(emb.float().cpu().numpy())
-        rows.append(np.asarray(r))
-    if not rows:
-        d = net.embed_dim
-        return np.zeros(0, np.int64), np.zeros((0, net.head[-1].out_features), np.float32), np.zeros((0, d), np.float32)
-    return np.concatenate(rows), np.concatenate(probs), np.concatenate(embs)
+    return infer(model, loader, device)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -264,7 +238,9 @@ def evaluate(
 
 def _wells(store: Store, rows: np.ndarray) -> np.ndarray:
     md = store.metadata
-    return (md["Metadata_Plate"].astype(str) + "/" + md["Metadata_Well"].astype(str)).to_numpy()[rows]
+    return (md["Metadata_Plate"].astype(str) + "/" + md["Metadata_Well"].astype(str)).to_numpy()[
+        rows
+    ]
 
 
 def _check_storage_shared(run_dir: Path, ctx: Context) -> None:
@@ -288,16 +264,17 @@ def _check_storage_shared(run_dir: Path, ctx: Context) -> None:
 
 
 def _trim_metrics(path: Path, before_epoch: int) -> None:
-    """Keep only epochs < ``before_epoch``: a resumed run must log each epoch exactly once."""
+    """Keep one line per epoch < ``before_epoch`` (the latest): a resumed run logs each once."""
     if not path.is_file():
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("epoch", -1) < before_epoch
-    ]
+    latest: dict[int, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            epoch = int(json.loads(line).get("epoch", -1))
+            if epoch < before_epoch:
+                latest[epoch] = line
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_text("".join(latest[e] + "\n" for e in sorted(latest)))
     os.replace(tmp, path)
 
 
@@ -330,6 +307,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
             f"({len(index.train_order)} images)"
         )
     run_dir = _prepare_run_dir(cfg, store, index, ctx)
+    norm = normalization(store, cfg.loader)  # saved with checkpoints: predict reuses it
     train_loader = build_loader(
         store, index.train_order, index.labels, cfg.loader, train=True, device=ctx.device,
         seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
@@ -375,7 +353,10 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         log(f"resuming {run_dir.name} from epoch {start_epoch} ({last_path})")
         if ctx.is_main:  # a visible trace of every restart, for users and the failure test
             with (run_dir / "events.jsonl").open("a") as f:
-                f.write(json.dumps({"event": "resume", "epoch": start_epoch, "time": time.time()}) + "\n")
+                f.write(
+                    json.dumps({"event": "resume", "epoch": start_epoch, "time": time.time()})
+                    + "\n"
+                )
     if ctx.is_main:
         _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
 
@@ -393,7 +374,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
             ddp_model, train_loader, optimizer, scheduler, criterion, cfg.train,
             cfg.optim.grad_clip, (dtype, scaler), ctx.device, log,
         )  # fmt: skip
-        parts = ctx.gather(evaluate(ddp_model, val_loader, ctx.device, dtype))
+        parts = ctx.gather(evaluate(ddp_model, val_loader, ctx.device))
         rows, probs, embs = (np.concatenate([p[i] for p in parts]) for i in range(3))
         record: dict[str, Any] = {"epoch": epoch, "world_size": ctx.world_size, **stats}
         if ctx.is_main:
@@ -418,6 +399,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
                 "label_column": cfg.data.label_column,
                 "channels": store.channels,
                 "image_size": cfg.loader.image_size,
+                "norm": {"mean": norm[0].tolist(), "std": norm[1].tolist()},
                 "metrics": {k: v for k, v in record.items() if np.isscalar(v)},
             }
             if improved and cfg.train.keep_best:
@@ -425,7 +407,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
                 write_val_outputs(
                     run_dir, rows, probs, embs, index.labels[rows], index.classes, store.metadata
                 )
-                (run_dir / "metrics.json").write_text(json.dumps({"epoch": epoch, **metrics}, indent=2))
+                (run_dir / "metrics.json").write_text(
+                    json.dumps({"epoch": epoch, **metrics}, indent=2)
+                )
             # The metrics line goes first: a crash before the checkpoint reruns this epoch,
             # and the trim on resume then keeps exactly one line for it.
             with (run_dir / "metrics.jsonl").open("a") as f:
@@ -442,7 +426,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
 
     if ctx.is_main:
         if not (run_dir / "metrics.json").is_file():  # keep_best=0: the last epoch is the result
-            write_val_outputs(run_dir, rows, probs, embs, index.labels[rows], index.classes, store.metadata)
+            write_val_outputs(
+                run_dir, rows, probs, embs, index.labels[rows], index.classes, store.metadata
+            )
             (run_dir / "metrics.json").write_text(json.dumps({"epoch": epoch, **metrics}, indent=2))
         metrics = json.loads((run_dir / "metrics.json").read_text())
     return metrics
@@ -470,9 +456,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cellmorph.launch import resolve_paths, run_ray_training
 
     cfg = resolve_paths(load_config(args.config, args.overrides))
-    if args.local:
-        run_dir = run_local(cfg)
-    else:
-        run_dir = run_ray_training(cfg)
+    run_dir = run_local(cfg) if args.local else run_ray_training(cfg)
     print(f"run: {run_dir}")
     return 0

@@ -13,7 +13,9 @@ def test_defaults_load_and_demo_yaml_is_valid():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("configs/demo.yaml", ["train.epochs=3", "loader.augment=[hflip]", "optim.lr=1e-4"])
+    cfg = load_config(
+        "configs/demo.yaml", ["train.epochs=3", "loader.augment=[hflip]", "optim.lr=1e-4"]
+    )
     assert cfg.train.epochs == 3
     assert cfg.loader.augment == ["hflip"]
     assert cfg.optim.lr == pytest.approx(1e-4)

@@ -49,7 +49,9 @@ def test_two_workers_on_two_nodes(ray_cluster, tiny_plate, tmp_path):
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert len(nodes) == 2 and all(n["Resources"]["CPU"] == 1 for n in nodes)
     # Each worker needs the one CPU a node has: Ray must put one worker on each node.
-    cfg = _cfg(tiny_plate, tmp_path / "runs", "ddp", "train.epochs=1", "train.max_steps_per_epoch=2")
+    cfg = _cfg(
+        tiny_plate, tmp_path / "runs", "ddp", "train.epochs=1", "train.max_steps_per_epoch=2"
+    )
     run_dir = run_ray_training(cfg)
     assert _epochs(run_dir) == [0]
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
@@ -103,20 +105,6 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_plate, tmp
     assert any(e["event"] == "resume" and e["epoch"] >= 1 for e in events)
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2
-
-
-def test_same_run_name_resumes_and_refuses_other_classes(ray_cluster, tiny_plate, tmp_path):
-    from cellmorph.errors import CellmorphError
-    from cellmorph.train import run_local
-
-    base = ["ray.num_workers=1", "train.max_steps_per_epoch=1"]
-    cfg = _cfg(tiny_plate, tmp_path / "runs", "again", "train.epochs=1", *base)
-    run_local(cfg)
-    run_local(_cfg(tiny_plate, tmp_path / "runs", "again", "train.epochs=2", *base))
-    assert _epochs(cfg.run_dir) == [0, 1]
-    fewer = _cfg(tiny_plate, tmp_path / "runs", "again", "train.epochs=3", "data.top_k=3", *base)
-    with pytest.raises(CellmorphError, match="classes"):
-        run_local(fewer)
 
 
 def test_tune_two_trial_sweep_runs_to_the_end(ray_cluster, tiny_plate, tmp_path):

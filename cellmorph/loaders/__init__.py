@@ -56,17 +56,22 @@ def build_loader(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    norm: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Loader:
     """A torch or DALI loader (``cfg.kind``) over ``rows`` of the store for this rank.
 
     ``labels`` holds one int64 class per store row. Training epochs are reshuffled per
     ``set_epoch`` with equal length on every rank; evaluation covers this rank's contiguous
-    part of ``rows`` once, in order, without augmentation.
+    part of ``rows`` once, in order, without augmentation. ``norm`` (per-channel mean, std)
+    replaces the store's own statistics: a trained model keeps its training normalization.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.array(labels, dtype=np.int64)  # own, writable copy (torch.from_numpy)
     _check_inputs(store, rows, labels)
-    mean, std = normalization(store, cfg)
+    if norm is None:
+        mean, std = normalization(store, cfg)
+    else:
+        mean, std = (np.asarray(v, dtype=np.float32) for v in norm)
     geom = geometry(int(store.shape[-1]), cfg)
     reader = ShardReader(store, threads=cfg.reader_threads)
     source = BatchSource(

@@ -1,0 +1,125 @@
+"""The training loop without Ray: schedule, AMP policy, resume, storage checks, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellmorph.config import load_config
+from cellmorph.errors import CellmorphError
+from cellmorph.train import (
+    Context,
+    _check_storage_shared,
+    _trim_metrics,
+    lr_factor,
+    resolve_amp,
+    run_local,
+)
+
+
+def _cfg(store: Path, run_root: Path, name: str, *extra: str):
+    return load_config(
+        "configs/demo.yaml",
+        [
+            f"name={name}",
+            f"run_root={run_root}",
+            f"data.store={store}",
+            "data.val_fraction=0.5",
+            "loader.batch_size=8",
+            "loader.image_size=32",
+            "model.width_mult=0.35",
+            "ray.num_workers=1",
+            "train.max_steps_per_epoch=1",
+            *extra,
+        ],
+    )
+
+
+def _epochs(run_dir: Path) -> list[int]:
+    return [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    f = [lr_factor(s, 100, 10, 0.01) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))  # monotone after warmup
+    assert f[100] == pytest.approx(0.01)
+    assert lr_factor(0, 10, 0, 0.0) == pytest.approx(1.0)
+
+
+def test_amp_policy():
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) == (None, False)
+    assert resolve_amp("off", cpu) == (None, False)
+    assert resolve_amp("bf16", cpu) == (torch.bfloat16, False)
+    with pytest.raises(CellmorphError, match="train.amp"):
+        resolve_amp("fp16", cpu)
+
+
+def test_trim_metrics_keeps_each_epoch_once(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in [0, 1, 2, 1]))
+    _trim_metrics(p, 2)
+    assert _epochs(tmp_path) == [0, 1]
+
+
+def test_storage_not_shared_between_nodes_is_refused(tmp_path, monkeypatch):
+    ctx = Context(rank=0, world_size=2)
+    monkeypatch.setattr(Context, "distributed", property(lambda self: False))
+    monkeypatch.setattr(Context, "gather", lambda self, obj: [obj, False])  # rank 1 sees nothing
+    with pytest.raises(CellmorphError, match="run_root: .* is not shared between nodes"):
+        _check_storage_shared(tmp_path / "run", ctx)
+
+
+def test_run_writes_every_artefact(tiny_plate, tmp_path):
+    cfg = _cfg(tiny_plate, tmp_path / "runs", "one", "train.epochs=1")
+    run_dir = run_local(cfg)
+    for name in ("config.yaml", "classes.json", "data_summary.json", "metrics.jsonl", "metrics.json",
+                 "val_predictions.parquet", "val_embeddings.npy", "checkpoints/last.pt", "checkpoints/best.pt"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    assert load_config(run_dir / "config.yaml") == cfg
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert set(ckpt) >= {
+        "model",
+        "optimizer",
+        "scheduler",
+        "epoch",
+        "rng",
+        "config",
+        "classes",
+        "channels",
+        "norm",
+    }
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    assert summary["split"] == "grouped" and summary["leaky"] is False
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("loader.batch_size=4096", "loader.batch_size"), ("data.label_column=Nope", "Nope")],
+)
+def test_bad_settings_stop_with_the_key(tiny_plate, tmp_path, override, key):
+    with pytest.raises(CellmorphError, match=key):
+        run_local(_cfg(tiny_plate, tmp_path / "runs", "bad", override))
+
+
+def test_gpu_requested_without_gpu(tiny_plate, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(CellmorphError, match="ray.use_gpu"):
+        run_local(_cfg(tiny_plate, tmp_path / "runs", "gpu", "ray.use_gpu=true"))
+
+
+def test_same_run_name_resumes_and_refuses_other_classes(tiny_plate, tmp_path):
+    cfg = _cfg(tiny_plate, tmp_path / "runs", "again", "train.epochs=1")
+    run_local(cfg)
+    run_local(_cfg(tiny_plate, tmp_path / "runs", "again", "train.epochs=2"))
+    assert _epochs(cfg.run_dir) == [0, 1]
+    events = (cfg.run_dir / "events.jsonl").read_text()
+    assert '"resume"' in events and '"epoch": 1' in events
+    fewer = _cfg(tiny_plate, tmp_path / "runs", "again", "train.epochs=3", "data.top_k=3")
+    with pytest.raises(CellmorphError, match="classes"):
+        run_local(fewer)
