@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,21 @@ class Trainer:
 # --------------------------------------------------------------------------- variants
 
 
-def loader_variants(args: argparse.Namespace, device: torch.device) -> dict[str, LoaderConfig]:
-    """Loader configs to measure, named ``torch_w<N>`` / ``dali_w<N>``."""
+@dataclass(frozen=True)
+class Variant:
+    """One end-to-end measurement: a loader config and the training process's torch threads."""
+
+    cfg: LoaderConfig
+    threads: int  # torch intra-op threads of the training (main) process
+
+
+def loader_variants(args: argparse.Namespace, device: torch.device) -> dict[str, Variant]:
+    """Variants named ``<kind>_w<workers>``, plus ``..._t<threads>`` on a CPU.
+
+    On a CPU, loader workers and the model share the cores: each variant with workers is also
+    measured with the training process limited to the cores the workers leave free, because
+    intra-op threads that wait on a descheduled sibling stall the whole step.
+    """
     base = LoaderConfig(
         batch_size=args.batch_size,
         image_size=args.image_size,
@@ -153,12 +167,17 @@ def loader_variants(args: argparse.Namespace, device: torch.device) -> dict[str,
         dali_threads=args.reader_threads,
     )
     kinds = ["torch", "dali"] if args.loader == "both" else [args.loader]
+    threads = torch.get_num_threads()
     out = {}
     for kind in kinds:
         for w in args.workers:
             if kind == "dali" and w == 0:
                 continue  # DALI always runs its Python source in >= 1 worker process
-            out[f"{kind}_w{w}"] = base.model_copy(update={"kind": kind, "num_workers": w})
+            cfg = base.model_copy(update={"kind": kind, "num_workers": w})
+            out[f"{kind}_w{w}"] = Variant(cfg, threads)
+            spare = max(1, (os.cpu_count() or 1) - max(w, 1 if kind == "dali" else 0))
+            if device.type == "cpu" and spare < threads:
+                out[f"{kind}_w{w}_t{spare}"] = Variant(cfg, spare)
     return out
 
 
@@ -197,25 +216,36 @@ def measure(args: argparse.Namespace, store: Store, device: torch.device) -> dic
     variants = loader_variants(args, device)
     loaders: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    for name, cfg in variants.items():
+    for name, v in variants.items():
         try:
-            loaders[name] = make_loader(store, rows, index.labels, cfg, device)
+            loaders[name] = make_loader(store, rows, index.labels, v.cfg, device)
         except Exception as e:  # DALI missing or unusable here: report, measure the rest
             errors[name] = f"{type(e).__name__}: {e}"
     base_cfg = LoaderConfig(batch_size=args.batch_size, image_size=args.image_size, num_workers=0)
     resident = resident_batches(make_loader(store, rows, index.labels, base_cfg, device), n)
     trainer = Trainer(len(store.channels), len(index.classes), args, device)
 
-    rates: dict[str, list[float]] = {"model_only": [], **{k: [] for k in loaders}}
+    default_threads = torch.get_num_threads()
+    # Model-only at every thread count a variant uses: the baseline is the best of them.
+    baselines = {
+        "model_only" if t == default_threads else f"model_only_t{t}": t
+        for t in sorted({default_threads, *(variants[k].threads for k in loaders)}, reverse=True)
+    }
+    rates: dict[str, list[float]] = {k: [] for k in [*baselines, *loaders]}
     for r in range(args.rounds):
-        rates["model_only"].append(trainer.run(Timed(lambda: resident, args.warmup, args.steps)))
+        for name, threads in baselines.items():
+            torch.set_num_threads(threads)
+            rates[name].append(trainer.run(Timed(lambda: resident, args.warmup, args.steps)))
         for name, loader in list(loaders.items()):
+            torch.set_num_threads(variants[name].threads)
             try:
                 rates[name].append(trainer.run(Timed(epoch_of(loader, r), args.warmup, args.steps)))
             except Exception as e:
                 errors[name] = f"{type(e).__name__}: {e}"
                 rates.pop(name)
                 loaders.pop(name)
+            finally:
+                torch.set_num_threads(default_threads)
     for loader in loaders.values():
         with suppress(Exception):
             loader.close()
@@ -239,7 +269,8 @@ def device_name(device: torch.device) -> str:
 
 def summarize(args: argparse.Namespace, device: torch.device, store: Store, m: dict) -> dict:
     best = {k: max(v) for k, v in m["rates"].items() if v}
-    model_only = best.pop("model_only")
+    baselines = {k: best.pop(k) for k in list(best) if k.startswith("model_only")}
+    model_only = max(baselines.values())
     ratio = {k: v / model_only for k, v in best.items()}
     top = max(ratio, key=ratio.get) if ratio else None
     dtype, _ = resolve_amp(args.amp, device)
@@ -258,6 +289,7 @@ def summarize(args: argparse.Namespace, device: torch.device, store: Store, m: d
         "warmup_steps": args.warmup,
         "rounds": args.rounds,
         "model_only_img_s": round(model_only, 1),
+        "model_only_by_threads_img_s": {k: round(v, 1) for k, v in baselines.items()},
         "end_to_end_img_s": {k: round(v, 1) for k, v in best.items()},
         "ratio": {k: round(v, 3) for k, v in ratio.items()},
         "best_loader": top,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,25 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def audit(cfg: Config, *, reuse_default_run: Path | None = None) -> dict[str, Any]:
+def audit(
+    cfg: Config,
+    *,
+    reuse_default_run: Path | None = None,
+    train: Callable[[Config], Path] | None = None,
+) -> dict[str, Any]:
     """Train the study protocol (and the default, unless ``reuse_default_run`` holds it) and
-    write ``audit.json`` into the default run's directory; returns its content."""
+    write ``audit.json`` into the default run's directory; returns its content.
+
+    ``train`` runs one config (default: in this process; the demo passes Ray Train so both
+    protocols train the same way as its main run).
+    """
     from cellmorph.train import run_local
 
+    train = train or run_local
     _check_default(cfg.data)
     study = study_config(cfg)
-    study_dir = Path(run_local(study))
-    default_dir = Path(reuse_default_run) if reuse_default_run else Path(run_local(cfg))
+    study_dir = Path(train(study))
+    default_dir = Path(reuse_default_run) if reuse_default_run else Path(train(cfg))
     result = {
         "protocols": [
             _protocol_row("study", STUDY_TITLE, study_dir, study.data),

@@ -30,7 +30,7 @@ def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     run_dir = run_ray_training(cfg)
     if audit:
         print("[4/5] leakage audit (the original study's protocol on the same data)")
-        run_audit(cfg, reuse_default_run=run_dir)
+        run_audit(cfg, reuse_default_run=run_dir, train=run_ray_training)
     print("[5/5] report")
     report = build_report(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())

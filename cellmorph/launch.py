@@ -30,14 +30,10 @@ def preflight(cfg: Config) -> None:
     """Fail in the driver, with a message naming the setting, before any worker starts."""
     from cellmorph.index import build_index
     from cellmorph.store import open_store
+    from cellmorph.train import check_batch_size
 
     store = open_store(cfg.data.store)
-    index = build_index(store.metadata, cfg.data)
-    if cfg.loader.batch_size > len(index.train_order):
-        raise CellmorphError(
-            f"loader.batch_size={cfg.loader.batch_size} is larger than the training fold "
-            f"({len(index.train_order)} images)"
-        )
+    check_batch_size(cfg.loader, build_index(store.metadata, cfg.data))
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise CellmorphError(f"model.pretrained: no such file {cfg.model.pretrained}")
 
@@ -54,7 +50,7 @@ def init_ray(cfg: RayConfig) -> None:
     elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: join that cluster
         ray.init()
     else:  # a fresh local instance, never a stale or unrelated cluster on this host
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def check_resources(cfg: RayConfig) -> None:

@@ -27,7 +27,14 @@ import torch.distributed as dist
 from torch import nn
 
 from cellmorph.checkpoint import load_checkpoint, save_checkpoint
-from cellmorph.config import Config, OptimConfig, TrainConfig, config_to_dict, dump_config
+from cellmorph.config import (
+    Config,
+    LoaderConfig,
+    OptimConfig,
+    TrainConfig,
+    config_to_dict,
+    dump_config,
+)
 from cellmorph.errors import CellmorphError
 from cellmorph.index import Index, build_index, save_label_encoding
 from cellmorph.loaders import build_loader
@@ -236,6 +243,15 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device) -> tuple[np.nd
 # --------------------------------------------------------------------------- the loop
 
 
+def check_batch_size(cfg: LoaderConfig, index: Index) -> None:
+    """A batch larger than the training fold would make every epoch mostly padding."""
+    if cfg.batch_size > len(index.train_order):
+        raise CellmorphError(
+            f"loader.batch_size={cfg.batch_size} is larger than the training fold "
+            f"({len(index.train_order)} images)"
+        )
+
+
 def _wells(store: Store, rows: np.ndarray) -> np.ndarray:
     md = store.metadata
     return (md["Metadata_Plate"].astype(str) + "/" + md["Metadata_Well"].astype(str)).to_numpy()[
@@ -301,11 +317,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
     # --- data
     store = open_store(cfg.data.store)
     index = build_index(store.metadata, cfg.data)
-    if cfg.loader.batch_size > len(index.train_order):
-        raise CellmorphError(
-            f"loader.batch_size={cfg.loader.batch_size} is larger than the training fold "
-            f"({len(index.train_order)} images)"
-        )
+    check_batch_size(cfg.loader, index)
     run_dir = _prepare_run_dir(cfg, store, index, ctx)
     norm = normalization(store, cfg.loader)  # saved with checkpoints: predict reuses it
     train_loader = build_loader(

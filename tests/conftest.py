@@ -67,3 +67,41 @@ def tiny_plate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = root / "store.zarr"
     convert(ConvertConfig(load_data=str(csv), size=40, shard_size=16, workers=1), store)
     return store
+
+
+@pytest.fixture
+def small_cfg(tiny_plate: Path, tmp_path: Path):
+    """``small_cfg(name, *overrides)``: the demo config shrunk to the tiny plate, runs in tmp."""
+    from cellmorph.config import load_config
+
+    def make(name: str, *extra: str):
+        return load_config(
+            "configs/demo.yaml",
+            [
+                f"name={name}",
+                f"run_root={tmp_path / 'runs'}",
+                f"data.store={tiny_plate}",
+                "data.val_fraction=0.5",
+                "loader.batch_size=8",
+                "loader.eval_batch_size=32",
+                "loader.image_size=32",
+                "model.width_mult=0.35",
+                "ray.num_workers=1",
+                *extra,
+            ],
+        )
+
+    return make
+
+
+def logged_epochs(run_dir: Path) -> list[int]:
+    """Epoch numbers in a run's metrics.jsonl, in file order."""
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in lines if line.strip()]
+
+
+@pytest.fixture
+def epochs_of():
+    return logged_epochs

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,31 +16,10 @@ from cellmorph.config import load_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _cfg(store: Path, run_root: Path, name: str, *extra: str):
-    return load_config(
-        "configs/demo.yaml",
-        [
-            f"name={name}",
-            f"run_root={run_root}",
-            f"data.store={store}",
-            "data.val_fraction=0.5",
-            "loader.batch_size=8",
-            "loader.eval_batch_size=32",
-            "loader.image_size=32",
-            "model.width_mult=0.35",
-            "ray.num_workers=2",
-            "ray.cpus_per_worker=1",
-            *extra,
-        ],
-    )
+TWO = ("ray.num_workers=2", "ray.cpus_per_worker=1")
 
 
-def _epochs(run_dir: Path) -> list[int]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["epoch"] for line in lines if line.strip()]
-
-
-def test_two_workers_on_two_nodes(ray_cluster, tiny_plate, tmp_path):
+def test_two_workers_on_two_nodes(ray_cluster, small_cfg, epochs_of):
     import ray
 
     from cellmorph.launch import run_ray_training
@@ -49,11 +27,9 @@ def test_two_workers_on_two_nodes(ray_cluster, tiny_plate, tmp_path):
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert len(nodes) == 2 and all(n["Resources"]["CPU"] == 1 for n in nodes)
     # Each worker needs the one CPU a node has: Ray must put one worker on each node.
-    cfg = _cfg(
-        tiny_plate, tmp_path / "runs", "ddp", "train.epochs=1", "train.max_steps_per_epoch=2"
-    )
+    cfg = small_cfg("ddp", *TWO, "train.epochs=1", "train.max_steps_per_epoch=2")
     run_dir = run_ray_training(cfg)
-    assert _epochs(run_dir) == [0]
+    assert epochs_of(run_dir) == [0]
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert record["world_size"] == 2
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
@@ -72,10 +48,10 @@ def _train_workers() -> list:
     return procs
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_plate, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, small_cfg, epochs_of):
     from cellmorph.launch import run_ray_training
 
-    cfg = _cfg(tiny_plate, tmp_path / "runs", "chaos", "train.epochs=3", "ray.max_failures=2")
+    cfg = small_cfg("chaos", *TWO, "train.epochs=3", "ray.max_failures=2")
     run_dir = cfg.run_dir
     outcome: dict = {}
 
@@ -100,7 +76,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_plate, tmp
     thread.join(timeout=300)
     assert "error" not in outcome, outcome.get("error")
     assert killed is not None, "training finished before a worker could be killed"
-    assert _epochs(run_dir) == [0, 1, 2]  # every epoch exactly once, across the restart
+    assert epochs_of(run_dir) == [0, 1, 2]  # every epoch exactly once, across the restart
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resume" and e["epoch"] >= 1 for e in events)
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)

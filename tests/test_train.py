@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,26 +19,8 @@ from cellmorph.train import (
 )
 
 
-def _cfg(store: Path, run_root: Path, name: str, *extra: str):
-    return load_config(
-        "configs/demo.yaml",
-        [
-            f"name={name}",
-            f"run_root={run_root}",
-            f"data.store={store}",
-            "data.val_fraction=0.5",
-            "loader.batch_size=8",
-            "loader.image_size=32",
-            "model.width_mult=0.35",
-            "ray.num_workers=1",
-            "train.max_steps_per_epoch=1",
-            *extra,
-        ],
-    )
-
-
-def _epochs(run_dir: Path) -> list[int]:
-    return [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _cfg(small_cfg, name: str, *extra: str):
+    return small_cfg(name, "train.max_steps_per_epoch=1", *extra)
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
@@ -59,11 +40,11 @@ def test_amp_policy():
         resolve_amp("fp16", cpu)
 
 
-def test_trim_metrics_keeps_each_epoch_once(tmp_path):
+def test_trim_metrics_keeps_each_epoch_once(tmp_path, epochs_of):
     p = tmp_path / "metrics.jsonl"
     p.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in [0, 1, 2, 1]))
     _trim_metrics(p, 2)
-    assert _epochs(tmp_path) == [0, 1]
+    assert epochs_of(tmp_path) == [0, 1]
 
 
 def test_storage_not_shared_between_nodes_is_refused(tmp_path, monkeypatch):
@@ -74,8 +55,8 @@ def test_storage_not_shared_between_nodes_is_refused(tmp_path, monkeypatch):
         _check_storage_shared(tmp_path / "run", ctx)
 
 
-def test_run_writes_every_artefact(tiny_plate, tmp_path):
-    cfg = _cfg(tiny_plate, tmp_path / "runs", "one", "train.epochs=1")
+def test_run_writes_every_artefact(small_cfg, epochs_of):
+    cfg = _cfg(small_cfg, "one", "train.epochs=1")
     run_dir = run_local(cfg)
     for name in ("config.yaml", "classes.json", "data_summary.json", "metrics.jsonl", "metrics.json",
                  "val_predictions.parquet", "val_embeddings.npy", "checkpoints/last.pt", "checkpoints/best.pt"):  # fmt: skip
@@ -101,25 +82,25 @@ def test_run_writes_every_artefact(tiny_plate, tmp_path):
     ("override", "key"),
     [("loader.batch_size=4096", "loader.batch_size"), ("data.label_column=Nope", "Nope")],
 )
-def test_bad_settings_stop_with_the_key(tiny_plate, tmp_path, override, key):
+def test_bad_settings_stop_with_the_key(small_cfg, override, key):
     with pytest.raises(CellmorphError, match=key):
-        run_local(_cfg(tiny_plate, tmp_path / "runs", "bad", override))
+        run_local(_cfg(small_cfg, "bad", override))
 
 
-def test_gpu_requested_without_gpu(tiny_plate, tmp_path):
+def test_gpu_requested_without_gpu(small_cfg, epochs_of):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(CellmorphError, match="ray.use_gpu"):
-        run_local(_cfg(tiny_plate, tmp_path / "runs", "gpu", "ray.use_gpu=true"))
+        run_local(_cfg(small_cfg, "gpu", "ray.use_gpu=true"))
 
 
-def test_same_run_name_resumes_and_refuses_other_classes(tiny_plate, tmp_path):
-    cfg = _cfg(tiny_plate, tmp_path / "runs", "again", "train.epochs=1")
+def test_same_run_name_resumes_and_refuses_other_classes(small_cfg, epochs_of):
+    cfg = _cfg(small_cfg, "again", "train.epochs=1")
     run_local(cfg)
-    run_local(_cfg(tiny_plate, tmp_path / "runs", "again", "train.epochs=2"))
-    assert _epochs(cfg.run_dir) == [0, 1]
+    run_local(_cfg(small_cfg, "again", "train.epochs=2"))
+    assert epochs_of(cfg.run_dir) == [0, 1]
     events = (cfg.run_dir / "events.jsonl").read_text()
     assert '"resume"' in events and '"epoch": 1' in events
-    fewer = _cfg(tiny_plate, tmp_path / "runs", "again", "train.epochs=3", "data.top_k=3")
+    fewer = _cfg(small_cfg, "again", "train.epochs=3", "data.top_k=3")
     with pytest.raises(CellmorphError, match="classes"):
         run_local(fewer)
