@@ -73,6 +73,9 @@ def check_resources(cfg: RayConfig) -> None:
         )
 
 
+PLACEMENT_GROUP_FILE = ".ray_placement_group"
+
+
 def ray_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for TorchTrainer: builds a Context from Ray Train's."""
     import ray.train
@@ -101,9 +104,8 @@ def ray_worker(config: dict[str, Any]) -> None:
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
     )
     train_loop(cfg, ctx)
-
-
-PLACEMENT_GROUP_FILE = ".ray_placement_group"
+    if ctx.is_main:  # finished normally: nothing left for a Tune driver to release
+        (cfg.run_dir / PLACEMENT_GROUP_FILE).unlink(missing_ok=True)
 
 
 def _record_placement_group(run_dir: Path) -> None:

@@ -117,6 +117,21 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
         raise CellmorphError(f"{path}: a line is not valid JSON ({e})") from None
 
 
+def _epoch_note(run: Run) -> str:
+    """Say which epoch the figures describe: choosing it on validation flatters it a little."""
+    epoch = run.metrics.get("epoch")
+    if epoch is None or not run.history:
+        return ""
+    metric = run.config.get("train", {}).get("best_metric", "balanced_accuracy")
+    last = run.history[-1]
+    text = (
+        f"Epoch {int(epoch) + 1} of {len(run.history)}, the best by validation {metric}. "
+        "Choosing the epoch on the validation fold flatters it slightly; the last epoch had "
+        f"{metric} {last.get(metric, float('nan')):.3f}."
+    )
+    return f"<p class='sub'>{_esc(text)}</p>"
+
+
 def load_run(run_dir: Path) -> Run:
     """Read the run directory's files; the config, classes and final metrics are required."""
     run_dir = Path(run_dir)
@@ -557,6 +572,7 @@ def render_html(run: Run, figures: list[tuple[Path, str]]) -> str:
         f"<p class='sub'>{_esc(len(run.classes))} classes of {_esc(run.label_column)} · run directory {_esc(run.path)}</p>",
         _leak_banner(run),
         "<h2>Validation metrics</h2>",
+        _epoch_note(run),
         _headline(run),
         _audit_section(run),
         _summary_section(run),
