@@ -104,8 +104,6 @@ def ray_worker(config: dict[str, Any]) -> None:
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
     )
     train_loop(cfg, ctx)
-    if ctx.is_main:  # finished normally: nothing left for a Tune driver to release
-        (cfg.run_dir / PLACEMENT_GROUP_FILE).unlink(missing_ok=True)
 
 
 def _record_placement_group(run_dir: Path) -> None:
@@ -159,6 +157,8 @@ def run_ray_training(cfg: Config) -> Path:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the first line that says what failed
         raise CellmorphError(f"training run {cfg.name} failed: {_first_cause(e)}") from None
+    # Outside Tune, Train released its placement group itself; the record is only for sweeps.
+    (cfg.run_dir / PLACEMENT_GROUP_FILE).unlink(missing_ok=True)
     return cfg.run_dir
 
 
