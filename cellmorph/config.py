@@ -137,7 +137,7 @@ class TrainConfig(_Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool | None = None
     compile: bool = False
-    keep_best: int = Field(1, ge=0)
+    keep_best: int = Field(2, ge=0, description="best-k checkpoints kept besides last.pt")
     best_metric: str = "balanced_accuracy"
     max_steps_per_epoch: int = Field(0, ge=0, description="cap for smoke runs; 0 = whole epoch")
     log_every: int = Field(20, ge=1)

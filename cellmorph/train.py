@@ -159,6 +159,17 @@ def check_compatible(
         )
 
 
+def update_best(
+    best_k: list[tuple[float, int]], score: float, epoch: int, k: int
+) -> tuple[list[tuple[float, int]], list[int]]:
+    """The top-``k`` (score, epoch) list after ``epoch`` scored ``score``, best first (ties:
+    the earlier epoch), and the epochs that fell out of it."""
+    if k == 0 or math.isnan(score):
+        return best_k, []
+    ranked = sorted([*best_k, (score, epoch)], key=lambda t: (-t[0], t[1]))
+    return ranked[:k], [e for _, e in ranked[k:]]
+
+
 def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
@@ -350,7 +361,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing)
 
     # --- resume (after a worker failure, or the same run name submitted again)
-    start_epoch, best = 0, None
+    start_epoch, best_k = 0, []
     last_path = run_dir / CHECKPOINTS / "last.pt"
     if last_path.is_file():
         ckpt = load_checkpoint(last_path)
@@ -361,7 +372,8 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         _restore_rng(ckpt["rng"])
-        start_epoch, best = int(ckpt["epoch"]) + 1, ckpt.get("best")
+        start_epoch = int(ckpt["epoch"]) + 1
+        best_k = [(float(s), int(e)) for s, e in ckpt.get("best_k", [])]
         log(f"resuming {run_dir.name} from epoch {start_epoch} ({last_path})")
         if ctx.is_main:  # a visible trace of every restart, for users and the failure test
             with (run_dir / "events.jsonl").open("a") as f:
@@ -396,15 +408,14 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
             )  # fmt: skip
             record.update({k: v for k, v in metrics.items() if np.isscalar(v)})
             score = float(metrics.get(cfg.train.best_metric, float("nan")))
-            improved = best is None or score > best
-            best = score if improved else best
+            best_k, dropped = update_best(best_k, score, epoch, cfg.train.keep_best)
             state = {
                 "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": epoch,
-                "best": best,
+                "best_k": [list(t) for t in best_k],
                 "rng": _rng_state(),
                 "config": config_to_dict(cfg),
                 "classes": index.classes,
@@ -414,8 +425,13 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
                 "norm": {"mean": norm[0].tolist(), "std": norm[1].tolist()},
                 "metrics": {k: v for k, v in record.items() if np.isscalar(v)},
             }
-            if improved and cfg.train.keep_best:
-                save_checkpoint(state, run_dir / CHECKPOINTS / "best.pt")
+            ckpt_dir = run_dir / CHECKPOINTS
+            if any(e == epoch for _, e in best_k):
+                save_checkpoint(state, ckpt_dir / f"best-epoch{epoch:03d}.pt")
+            for old in dropped:
+                (ckpt_dir / f"best-epoch{old:03d}.pt").unlink(missing_ok=True)
+            if best_k and best_k[0][1] == epoch:  # the new best: what evaluate/predict use
+                save_checkpoint(state, ckpt_dir / "best.pt")
                 write_val_outputs(
                     run_dir, rows, probs, embs, index.labels[rows], index.classes, store.metadata
                 )

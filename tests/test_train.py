@@ -104,3 +104,30 @@ def test_same_run_name_resumes_and_refuses_other_classes(small_cfg, epochs_of):
     fewer = _cfg(small_cfg, "again", "train.epochs=3", "data.top_k=3")
     with pytest.raises(CellmorphError, match="classes"):
         run_local(fewer)
+
+
+def test_update_best_keeps_top_k_and_reports_dropped():
+    from cellmorph.train import update_best
+
+    best, dropped = [], []
+    for epoch, score in enumerate([0.2, 0.5, 0.3, 0.5, 0.9]):
+        best, dropped = update_best(best, score, epoch, 2)
+    assert best == [(0.9, 4), (0.5, 1)]  # ties keep the earlier epoch
+    assert dropped == [3]
+    assert update_best([(0.1, 0)], float("nan"), 1, 2) == ([(0.1, 0)], [])
+    assert update_best([], 0.5, 0, 0) == ([], [])
+
+
+def test_keeps_best_k_checkpoints(small_cfg):
+    cfg = _cfg(small_cfg, "bestk", "train.epochs=3", "train.keep_best=2")
+    run_local(cfg)
+    kept = sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("best-epoch*.pt"))
+    assert len(kept) == 2
+    ckpt = torch.load(
+        cfg.run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True
+    )
+    assert sorted(f"best-epoch{e:03d}.pt" for _, e in ckpt["best_k"]) == kept
+    best = torch.load(
+        cfg.run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True
+    )
+    assert best["epoch"] == ckpt["best_k"][0][1]
