@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-import torch
 
+from cellmorph.checkpoint import load_checkpoint
 from cellmorph.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -32,7 +32,7 @@ def test_two_workers_on_two_nodes(ray_cluster, small_cfg, epochs_of):
     assert epochs_of(run_dir) == [0]
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert record["world_size"] == 2
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 0 and ckpt["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
 
@@ -79,7 +79,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, small_cfg, epoc
     assert epochs_of(run_dir) == [0, 1, 2]  # every epoch exactly once, across the restart
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resume" and e["epoch"] >= 1 for e in events)
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 2
 
 

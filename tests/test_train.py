@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from cellmorph.checkpoint import load_checkpoint
 from cellmorph.config import load_config
 from cellmorph.errors import CellmorphError
 from cellmorph.train import (
@@ -62,7 +63,7 @@ def test_run_writes_every_artefact(small_cfg, epochs_of):
                  "val_predictions.parquet", "val_embeddings.npy", "checkpoints/last.pt", "checkpoints/best.pt"):  # fmt: skip
         assert (run_dir / name).is_file(), name
     assert load_config(run_dir / "config.yaml") == cfg
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert set(ckpt) >= {
         "model",
         "optimizer",
@@ -123,11 +124,7 @@ def test_keeps_best_k_checkpoints(small_cfg):
     run_local(cfg)
     kept = sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("best-epoch*.pt"))
     assert len(kept) == 2
-    ckpt = torch.load(
-        cfg.run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True
-    )
+    ckpt = load_checkpoint(cfg.run_dir / "checkpoints" / "last.pt")
     assert sorted(f"best-epoch{e:03d}.pt" for _, e in ckpt["best_k"]) == kept
-    best = torch.load(
-        cfg.run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True
-    )
+    best = load_checkpoint(cfg.run_dir / "checkpoints" / "best.pt")
     assert best["epoch"] == ckpt["best_k"][0][1]
