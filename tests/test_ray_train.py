@@ -37,13 +37,15 @@ def test_two_workers_on_two_nodes(ray_cluster, small_cfg, epochs_of):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
 
 
-def _train_workers() -> list:
+def _train_workers(since: float) -> list:
+    """This run's Ray Train worker processes (started after ``since``: earlier tests' workers
+    may still be exiting)."""
     import psutil
 
     procs = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "create_time"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
+        if "RayTrainWorker" in cmd and p.info["create_time"] >= since:
             procs.append(p)
     return procs
 
@@ -62,13 +64,14 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, small_cfg, epoc
             outcome["error"] = e
 
     thread = threading.Thread(target=train)
+    started = time.time() - 1.0  # process create_time has coarse resolution
     thread.start()
     killed = None
     deadline = time.time() + 240
     while thread.is_alive() and time.time() < deadline and killed is None:
         jsonl = run_dir / "metrics.jsonl"
         if jsonl.is_file() and jsonl.read_text().strip():
-            workers = _train_workers()
+            workers = _train_workers(started)
             if workers:
                 killed = workers[-1].pid
                 os.kill(killed, signal.SIGKILL)
