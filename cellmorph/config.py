@@ -8,23 +8,27 @@ a config after it is loaded. Functions take the sub-config they need, not the wh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cellmorph.errors import CellmorphError
 
+S = TypeVar("S", bound=BaseModel)
+
 
 class ConfigError(CellmorphError):
     """A config that cannot be used; the message names the key."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """Base of every config section: unknown keys rejected, values frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-class SynthConfig(_Section):
+class SynthConfig(Section):
     """Synthetic Cell Painting plate (the embedded default dataset)."""
 
     out: str = "data/demo/raw"
@@ -37,7 +41,7 @@ class SynthConfig(_Section):
     cells_per_site: int = Field(14, ge=1)
 
 
-class ConvertConfig(_Section):
+class ConvertConfig(Section):
     """Packing TIFFs into the store (writer side)."""
 
     load_data: str | None = None
@@ -62,7 +66,7 @@ class ConvertConfig(_Section):
     stats_images: int = Field(256, ge=1, description="images sampled for channel statistics")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Labels, class selection, split and balancing (index arrays only, never images)."""
 
     store: str = "data/demo/store.zarr"
@@ -93,7 +97,7 @@ class DataConfig(_Section):
 AugmentOp = Literal["hflip", "vflip", "rotate", "brightness_contrast"]
 
 
-class LoaderConfig(_Section):
+class LoaderConfig(Section):
     """Batches for training and evaluation: which loader, how big, which augmentations."""
 
     kind: Literal["torch", "dali"] = "torch"
@@ -114,7 +118,7 @@ class LoaderConfig(_Section):
     dali_threads: int = Field(2, ge=1, description="DALI pipeline num_threads")
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     backbone: Literal["mobilenet_v2"] = "mobilenet_v2"
     pretrained: str | None = Field(
         None, description="local torchvision checkpoint; never downloaded"
@@ -123,7 +127,7 @@ class ModelConfig(_Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
@@ -132,7 +136,7 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(5, ge=1)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool | None = None
@@ -143,7 +147,7 @@ class TrainConfig(_Section):
     log_every: int = Field(20, ge=1)
 
 
-class RayConfig(_Section):
+class RayConfig(Section):
     """How the training run is scaled (Ray Train ScalingConfig/RunConfig)."""
 
     address: str | None = Field(
@@ -156,13 +160,13 @@ class RayConfig(_Section):
     max_failures: int = Field(0, ge=-1)
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     tsne_max_points: int = Field(2000, ge=10)
     top_k: int = Field(5, ge=1)
     sample_grid_per_class: int = Field(4, ge=0)
 
 
-class Config(_Section):
+class Config(Section):
     """The whole tree: one per run, written to ``runs/<name>/config.yaml``."""
 
     name: str = "demo"
@@ -214,11 +218,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` laid over it, section by section."""
     out = dict(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_trees(out[k], v)
         else:
             out[k] = v
     return out
@@ -233,16 +238,16 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Validate a plain dict into a Config, or raise ConfigError naming the bad keys."""
+def validate(model: type[S], raw: dict[str, Any], where: str = "invalid config") -> S:
+    """Validate ``raw`` into ``model``, or raise ConfigError naming every bad key."""
     try:
-        return Config.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"invalid config: {_describe(e)}") from None
+        raise ConfigError(f"{where}: {_describe(e)}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML (or the built-in defaults when ``path`` is None) and apply dotlist overrides."""
+def read_tree(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML mapping at ``path`` (empty when None) with dotlist ``overrides`` applied."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -257,8 +262,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         raw = loaded
-    raw = _merge(raw, parse_overrides(overrides or []))
-    return config_from_dict(raw)
+    return merge_trees(raw, parse_overrides(overrides or []))
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain dict into a Config, or raise ConfigError naming the bad keys."""
+    return validate(Config, raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or the built-in defaults when ``path`` is None) and apply dotlist overrides."""
+    return config_from_dict(read_tree(path, overrides))
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -13,24 +13,23 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from cellmorph.config import (
     Config,
     ConfigError,
-    _merge,
-    _Section,
+    Section,
     config_from_dict,
     config_to_dict,
     dump_config,
     load_config,
-    parse_overrides,
+    read_tree,
+    validate,
 )
 from cellmorph.errors import CellmorphError
 
 
-class Dimension(_Section):
+class Dimension(Section):
     """One searched setting: exactly one of the distributions."""
 
     loguniform: tuple[float, float] | None = None
@@ -66,7 +65,7 @@ class Dimension(_Section):
         return self.choice[0]  # type: ignore[index]
 
 
-class SweepConfig(_Section):
+class SweepConfig(Section):
     name: str = "sweep"
     base: str = "configs/demo.yaml"
     overrides: list[str] = []
@@ -83,16 +82,7 @@ class SweepConfig(_Section):
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Config]:
     """The sweep settings and the base training config, with every searched key checked."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {p}")
-    raw = yaml.safe_load(p.read_text()) or {}
-    raw = _merge(raw, parse_overrides(overrides or []))
-    try:
-        sweep = SweepConfig.model_validate(raw)
-    except ValidationError as e:
-        from cellmorph.config import _describe
-
-        raise ConfigError(f"{p}: {_describe(e)}") from None
+    sweep = validate(SweepConfig, read_tree(p, overrides), str(p))
     base = load_config(sweep.base, sweep.overrides)
     if not sweep.space:
         raise ConfigError(f"{p}: space is empty; name at least one setting to search")
