@@ -8,16 +8,13 @@ identical copy in training: the gap is what the leak was worth.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from cellmorph.config import Config, DataConfig, config_from_dict, config_to_dict
 from cellmorph.errors import CellmorphError
+from cellmorph.rundir import RunDir
 
-AUDIT_FILE = "audit.json"
 STUDY_SUFFIX = "-study-protocol"
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "well_accuracy")
 STUDY_TITLE = "original study: oversample, then image-level split"
@@ -48,17 +45,19 @@ def _val_copies(data: DataConfig) -> tuple[int, int]:
     from cellmorph.index import build_index, count_val_copies_in_train
     from cellmorph.store import open_store
 
-    index = build_index(open_store(data.store).metadata, data)
+    # The study's leak is what the audit reports; its index warnings would only repeat it.
+    index = build_index(
+        open_store(data.store).metadata, data, warn=not data.oversample_before_split
+    )
     return len(index.val), count_val_copies_in_train(index)
 
 
-def _protocol_row(key: str, title: str, run_dir: Path, data: DataConfig) -> dict[str, Any]:
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise CellmorphError(f"audit: {metrics_path} is missing (did the {key} run finish?)")
-    metrics = json.loads(metrics_path.read_text())
+def _protocol_row(key: str, title: str, run: RunDir, data: DataConfig) -> dict[str, Any]:
+    if not run.result.is_file():
+        raise CellmorphError(f"audit: {run.result} is missing (did the {key} run finish?)")
+    metrics = run.read_result()
     n_val, copies = _val_copies(data)
-    row: dict[str, Any] = {"name": key, "title": title, "run_dir": str(run_dir)}
+    row: dict[str, Any] = {"name": key, "title": title, "run_dir": str(run.path)}
     row.update({k: metrics.get(k) for k in METRIC_KEYS})
     row.update(
         {
@@ -89,8 +88,8 @@ def format_table(result: dict[str, Any]) -> str:
 def audit(
     cfg: Config,
     *,
-    reuse_default_run: Path | None = None,
-    train: Callable[[Config], Path] | None = None,
+    reuse_default_run: RunDir | None = None,
+    train: Callable[[Config], RunDir] | None = None,
 ) -> dict[str, Any]:
     """Train the study protocol (and the default, unless ``reuse_default_run`` holds it) and
     write ``audit.json`` into the default run's directory; returns its content.
@@ -98,13 +97,14 @@ def audit(
     ``train`` runs one config (default: in this process; the demo passes Ray Train so both
     protocols train the same way as its main run).
     """
-    from cellmorph.train import run_local
+    if train is None:
+        from cellmorph.train import run_local
 
-    train = train or run_local
+        train = run_local
     _check_default(cfg.data)
     study = study_config(cfg)
-    study_dir = Path(train(study))
-    default_dir = Path(reuse_default_run) if reuse_default_run else Path(train(cfg))
+    study_dir = train(study)
+    default_dir = reuse_default_run or train(cfg)
     result = {
         "protocols": [
             _protocol_row("study", STUDY_TITLE, study_dir, study.data),
@@ -118,37 +118,5 @@ def audit(
             "also sit in training (identical copies, and sites of the same well)."
         ),
     }
-    out = default_dir / AUDIT_FILE
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
-    print(format_table(result))
-    print(f"audit: {out}")
+    default_dir.write_audit(result)
     return result
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "audit", help="train the original study's leaky protocol and the default side by side"
-    )
-    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument(
-        "--reuse-run",
-        default=None,
-        help="an already trained run of this config (skips retraining it)",
-    )
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.epochs=3")
-    p.set_defaults(func=_cmd_audit)
-
-
-def _cmd_audit(args: argparse.Namespace) -> int:
-    from cellmorph.config import load_config
-    from cellmorph.launch import resolve_paths
-    from cellmorph.report import build_report
-
-    cfg = resolve_paths(load_config(args.config, args.overrides))
-    reuse = Path(args.reuse_run) if args.reuse_run else None
-    result = audit(cfg, reuse_default_run=reuse)
-    default_dir = Path(result["protocols"][1]["run_dir"])
-    print(f"report: {build_report(default_dir)}")
-    return 0

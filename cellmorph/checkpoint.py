@@ -1,24 +1,33 @@
-"""Checkpoint files: written atomically, read with ``weights_only=True``."""
+"""Checkpoint files: written atomically, read with ``weights_only=True``, kept by one saver.
+
+A checkpoint is a dict of tensors and plain values: model, optimizer, scheduler, scaler, epoch,
+RNG state, the resolved config, classes, channels, normalization and the epoch's metrics.
+:class:`CheckpointSaver` writes ``last.pt`` once per epoch and keeps ``best.pt`` and the best
+``keep_best`` epochs as hard links to it (copies where links are impossible).
+"""
 
 from __future__ import annotations
 
-import os
+import math
+import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from cellmorph import atomic
+from cellmorph.config import Config, validate
 from cellmorph.errors import CellmorphError
+from cellmorph.rundir import RunDir
 
 REQUIRED_KEYS = ("model", "config", "classes", "channels")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file and ``os.replace`` it, so a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write to a temporary file and rename it, so a crash never leaves half a checkpoint."""
+    atomic.write_with(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -34,3 +43,133 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CellmorphError(f"{p}: checkpoint lacks key(s) {missing}")
     return ckpt
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read for inference: its config validated like any other config."""
+
+    path: Path
+    state: dict[str, Any]
+    config: Config
+    classes: list[str]
+    channels: list[str]
+
+    @property
+    def norm(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The training normalization (per-channel mean, std); None in older checkpoints."""
+        norm = self.state.get("norm")
+        return (np.asarray(norm["mean"]), np.asarray(norm["std"])) if norm else None
+
+    @property
+    def epoch(self) -> int | None:
+        return self.state.get("epoch")
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """:func:`load_checkpoint` plus its config parsed by the config model (a bad one is a
+    one-line error naming the key)."""
+    p = Path(path)
+    state = load_checkpoint(p)
+    cfg = validate(Config, state["config"], f"{p}: checkpoint config")
+    return Checkpoint(p, state, cfg, [str(c) for c in state["classes"]], list(state["channels"]))
+
+
+def check_compatible(ckpt: dict[str, Any], classes: list[str], channels: list[str],
+                     model_config: dict[str, Any], src: Path) -> None:  # fmt: skip
+    """Refuse to resume across a change of classes, channels or model shape."""
+    if list(ckpt.get("channels", [])) != list(channels):
+        raise CellmorphError(
+            f"{src}: checkpoint channels {ckpt.get('channels')} differ from the store's {channels}"
+        )
+    if list(ckpt.get("classes", [])) != list(classes):
+        ck = ckpt.get("classes", [])
+        raise CellmorphError(
+            f"{src}: checkpoint has {len(ck)} classes {ck[:5]}... but this data has "
+            f"{len(classes)} {classes[:5]}...; use a new run name to train from scratch"
+        )
+    old = (ckpt.get("config") or {}).get("model", {})
+    changed = [k for k in ("backbone", "width_mult") if k in old and old[k] != model_config[k]]
+    if changed:
+        detail = ", ".join(f"model.{k} {old[k]} -> {model_config[k]}" for k in changed)
+        raise CellmorphError(
+            f"{src}: the model changed since this run started ({detail}); "
+            "use a new run name to train from scratch"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state()[1].tolist(),
+        "python": random.getstate()[1],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def update_best(best_k: list[tuple[float, int]], score: float, epoch: int, k: int,
+                mode: str = "max") -> tuple[list[tuple[float, int]], list[int]]:  # fmt: skip
+    """The top-``k`` (score, epoch) list after ``epoch`` scored ``score``, best first (ties:
+    the earlier epoch), and the epochs that fell out of it. ``mode`` "min": lower is better."""
+    if k == 0 or math.isnan(score):
+        return best_k, []
+    sign = -1.0 if mode == "max" else 1.0
+    ranked = sorted([*best_k, (score, epoch)], key=lambda t: (sign * t[0], t[1]))
+    return ranked[:k], [e for _, e in ranked[k:]]
+
+
+class CheckpointSaver:
+    """``last.pt`` each epoch (one ``torch.save``), ``best.pt`` and the best ``keep_best`` epochs
+    as ``best-epochNNN.pt`` by one validation score, in the spirit of timm's CheckpointSaver.
+
+    The ranking (``best_k``, best first; ``best`` is its head, or the single best epoch when
+    ``keep_best`` is 0) is stored inside each checkpoint, so a resumed run keeps ranking.
+    """
+
+    def __init__(self, run: RunDir, metric: str, mode: str, keep_best: int):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.run, self.metric, self.mode, self.keep_best = run, metric, mode, keep_best
+        self.best_k: list[tuple[float, int]] = []
+        self.best: tuple[float, int] | None = None
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Take the ranking from a resumed ``last.pt``, and finish the links that a crash right
+        after writing it may have left undone (``last.pt`` *is* that epoch's state)."""
+        self.best_k = [(float(s), int(e)) for s, e in ckpt.get("best_k", [])]
+        best = ckpt.get("best")
+        self.best = (float(best[0]), int(best[1])) if best else None
+        self._link(int(ckpt["epoch"]), [])
+
+    def is_better(self, score: float) -> bool:
+        if math.isnan(score):
+            return False
+        if self.best is None:
+            return True
+        return score > self.best[0] if self.mode == "max" else score < self.best[0]
+
+    def save(self, state: dict[str, Any], epoch: int, score: float) -> bool:
+        """Save ``epoch``'s state; returns whether it is the new best."""
+        is_best = self.is_better(score)
+        if is_best:
+            self.best = (score, epoch)
+        self.best_k, dropped = update_best(self.best_k, score, epoch, self.keep_best, self.mode)
+        state = {**state, "epoch": epoch, "best_k": [list(t) for t in self.best_k],
+                 "best": list(self.best) if self.best else None}  # fmt: skip
+        save_checkpoint(state, self.run.last_checkpoint)
+        self._link(epoch, dropped)
+        return is_best
+
+    def _link(self, epoch: int, dropped: list[int]) -> None:
+        last = self.run.last_checkpoint
+        if self.best is not None and self.best[1] == epoch:
+            atomic.link_or_copy(last, self.run.best_checkpoint)
+        if any(e == epoch for _, e in self.best_k):
+            atomic.link_or_copy(last, self.run.epoch_checkpoint(epoch))
+        for old in dropped:
+            self.run.epoch_checkpoint(old).unlink(missing_ok=True)

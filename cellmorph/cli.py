@@ -1,50 +1,206 @@
-"""The ``cellmorph`` command. Each subcommand is registered by the module that implements it."""
+"""The ``cellmorph`` command: argument parsing and one library call per subcommand.
+
+This is a launcher: it imports the library, the library never imports it. Each handler imports
+what its command needs when it runs, so ``cellmorph convert`` does not pay for torch or Ray.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from pathlib import Path
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import run_main
 
-# Subcommand → the module that registers it with ``add_parser(subparsers)`` (setting ``func``).
-# Only the module of the command being run is imported: torch and Ray take seconds to load.
-COMMANDS = {
-    "synth": "cellmorph.synth",
-    "convert": "conversion.cli",
-    "inspect": "conversion.cli",
-    "train": "cellmorph.train",
-    "demo": "cellmorph.demo",
-    "predict": "cellmorph.predict",
-    "evaluate": "cellmorph.report",
-    "audit": "cellmorph.audit",
-}
+DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+# --------------------------------------------------------------------------- handlers
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from cellmorph.config import Config, validate
+    from cellmorph.synth import CHANNELS, generate_plate
+
+    fields = ("seed", "plates", "rows", "cols", "sites", "size")
+    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    cfg = validate(Config, {"synth": {"out": args.out, **given}}, "invalid option").synth
+    csv_path = generate_plate(cfg, progress=not args.quiet)
+    df = pd.read_csv(csv_path)
+    print(csv_path)
+    print(
+        f"{len(df)} sites ({len(df) * len(CHANNELS)} TIFFs), {df['Metadata_Plate'].nunique()} "
+        f"plates, {df.groupby(['Metadata_Plate', 'Metadata_Well']).ngroups} wells"
+    )
+    counts = df.groupby("Metadata_pert_iname").agg(
+        sites=("Metadata_Site", "size"), wells_per_plate=("Metadata_Well", "nunique")
+    )
+    print(counts.sort_values("sites", ascending=False).to_string())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cellmorph.config import load_config
+    from cellmorph.launch import resolve_paths
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    if args.local:
+        from cellmorph.train import run_local
+
+        run = run_local(cfg)
+    else:
+        from cellmorph.launch import run_ray_training
+
+        run = run_ray_training(cfg)
+    print(f"run: {run.path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cellmorph.config import load_config
+    from cellmorph.demo import run_demo
+
+    run_demo(load_config(args.config, args.overrides), audit=not args.no_audit)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cellmorph.predict import EMBEDDINGS_PARQUET, PREDICTIONS_CSV, WELLS_PARQUET, predict
+
+    overrides = {
+        "eval_batch_size": args.batch_size,
+        "kind": args.loader,
+        "num_workers": args.num_workers,
+    }
+    summary = predict(
+        args.checkpoint, args.store, args.out, device=args.device, top_k=args.top_k,
+        loader_overrides=overrides,
+    )  # fmt: skip
+    print(
+        f"predicted {summary['images']} images in {summary['wells']} wells -> {summary['out']}/"
+        f"{{{PREDICTIONS_CSV},{EMBEDDINGS_PARQUET},{WELLS_PARQUET}}}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cellmorph.report import build_report
+    from cellmorph.rundir import RunDir
+
+    run = RunDir(Path(args.run_dir)).require()
+    if not args.report_only:
+        from cellmorph.predict import evaluate_run
+
+        m = evaluate_run(run, device=args.device)
+        print(
+            f"validation: accuracy {m['accuracy']:.3f}, balanced accuracy "
+            f"{m['balanced_accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}"
+        )
+    print(f"report: {build_report(run)}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from cellmorph.audit import audit, format_table
+    from cellmorph.config import load_config
+    from cellmorph.launch import resolve_paths
+    from cellmorph.report import build_report
+    from cellmorph.rundir import RunDir
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    reuse = RunDir(Path(args.reuse_run)).require() if args.reuse_run else None
+    result = audit(cfg, reuse_default_run=reuse)
+    print(format_table(result))
+    print(f"report: {build_report(RunDir(Path(result['protocols'][1]['run_dir'])))}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    from cellmorph.config import SynthConfig
+
+    d = SynthConfig()
+    p = sub.add_parser("synth", help="write a synthetic Cell Painting plate (TIFFs + LoadData CSV)")
+    p.add_argument("out", help="output folder (load_data.csv and <plate>/Images/ go here)")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument("--plates", type=int, help=f"number of plates (default {d.plates})")
+    p.add_argument("--rows", type=int, help=f"well rows per plate, <= 16 (default {d.rows})")
+    p.add_argument("--cols", type=int, help=f"well columns per plate, <= 24 (default {d.cols})")
+    p.add_argument("--sites", type=int, help=f"fields per well (default {d.sites})")
+    p.add_argument(
+        "--size", type=int, help=f"image side in px; the pilot's is 1080 (default {d.size})"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", default=default, help="YAML config (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.epochs=3")
+
+
+def _add_training(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (Ray Train, or --local in this process)")
+    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the main job on a synthetic plate (what `make demo` runs)")
+    p.add_argument("--no-audit", action="store_true", help="skip the leakage audit")
+    _add_config_args(p, str(DEFAULT_DEMO_CONFIG))
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "audit", help="train the original study's leaky protocol and the default side by side"
+    )
+    p.add_argument("--reuse-run", help="an already trained run of this config (not retrained)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_audit)
+
+
+def _add_inference(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="per-image predictions and embeddings for a store")
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoints/best.pt")
+    p.add_argument("--store", required=True, help="store.zarr to predict (labels not needed)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--top-k", type=int, default=None, help="classes per image in predictions.csv")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: eval batch size)")
+    p.add_argument("--loader", choices=["torch", "dali"], help="override the loader kind")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="recompute validation outputs from a run's best checkpoint and rebuild its report",
+    )
+    p.add_argument("run_dir", help="runs/<name>")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--report-only", action="store_true", help="only redraw the report")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from conversion.cli import add_parser as add_conversion
+
     parser = argparse.ArgumentParser(
-        prog="cellmorph",
-        description="Train perturbation classifiers on Cell Painting images.",
+        prog="cellmorph", description="Train perturbation classifiers on Cell Painting images."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
-    for name in modules:
-        importlib.import_module(name).add_parser(sub)
+    _add_synth(sub)
+    add_conversion(sub)
+    _add_training(sub)
+    _add_inference(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CellmorphError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main(lambda: args.func(args))
 
 
 if __name__ == "__main__":

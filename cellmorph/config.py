@@ -13,7 +13,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cellmorph import atomic
+from cellmorph.augment import OP_NAMES
 from cellmorph.errors import CellmorphError
+from cellmorph.metrics import SCORE_MODES, score_mode, topk_name
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -94,7 +97,8 @@ class DataConfig(Section):
         return self
 
 
-AugmentOp = Literal["hflip", "vflip", "rotate", "brightness_contrast"]
+# The names come from the op registry: an op is defined once, in cellmorph/augment.py.
+AugmentOp = Literal[OP_NAMES]  # type: ignore[valid-type]
 
 
 class LoaderConfig(Section):
@@ -141,8 +145,13 @@ class TrainConfig(Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool | None = None
     compile: bool = False
-    keep_best: int = Field(2, ge=0, description="best-k checkpoints kept besides last.pt")
-    best_metric: str = "balanced_accuracy"
+    keep_best: int = Field(
+        2, ge=0, description="best-epochNNN.pt files kept besides last.pt and best.pt"
+    )
+    best_metric: str = Field(
+        "balanced_accuracy",
+        description="validation score that picks best.pt (lower is better for loss)",
+    )
     max_steps_per_epoch: int = Field(0, ge=0, description="cap for smoke runs; 0 = whole epoch")
     log_every: int = Field(20, ge=1)
 
@@ -188,6 +197,21 @@ class Config(Section):
             raise ValueError(f"name must be a plain folder name, got {self.name!r}")
         return self
 
+    @model_validator(mode="after")
+    def _best_metric_is_a_score(self) -> Config:
+        if score_mode(self.train.best_metric, self.eval.top_k) is None:
+            known = [*SCORE_MODES, topk_name(self.eval.top_k)]
+            raise ValueError(
+                f"train.best_metric: {self.train.best_metric!r} is not a validation score "
+                f"(one of {', '.join(known)})"
+            )
+        return self
+
+    @property
+    def best_mode(self) -> str:
+        """ "max" or "min": whether a higher ``train.best_metric`` is better."""
+        return score_mode(self.train.best_metric, self.eval.top_k) or "max"
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run_root) / self.name
@@ -232,9 +256,10 @@ def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{key}: {msg}")
+        msg = msg.removeprefix("Value error, ")  # our validators' messages name their keys
+        lines.append(f"{key}: {msg}" if key else msg)
     return "; ".join(lines)
 
 
@@ -281,8 +306,4 @@ def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    atomic.write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,66 +1,53 @@
-"""The main job on the embedded default: synthetic plate → store → Ray Train → audit → report."""
+"""The main job on the embedded default: synthetic plate -> store -> Ray Train -> audit -> report."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
-from cellmorph.config import Config, load_config
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+from cellmorph.config import Config
 
 
 def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     """Run every stage once; each stage skips work that is already done (rerun = no-op)."""
     from cellmorph.audit import audit as run_audit
-    from cellmorph.launch import run_ray_training
+    from cellmorph.launch import resolve_paths, run_ray_training
     from cellmorph.report import build_report
     from cellmorph.synth import generate_plate
     from conversion.pack import convert
 
     t0 = time.perf_counter()
-    print("[1/5] synthetic plate")
+    steps = 5 if audit else 4
+    print(f"[1/{steps}] synthetic plate -> {cfg.synth.out}")
     csv = generate_plate(cfg.synth)
-    print(f"[2/5] convert {csv} → {cfg.data.store}")
-    convert(cfg.convert.model_copy(update={"load_data": str(csv)}), cfg.data.store)
-    print(f"[3/5] train {cfg.name} with Ray Train ({cfg.ray.num_workers} workers)")
-    run_dir = run_ray_training(cfg)
+    print(f"[2/{steps}] convert {csv} -> {cfg.data.store}")
+    summary = convert(cfg.convert.model_copy(update={"load_data": str(csv)}), cfg.data.store)
+    print(f"      {summary['images']} images, {summary['quarantined']} quarantined")
+    cfg = resolve_paths(cfg)
+    print(f"[3/{steps}] train {cfg.name}: Ray Train, {cfg.ray.num_workers} workers, "
+          f"{cfg.train.epochs} epochs")  # fmt: skip
+    run = run_ray_training(cfg)
     if audit:
-        print("[4/5] leakage audit (the original study's protocol on the same data)")
-        run_audit(cfg, reuse_default_run=run_dir, train=run_ray_training)
-    print("[5/5] report")
-    report = build_report(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    summary = {
-        "report": str(report),
-        "accuracy": metrics["accuracy"],
-        "balanced_accuracy": metrics["balanced_accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "chance": metrics["chance"],
-        "well_accuracy": metrics.get("well_accuracy"),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+        print(f"[4/{steps}] leakage audit: the original study's protocol on the same data")
+        result = run_audit(cfg, reuse_default_run=run,
+                           train=lambda c: run_ray_training(c, quiet=True))  # fmt: skip
+        study, default = result["protocols"]
+        print(f"      study protocol: balanced accuracy {study['balanced_accuracy']:.3f} with "
+              f"{study['val_copies_in_train']} of {study['n_val_images']} validation images "
+              f"copied in training; cellmorph: {default['balanced_accuracy']:.3f}, "
+              f"{default['val_copies_in_train']} copies")  # fmt: skip
+    print(f"[{steps}/{steps}] report")
+    report = build_report(run)
+    m = run.read_result()
+    seconds = time.perf_counter() - t0
     print(
-        f"\nreport: {report}\n"
-        f"validation (grouped by well, {metrics.get('n_images', '?')} images): "
-        f"accuracy {summary['accuracy']:.3f}, balanced accuracy "
-        f"{summary['balanced_accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}; "
-        f"chance {summary['chance']:.3f}  ({summary['seconds']:.0f} s)"
+        f"\nreport: {report}\nlogs:   {run.logs}/ (Ray's own: its session folder, "
+        f"see logs/ray-driver.log)\n"
+        f"validation (grouped by well, {m.get('n_images', '?')} images, epoch "
+        f"{int(m['epoch']) + 1}): balanced accuracy {m['balanced_accuracy']:.3f}, accuracy "
+        f"{m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}; chance {m['chance']:.3f}  "
+        f"({seconds:.0f} s)"
     )
-    return summary
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job on a synthetic plate (what `make demo` runs)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--no-audit", action="store_true", help="skip the leakage audit")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.epochs=3")
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(load_config(args.config, args.overrides), audit=not args.no_audit)
-    return 0
+    return {"report": str(report), "seconds": round(seconds, 1),
+            **{k: m.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "chance",
+                                     "well_accuracy")}}  # fmt: skip

@@ -16,12 +16,10 @@ table is indexed in seconds.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -33,26 +31,22 @@ from sklearn.utils.class_weight import compute_class_weight
 from cellmorph.config import DataConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.sampling import contiguous_runs, epoch_indices, epoch_permutation
+from cellmorph.store import CHECKSUM, PLATE, WELL
 
 __all__ = [
     "Index",
-    "LabelEncoding",
     "build_index",
+    "check_batch_size",
     "contiguous_runs",
     "count_val_copies_in_train",
     "encode_labels",
     "epoch_indices",
     "epoch_permutation",
-    "load_label_encoding",
-    "save_label_encoding",
     "shared_wells",
 ]
 
 log = logging.getLogger(__name__)
 
-PLATE = "Metadata_Plate"
-WELL = "Metadata_Well"
-CHECKSUM = "checksum"
 _OVERSAMPLE_BLOCK = 16
 IMAGE_SPLIT_WARNING = (
     "split=image: sites of one well are near-duplicates and land on both sides, so validation "
@@ -373,8 +367,12 @@ def _per_class(rows_: np.ndarray, labels: np.ndarray, classes: list[str]) -> dic
     return {c: int(n) for c, n in zip(classes, counts)}
 
 
-def build_index(metadata: pd.DataFrame, cfg: DataConfig) -> Index:
-    """Labels, folds, training order and class weights for ``metadata`` (row i == store row i)."""
+def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -> Index:
+    """Labels, folds, training order and class weights for ``metadata`` (row i == store row i).
+
+    Warnings (a leaky split, classes without validation images...) are logged unless ``warn``
+    is false, and kept in ``summary["warnings"]`` either way.
+    """
     codes, names = _encode_raw(metadata, cfg.label_column)
     labels, classes, counts = _select_classes(codes, names, cfg)
     rows = _rows(metadata, labels, len(classes))
@@ -408,7 +406,7 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig) -> Index:
         warns.append(confound)
     summary = _summary(index, rows, cfg, counts | extra | {"fixed_position_classes": fixed})
     summary["warnings"] = warns + summary["warnings"]
-    for w in summary["warnings"]:
+    for w in summary["warnings"] if warn else []:
         log.warning(w)
     return replace(index, summary=summary)
 
@@ -492,45 +490,18 @@ def shared_wells(index: Index) -> int:
 # --------------------------------------------------------------------------- label encoding
 
 
-class LabelEncoding(NamedTuple):
-    label_column: str
-    classes: list[str]
-
-
-def save_label_encoding(
-    index_or_classes: Index | Sequence[str], label_column: str, path: str | Path
-) -> Path:
-    """Write ``classes.json`` (``{"label_column": ..., "classes": [...]}``) atomically."""
-    classes = index_or_classes.classes if isinstance(index_or_classes, Index) else index_or_classes
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps({"label_column": label_column, "classes": list(classes)}, indent=1))
-    tmp.replace(p)
-    return p
-
-
-def load_label_encoding(path: str | Path) -> LabelEncoding:
-    """Read ``classes.json``; a missing file or key is a CellmorphError naming it."""
-    p = Path(path)
-    if not p.is_file():
-        raise CellmorphError(f"{p}: label encoding not found")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CellmorphError(f"{p}: not valid JSON ({e})") from None
-    for key in ("label_column", "classes"):
-        if not isinstance(raw, dict) or key not in raw:
-            raise CellmorphError(f"{p}: missing key {key!r}")
-    classes = [str(c) for c in raw["classes"]]
-    if len(set(classes)) != len(classes):
-        raise CellmorphError(f"{p}: 'classes' has duplicate names")
-    return LabelEncoding(str(raw["label_column"]), classes)
-
-
-def encode_labels(metadata: pd.DataFrame, encoding: LabelEncoding) -> np.ndarray:
+def encode_labels(metadata: pd.DataFrame, label_column: str, classes: Sequence[str]) -> np.ndarray:
     """Class ids of ``metadata`` rows under a saved encoding; -1 for unknown or missing labels."""
-    codes, names = _encode_raw(metadata, encoding.label_column)
-    lookup = {c: i for i, c in enumerate(encoding.classes)}
+    codes, names = _encode_raw(metadata, label_column)
+    lookup = {c: i for i, c in enumerate(classes)}
     mapping = np.array([lookup.get(str(n), -1) for n in names] + [-1], dtype=np.int64)
     return mapping[codes]
+
+
+def check_batch_size(batch_size: int, index: Index) -> None:
+    """A batch larger than the training fold would make every epoch mostly padding."""
+    if batch_size > len(index.train_order):
+        raise CellmorphError(
+            f"loader.batch_size={batch_size} is larger than the training fold "
+            f"({len(index.train_order)} images)"
+        )

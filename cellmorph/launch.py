@@ -1,19 +1,28 @@
-"""Ray Train wiring: config → ScalingConfig/RunConfig/TorchTrainer, and the worker entry point.
+"""Ray Train wiring: config -> ScalingConfig/RunConfig/TorchTrainer, and the worker entry point.
 
-The launchers in ``ray_jobs/`` and the ``cellmorph train``/``demo`` commands all go through
-here, so a run looks the same whether it came from a workstation or ``ray job submit``.
+The launchers in ``ray_jobs/``, the ``cellmorph train``/``demo`` commands and the sweep all go
+through here, so a run looks the same whether it came from a workstation or ``ray job submit``.
+This module imports no torch at module level: the Ray driver only plans and watches.
+
+What the user sees: one line per epoch (and a progress bar on a terminal) from the run
+directory's files, and one line for a mistake. Ray's own driver log and every rank's log stay in
+``<run>/logs/``; worker output is not forwarded to the driver.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
+from cellmorph import atomic
 from cellmorph.config import Config, RayConfig, config_from_dict, config_to_dict
 from cellmorph.errors import CellmorphError
+from cellmorph.rundir import RunDir
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -26,31 +35,51 @@ def resolve_paths(cfg: Config) -> Config:
     return config_from_dict(raw)
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, *, warn: bool = True) -> None:
     """Fail in the driver, with a message naming the setting, before any worker starts."""
-    from cellmorph.index import build_index
+    from cellmorph.index import build_index, check_batch_size
     from cellmorph.store import open_store
-    from cellmorph.train import check_batch_size
 
     store = open_store(cfg.data.store)
-    check_batch_size(cfg.loader, build_index(store.metadata, cfg.data))
+    check_batch_size(cfg.loader.batch_size, build_index(store.metadata, cfg.data, warn=warn))
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise CellmorphError(f"model.pretrained: no such file {cfg.model.pretrained}")
 
 
-def init_ray(cfg: RayConfig) -> None:
+def log_ray_to(log_dir: Path) -> Path:
+    """Send Ray's driver-side log records to ``log_dir/ray-driver.log`` instead of the terminal."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "ray-driver.log"
+    logger = logging.getLogger("ray")
+    for h in list(logger.handlers):  # Ray's own stderr handler, or the previous run's file
+        if getattr(h, "_cellmorph", False) or isinstance(h, logging.StreamHandler):
+            logger.removeHandler(h)
+    handler = logging.FileHandler(path)
+    handler._cellmorph = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return path
+
+
+def init_ray(cfg: RayConfig, log_dir: Path) -> None:
     """Connect to ``ray.address`` (or start a local instance bound to 127.0.0.1)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if cfg.address:
-        ray.init(address=cfg.address)
-    elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: join that cluster
-        ray.init()
-    else:  # a fresh local instance, never a stale or unrelated cluster on this host
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Worker output stays in each rank's log file (the driver shows progress from the run
+        # directory); while Ray starts, only its errors reach the terminal.
+        quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+        if cfg.address:
+            ray.init(address=cfg.address, **quiet)
+        elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: join that cluster
+            ray.init(**quiet)
+        else:  # a fresh local instance, never a stale or unrelated cluster on this host
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                     **quiet)  # fmt: skip
+    log_ray_to(log_dir)
 
 
 def check_resources(cfg: RayConfig) -> None:
@@ -73,20 +102,20 @@ def check_resources(cfg: RayConfig) -> None:
         )
 
 
-PLACEMENT_GROUP_FILE = ".ray_placement_group"
-
-
 def ray_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for TorchTrainer: builds a Context from Ray Train's."""
     import ray.train
     import ray.train.torch
 
-    from cellmorph.train import Context, train_loop
+    from cellmorph.distributed import Context
+    from cellmorph.train import train_loop
 
     cfg = config_from_dict(config["cfg"])
+    run = RunDir(cfg.run_dir)
     tctx = ray.train.get_context()
-    if tctx.get_world_rank() == 0:
-        _record_placement_group(cfg.run_dir)
+    rank = tctx.get_world_rank()
+    if rank == 0:
+        _record_placement_group(run)
 
     def report(metrics: dict[str, Any], ckpt: Path | None) -> None:
         if ckpt is None:
@@ -97,16 +126,23 @@ def ray_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     ctx = Context(
-        rank=tctx.get_world_rank(),
+        rank=rank,
         world_size=tctx.get_world_size(),
         device=ray.train.torch.get_device(),
         report=report,
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+        console=False,
     )
-    train_loop(cfg, ctx)
+    try:
+        train_loop(cfg, ctx)
+    except BaseException:
+        run.logs.mkdir(parents=True, exist_ok=True)
+        with (run.logs / f"rank{rank}.log").open("a") as f:
+            f.write(traceback.format_exc())
+        raise
 
 
-def _record_placement_group(run_dir: Path) -> None:
+def _record_placement_group(run: RunDir) -> None:
     """Note the worker group's placement group, so a Tune driver can release it.
 
     When Tune stops a trial (ASHA, or max_t), Train V2's placement group outlives the trial
@@ -116,8 +152,7 @@ def _record_placement_group(run_dir: Path) -> None:
 
     pg = get_current_placement_group()
     if pg is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / PLACEMENT_GROUP_FILE).write_text(pg.id.hex())
+        atomic.write_text(run.placement_group, pg.id.hex())
 
 
 def build_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
@@ -137,8 +172,8 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name="ray",
-            storage_path=str(cfg.run_dir),
+            name=RunDir(cfg.run_dir).ray_storage.name,
+            storage_path=str(RunDir(cfg.run_dir).path),
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
@@ -146,26 +181,54 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
     )
 
 
-def run_ray_training(cfg: Config) -> Path:
-    """Train ``cfg`` with Ray Train (local instance or ``ray.address``); returns the run dir."""
+def run_ray_training(cfg: Config, *, quiet: bool = False) -> RunDir:
+    """Train ``cfg`` with Ray Train (local instance or ``ray.address``); returns the run.
+
+    Prints one line per epoch (``quiet``: none) while the workers train.
+    """
+    from cellmorph.distributed import interactive
+    from cellmorph.progress import RunWatcher
+
     cfg = resolve_paths(cfg)
-    preflight(cfg)
-    init_ray(cfg.ray)
+    run = RunDir(cfg.run_dir)
+    preflight(cfg, warn=not quiet)  # quiet: e.g. the audit's leaky split, which it states itself
+    init_ray(cfg.ray, run.logs)
     check_resources(cfg.ray)
     trainer = build_trainer(cfg)
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; keep the first line that says what failed
-        raise CellmorphError(f"training run {cfg.name} failed: {_first_cause(e)}") from None
+    with RunWatcher(run, cfg.train.epochs, bar=interactive(), quiet=quiet):
+        try:
+            trainer.fit()
+        except Exception as e:
+            raise_user_error(e, run)
+            raise
     # Outside Tune, Train released its placement group itself; the record is only for sweeps.
-    (cfg.run_dir / PLACEMENT_GROUP_FILE).unlink(missing_ok=True)
-    return cfg.run_dir
+    run.placement_group.unlink(missing_ok=True)
+    return run
 
 
-def _first_cause(e: BaseException) -> str:
-    text = str(e)
-    for line in text.splitlines():
-        if "CellmorphError:" in line:
-            return line.split("CellmorphError:", 1)[1].strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
+def raise_user_error(e: BaseException, run: RunDir) -> None:
+    """If Ray's error wraps a CellmorphError from a worker, raise that as one line; any other
+    error (a bug, an NCCL fault) is left to propagate with its traceback."""
+    cause = user_error(e)
+    if cause is not None:
+        raise CellmorphError(
+            f"training run {run.name} failed: {cause} (logs: {run.logs})"
+        ) from None
+
+
+def user_error(e: BaseException) -> CellmorphError | None:
+    """The CellmorphError inside a Ray Train failure (worker failures, causes), if any."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [e]
+    while todo:
+        err = todo.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, CellmorphError):
+            return err
+        todo.extend(getattr(err, "worker_failures", {}).values())
+        for nested in (getattr(err, "controller_failure", None), err.__cause__, err.__context__):
+            if isinstance(nested, BaseException):
+                todo.append(nested)
+    return None

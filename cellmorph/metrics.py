@@ -13,30 +13,28 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    precision_recall_fscore_support,
-    top_k_accuracy_score,
-)
 
 from cellmorph.errors import CellmorphError
 
-# The columns that identify a well in the store's metadata.
-WELL_COLUMNS = ("Metadata_Plate", "Metadata_Well")
+# The scalar scores evaluation produces, and whether higher ("max") or lower ("min") is better.
+# ``train.best_metric`` must name one of them (checked when the config is loaded).
+SCORE_MODES: dict[str, str] = {
+    "accuracy": "max",
+    "balanced_accuracy": "max",
+    "macro_f1": "max",
+    "loss": "min",
+    "well_accuracy": "max",
+    "well_balanced_accuracy": "max",
+}
 
 
-def well_ids(metadata: pd.DataFrame) -> np.ndarray:
-    """One string per image naming its well (``plate/well``), for well-level metrics."""
-    missing = [c for c in WELL_COLUMNS if c not in metadata.columns]
-    if missing:
-        raise CellmorphError(f"metadata lacks column(s) {missing} needed for well-level metrics")
-    plate = metadata[WELL_COLUMNS[0]].astype(str).to_numpy()
-    well = metadata[WELL_COLUMNS[1]].astype(str).to_numpy()
-    return np.char.add(np.char.add(plate.astype(str), "/"), well.astype(str))
+def topk_name(k: int) -> str:
+    return f"top{k}_accuracy"
+
+
+def score_mode(name: str, top_k: int) -> str | None:
+    """ "max" or "min" for a score evaluation produces with ``eval.top_k``; None if it does not."""
+    return "max" if name == topk_name(top_k) else SCORE_MODES.get(name)
 
 
 def _check_inputs(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
@@ -52,9 +50,9 @@ def _check_inputs(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> 
 
 
 def _top_k(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
+    from sklearn.metrics import top_k_accuracy_score
+
     n_classes = probs.shape[1]
-    if k >= n_classes:
-        return 1.0  # every class is among the top k
     if n_classes == 2:  # sklearn wants the positive-class score in the binary case
         return float(top_k_accuracy_score(y_true, probs[:, 1], k=k, labels=[0, 1]))
     return float(top_k_accuracy_score(y_true, probs, k=k, labels=np.arange(n_classes)))
@@ -63,12 +61,16 @@ def _top_k(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     # Mean recall over the classes present in y_true; predictions of absent classes count as
     # errors. sklearn warns about the absent ones, which is expected here.
+    from sklearn.metrics import balanced_accuracy_score
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return float(balanced_accuracy_score(y_true, y_pred))
 
 
 def _per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import precision_recall_fscore_support
+
     labels = np.arange(len(classes))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
@@ -87,6 +89,8 @@ def well_level(y_true: np.ndarray, probs: np.ndarray, wells: np.ndarray) -> dict
 
     A well's label is its images' label (the most common one if a well were ever mixed).
     """
+    from sklearn.metrics import accuracy_score
+
     k = probs.shape[1]
     frame = pd.DataFrame(probs, columns=range(k))
     frame["_well"] = np.asarray(wells)
@@ -116,6 +120,10 @@ def compute_metrics(
 
     ``probs`` holds softmax probabilities (rows sum to 1); ``wells`` one id per image.
     """
+    # scikit-learn is imported here, not at module level: the config imports this module for
+    # the score names, and every command loads the config.
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss
+
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     _check_inputs(y_true, probs, classes)
@@ -130,23 +138,18 @@ def compute_metrics(
         # Macro over classes seen in labels or predictions (sklearn's default set), so classes
         # absent from the validation fold and never predicted do not count as F1 = 0.
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        f"top{top_k}_accuracy": _top_k(y_true, probs, top_k),
         "top_k": int(top_k),
         "loss": float(log_loss(y_true, probs / probs.sum(axis=1, keepdims=True), labels=labels)),
         # Chance for balanced accuracy is 1/K; for plain accuracy it is the majority rate.
         "chance": 1.0 / k,
-        "chance_uniform": 1.0 / k,
         "chance_majority": float(counts.max() / counts.sum()),
         "per_class": _per_class(y_true, y_pred, classes),
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+    if top_k < k:  # with K <= top_k every class is among the top k: a meaningless 1.0
+        out[topk_name(top_k)] = _top_k(y_true, probs, top_k)
     if wells is not None:
         if len(wells) != len(y_true):
             raise CellmorphError(f"{len(wells)} well ids for {len(y_true)} images")
         out.update(well_level(y_true, probs, np.asarray(wells)))
     return out
-
-
-def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics only (no per-class table or matrix), e.g. for a log line."""
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}

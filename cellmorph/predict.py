@@ -7,8 +7,6 @@ with the number of images (only the store's metadata table, which the store load
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -24,12 +22,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cellmorph.checkpoint import load_checkpoint
-from cellmorph.config import LoaderConfig, ModelConfig
+from cellmorph import atomic
+from cellmorph.checkpoint import Checkpoint, read_checkpoint
+from cellmorph.config import LoaderConfig, validate
 from cellmorph.errors import CellmorphError
-from cellmorph.metrics import WELL_COLUMNS, compute_metrics, well_ids
+from cellmorph.loaders import build_loader
+from cellmorph.metrics import compute_metrics
+from cellmorph.model import CellNet, build_model
+from cellmorph.rundir import RunDir, ValOutputs
+from cellmorph.store import PLATE, STORE_ROW, WELL, Store, open_store, well_ids
 
-ROW = "store_row"
 PREDICTIONS_CSV = "predictions.csv"
 EMBEDDINGS_PARQUET = "embeddings.parquet"
 WELLS_PARQUET = "wells.parquet"
@@ -56,13 +58,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
 # --------------------------------------------------------------------------- model
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+def model_from_checkpoint(ckpt: Checkpoint) -> CellNet:
     """Rebuild the network from the checkpoint's own config (no pretrained file needed)."""
-    from cellmorph.model import build_model
-
-    model_cfg = ModelConfig(**{**ckpt["config"]["model"], "pretrained": None})
-    model = build_model(model_cfg, len(ckpt["channels"]), len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
+    model_cfg = ckpt.config.model.model_copy(update={"pretrained": None})
+    model = build_model(model_cfg, len(ckpt.channels), len(ckpt.classes))
+    model.load_state_dict(ckpt.state["model"])
     return model.eval()
 
 
@@ -115,42 +115,6 @@ def infer(
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
-def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def write_val_outputs(
-    run_dir: Path,
-    rows: np.ndarray,
-    probs: np.ndarray,
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    classes: list[str],
-    metadata: pd.DataFrame,
-) -> None:
-    """``val_predictions.parquet`` (row, metadata, true/predicted label, probabilities) and
-    ``val_embeddings.npy`` (same row order)."""
-    run_dir = Path(run_dir)
-    rows = np.asarray(rows, dtype=np.int64)
-    labels = np.asarray(labels, dtype=np.int64)
-    pred = probs.argmax(axis=1)
-    names = np.asarray(classes, dtype=object)
-    frame = metadata.iloc[rows].reset_index(drop=True)
-    frame.insert(0, ROW, rows)
-    frame["label"] = labels
-    frame["label_name"] = names[labels]
-    frame["pred"] = pred
-    frame["pred_name"] = names[pred]
-    frame = pd.concat([frame, pd.DataFrame(probs, columns=prob_columns(classes))], axis=1)
-    _atomic_parquet(frame, run_dir / "val_predictions.parquet")
-    tmp = run_dir / ".val_embeddings.npy.tmp"
-    with tmp.open("wb") as f:
-        np.save(f, np.asarray(embeddings, dtype=np.float32))
-    os.replace(tmp, run_dir / "val_embeddings.npy")
-
-
 # --------------------------------------------------------------------------- streaming outputs
 
 
@@ -189,7 +153,7 @@ def _well_constants(metadata: pd.DataFrame) -> pd.DataFrame:
     constant = [
         c
         for c in metadata.columns
-        if c in WELL_COLUMNS or grouped[c].nunique(dropna=False).max() == 1
+        if c in (PLATE, WELL) or grouped[c].nunique(dropna=False).max() == 1
     ]
     return grouped[constant].first()
 
@@ -206,10 +170,13 @@ class PredictionWriter:
         self.csv: pacsv.CSVWriter | None = None
         self.parquet: pq.ParquetWriter | None = None
         self.dim = dim
+        # Streamed under temporary names and renamed at the end: a predictions.csv that exists
+        # is a complete one.
+        self.tmp = {n: atomic.temp_path(out / n) for n in (PREDICTIONS_CSV, EMBEDDINGS_PARQUET)}
 
     def _base(self, rows: np.ndarray) -> pa.Table:
         table = self.meta.take(pa.array(rows))
-        return table.add_column(0, ROW, pa.array(rows, type=pa.int64()))
+        return table.add_column(0, STORE_ROW, pa.array(rows, type=pa.int64()))
 
     def write(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray) -> int:
         keep = ~self.seen[rows]  # an eval loader may pad its last batch by repeating rows
@@ -228,32 +195,40 @@ class PredictionWriter:
         emb_cols = list(base.columns) + [pa.array(emb[:, i]) for i in range(self.dim)]
         embs = pa.Table.from_arrays(emb_cols, names=base.column_names + embedding_columns(self.dim))
         if self.csv is None:
-            self.csv = pacsv.CSVWriter(str(self.out / PREDICTIONS_CSV), preds.schema)
-            self.parquet = pq.ParquetWriter(str(self.out / EMBEDDINGS_PARQUET), embs.schema)
+            self.csv = pacsv.CSVWriter(str(self.tmp[PREDICTIONS_CSV]), preds.schema)
+            self.parquet = pq.ParquetWriter(str(self.tmp[EMBEDDINGS_PARQUET]), embs.schema)
         self.csv.write_table(preds)
         self.parquet.write_table(embs)
         self.wells.add(rows, probs, emb)
         return len(rows)
 
     def close(self, metadata: pd.DataFrame) -> pd.DataFrame:
+        """Finish the files and move them into place."""
+        self._close_writers()
+        wells = self.wells.table(metadata, self.classes)
+        atomic.write_with(self.out / WELLS_PARQUET, lambda p: wells.to_parquet(p, index=False))
+        for name, tmp in self.tmp.items():
+            if tmp.exists():
+                os.replace(tmp, self.out / name)
+        return wells
+
+    def abort(self) -> None:
+        """Remove the partial files (after an error)."""
+        self._close_writers()
+        for tmp in self.tmp.values():
+            tmp.unlink(missing_ok=True)
+
+    def _close_writers(self) -> None:
         if self.csv is not None:
             self.csv.close()
             self.parquet.close()
-        wells = self.wells.table(metadata, self.classes)
-        _atomic_parquet(wells, self.out / WELLS_PARQUET)
-        return wells
+            self.csv = self.parquet = None
 
 
-def _norm(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The training normalization saved in the checkpoint (older checkpoints: None)."""
-    norm = ckpt.get("norm")
-    return (np.asarray(norm["mean"]), np.asarray(norm["std"])) if norm else None
-
-
-def _loader_cfg(ckpt: dict[str, Any], overrides: dict[str, Any]) -> LoaderConfig:
-    base = dict(ckpt["config"].get("loader", {}))
+def _loader_cfg(ckpt: Checkpoint, overrides: dict[str, Any]) -> LoaderConfig:
+    base = ckpt.config.loader.model_dump()
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return LoaderConfig(**base)
+    return validate(LoaderConfig, base, "predict: loader options")
 
 
 def predict(
@@ -267,131 +242,94 @@ def predict(
 ) -> dict[str, Any]:
     """Write ``predictions.csv``, ``embeddings.parquet`` and ``wells.parquet`` for every image
     of a store (labels are not needed); returns a small summary."""
-    from cellmorph.loaders import build_loader
-    from cellmorph.store import open_store
-
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
     store = open_store(store_path)
-    check_channels(ckpt["channels"], store)
+    check_channels(ckpt.channels, store)
+    if top_k is not None and top_k < 1:
+        raise CellmorphError(f"--top-k {top_k}: give at least 1 class per image")
     dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
-    classes = list(ckpt["classes"])
-    k = top_k or int(ckpt["config"].get("eval", {}).get("top_k", 5))
     cfg = _loader_cfg(ckpt, loader_overrides or {})
+    model = model_from_checkpoint(ckpt).to(dev)
     n = len(store)
     # Labels are unknown here; the loader wants an array, the model never sees it.
     loader = build_loader(
-        store, np.arange(n), np.zeros(n, np.int64), cfg, train=False, device=dev, norm=_norm(ckpt)
+        store, np.arange(n), np.zeros(n, np.int64), cfg, train=False, device=dev, norm=ckpt.norm
     )
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer = PredictionWriter(out_dir, store.metadata, classes, k, model.embed_dim)
+    out_dir = _output_dir(out)
+    k = top_k or ckpt.config.eval.top_k
+    writer = PredictionWriter(out_dir, store.metadata, ckpt.classes, k, model.embed_dim)
+    try:
+        written = _stream(model, loader, dev, writer, n)
+        wells = writer.close(store.metadata)
+    except BaseException:
+        writer.abort()
+        raise
+    return {"images": written, "wells": len(wells), "classes": len(ckpt.classes),
+            "out": str(out_dir)}  # fmt: skip
+
+
+def _output_dir(out: str | Path) -> Path:
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise CellmorphError(f"--out {p} is a file; give a folder for the prediction outputs")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CellmorphError(f"--out {p}: cannot create the folder ({e.strerror})") from None
+    return p
+
+
+def _stream(model: nn.Module, loader: Any, dev: torch.device, writer: PredictionWriter,
+            n: int) -> int:  # fmt: skip
     written = 0
-    with tqdm(total=n, unit="img", desc="predict") as bar:
+    with tqdm(total=n, unit="img", desc="predict", disable=None) as bar:
         for rows, probs, emb in iter_infer(model, loader, dev):
             written += writer.write(rows, probs, emb)
             bar.update(len(rows))
-    wells = writer.close(store.metadata)
     if written != n:
-        raise CellmorphError(
-            f"{store.path}: predicted {written} of {n} images (loader skipped rows)"
-        )
-    return {"images": written, "wells": len(wells), "classes": len(classes), "out": str(out_dir)}
+        raise CellmorphError(f"predicted {written} of {n} images (the loader skipped rows)")
+    return written
 
 
 # --------------------------------------------------------------------------- evaluate a run
 
 
-def best_checkpoint(run_dir: Path) -> Path:
-    for name in ("best.pt", "last.pt"):
-        p = run_dir / "checkpoints" / name
-        if p.is_file():
-            return p
-    raise CellmorphError(f"{run_dir / 'checkpoints'}: neither best.pt nor last.pt exists")
-
-
-def _val_rows(run_dir: Path, ckpt: dict[str, Any], store: Any) -> tuple[np.ndarray, np.ndarray]:
+def _val_rows(run: RunDir, ckpt: Checkpoint, store: Store) -> tuple[np.ndarray, np.ndarray]:
     """Validation store rows and a full-length label array (from the run, else the index)."""
     labels = np.zeros(len(store), np.int64)
-    pred_path = run_dir / "val_predictions.parquet"
-    if pred_path.is_file():
-        frame = pd.read_parquet(pred_path, columns=[ROW, "label"])
-        rows = frame[ROW].to_numpy(np.int64).copy()  # writable: torch.from_numpy warns otherwise
+    if run.val_predictions.is_file():
+        frame = pd.read_parquet(run.val_predictions, columns=[STORE_ROW, "label"])
+        rows = frame[STORE_ROW].to_numpy(np.int64).copy()  # writable for torch.from_numpy
         labels[rows] = frame["label"].to_numpy(np.int64)
         return rows, labels
-    from cellmorph.config import DataConfig
     from cellmorph.index import build_index
 
-    index = build_index(store.metadata, DataConfig(**ckpt["config"]["data"]))
-    if list(index.classes) != list(ckpt["classes"]):
+    index = build_index(store.metadata, ckpt.config.data)
+    if list(index.classes) != ckpt.classes:
         raise CellmorphError(
-            f"{run_dir}: the index rebuilt from the checkpoint's config has classes "
-            f"{list(index.classes)[:5]}..., the checkpoint {list(ckpt['classes'])[:5]}..."
+            f"{run.path}: the index rebuilt from the checkpoint's config has classes "
+            f"{list(index.classes)[:5]}..., the checkpoint {ckpt.classes[:5]}..."
         )
     return np.asarray(index.val, np.int64), np.asarray(index.labels, np.int64)
 
 
-def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, Any]:
+def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
     """Recompute the validation outputs and ``metrics.json`` from the run's best checkpoint."""
-    from cellmorph.loaders import build_loader
-    from cellmorph.store import open_store
-
-    run_dir = Path(run_dir)
-    ckpt_path = best_checkpoint(run_dir)
-    ckpt = load_checkpoint(ckpt_path)
-    store = open_store(ckpt["config"]["data"]["store"])
-    check_channels(ckpt["channels"], store)
+    ckpt = read_checkpoint(run.eval_checkpoint())
+    store = open_store(ckpt.config.data.store)
+    check_channels(ckpt.channels, store)
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
-    rows, labels = _val_rows(run_dir, ckpt, store)
+    rows, labels = _val_rows(run, ckpt, store)
     loader = build_loader(
-        store, rows, labels, _loader_cfg(ckpt, {}), train=False, device=dev, norm=_norm(ckpt)
+        store, rows, labels, _loader_cfg(ckpt, {}), train=False, device=dev, norm=ckpt.norm
     )
     got_rows, probs, embs = infer(model, loader, dev)
     got_rows, first = np.unique(got_rows, return_index=True)  # drop any padding repeats
-    probs, embs = probs[first], embs[first]
-    classes = list(ckpt["classes"])
-    top_k = int(ckpt["config"].get("eval", {}).get("top_k", 5))
-    wells = well_ids(store.metadata.iloc[got_rows])
-    metrics = compute_metrics(labels[got_rows], probs, classes, wells=wells, top_k=top_k)
-    write_val_outputs(run_dir, got_rows, probs, embs, labels[got_rows], classes, store.metadata)
-    record = {"epoch": ckpt.get("epoch"), "checkpoint": ckpt_path.name, **metrics}
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    val = ValOutputs(got_rows, probs[first], embs[first], labels[got_rows])
+    wells = well_ids(store.metadata)[got_rows]
+    metrics = compute_metrics(val.labels, val.probs, ckpt.classes, wells=wells,
+                              top_k=ckpt.config.eval.top_k)  # fmt: skip
+    record = {"epoch": ckpt.epoch, "checkpoint": ckpt.path.name, **metrics}
+    run.write_result(record, val, ckpt.classes, store.metadata)
     return metrics
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="per-image predictions and embeddings for a store")
-    p.add_argument("--checkpoint", required=True, help="a run's checkpoints/best.pt")
-    p.add_argument("--store", required=True, help="store.zarr to predict (labels not needed)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--top-k", type=int, default=None, help="classes per image in predictions.csv")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="images per batch (default: eval batch size)"
-    )
-    p.add_argument(
-        "--loader", choices=["torch", "dali"], default=None, help="override the loader kind"
-    )
-    p.add_argument("--num-workers", type=int, default=None)
-    p.set_defaults(func=_cmd_predict)
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    overrides = {
-        "eval_batch_size": args.batch_size,
-        "kind": args.loader,
-        "num_workers": args.num_workers,
-    }
-    summary = predict(
-        args.checkpoint, args.store, args.out, device=args.device, top_k=args.top_k,
-        loader_overrides=overrides,
-    )  # fmt: skip
-    print(
-        f"predicted {summary['images']} images in {summary['wells']} wells -> {summary['out']}/"
-        f"{{{PREDICTIONS_CSV},{EMBEDDINGS_PARQUET},{WELLS_PARQUET}}}"
-    )
-    return 0

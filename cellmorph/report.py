@@ -7,10 +7,8 @@ the page opens anywhere, without a network or the run directory next to it.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +23,13 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cellmorph import atomic  # noqa: E402
 from cellmorph.errors import CellmorphError  # noqa: E402
+from cellmorph.loaders import ShardReader  # noqa: E402
+from cellmorph.metrics import topk_name  # noqa: E402
+from cellmorph.rundir import RunDir  # noqa: E402
+from cellmorph.store import QUARANTINE, open_store  # noqa: E402
 
-FIGURES = "figures"
-REPORT = "report.html"
 # Additive colours for a composite, by channel name (Cell Painting's usual display colours).
 CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {
     "dna": (0.0, 0.3, 1.0),
@@ -70,7 +71,7 @@ CURVE_GROUPS = {
 class Run:
     """What the run directory holds (absent files are None)."""
 
-    path: Path
+    dir: RunDir
     config: dict[str, Any]
     classes: list[str]
     label_column: str
@@ -84,37 +85,6 @@ class Run:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def _read_json(path: Path, required: bool = True) -> Any:
-    if not path.is_file():
-        if required:
-            raise CellmorphError(f"{path} is missing (is this a finished cellmorph run?)")
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CellmorphError(f"{path}: not valid JSON ({e})") from None
-
-
-def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}_"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    try:
-        return [_flatten(json.loads(ln)) for ln in lines]
-    except json.JSONDecodeError as e:
-        raise CellmorphError(f"{path}: a line is not valid JSON ({e})") from None
 
 
 def _epoch_note(run: Run) -> str:
@@ -132,33 +102,35 @@ def _epoch_note(run: Run) -> str:
     return f"<p class='sub'>{_esc(text)}</p>"
 
 
-def load_run(run_dir: Path) -> Run:
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}_"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_run(run: RunDir) -> Run:
     """Read the run directory's files; the config, classes and final metrics are required."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CellmorphError(f"run directory not found: {run_dir}")
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise CellmorphError(f"{cfg_path} is missing (is this a cellmorph run directory?)")
-    classes = _read_json(run_dir / "classes.json")
-    if "classes" not in classes:
-        raise CellmorphError(f"{run_dir / 'classes.json'}: no 'classes' key")
-    run = Run(
-        path=run_dir,
-        config=yaml.safe_load(cfg_path.read_text()) or {},
-        classes=[str(c) for c in classes["classes"]],
-        label_column=str(classes.get("label_column", "")),
-        summary=_read_json(run_dir / "data_summary.json", required=False) or {},
-        history=_read_history(run_dir / "metrics.jsonl"),
-        metrics=_read_json(run_dir / "metrics.json"),
-        audit=_read_json(run_dir / "audit.json", required=False),
+    run.require()
+    encoding = run.read_classes()
+    loaded = Run(
+        dir=run,
+        config=run.read_config(),
+        classes=encoding.classes,
+        label_column=encoding.label_column,
+        summary=run.read_json(run.data_summary, required=False) or {},
+        history=[_flatten(r) for r in run.history()],
+        metrics=run.read_result(),
+        audit=run.read_json(run.audit, required=False),
     )
-    pred_path, emb_path = run_dir / "val_predictions.parquet", run_dir / "val_embeddings.npy"
-    if pred_path.is_file():
-        run.predictions = pd.read_parquet(pred_path)
-    if emb_path.is_file():
-        run.embeddings = np.load(emb_path)
-    return run
+    if run.val_predictions.is_file():
+        loaded.predictions = pd.read_parquet(run.val_predictions)
+    if run.val_embeddings.is_file():
+        loaded.embeddings = np.load(run.val_embeddings)
+    return loaded
 
 
 # --------------------------------------------------------------------------- figures
@@ -361,16 +333,10 @@ def _sample_rows(labels: pd.Series, classes: list[str], per_class: int) -> dict[
 
 
 def _read_images(store: Any, rows: np.ndarray) -> np.ndarray:
-    try:
-        from cellmorph.loaders import ShardReader
-    except ImportError:  # the fast reader is optional here: a few images read fine via zarr
-        return np.stack([np.asarray(store.images[int(r)]) for r in rows])
     return ShardReader(store).read(np.asarray(rows, dtype=np.int64))
 
 
 def plot_sample_grid(run: Run, out: Path, per_class: int) -> Path | None:
-    from cellmorph.store import open_store
-
     store_path = (run.config.get("data") or {}).get("store")
     if per_class <= 0 or not store_path:
         return None
@@ -446,11 +412,11 @@ def _headline(run: Run) -> str:
         ("accuracy", "accuracy"),
         ("balanced_accuracy", "balanced accuracy"),
         ("macro_f1", "macro F1"),
-        (f"top{top_k}_accuracy", f"top-{top_k} accuracy"),
+        (topk_name(top_k), f"top-{top_k} accuracy"),
         ("well_accuracy", "well-level accuracy"),
         ("well_balanced_accuracy", "well-level balanced accuracy"),
         ("loss", "validation loss"),
-        ("chance_uniform", "chance (1/K)"),
+        ("chance", "chance (1/K)"),
         ("chance_majority", "chance (majority class)"),
         ("n_images", "validation images"),
         ("n_wells", "validation wells"),
@@ -464,7 +430,7 @@ def _headline(run: Run) -> str:
 
 
 def _is_leaky(summary: dict[str, Any]) -> bool:
-    flags = ("leaky", "leaky_split", "oversample_before_split")
+    flags = ("leaky", "oversample_before_split")
     return any(bool(summary.get(f)) for f in flags) or summary.get("split") == "image"
 
 
@@ -494,7 +460,7 @@ def _summary_section(run: Run) -> str:
 
 def _quarantine_table(run: Run) -> str:
     store_path = (run.config.get("data") or {}).get("store")
-    q_path = Path(store_path) / "quarantine.csv" if store_path else None
+    q_path = Path(store_path) / QUARANTINE if store_path else None
     if q_path is None or not q_path.is_file():
         return ""
     q = pd.read_csv(q_path)
@@ -561,7 +527,7 @@ pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:.85em}
 
 def render_html(run: Run, figures: list[tuple[Path, str]]) -> str:
     """The report page (all text escaped, figures embedded)."""
-    name = run.config.get("name", run.path.name)
+    name = run.config.get("name", run.dir.name)
     figs = "".join(_img_tag(p, alt) for p, alt in figures)
     notes = "".join(f"<li>{_esc(n)}</li>" for n in run.notes)
     config = yaml.safe_dump(run.config, sort_keys=False)
@@ -569,7 +535,7 @@ def render_html(run: Run, figures: list[tuple[Path, str]]) -> str:
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cellmorph report: {_esc(name)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>cellmorph report: {_esc(name)}</h1>",
-        f"<p class='sub'>{_esc(len(run.classes))} classes of {_esc(run.label_column)} · run directory {_esc(run.path)}</p>",
+        f"<p class='sub'>{_esc(len(run.classes))} classes of {_esc(run.label_column)} · run directory {_esc(run.dir.path)}</p>",
         _leak_banner(run),
         "<h2>Validation metrics</h2>",
         _epoch_note(run),
@@ -588,7 +554,7 @@ def render_html(run: Run, figures: list[tuple[Path, str]]) -> str:
 def make_figures(run: Run) -> list[tuple[Path, str]]:
     """Draw every figure the run's files allow; returns (png path, caption) pairs."""
     eval_cfg = run.config.get("eval") or {}
-    fig_dir = run.path / FIGURES
+    fig_dir = run.dir.figures
     makers: list[tuple[str, str, Callable[[Path], Path | None]]] = [
         ("label_distribution.png", "Label distribution: before and after top-K and balancing",
          lambda p: plot_label_distribution(run, p)),
@@ -608,42 +574,8 @@ def make_figures(run: Run) -> list[tuple[Path, str]]:
     return out
 
 
-def build_report(run_dir: Path) -> Path:
-    """Draw the figures and write ``report.html`` in ``run_dir``; returns the page's path."""
-    run = load_run(Path(run_dir))
+def build_report(run_dir: RunDir) -> Path:
+    """Draw the figures and write ``report.html`` in the run directory; returns the page's path."""
+    run = load_run(run_dir)
     figures = make_figures(run)
-    out = run.path / REPORT
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_html(run, figures), encoding="utf-8")
-    tmp.replace(out)
-    return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="recompute validation outputs from a run's best checkpoint and rebuild its report",
-    )
-    p.add_argument("run_dir", help="runs/<name>")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--report-only", action="store_true", help="only redraw the report from the files"
-    )
-    p.set_defaults(func=_cmd_evaluate)
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    if not args.report_only:
-        from cellmorph.predict import evaluate_run
-
-        metrics = evaluate_run(run_dir, device=args.device)
-        print(
-            f"validation: accuracy {metrics['accuracy']:.3f}, balanced accuracy "
-            f"{metrics['balanced_accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}"
-        )
-    print(f"report: {build_report(run_dir)}")
-    return 0
+    return atomic.write_text(run_dir.report, render_html(run, figures))

@@ -23,6 +23,7 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec
 
+from cellmorph import atomic
 from cellmorph.errors import CellmorphError
 
 FORMAT_VERSION = 1
@@ -30,8 +31,15 @@ IMAGES = "images"
 METADATA = "metadata.parquet"
 QUARANTINE = "quarantine.csv"
 QUARANTINE_COLUMNS = ["source", "plate", "well", "site", "reason"]
-# Required metadata columns; label columns are free-form (Metadata_pert_iname, ...).
-REQUIRED_COLUMNS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "checksum"]
+
+# The metadata schema. Label columns are free-form (Metadata_pert_iname, ...).
+PLATE = "Metadata_Plate"
+WELL = "Metadata_Well"
+SITE = "Metadata_Site"
+KEYS = [PLATE, WELL, SITE]  # one image per (plate, well, site)
+CHECKSUM = "checksum"  # of the stored uint16 bytes of each image
+REQUIRED_COLUMNS = [*KEYS, CHECKSUM]
+STORE_ROW = "store_row"  # the row number of an image in outputs (predictions, embeddings)
 
 
 class StoreError(CellmorphError):
@@ -89,9 +97,9 @@ def create_images(
     return arr
 
 
-def _write_file(path: str | Path, name: str, write: Any) -> None:
-    """Write ``<store>/<name>`` atomically: tmp + rename locally, one fsspec put for URLs
-    (``s3://``, ``gs://``, ``file://``...), where a put is already all-or-nothing."""
+def write_file(path: str | Path, name: str, write: Any) -> None:
+    """Write ``<store>/<name>`` atomically with ``write(target)``: a temporary file + rename
+    locally, one fsspec put for URLs (``s3://``...), where a put is already all-or-nothing."""
     if "://" in str(path):
         import io
 
@@ -102,10 +110,34 @@ def _write_file(path: str | Path, name: str, write: Any) -> None:
         with fsspec.open(f"{str(path).rstrip('/')}/{name}", "wb") as f:
             f.write(buf.getvalue())
         return
-    p = Path(path) / name
-    tmp = p.with_name(p.name + ".tmp")
-    write(tmp)
-    tmp.replace(p)
+    atomic.write_with(Path(path) / name, write)
+
+
+def write_bytes(path: str | Path, name: str, data: bytes) -> None:
+    """Write ``<store>/<name>`` (any file the store keeps beside its arrays) atomically."""
+    write_file(path, name, lambda f: _put(f, data))
+
+
+def _put(target: Any, data: bytes) -> None:
+    if hasattr(target, "write"):
+        target.write(data)
+    else:
+        Path(target).write_bytes(data)
+
+
+def discard_shard(path: str | Path, images: zarr.Array, index: int) -> None:
+    """Delete shard file ``index`` of ``images`` before it is rewritten whole.
+
+    A writer killed mid-write can leave a torn shard file; zarr reads an existing shard before
+    writing into it, so the rewrite would fail on the torn one instead of replacing it.
+    """
+    import fsspec
+
+    key = images.metadata.encode_chunk_key((index,) + (0,) * (images.ndim - 1))
+    fs, root = fsspec.core.url_to_fs(str(path))
+    target = f"{root.rstrip('/')}/{IMAGES}/{key}"
+    if fs.exists(target):
+        fs.rm(target)
 
 
 def write_attrs(path: str | Path, attrs: dict[str, Any]) -> None:
@@ -118,14 +150,12 @@ def write_metadata(path: str | Path, metadata: pd.DataFrame) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
     if missing:
         raise StoreError(f"{path}: metadata lacks required column(s) {', '.join(missing)}")
-    _write_file(
-        path, METADATA, lambda f: metadata.reset_index(drop=True).to_parquet(f, index=False)
-    )
+    write_file(path, METADATA, lambda f: metadata.reset_index(drop=True).to_parquet(f, index=False))
 
 
 def write_quarantine(path: str | Path, rows: list[dict[str, Any]]) -> None:
     df = pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
-    _write_file(path, QUARANTINE, lambda f: df.to_csv(f, index=False))
+    write_file(path, QUARANTINE, lambda f: df.to_csv(f, index=False))
 
 
 def channel_stats(sample: np.ndarray, channels: list[str]) -> dict[str, dict[str, float]]:
@@ -217,6 +247,16 @@ def open_store(path: str | Path) -> Store:
     return Store(path=p, images=images, metadata=metadata, attrs=attrs, quarantine=quarantine)
 
 
+def well_ids(metadata: pd.DataFrame) -> np.ndarray:
+    """One string per image naming its well (``plate/well``)."""
+    missing = [c for c in (PLATE, WELL) if c not in metadata.columns]
+    if missing:
+        raise StoreError(f"metadata lacks column(s) {missing} that name an image's well")
+    plate = metadata[PLATE].astype(str).to_numpy().astype(str)
+    well = metadata[WELL].astype(str).to_numpy().astype(str)
+    return np.char.add(np.char.add(plate, "/"), well)
+
+
 def describe(store: Store, label_column: str | None = None) -> dict[str, Any]:
     """Summary for ``cellmorph inspect``: counts of images, plates, wells, classes, quarantine."""
     md = store.metadata
@@ -227,8 +267,8 @@ def describe(store: Store, label_column: str | None = None) -> dict[str, Any]:
         "shape": list(store.shape),
         "channels": store.channels,
         "codec": store.attrs.get("codec"),
-        "plates": int(md["Metadata_Plate"].nunique()),
-        "wells": int(md.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups),
+        "plates": int(md[PLATE].nunique()),
+        "wells": int(md.groupby([PLATE, WELL]).ngroups),
         "quarantined": len(store.quarantine),
     }
     if label_column and label_column in md.columns:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from cellmorph import atomic
 from cellmorph.config import (
     Config,
     ConfigError,
@@ -27,6 +27,7 @@ from cellmorph.config import (
     validate,
 )
 from cellmorph.errors import CellmorphError
+from cellmorph.rundir import RunDir
 
 
 class Dimension(Section):
@@ -136,11 +137,9 @@ def _release_callback(run_root: Path) -> Any:
     from ray.util import placement_group_table, remove_placement_group
     from ray.util.placement_group import PlacementGroup
 
-    from cellmorph.launch import PLACEMENT_GROUP_FILE
-
     class ReleaseTrainResources(Callback):
         def _release(self, trial: Any) -> None:
-            record = run_root / f"trial-{trial.trial_id}" / PLACEMENT_GROUP_FILE
+            record = RunDir(run_root / f"trial-{trial.trial_id}").placement_group
             if not record.is_file():
                 return
             pg_id = record.read_text().strip()
@@ -170,7 +169,7 @@ def run_sweep(sweep: SweepConfig, base: Config) -> Path:
     out = Path(base.run_root).expanduser().resolve() / sweep.name
     base = resolve_paths(trial_config(base, {"run_root": str(out / "trials")}, base.name))
     preflight(base)
-    init_ray(base.ray)
+    init_ray(base.ray, out / "logs")
     check_resources(base.ray)
     concurrency = fitted_concurrency(sweep, base, ray.cluster_resources().get("CPU", 0))
     print(f"sweep {sweep.name}: {sweep.num_samples} trials, {concurrency} at a time")
@@ -200,25 +199,21 @@ def run_sweep(sweep: SweepConfig, base: Config) -> Path:
     if len(errors) == len(results):
         raise CellmorphError(f"sweep {sweep.name}: every trial failed; first error: {errors[0]}")
     best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
-    return _write_best(out, base, best, results.get_dataframe())
+    return _write_best(out, base, best, results.get_dataframe(), sweep.metric)
 
 
-def _write_best(out: Path, base: Config, best: Any, table: Any) -> Path:
+def _write_best(out: Path, base: Config, best: Any, table: Any, sweep_metric: str) -> Path:
     params = dict(best.config)
     cfg = trial_config(base, params, f"trial-{best.metrics['trial_id']}")
     run_dir = cfg.run_dir
     best_cfg = trial_config(base, params, f"{out.name}-best")
     dump_config(best_cfg, out / "best_config.yaml")
-    src = run_dir / "checkpoints" / "best.pt"
+    src = RunDir(run_dir).best_checkpoint
     if src.is_file():
-        shutil.copy2(src, out / "best.pt")
-    table.to_csv(out / "results.csv", index=False)
-    (out / "best.json").write_text(
-        json.dumps(
-            {"params": params, "metrics": best.metrics, "run_dir": str(run_dir)},
-            indent=2,
-            default=str,
-        )
-    )
-    print(f"best trial: {params} → {best.metrics.get('balanced_accuracy')}; written to {out}")
+        atomic.link_or_copy(src, out / "best.pt")
+    atomic.write_with(out / "results.csv", lambda p: table.to_csv(p, index=False))
+    record = {"params": params, "metrics": best.metrics, "run_dir": str(run_dir)}
+    atomic.write_text(out / "best.json", json.dumps(record, indent=2, default=str))
+    metric = best.metrics.get(sweep_metric)
+    print(f"best trial: {params} -> {sweep_metric} {metric}; written to {out}")
     return out

@@ -26,7 +26,6 @@ and a camera offset.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -36,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
-from pydantic import ValidationError
 from tqdm import tqdm
 
+from cellmorph import atomic
 from cellmorph.config import SynthConfig
 from cellmorph.errors import CellmorphError
 
@@ -451,7 +450,7 @@ def _read_settings(out: Path) -> dict | None:
 
 def _write_settings(out: Path, cfg: SynthConfig, complete: bool) -> None:
     text = json.dumps({**_settings(cfg), "complete": complete}, indent=2, sort_keys=True)
-    (out / SETTINGS_NAME).write_text(text + "\n")
+    atomic.write_text(out / SETTINGS_NAME, text + "\n")
 
 
 def _is_current(out: Path, cfg: SynthConfig) -> bool:
@@ -541,55 +540,7 @@ def generate_plate(cfg: SynthConfig, *, progress: bool = True) -> Path:
             _write_site(out / rec["PathName_OrigDNA"], rec, img)
             records.append(rec)
             bar.update(len(CHANNELS))
-    tmp = csv_path.with_name(CSV_NAME + ".tmp")
-    pd.DataFrame.from_records(records).to_csv(tmp, index=False)
-    tmp.replace(csv_path)
+    frame = pd.DataFrame.from_records(records)
+    atomic.write_with(csv_path, lambda p: frame.to_csv(p, index=False))
     _write_settings(out, cfg, complete=True)
     return csv_path
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def _run(args: argparse.Namespace) -> int:
-    fields = ("seed", "plates", "rows", "cols", "sites", "size")
-    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
-    try:
-        cfg = SynthConfig(out=args.out, **given)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise CellmorphError(f"synth.{err['loc'][0]}: {err['msg']}") from None
-    csv_path = generate_plate(cfg, progress=not args.quiet)
-    df = pd.read_csv(csv_path)
-    print(csv_path)
-    print(
-        f"{len(df)} sites ({len(df) * len(CHANNELS)} TIFFs), {df['Metadata_Plate'].nunique()} "
-        f"plates, {df.groupby(['Metadata_Plate', 'Metadata_Well']).ngroups} wells"
-    )
-    counts = df.groupby("Metadata_pert_iname").agg(
-        sites=("Metadata_Site", "size"), wells_per_plate=("Metadata_Well", "nunique")
-    )
-    print(counts.sort_values("sites", ascending=False).to_string())
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """``cellmorph synth OUT``: write a synthetic Cell Painting plate and its LoadData CSV."""
-    d = SynthConfig()
-    p = sub.add_parser(
-        "synth",
-        help="write a synthetic Cell Painting plate (TIFFs + LoadData CSV)",
-        description=generate_plate.__doc__,
-    )
-    p.add_argument("out", help="output folder (load_data.csv and <plate>/Images/ go here)")
-    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    p.add_argument("--plates", type=int, help=f"number of plates (default {d.plates})")
-    p.add_argument("--rows", type=int, help=f"well rows per plate, <= 16 (default {d.rows})")
-    p.add_argument("--cols", type=int, help=f"well columns per plate, <= 24 (default {d.cols})")
-    p.add_argument("--sites", type=int, help=f"fields per well (default {d.sites})")
-    p.add_argument(
-        "--size", type=int, help=f"image side in px; the pilot's is 1080 (default {d.size})"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)

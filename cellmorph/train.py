@@ -1,99 +1,44 @@
 """The training loop: one ``train_loop(cfg, ctx)`` for local runs and for Ray Train workers.
 
-Reads top to bottom: data → model → optimizer/schedule → resume → epochs (train, evaluate,
-checkpoint, report) → final outputs. Rank 0 owns the run directory; every rank computes the
-same index and epoch permutation, so ranks agree without talking.
+Reads top to bottom: data -> model and optimizer -> resume -> for each epoch: train, evaluate,
+hand the result to the run directory -> the result. Rank 0 owns the run directory; every rank
+computes the same index and epoch permutation, so ranks agree without talking.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import random
-import socket
 import time
 import uuid
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from cellmorph.checkpoint import load_checkpoint, save_checkpoint
-from cellmorph.config import (
-    Config,
-    LoaderConfig,
-    OptimConfig,
-    TrainConfig,
-    config_to_dict,
-    dump_config,
+from cellmorph import atomic
+from cellmorph.checkpoint import (
+    CheckpointSaver,
+    check_compatible,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
 )
+from cellmorph.config import Config, OptimConfig, TrainConfig, config_to_dict
+from cellmorph.distributed import Context, interactive, local_context
 from cellmorph.errors import CellmorphError
-from cellmorph.index import Index, build_index, save_label_encoding
-from cellmorph.loaders import build_loader
-from cellmorph.loaders.augment import normalization
+from cellmorph.index import Index, build_index, check_batch_size
+from cellmorph.loaders import Loader, build_loader
+from cellmorph.loaders.transform import normalization
 from cellmorph.metrics import compute_metrics
 from cellmorph.model import CellNet, build_model
-from cellmorph.predict import infer, write_val_outputs
-from cellmorph.store import Store, describe, open_store
-
-CHECKPOINTS = "checkpoints"
-
-
-# --------------------------------------------------------------------------- context
-
-
-@dataclass
-class Context:
-    """Where this process sits: rank, world, device, and how to report (Ray or not)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    report: Callable[[dict[str, Any], Path | None], None] | None = None
-    wrap_model: Callable[[nn.Module], nn.Module] | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order (on every rank)."""
-        if not self.distributed:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def local_context(use_gpu: bool = False) -> Context:
-    """A single-process context; the GPU only when asked for and present."""
-    if use_gpu and not torch.cuda.is_available():
-        raise CellmorphError("ray.use_gpu is true but torch sees no CUDA GPU on this machine")
-    return Context(device=torch.device("cuda", 0) if use_gpu else torch.device("cpu"))
-
+from cellmorph.predict import infer
+from cellmorph.progress import StepProgress
+from cellmorph.rundir import RunDir, ValOutputs
+from cellmorph.store import Store, describe, open_store, well_ids
 
 # --------------------------------------------------------------------------- schedule / amp
 
@@ -140,143 +85,261 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-# --------------------------------------------------------------------------- checkpoints
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
-def check_compatible(
-    ckpt: dict[str, Any], classes: list[str], channels: list[str], src: Path
-) -> None:
-    """Refuse to resume or fine-tune across a change of classes or channels."""
-    if list(ckpt.get("channels", [])) != list(channels):
-        raise CellmorphError(
-            f"{src}: checkpoint channels {ckpt.get('channels')} differ from the store's {channels}"
-        )
-    if list(ckpt.get("classes", [])) != list(classes):
-        ck = ckpt.get("classes", [])
-        raise CellmorphError(
-            f"{src}: checkpoint has {len(ck)} classes {ck[:5]}... but this data has "
-            f"{len(classes)} {classes[:5]}...; use a new run name to train from scratch"
-        )
+# --------------------------------------------------------------------------- setup
 
 
-def update_best(
-    best_k: list[tuple[float, int]], score: float, epoch: int, k: int
-) -> tuple[list[tuple[float, int]], list[int]]:
-    """The top-``k`` (score, epoch) list after ``epoch`` scored ``score``, best first (ties:
-    the earlier epoch), and the epochs that fell out of it."""
-    if k == 0 or math.isnan(score):
-        return best_k, []
-    ranked = sorted([*best_k, (score, epoch)], key=lambda t: (-t[0], t[1]))
-    return ranked[:k], [e for _, e in ranked[k:]]
+@dataclass
+class Data:
+    """The store, its index and this rank's loaders."""
+
+    store: Store
+    index: Index
+    train_loader: Loader
+    val_loader: Loader
+    norm: tuple[np.ndarray, np.ndarray]  # saved with checkpoints: predict reuses it
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "python": random.getstate()[1],
-    }
+@dataclass
+class Training:
+    """Everything that changes during training; ``model`` is the unwrapped network."""
+
+    model: CellNet
+    net: nn.Module  # what runs forward/backward (DDP-wrapped, compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    device: torch.device
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
+def build_data(cfg: Config, ctx: Context) -> Data:
+    store = open_store(cfg.data.store)
+    index = build_index(store.metadata, cfg.data)
+    check_batch_size(cfg.loader.batch_size, index)
+    norm = normalization(store, cfg.loader)
+    loaders = [
+        build_loader(store, rows, index.labels, cfg.loader, train=train, device=ctx.device,
+                     seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, norm=norm)
+        for rows, train in ((index.train_order, True), (index.val, False))
+    ]  # fmt: skip
+    return Data(store, index, loaders[0], loaders[1], norm)
+
+
+def steps_per_epoch(cfg: TrainConfig, loader: Loader) -> int:
+    n = len(loader)
+    return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
+
+
+def build_training(cfg: Config, data: Data, ctx: Context) -> Training:
+    model = build_model(cfg.model, len(data.store.channels), len(data.index.classes))
+    model = model.to(ctx.device)
+    if ctx.device.type == "cuda" and cfg.train.channels_last is not False:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    total = steps_per_epoch(cfg.train, data.train_loader) * cfg.train.epochs
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch(cfg.train, data.train_loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, cfg.optim.min_lr_ratio)
+    )
+    dtype, use_scaler = resolve_amp(cfg.train.amp, ctx.device)
+    weights = data.index.class_weights
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=ctx.device)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    return Training(model, model, optimizer, scheduler, scaler, criterion, dtype, ctx.device)
+
+
+def wrap(training: Training, cfg: TrainConfig, ctx: Context) -> None:
+    """Compile and wrap for DDP after resuming (state dicts load into the plain model)."""
+    net: nn.Module = training.model
+    if cfg.compile:
+        net = torch.compile(net)
+    training.net = ctx.wrap_model(net) if ctx.wrap_model else net
+
+
+def resume(run: RunDir, t: Training, data: Data, cfg: Config, saver: CheckpointSaver) -> int:
+    """Load ``last.pt`` if this run has one; returns the first epoch to train.
+
+    Called before any run file is written, so a refused resume changes nothing.
+    """
+    if not run.last_checkpoint.is_file():
+        return 0
+    ckpt = load_checkpoint(run.last_checkpoint)
+    check_compatible(ckpt, data.index.classes, data.store.channels,
+                     config_to_dict(cfg)["model"], run.last_checkpoint)  # fmt: skip
+    t.model.load_state_dict(ckpt["model"])
+    t.optimizer.load_state_dict(ckpt["optimizer"])
+    t.scheduler.load_state_dict(ckpt["scheduler"])
+    if t.scaler is not None and ckpt.get("scaler"):
+        t.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"])
+    saver.restore(ckpt)
+    return int(ckpt["epoch"]) + 1
 
 
 # --------------------------------------------------------------------------- one epoch
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    criterion: nn.Module,
-    cfg: TrainConfig,
-    grad_clip: float,
-    amp: tuple[torch.dtype | None, torch.amp.GradScaler | None],
-    device: torch.device,
-    log: Callable[[str], None] = print,
-) -> dict[str, float]:
-    """One pass over this rank's part of the epoch; returns loss and throughput."""
-    model.train()
-    dtype, scaler = amp
-    total_loss, seen, t0 = 0.0, 0, time.perf_counter()
-    n_batches = len(loader)
-    if cfg.max_steps_per_epoch:
-        n_batches = min(n_batches, cfg.max_steps_per_epoch)
+def train_one_epoch(t: Training, loader: Loader, epoch: int, cfg: TrainConfig,
+                    grad_clip: float, progress: StepProgress) -> dict[str, float]:  # fmt: skip
+    """One pass over this rank's part of the epoch; returns loss and throughput.
+
+    The loss is summed on the device and read only at the log interval: ``loss.item()`` every
+    step would make the host wait for the GPU every step.
+    """
+    t.net.train()
+    n_steps = steps_per_epoch(cfg, loader)
+    loss_sum = torch.zeros((), device=t.device)
+    seen, t0 = 0, time.perf_counter()
+    progress.start_epoch(epoch, n_steps)
     for step, (x, y, _rows) in enumerate(loader):
-        if step >= n_batches:
+        if step >= n_steps:
             break
-        if device.type == "cuda" and cfg.channels_last is not False:
+        if t.device.type == "cuda" and cfg.channels_last is not False:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-        with ctx:
-            loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        total_loss += loss.item() * len(y)
+        autocast = (
+            torch.autocast(t.device.type, dtype=t.amp_dtype) if t.amp_dtype else nullcontext()
+        )
+        with autocast:
+            loss = t.criterion(t.net(x), y)
+        t.optimizer.zero_grad(set_to_none=True)
+        _backward_and_step(t, loss, grad_clip)
+        loss_sum += loss.detach() * len(y)
         seen += len(y)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == n_batches:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
             rate = seen / max(time.perf_counter() - t0, 1e-9)
-            eta = (n_batches - step - 1) * len(y) / max(rate, 1e-9)
-            log(
-                f"  step {step + 1}/{n_batches} loss {total_loss / seen:.4f} "
-                f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} img/s eta {eta:.0f}s"
-            )
+            progress.step(epoch, step + 1, n_steps, loss_sum.item() / seen, rate)
     seconds = time.perf_counter() - t0
     return {
-        "train_loss": total_loss / max(seen, 1),
+        "train_loss": loss_sum.item() / max(seen, 1),
         "train_images": seen,
         "train_images_per_s": seen / max(seconds, 1e-9),
-        "lr": scheduler.get_last_lr()[0],
+        "lr": t.scheduler.get_last_lr()[0],
     }
 
 
-def evaluate(model: nn.Module, loader: Any, device: torch.device) -> tuple[np.ndarray, ...]:
-    """This rank's validation outputs: store rows, class probabilities, embeddings."""
-    return infer(model, loader, device)
+def _backward_and_step(t: Training, loss: torch.Tensor, grad_clip: float) -> None:
+    if t.scaler is not None:
+        t.scaler.scale(loss).backward()
+        t.scaler.unscale_(t.optimizer)
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(t.model.parameters(), grad_clip)
+    if t.scaler is not None:
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    else:
+        t.optimizer.step()
+    t.scheduler.step()
+
+
+def evaluate(model: nn.Module, loader: Loader, data: Data, ctx: Context) -> ValOutputs | None:
+    """The validation outputs of every rank, on rank 0 (None on the others)."""
+    parts = ctx.gather(infer(model, loader, ctx.device))
+    if not ctx.is_main:
+        return None
+    rows, probs, embs = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    return ValOutputs(rows, probs, embs, data.index.labels[rows])
+
+
+def score(val: ValOutputs, data: Data, cfg: Config) -> dict[str, Any]:
+    wells = well_ids(data.store.metadata)[val.rows]
+    return compute_metrics(val.labels, val.probs, data.index.classes, wells=wells,
+                           top_k=cfg.eval.top_k)  # fmt: skip
+
+
+def checkpoint_state(
+    t: Training, data: Data, cfg: Config, record: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+        "rng": rng_state(),
+        "config": config_to_dict(cfg),
+        "classes": data.index.classes,
+        "label_column": cfg.data.label_column,
+        "channels": data.store.channels,
+        "image_size": cfg.loader.image_size,
+        "norm": {"mean": data.norm[0].tolist(), "std": data.norm[1].tolist()},
+        "metrics": {k: v for k, v in record.items() if np.isscalar(v)},
+    }
+
+
+def end_epoch(run: RunDir, saver: CheckpointSaver, t: Training, data: Data, cfg: Config,
+              record: dict[str, Any], val: ValOutputs) -> dict[str, Any]:  # fmt: skip
+    """Rank 0: score the epoch, log it, checkpoint it, and keep it as the result if best."""
+    metrics = score(val, data, cfg)
+    record.update({k: v for k, v in metrics.items() if np.isscalar(v)})
+    # The metrics line goes first: a crash before the checkpoint reruns this epoch, and the
+    # trim at resume then keeps exactly one line for it.
+    run.log_epoch(record)
+    if saver.is_better(float(metrics.get(cfg.train.best_metric, float("nan")))):
+        result = {"epoch": record["epoch"], **metrics}
+        run.write_result(result, val, data.index.classes, data.store.metadata)
+    saver.save(checkpoint_state(t, data, cfg, record), record["epoch"],
+               float(metrics.get(cfg.train.best_metric, float("nan"))))  # fmt: skip
+    return record
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def check_batch_size(cfg: LoaderConfig, index: Index) -> None:
-    """A batch larger than the training fold would make every epoch mostly padding."""
-    if cfg.batch_size > len(index.train_order):
-        raise CellmorphError(
-            f"loader.batch_size={cfg.batch_size} is larger than the training fold "
-            f"({len(index.train_order)} images)"
-        )
-
-
-def _wells(store: Store, rows: np.ndarray) -> np.ndarray:
-    md = store.metadata
-    return (md["Metadata_Plate"].astype(str) + "/" + md["Metadata_Well"].astype(str)).to_numpy()[
-        rows
-    ]
-
-
-def _check_storage_shared(run_dir: Path, ctx: Context) -> None:
-    """Every rank must see rank 0's run directory: checkpoints and resume depend on it."""
-    token = ctx.broadcast(uuid.uuid4().hex if ctx.is_main else None)
-    marker = run_dir / f".storage-check-{token}"
+def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
+    """Train ``cfg`` as one rank of ``ctx``; returns the result (the best epoch's metrics)."""
+    seed_everything(cfg.seed + ctx.rank)
+    run = RunDir(cfg.run_dir)
+    data = build_data(cfg, ctx)
+    t = build_training(cfg, data, ctx)
+    saver = CheckpointSaver(run, cfg.train.best_metric, cfg.best_mode, cfg.train.keep_best)
+    start = resume(run, t, data, cfg, saver)  # refuses before any run file is written
+    workers = ctx.gather(ctx.process())
     if ctx.is_main:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(socket.gethostname())
+        summary = {**describe(data.store), **data.index.summary}
+        summary.pop("class_counts", None)
+        run.create(config_to_dict(cfg), data.index.classes, cfg.data.label_column, summary)
+        run.begin(start, workers)
+    check_storage_shared(run, ctx)
+    wrap(t, cfg.train, ctx)
+    progress = StepProgress(run, cfg.train.epochs, enabled=ctx.is_main, console=ctx.console,
+                            bar=interactive())  # fmt: skip
+    if start > 0:
+        progress.message(f"resuming {run.name} at epoch {start + 1} ({run.last_checkpoint})")
+    for epoch in range(start, cfg.train.epochs):
+        t0 = time.perf_counter()
+        data.train_loader.set_epoch(epoch)
+        stats = train_one_epoch(t, data.train_loader, epoch, cfg.train, cfg.optim.grad_clip,
+                                progress)  # fmt: skip
+        val = evaluate(t.net, data.val_loader, data, ctx)
+        record: dict[str, Any] = {"epoch": epoch, "world_size": ctx.world_size, **stats}
+        if ctx.is_main:
+            record["seconds"] = time.perf_counter() - t0
+            end_epoch(run, saver, t, data, cfg, record, val)
+            progress.end_epoch(record)
+        ctx.barrier()
+        if ctx.report is not None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            ctx.report(scalars, run.last_checkpoint if ctx.is_main else None)
+    return run.read_result() if ctx.is_main else {}
+
+
+def check_storage_shared(run: RunDir, ctx: Context) -> None:
+    """Every rank must see rank 0's run directory: checkpoints and resume depend on it."""
+    if ctx.world_size == 1:
+        return
+    marker = run.path / f".storage-check-{ctx.broadcast(uuid.uuid4().hex)}"
+    if ctx.is_main:
+        atomic.write_text(marker, "")
     ctx.barrier()
     seen = ctx.gather(marker.is_file())
     ctx.barrier()
@@ -285,205 +348,12 @@ def _check_storage_shared(run_dir: Path, ctx: Context) -> None:
     if not all(seen):
         blind = [r for r, ok in enumerate(seen) if not ok]
         raise CellmorphError(
-            f"run_root: {run_dir} is not shared between nodes (ranks {blind} cannot see rank 0's "
-            "files); point run_root at a shared filesystem (NFS, Lustre, a mounted bucket)"
+            f"run_root: {run.path} is not shared between nodes (ranks {blind} cannot see rank "
+            "0's files); point run_root at a shared filesystem (NFS, Lustre, a mounted bucket)"
         )
 
 
-def _trim_metrics(path: Path, before_epoch: int) -> None:
-    """Keep one line per epoch < ``before_epoch`` (the latest): a resumed run logs each once."""
-    if not path.is_file():
-        return
-    latest: dict[int, str] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            epoch = int(json.loads(line).get("epoch", -1))
-            if epoch < before_epoch:
-                latest[epoch] = line
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(latest[e] + "\n" for e in sorted(latest)))
-    os.replace(tmp, path)
-
-
-def _prepare_run_dir(cfg: Config, store: Store, index: Index, ctx: Context) -> Path:
-    run_dir = cfg.run_dir
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        save_label_encoding(index.classes, cfg.data.label_column, run_dir / "classes.json")
-        summary = {**describe(store), **index.summary}
-        summary.pop("class_counts", None)
-        (run_dir / "data_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _check_storage_shared(run_dir, ctx)
-    return run_dir
-
-
-def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
-    """Train ``cfg`` in this process (one rank of ``ctx``); returns the final metrics."""
-    log = print if ctx.is_main else (lambda _msg: None)
-    torch.manual_seed(cfg.seed + ctx.rank)
-    np.random.seed(cfg.seed + ctx.rank)
-    random.seed(cfg.seed + ctx.rank)
-
-    # --- data
-    store = open_store(cfg.data.store)
-    index = build_index(store.metadata, cfg.data)
-    check_batch_size(cfg.loader, index)
-    run_dir = _prepare_run_dir(cfg, store, index, ctx)
-    norm = normalization(store, cfg.loader)  # saved with checkpoints: predict reuses it
-    train_loader = build_loader(
-        store, index.train_order, index.labels, cfg.loader, train=True, device=ctx.device,
-        seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-    )  # fmt: skip
-    val_loader = build_loader(
-        store, index.val, index.labels, cfg.loader, train=False, device=ctx.device,
-        seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-    )  # fmt: skip
-
-    # --- model, optimizer, schedule
-    model = build_model(cfg.model, len(store.channels), len(index.classes)).to(ctx.device)
-    if ctx.device.type == "cuda" and cfg.train.channels_last is not False:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
-    steps_per_epoch = len(train_loader)
-    if cfg.train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.optim.min_lr_ratio)
-    )
-    dtype, use_scaler = resolve_amp(cfg.train.amp, ctx.device)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    weights = None
-    if index.class_weights is not None:
-        weights = torch.as_tensor(index.class_weights, dtype=torch.float32, device=ctx.device)
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing)
-
-    # --- resume (after a worker failure, or the same run name submitted again)
-    start_epoch, best_k = 0, []
-    last_path = run_dir / CHECKPOINTS / "last.pt"
-    if last_path.is_file():
-        ckpt = load_checkpoint(last_path)
-        check_compatible(ckpt, index.classes, store.channels, last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        _restore_rng(ckpt["rng"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        best_k = [(float(s), int(e)) for s, e in ckpt.get("best_k", [])]
-        log(f"resuming {run_dir.name} from epoch {start_epoch} ({last_path})")
-        if ctx.is_main:  # a visible trace of every restart, for users and the failure test
-            with (run_dir / "events.jsonl").open("a") as f:
-                f.write(
-                    json.dumps({"event": "resume", "epoch": start_epoch, "time": time.time()})
-                    + "\n"
-                )
-    if ctx.is_main:
-        _trim_metrics(run_dir / "metrics.jsonl", start_epoch)
-
-    if cfg.train.compile:
-        model = torch.compile(model)
-    ddp_model = ctx.wrap_model(model) if ctx.wrap_model else model
-    raw_model: CellNet = getattr(model, "_orig_mod", model)
-
-    # --- epochs
-    metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        train_loader.set_epoch(epoch)
-        log(f"epoch {epoch + 1}/{cfg.train.epochs}")
-        stats = train_one_epoch(
-            ddp_model, train_loader, optimizer, scheduler, criterion, cfg.train,
-            cfg.optim.grad_clip, (dtype, scaler), ctx.device, log,
-        )  # fmt: skip
-        parts = ctx.gather(evaluate(ddp_model, val_loader, ctx.device))
-        rows, probs, embs = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        record: dict[str, Any] = {"epoch": epoch, "world_size": ctx.world_size, **stats}
-        if ctx.is_main:
-            metrics = compute_metrics(
-                index.labels[rows], probs, index.classes, wells=_wells(store, rows),
-                top_k=cfg.eval.top_k,
-            )  # fmt: skip
-            record.update({k: v for k, v in metrics.items() if np.isscalar(v)})
-            score = float(metrics.get(cfg.train.best_metric, float("nan")))
-            best_k, dropped = update_best(best_k, score, epoch, cfg.train.keep_best)
-            state = {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch,
-                "best_k": [list(t) for t in best_k],
-                "rng": _rng_state(),
-                "config": config_to_dict(cfg),
-                "classes": index.classes,
-                "label_column": cfg.data.label_column,
-                "channels": store.channels,
-                "image_size": cfg.loader.image_size,
-                "norm": {"mean": norm[0].tolist(), "std": norm[1].tolist()},
-                "metrics": {k: v for k, v in record.items() if np.isscalar(v)},
-            }
-            ckpt_dir = run_dir / CHECKPOINTS
-            if any(e == epoch for _, e in best_k):
-                save_checkpoint(state, ckpt_dir / f"best-epoch{epoch:03d}.pt")
-            for old in dropped:
-                (ckpt_dir / f"best-epoch{old:03d}.pt").unlink(missing_ok=True)
-            if best_k and best_k[0][1] == epoch:  # the new best: what evaluate/predict use
-                save_checkpoint(state, ckpt_dir / "best.pt")
-                write_val_outputs(
-                    run_dir, rows, probs, embs, index.labels[rows], index.classes, store.metadata
-                )
-                (run_dir / "metrics.json").write_text(
-                    json.dumps({"epoch": epoch, **metrics}, indent=2)
-                )
-            # The metrics line goes first: a crash before the checkpoint reruns this epoch,
-            # and the trim on resume then keeps exactly one line for it.
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_checkpoint(state, last_path)
-            log(
-                f"  val acc {metrics['accuracy']:.3f} balanced {metrics['balanced_accuracy']:.3f} "
-                f"macro-F1 {metrics['macro_f1']:.3f} (chance {metrics['chance']:.3f})"
-            )
-        ctx.barrier()
-        if ctx.report is not None:
-            scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
-            ctx.report(scalars, last_path if ctx.is_main else None)
-
-    if ctx.is_main:
-        if not (run_dir / "metrics.json").is_file():  # keep_best=0: the last epoch is the result
-            write_val_outputs(
-                run_dir, rows, probs, embs, index.labels[rows], index.classes, store.metadata
-            )
-            (run_dir / "metrics.json").write_text(json.dumps({"epoch": epoch, **metrics}, indent=2))
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    return metrics
-
-
-def run_local(cfg: Config) -> Path:
-    """Train in this process without Ray (debugging, tests, the audit); returns the run dir."""
+def run_local(cfg: Config) -> RunDir:
+    """Train in this process without Ray (debugging, tests, the audit); returns the run."""
     train_loop(cfg, local_context(cfg.ray.use_gpu))
-    return cfg.run_dir
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (Ray Train, or --local in this process)")
-    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.epochs=3")
-    p.set_defaults(func=_cmd_train)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from cellmorph.config import load_config
-    from cellmorph.launch import resolve_paths, run_ray_training
-
-    cfg = resolve_paths(load_config(args.config, args.overrides))
-    run_dir = run_local(cfg) if args.local else run_ray_training(cfg)
-    print(f"run: {run_dir}")
-    return 0
+    return RunDir(cfg.run_dir)

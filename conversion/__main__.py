@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import run_main
 from conversion.cli import add_parser
 
 
@@ -17,11 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conversion")
     add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CellmorphError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+
+from cellmorph import store as cstore
 
 DIRNAME = ".convert"
 
@@ -34,7 +33,8 @@ class Manifest:
     """Read/write access to one store's manifest files."""
 
     def __init__(self, out: str) -> None:
-        self.fs, root = fsspec.core.url_to_fs(str(out))
+        self.out = str(out)
+        self.fs, root = fsspec.core.url_to_fs(self.out)
         self.root = f"{root.rstrip('/')}/{DIRNAME}"
 
     def _path(self, name: str) -> str:
@@ -48,17 +48,8 @@ class Manifest:
             return None
 
     def _write(self, name: str, obj: Any) -> None:
-        data = json.dumps(obj, sort_keys=True).encode()
-        target = self._path(name)
-        self.fs.makedirs(self.root, exist_ok=True)
-        if isinstance(self.fs, LocalFileSystem):
-            # Local files need tmp + rename to survive SIGKILL; object-store puts are atomic.
-            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        else:
-            self.fs.pipe_file(target, data)
+        # Atomic: a record that exists is complete, also after SIGKILL.
+        cstore.write_bytes(self.out, f"{DIRNAME}/{name}", json.dumps(obj, sort_keys=True).encode())
 
     def header(self) -> dict[str, Any] | None:
         return self._read("header.json")
@@ -77,6 +68,3 @@ class Manifest:
 
     def write_shard(self, index: int, record: dict[str, Any]) -> None:
         self._write(f"shard-{index:06d}.json", record)
-
-    def exists(self) -> bool:
-        return self.fs.exists(self._path("header.json"))

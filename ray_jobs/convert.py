@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import run_main
 from conversion.cli import add_convert_arguments, config_from_args, print_summary
 
 T = TypeVar("T")
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     add_convert_arguments(parser)
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         import ray
 
         from conversion.pack import convert
@@ -49,10 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         if not ray.is_initialized():
             ray.init(address=args.address)
         print_summary(convert(cfg, args.out, overwrite=args.overwrite, mapper=ray_map))
-    except CellmorphError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from cellmorph.config import load_config
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import run_main
 from cellmorph.launch import run_ray_training
 
 
@@ -18,13 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.epochs=3")
     args = p.parse_args(argv)
-    try:
-        run_dir = run_ray_training(load_config(args.config, args.overrides))
-    except CellmorphError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"run: {run_dir}")
-    return 0
+
+    def body() -> int:
+        run = run_ray_training(load_config(args.config, args.overrides))
+        print(f"run: {run.path}")
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import run_main
 from cellmorph.sweep import load_sweep, run_sweep
 
 
@@ -17,13 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="sweep YAML (configs/sweep.yaml)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides of the sweep file")
     args = p.parse_args(argv)
-    try:
-        out = run_sweep(*load_sweep(args.config, args.overrides))
-    except CellmorphError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"sweep: {out}")
-    return 0
+
+    def body() -> int:
+        print(f"sweep: {run_sweep(*load_sweep(args.config, args.overrides))}")
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

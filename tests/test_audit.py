@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from test_predict import make_store
 
-from cellmorph.audit import audit, study_config
+from cellmorph.audit import audit, format_table, study_config
 from cellmorph.config import Config
 from cellmorph.errors import CellmorphError
+from cellmorph.rundir import RunDir
 
 
 def _tiny_config(tmp_path: Path) -> Config:
@@ -57,7 +58,7 @@ def test_audit_refuses_a_leaky_default():
 
 
 @pytest.mark.slow
-def test_audit_trains_both_protocols_and_counts_copies(tmp_path: Path, capsys):
+def test_audit_trains_both_protocols_and_counts_copies(tmp_path: Path):
     cfg = _tiny_config(tmp_path)
     result = audit(cfg)
     study, default = result["protocols"]
@@ -75,9 +76,9 @@ def test_audit_trains_both_protocols_and_counts_copies(tmp_path: Path, capsys):
     assert study["val_copies_in_train"] > 0
     assert default["val_copies_in_train"] == 0
     assert default["n_val_images"] > 0 and study["n_val_images"] > 0
-    printed = capsys.readouterr().out
-    assert "study protocol" in printed and "val_copies_in_train" in printed
+    table = format_table(result)
+    assert "study protocol" in table and "val_copies_in_train" in table
 
     # Reusing the trained default run only retrains the study protocol (already done: no-op).
-    again = audit(cfg, reuse_default_run=tmp_path / "runs" / "tiny")
+    again = audit(cfg, reuse_default_run=RunDir(tmp_path / "runs" / "tiny"))
     assert again["protocols"][1]["accuracy"] == default["accuracy"]

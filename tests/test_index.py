@@ -15,10 +15,9 @@ from cellmorph.index import (
     build_index,
     count_val_copies_in_train,
     encode_labels,
-    load_label_encoding,
-    save_label_encoding,
     shared_wells,
 )
+from cellmorph.rundir import LabelEncoding, load_label_encoding, save_label_encoding
 
 LABEL = "Metadata_pert_iname"
 
@@ -276,13 +275,14 @@ def test_layout_confound_warning_when_most_classes_sit_in_one_well(md):
 
 def test_label_encoding_round_trip(md, tmp_path):
     index = build_index(md, DataConfig(balance="none"))
-    path = save_label_encoding(index, LABEL, tmp_path / "run" / "classes.json")
+    path = save_label_encoding(LabelEncoding(LABEL, index.classes), tmp_path / "run" / "c.json")
     enc = load_label_encoding(path)
     assert enc.label_column == LABEL and enc.classes == index.classes
-    np.testing.assert_array_equal(encode_labels(md, enc), index.labels)
+    np.testing.assert_array_equal(encode_labels(md, LABEL, enc.classes), index.labels)
     other = md.head(3).assign(**{LABEL: ["cmpd1", "unknown", None]})
-    np.testing.assert_array_equal(encode_labels(other, enc), [enc.classes.index("cmpd1"), -1, -1])
-    save_label_encoding(["b", "a"], "Metadata_x", tmp_path / "c.json")
+    got = encode_labels(other, LABEL, enc.classes)
+    np.testing.assert_array_equal(got, [enc.classes.index("cmpd1"), -1, -1])
+    save_label_encoding(LabelEncoding("Metadata_x", ["b", "a"]), tmp_path / "c.json")
     assert load_label_encoding(tmp_path / "c.json") == ("Metadata_x", ["b", "a"])
 
 

@@ -14,7 +14,7 @@ from cellmorph import store as st
 from cellmorph.config import LoaderConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.loaders import build_loader
-from cellmorph.loaders.augment import geometry
+from cellmorph.loaders.transform import geometry
 
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
 
@@ -278,7 +278,7 @@ def test_dali_gpu_inflate_matches_cpu(tmp_path, augment):
 
 
 def test_high_uint16_values_survive_the_float_conversion():
-    from cellmorph.loaders.augment import to_float
+    from cellmorph.loaders.transform import to_float
 
     a = np.array([[0, 1, 32768, 65535]], dtype=np.uint16)
     want = torch.tensor([[0.0, 1.0, 32768.0, 65535.0]])

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cellmorph.checkpoint import read_checkpoint
 from cellmorph.cli import main
 from cellmorph.config import Config, ModelConfig
 from cellmorph.errors import CellmorphError
@@ -131,9 +132,8 @@ def test_predict_unlabeled_store_writes_three_outputs(unlabeled, tmp_path: Path)
     )
 
     # The streamed outputs equal a direct, in-memory inference.
-    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ck = read_checkpoint(ckpt)
     model = model_from_checkpoint(ck)
-    from cellmorph.config import LoaderConfig
     from cellmorph.loaders import build_loader
     from cellmorph.store import open_store
 
@@ -142,9 +142,10 @@ def test_predict_unlabeled_store_writes_three_outputs(unlabeled, tmp_path: Path)
         s,
         np.arange(n),
         np.zeros(n, np.int64),
-        LoaderConfig(**ck["config"]["loader"]),
+        ck.config.loader,
         train=False,
         device=torch.device("cpu"),
+        norm=ck.norm,
     )
     rows, probs, embs = infer(model, loader, torch.device("cpu"))
     emb_sorted = emb.set_index("store_row").sort_index()[emb_cols].to_numpy()

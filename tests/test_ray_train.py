@@ -12,6 +12,7 @@ import pytest
 
 from cellmorph.checkpoint import load_checkpoint
 from cellmorph.config import load_config
+from cellmorph.rundir import RunDir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -28,7 +29,7 @@ def test_two_workers_on_two_nodes(ray_cluster, small_cfg, epochs_of):
     assert len(nodes) == 2 and all(n["Resources"]["CPU"] == 1 for n in nodes)
     # Each worker needs the one CPU a node has: Ray must put one worker on each node.
     cfg = small_cfg("ddp", *TWO, "train.epochs=1", "train.max_steps_per_epoch=2")
-    run_dir = run_ray_training(cfg)
+    run_dir = run_ray_training(cfg).path
     assert epochs_of(run_dir) == [0]
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert record["world_size"] == 2
@@ -37,53 +38,46 @@ def test_two_workers_on_two_nodes(ray_cluster, small_cfg, epochs_of):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
 
 
-def _train_workers(since: float) -> list:
-    """This run's Ray Train worker processes (started after ``since``: earlier tests' workers
-    may still be exiting)."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline", "create_time"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd and p.info["create_time"] >= since:
-            procs.append(p)
-    return procs
+def _wait_for(condition, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, small_cfg, epochs_of):
     from cellmorph.launch import run_ray_training
 
-    cfg = small_cfg("chaos", *TWO, "train.epochs=3", "ray.max_failures=2")
-    run_dir = cfg.run_dir
+    epochs = 8
+    cfg = small_cfg("chaos", *TWO, f"train.epochs={epochs}", "ray.max_failures=2",
+                    "train.max_steps_per_epoch=2")  # fmt: skip
+    run = RunDir(cfg.run_dir)
     outcome: dict = {}
 
     def train() -> None:
         try:
-            outcome["run_dir"] = run_ray_training(cfg)
+            outcome["run"] = run_ray_training(cfg, quiet=True)
         except Exception as e:  # reported by the assertion below
             outcome["error"] = e
 
     thread = threading.Thread(target=train)
-    started = time.time() - 1.0  # process create_time has coarse resolution
     thread.start()
-    killed = None
-    deadline = time.time() + 240
-    while thread.is_alive() and time.time() < deadline and killed is None:
-        jsonl = run_dir / "metrics.jsonl"
-        if jsonl.is_file() and jsonl.read_text().strip():
-            workers = _train_workers(started)
-            if workers:
-                killed = workers[-1].pid
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.1)
+    # The run names its worker processes in its start event; kill rank 0 (the one that writes
+    # the run's files) once epoch 0 is checkpointed.
+    _wait_for(lambda: run.last_checkpoint.is_file(), "epoch 0's checkpoint")
+    start = run.read_events()[0]
+    assert start["event"] == "start" and [w["rank"] for w in start["workers"]] == [0, 1]
+    logged = epochs_of(run.path)
+    assert len(logged) < epochs, "the run finished before the kill"
+    os.kill(start["workers"][0]["pid"], signal.SIGKILL)
     thread.join(timeout=300)
     assert "error" not in outcome, outcome.get("error")
-    assert killed is not None, "training finished before a worker could be killed"
-    assert epochs_of(run_dir) == [0, 1, 2]  # every epoch exactly once, across the restart
-    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert any(e["event"] == "resume" and e["epoch"] >= 1 for e in events)
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert ckpt["epoch"] == 2
+    assert epochs_of(run.path) == list(range(epochs))  # every epoch once, across the restart
+    resumes = [e for e in run.read_events() if e["event"] == "resume"]
+    assert len(resumes) == 1 and 1 <= resumes[0]["epoch"] <= len(logged)
+    assert resumes[0]["workers"][0]["pid"] != start["workers"][0]["pid"]
+    assert load_checkpoint(run.last_checkpoint)["epoch"] == epochs - 1
+    assert not list(run.path.rglob("*.tmp"))  # the killed writer's temporary files are gone
 
 
 def test_tune_two_trial_sweep_runs_to_the_end(ray_cluster, tiny_plate, tmp_path):

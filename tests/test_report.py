@@ -18,15 +18,16 @@ from test_predict import make_checkpoint, make_store
 from cellmorph.cli import main
 from cellmorph.config import Config
 from cellmorph.index import build_index
-from cellmorph.metrics import compute_metrics, well_ids
-from cellmorph.predict import evaluate_run, write_val_outputs
+from cellmorph.metrics import compute_metrics
+from cellmorph.predict import evaluate_run
 from cellmorph.report import Run, build_report, plot_confusion
-from cellmorph.store import describe, open_store
+from cellmorph.rundir import RunDir, ValOutputs
+from cellmorph.store import describe, open_store, well_ids
 
 FIGURES = ["label_distribution", "training_curves", "confusion_matrix", "tsne", "sample_grid"]
 
 
-def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> Path:
+def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> RunDir:
     """A run directory with every file train.py writes, from a tiny store and fake outputs."""
     store_path = make_store(tmp_path / "store.zarr", wells=8, sites=3)
     store = open_store(store_path)
@@ -58,7 +59,7 @@ def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> Path:
     )
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     metrics = compute_metrics(
-        labels, probs, index.classes, wells=well_ids(store.metadata.iloc[rows])
+        labels, probs, index.classes, wells=well_ids(store.metadata)[rows]
     )
     (run / "metrics.json").write_text(json.dumps({"epoch": 2, **metrics}))
     with (run / "metrics.jsonl").open("w") as f:
@@ -73,10 +74,9 @@ def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> Path:
             }
             f.write(json.dumps(rec) + "\n")
     emb = rng.normal(size=(len(rows), 64)).astype(np.float32) + labels[:, None]
-    write_val_outputs(
-        run, rows, probs.astype(np.float32), emb, labels, index.classes, store.metadata
-    )
-    return run
+    val = ValOutputs(rows, probs.astype(np.float32), emb, labels)
+    RunDir(run).write_val_outputs(val, index.classes, store.metadata)
+    return RunDir(run)
 
 
 def _img_srcs(page: str) -> list[str]:
@@ -86,7 +86,8 @@ def _img_srcs(page: str) -> list[str]:
 def test_report_has_every_figure_and_the_tables(tmp_path: Path):
     run = make_run(tmp_path)
     page_path = build_report(run)
-    assert page_path == run / "report.html"
+    assert page_path == run.path / "report.html"
+    run = run.path
     page = page_path.read_text()
     for name in FIGURES:
         png = run / "figures" / f"{name}.png"
@@ -112,7 +113,8 @@ def test_report_has_every_figure_and_the_tables(tmp_path: Path):
 
 def test_leaky_split_banner_audit_table_and_escaping(tmp_path: Path):
     evil = {"drugA": "<script>alert(1)</script>", "drugB": "a&b", "drugC": "c"}
-    run = make_run(tmp_path, split="image", class_names=evil)
+    rd = make_run(tmp_path, split="image", class_names=evil)
+    run = rd.path
     audit = {
         "protocols": [
             {
@@ -138,7 +140,7 @@ def test_leaky_split_banner_audit_table_and_escaping(tmp_path: Path):
         ]
     }
     (run / "audit.json").write_text(json.dumps(audit))
-    page = build_report(run).read_text()
+    page = build_report(rd).read_text()
     assert 'id="leak-warning"' in page
     section = page.split('id="audit"')[1]
     assert "<td>0.97</td>" in section and "<td>17</td>" in section and "<td>0.41</td>" in section
@@ -152,7 +154,7 @@ def test_confusion_matrix_scales_with_50_classes(tmp_path: Path):
     classes = [f"compound-{i:02d}" for i in range(k)]
     cm = np.diag(np.full(k, 5)).tolist()
     run = Run(
-        path=tmp_path,
+        dir=RunDir(tmp_path),
         config={},
         classes=classes,
         label_column="x",
@@ -161,7 +163,7 @@ def test_confusion_matrix_scales_with_50_classes(tmp_path: Path):
         metrics={"confusion_matrix": cm},
     )
     small = Run(
-        path=tmp_path,
+        dir=RunDir(tmp_path),
         config={},
         classes=classes[:5],
         label_column="x",
@@ -178,7 +180,8 @@ def test_confusion_matrix_scales_with_50_classes(tmp_path: Path):
 
 
 def test_evaluate_recomputes_outputs_from_best_checkpoint(tmp_path: Path):
-    run = make_run(tmp_path)
+    rd = make_run(tmp_path)
+    run = rd.path
     (run / "checkpoints").mkdir()
     make_checkpoint(run / "checkpoints" / "best.pt", str(tmp_path / "store.zarr"))
     before = pd.read_parquet(run / "val_predictions.parquet")
@@ -196,7 +199,7 @@ def test_evaluate_recomputes_outputs_from_best_checkpoint(tmp_path: Path):
 
     # Without the run's validation table the index is rebuilt from the checkpoint's config.
     (run / "val_predictions.parquet").unlink()
-    evaluate_run(run, device="cpu")
+    evaluate_run(rd, device="cpu")
     rebuilt = pd.read_parquet(run / "val_predictions.parquet")
     assert list(rebuilt["store_row"]) == list(before["store_row"])
 

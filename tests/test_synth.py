@@ -243,9 +243,9 @@ def test_out_that_is_a_file_or_foreign_data_is_a_clear_error(tmp_path: Path) -> 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cellmorph")
-    synth.add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+    from cellmorph.cli import build_parser
+
+    return build_parser()
 
 
 def test_cli_writes_plate_and_prints_counts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

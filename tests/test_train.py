@@ -7,17 +7,12 @@ import json
 import pytest
 import torch
 
-from cellmorph.checkpoint import load_checkpoint
+from cellmorph.checkpoint import load_checkpoint, update_best
 from cellmorph.config import load_config
+from cellmorph.distributed import Context
 from cellmorph.errors import CellmorphError
-from cellmorph.train import (
-    Context,
-    _check_storage_shared,
-    _trim_metrics,
-    lr_factor,
-    resolve_amp,
-    run_local,
-)
+from cellmorph.rundir import RunDir
+from cellmorph.train import check_storage_shared, lr_factor, resolve_amp, run_local
 
 
 def _cfg(small_cfg, name: str, *extra: str):
@@ -41,11 +36,14 @@ def test_amp_policy():
         resolve_amp("fp16", cpu)
 
 
-def test_trim_metrics_keeps_each_epoch_once(tmp_path, epochs_of):
+def test_resume_keeps_each_epoch_once(tmp_path, epochs_of):
     p = tmp_path / "metrics.jsonl"
-    p.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in [0, 1, 2, 1]))
-    _trim_metrics(p, 2)
+    p.write_text("".join(json.dumps({"epoch": e, "v": i}) + "\n" for i, e in enumerate([0, 1, 2, 1])))
+    run = RunDir(tmp_path)
+    run.begin(2, [])
     assert epochs_of(tmp_path) == [0, 1]
+    assert [r["v"] for r in run.history()] == [0, 3]  # the latest line of a rerun epoch
+    assert run.read_events()[-1]["event"] == "resume"
 
 
 def test_storage_not_shared_between_nodes_is_refused(tmp_path, monkeypatch):
@@ -53,12 +51,12 @@ def test_storage_not_shared_between_nodes_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Context, "distributed", property(lambda self: False))
     monkeypatch.setattr(Context, "gather", lambda self, obj: [obj, False])  # rank 1 sees nothing
     with pytest.raises(CellmorphError, match="run_root: .* is not shared between nodes"):
-        _check_storage_shared(tmp_path / "run", ctx)
+        check_storage_shared(RunDir(tmp_path / "run"), ctx)
 
 
 def test_run_writes_every_artefact(small_cfg, epochs_of):
     cfg = _cfg(small_cfg, "one", "train.epochs=1")
-    run_dir = run_local(cfg)
+    run_dir = run_local(cfg).path
     for name in ("config.yaml", "classes.json", "data_summary.json", "metrics.jsonl", "metrics.json",
                  "val_predictions.parquet", "val_embeddings.npy", "checkpoints/last.pt", "checkpoints/best.pt"):  # fmt: skip
         assert (run_dir / name).is_file(), name
@@ -108,8 +106,6 @@ def test_same_run_name_resumes_and_refuses_other_classes(small_cfg, epochs_of):
 
 
 def test_update_best_keeps_top_k_and_reports_dropped():
-    from cellmorph.train import update_best
-
     best, dropped = [], []
     for epoch, score in enumerate([0.2, 0.5, 0.3, 0.5, 0.9]):
         best, dropped = update_best(best, score, epoch, 2)

@@ -14,9 +14,9 @@ import torch
 
 from cellmorph.config import LoaderConfig
 from cellmorph.errors import CellmorphError
-from cellmorph.loaders.augment import geometry, normalization
 from cellmorph.loaders.plan import BatchSource
 from cellmorph.loaders.reader import ShardReader
+from cellmorph.loaders.transform import geometry, normalization
 from cellmorph.store import Store
 
 __all__ = ["Loader", "ShardReader", "build_loader"]

@@ -7,8 +7,8 @@ the shard reader. All augmentation runs on the pipeline's device. With ``device_
 same definition runs CPU operators only.
 
 Sampling and random parameters come from the shared :class:`BatchSource`: the callback draws
-each batch's flips, angles and brightness/contrast jitter exactly as the torch loader does,
-and passes them to DALI as per-sample argument inputs.
+each batch's parameters exactly as the torch loader does and passes them to DALI as per-sample
+inputs; each op's DALI implementation lives with the op in :mod:`cellmorph.augment`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from cellmorph.augment import active_ops, dali_arrays, dali_fields
 from cellmorph.config import LoaderConfig
 from cellmorph.errors import CellmorphError
-from cellmorph.loaders.augment import Geometry
 from cellmorph.loaders.plan import BatchSource
+from cellmorph.loaders.transform import Geometry
 
 OUTPUTS = ["images", "rows"]
 _LZ4_PREFIX = 4  # numcodecs' LZ4 frames start with the uncompressed size (uint32 LE)
@@ -44,54 +45,27 @@ def import_dali() -> Any:
 class _Callback:
     """The parallel external source's batch callback (picklable, stateless per call)."""
 
-    def __init__(
-        self,
-        source: BatchSource,
-        epoch_base: int,
-        raw: bool,
-        norm: tuple[np.ndarray, np.ndarray],
-        fields: list[str],
-    ):
-        self.source, self.epoch_base, self.raw, self.fields = source, epoch_base, raw, fields
-        mean, std = norm
-        self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
+    def __init__(self, source: BatchSource, epoch_base: int, raw: bool, ops: list[str]):
+        self.source, self.epoch_base, self.raw, self.ops = source, epoch_base, raw, ops
         self.nbatches = len(source)
+
+    @property
+    def fields(self) -> list[str]:
+        return ["images", "rows", *dali_fields(self.ops)]
 
     def __call__(self, info: Any) -> tuple:
         # DALI prefetches past the end; every call beyond it must stop again.
         if info.iteration >= self.nbatches:
             raise StopIteration
         epoch = self.epoch_base + info.epoch_idx
-        images, rows, p = self.source.get(epoch, info.iteration, raw=self.raw)
+        images, rows, params = self.source.get(epoch, info.iteration, raw=self.raw)
         if self.raw:
             images = [np.frombuffer(b, np.uint8)[_LZ4_PREFIX:] for b in images]
-        # Brightness/contrast on the normalized image, z*c + b, folded into the per-sample
-        # mean/std of crop_mirror_normalize: (x - (m - b*s/c)) / (s/c) == ((x-m)/s)*c + b.
-        c = np.maximum(p.contrast, 1e-6)
-        mean = self.mean[None] - p.brightness * self.std[None] / c
-        std = self.std[None] / c
-        fields = {
-            "images": images,
-            "rows": rows.astype(np.int64),
-            "hflip": p.hflip.astype(np.int32),
-            "vflip": p.vflip.astype(np.int32),
-            # Rot(a) after a flip == the flip after Rot(-a): flips here come after the rotation.
-            "angle": np.where(p.hflip ^ p.vflip, -p.angle, p.angle).astype(np.float32),
-            "mean": mean.astype(np.float32),
-            "std": std.astype(np.float32),
-        }
-        return tuple(fields[k] for k in self.fields)
+        return (images, rows.astype(np.int64), *dali_arrays(params, self.ops))
 
 
-def _fields(ops: list[str]) -> list[str]:
-    """The callback's outputs: parameters of ops that are off are not computed or sent."""
-    used = [k for k in ("hflip", "vflip") if k in ops] + (["angle"] if "rotate" in ops else [])
-    return ["images", "rows", *used, "mean", "std"]
-
-
-def _define(
-    callback: _Callback, geom: Geometry, channels: int, ops: list[str], gpu: bool, prefetch: int
-):
+def _define(callback: _Callback, geom: Geometry, channels: int, norm: tuple, gpu: bool,
+            prefetch: int):  # fmt: skip
     """The pipeline graph; returns (images float32 CHW, rows)."""
     from nvidia.dali import fn, types
 
@@ -115,8 +89,8 @@ def _define(
         images = images.gpu()
     # The image ops want channels last; the store is channel-first.
     images = fn.transpose(images, perm=[1, 2, 0], output_layout="HWC")
-    # rotate (and brightness_contrast) reject uint16 on the CPU backend, so convert to float
-    # first: resize emits float directly, and resizing first keeps rotation cheap.
+    # rotate rejects uint16 on the CPU backend, so convert to float first: resize emits float
+    # directly, and resizing first keeps the geometry ops cheap.
     if geom.resize_to != s:
         images = fn.resize(
             images,
@@ -127,28 +101,15 @@ def _define(
         )
     else:
         images = fn.cast(images, dtype=types.FLOAT)
-    if "rotate" in ops:
-        # Rotation about the centre straight into the crop-sized canvas (centred on the input's
-        # centre, R - crop is even): the corners it empties fall in the margin left outside.
-        images = fn.rotate(
-            images,
-            angle=f["angle"],
-            size=[geom.crop, geom.crop],
-            fill_value=0.0,
-            interp_type=types.INTERP_LINEAR,
-        )
-    if "vflip" in ops:
-        # Flipped after the (smaller) rotated crop; the callback negated the angle to match.
-        images = fn.flip(images, horizontal=0, vertical=f["vflip"])
+    for op in active_ops(callback.ops, "geometry"):
+        images = op.dali(images, f, geom.crop, gpu)
+    mean, std = norm
     images = fn.crop_mirror_normalize(
-        images,
-        crop=[geom.crop, geom.crop],
-        mirror=f["hflip"] if "hflip" in ops else 0,
-        mean=f["mean"],
-        std=f["std"],
-        dtype=types.FLOAT,
-        output_layout="CHW",
-    )
+        images, crop=[geom.crop, geom.crop], mean=mean.tolist(), std=std.tolist(),
+        dtype=types.FLOAT, output_layout="CHW",
+    )  # fmt: skip
+    for op in active_ops(callback.ops, "intensity"):
+        images = op.dali(images, f, geom.crop, gpu)
     return images, f["rows"]
 
 
@@ -190,12 +151,12 @@ class DaliLoader:
 
         self.close()
         ops = list(self.cfg.augment) if self.source.train else []
-        cb = _Callback(self.source, epoch, self.raw, (self.mean, self.std), _fields(ops))
+        cb = _Callback(self.source, epoch, self.raw, ops)
         pipe = pipeline_def(_define)(
             cb,
             self.geom,
             self.source.channels,
-            ops,
+            (self.mean, self.std),
             self.device_id is not None,
             self.cfg.prefetch,
             batch_size=self.source.batch_size,

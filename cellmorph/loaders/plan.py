@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
+from cellmorph.augment import BatchParams, batch_rng, sample_params
 from cellmorph.config import LoaderConfig
-from cellmorph.loaders.augment import AugParams, batch_rng, sample_params
 from cellmorph.loaders.reader import ShardReader
 from cellmorph.sampling import epoch_indices
 
@@ -66,7 +66,7 @@ class BatchSource:
 
     def get(
         self, epoch: int, i: int, raw: bool = False
-    ) -> tuple[np.ndarray | list[bytes], np.ndarray, AugParams]:
+    ) -> tuple[np.ndarray | list[bytes], np.ndarray, BatchParams]:
         """Batch ``i`` of ``epoch``: images (uint16 (N, C, S, S), or compressed chunks when
         ``raw``), store rows, random parameters."""
         rows = self.batches(epoch)[i]

@@ -1,9 +1,4 @@
-"""Augmentation: per-sample parameters (shared by both loaders) and the torch ops.
-
-Both loaders draw the random parameters of a batch with :func:`sample_params` from a generator
-seeded by ``(seed, epoch, rank, batch)``, so a batch's flips/angles/jitter do not depend on which
-worker or loader produced it. The torch implementation of each op lives here (``TORCH_OPS``);
-the DALI implementation is the pipeline definition in ``dali_loader.py``.
+"""The torch side of a batch: geometry, normalization and the ops of :mod:`cellmorph.augment`.
 
 Geometry (the same for training and evaluation, in both loaders)::
 
@@ -20,13 +15,13 @@ Resizing before rotating keeps rotation cheap when the store is much larger than
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cellmorph.augment import BatchParams, active_ops
 from cellmorph.config import LoaderConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.store import Store
@@ -67,110 +62,6 @@ def normalization(store: Store, cfg: LoaderConfig) -> tuple[np.ndarray, np.ndarr
     return IMAGENET_MEAN * UINT16_MAX, IMAGENET_STD * UINT16_MAX
 
 
-@dataclass
-class AugParams:
-    """Random parameters of one batch (identity values for ops that are off)."""
-
-    hflip: np.ndarray  # (N,) bool
-    vflip: np.ndarray  # (N,) bool
-    angle: np.ndarray  # (N,) float32 degrees, counter-clockwise as displayed
-    contrast: np.ndarray  # (N, C) float32 factor on the normalized image
-    brightness: np.ndarray  # (N, C) float32 offset on the normalized image (in channel stds)
-
-    @classmethod
-    def identity(cls, n: int, channels: int) -> AugParams:
-        return cls(
-            hflip=np.zeros(n, bool),
-            vflip=np.zeros(n, bool),
-            angle=np.zeros(n, np.float32),
-            contrast=np.ones((n, channels), np.float32),
-            brightness=np.zeros((n, channels), np.float32),
-        )
-
-
-def _sample_hflip(p: AugParams, rng: np.random.Generator, cfg: LoaderConfig) -> None:
-    p.hflip = rng.random(len(p.hflip)) < 0.5
-
-
-def _sample_vflip(p: AugParams, rng: np.random.Generator, cfg: LoaderConfig) -> None:
-    p.vflip = rng.random(len(p.vflip)) < 0.5  # microscopy has no "up"
-
-
-def _sample_rotate(p: AugParams, rng: np.random.Generator, cfg: LoaderConfig) -> None:
-    d = cfg.rotate_degrees
-    p.angle = rng.uniform(-d, d, len(p.angle)).astype(np.float32)
-
-
-def _sample_bc(p: AugParams, rng: np.random.Generator, cfg: LoaderConfig) -> None:
-    shape = p.contrast.shape  # per sample and per channel: stains vary independently
-    p.contrast = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast, shape).astype(np.float32)
-    p.brightness = rng.uniform(-cfg.brightness, cfg.brightness, shape).astype(np.float32)
-
-
-SAMPLERS: dict[str, Callable[[AugParams, np.random.Generator, LoaderConfig], None]] = {
-    "hflip": _sample_hflip,
-    "vflip": _sample_vflip,
-    "rotate": _sample_rotate,
-    "brightness_contrast": _sample_bc,
-}
-
-
-def batch_rng(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, rank, batch, 0xA06])
-
-
-def sample_params(
-    cfg: LoaderConfig, n: int, channels: int, rng: np.random.Generator, train: bool
-) -> AugParams:
-    """Per-sample parameters for the ops in ``cfg.augment`` (identity when not training)."""
-    p = AugParams.identity(n, channels)
-    if train:
-        for op in cfg.augment:
-            SAMPLERS[op](p, rng, cfg)
-    return p
-
-
-# ----------------------------------------------------------------------------- torch ops
-# Geometric ops are affine maps in grid_sample's normalized coordinates (output -> input, x
-# right, y down, align_corners=False, where a flip is exactly n -> -n). Composing them with the
-# centre crop gives one grid_sample per batch that computes only the cropped pixels.
-def hflip(p: AugParams) -> np.ndarray:
-    m = np.tile(np.eye(3, dtype=np.float64), (len(p.hflip), 1, 1))
-    m[p.hflip, 0, 0] = -1
-    return m
-
-
-def vflip(p: AugParams) -> np.ndarray:
-    m = np.tile(np.eye(3, dtype=np.float64), (len(p.vflip), 1, 1))
-    m[p.vflip, 1, 1] = -1
-    return m
-
-
-def rotate(p: AugParams) -> np.ndarray:
-    """Rotation about the centre by ``angle`` degrees, counter-clockwise as displayed."""
-    a = np.deg2rad(p.angle.astype(np.float64))
-    m = np.tile(np.eye(3, dtype=np.float64), (len(a), 1, 1))
-    m[:, 0, 0], m[:, 0, 1] = np.cos(a), -np.sin(a)
-    m[:, 1, 0], m[:, 1, 1] = np.sin(a), np.cos(a)
-    return m
-
-
-def brightness_contrast(x: torch.Tensor, p: AugParams) -> torch.Tensor:
-    c = torch.from_numpy(p.contrast).to(x.device)[:, :, None, None]
-    b = torch.from_numpy(p.brightness).to(x.device)[:, :, None, None]
-    return x.mul_(c).add_(b)
-
-
-TORCH_OPS: dict[str, Callable] = {
-    "vflip": vflip,
-    "hflip": hflip,
-    "rotate": rotate,
-    "brightness_contrast": brightness_contrast,
-}
-# Applied to the image in this order (vflip first), then the centre crop.
-GEOMETRIC = ("vflip", "hflip", "rotate")
-
-
 def crop_offset(size: int, crop: int) -> int:
     return (size - crop) // 2
 
@@ -184,9 +75,9 @@ def _crop_matrix(size: int, crop: int) -> np.ndarray:
     return m
 
 
-def _geometric(x: torch.Tensor, params: AugParams, crop: int, ops: list[str]) -> torch.Tensor:
+def _geometric(x: torch.Tensor, params: BatchParams, crop: int, ops: list[str]) -> torch.Tensor:
     size = x.shape[-1]
-    mats = [TORCH_OPS[op](params) for op in GEOMETRIC if op in ops]
+    mats = [op.torch(params.values) for op in active_ops(ops, "geometry")]
     if not mats or all(np.allclose(m, np.eye(3)) for m in mats):
         top = crop_offset(size, crop)
         return x[..., top : top + crop, top : top + crop]
@@ -209,7 +100,7 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 def transform(
     x: torch.Tensor,
-    params: AugParams,
+    params: BatchParams,
     geom: Geometry,
     mean: np.ndarray,
     std: np.ndarray,
@@ -226,6 +117,6 @@ def transform(
     m = torch.as_tensor(mean, device=x.device)[None, :, None, None]
     s = torch.as_tensor(std, device=x.device)[None, :, None, None]
     x = x.sub_(m).div_(s)
-    if "brightness_contrast" in ops:
-        x = TORCH_OPS["brightness_contrast"](x, params)
+    for op in active_ops(ops, "intensity"):
+        x = op.torch(x, params.values)
     return x

@@ -1,0 +1,313 @@
+"""The run directory: the only module that knows its layout (as ``store.py`` knows the store's).
+
+::
+
+    runs/<name>/
+      config.yaml              the resolved config
+      classes.json             label encoding (class id -> name)
+      data_summary.json        store + index summary (folds, counts, warnings)
+      metrics.jsonl            one line per finished epoch, exactly once across restarts
+      metrics.json             the result: the best epoch's validation metrics
+      val_predictions.parquet  per validation image of that epoch (store row, metadata, labels, probs)
+      val_embeddings.npy       its embeddings, same row order
+      events.jsonl             start / resume events (with the worker processes)
+      progress.json            the current epoch's step, for the launcher's progress bar
+      checkpoints/             last.pt, best.pt, best-epochNNN.pt
+      logs/                    rank 0's log, Ray's driver log
+      audit.json, report.html, figures/
+      ray/                     Ray Train's own run state
+
+Rank 0 writes; every write is atomic (:mod:`cellmorph.atomic`). Readers (report, predict,
+audit, sweep, demo) go through the same class, so a renamed file changes in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from cellmorph import atomic
+from cellmorph.errors import CellmorphError
+from cellmorph.store import STORE_ROW
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class ValOutputs:
+    """One epoch's validation outputs, in store-row order of evaluation."""
+
+    rows: np.ndarray  # int64 store rows
+    probs: np.ndarray  # (N, K) float32 softmax probabilities
+    embeddings: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # int64 class ids
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths and reads/writes of one run directory."""
+
+    path: Path
+
+    # ------------------------------------------------------------------------------ layout
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def classes(self) -> Path:
+        return self.path / "classes.json"
+
+    @property
+    def data_summary(self) -> Path:
+        return self.path / "data_summary.json"
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def result(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def val_predictions(self) -> Path:
+        return self.path / "val_predictions.parquet"
+
+    @property
+    def val_embeddings(self) -> Path:
+        return self.path / "val_embeddings.npy"
+
+    @property
+    def events(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def progress(self) -> Path:
+        return self.path / "progress.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"best-epoch{epoch:03d}.pt"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def audit(self) -> Path:
+        return self.path / "audit.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    @property
+    def ray_storage(self) -> Path:
+        """Ray Train's ``storage_path`` for this run."""
+        return self.path / "ray"
+
+    @property
+    def placement_group(self) -> Path:
+        """The Train worker group's placement group id (a Tune sweep releases it)."""
+        return self.path / ".ray_placement_group"
+
+    # ----------------------------------------------------------------------------- writes
+    def create(self, config: dict[str, Any], classes: list[str], label_column: str,
+               summary: dict[str, Any]) -> None:  # fmt: skip
+        """Write the run's description (rank 0, after every check that could refuse the run)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        atomic.write_text(self.config, yaml.safe_dump(config, sort_keys=False))
+        save_label_encoding(LabelEncoding(label_column, list(classes)), self.classes)
+        atomic.write_text(self.data_summary, json.dumps(summary, indent=2, default=str))
+
+    def begin(self, first_epoch: int, workers: list[dict[str, Any]]) -> None:
+        """Start (or resume at ``first_epoch``): keep one metrics line per earlier epoch, drop
+        temporary files a killed writer left, and record the event with the worker processes."""
+        self._trim_metrics(first_epoch)
+        for folder in (self.path, self.checkpoints):
+            if folder.is_dir():
+                atomic.remove_stale_temps(folder)
+        self.progress.unlink(missing_ok=True)
+        event = "resume" if first_epoch > 0 else "start"
+        self.log_event(event, epoch=first_epoch, workers=workers)
+
+    def _trim_metrics(self, before_epoch: int) -> None:
+        """Keep the latest line of each epoch < ``before_epoch``: a rerun epoch logs once."""
+        latest = {
+            int(r.get("epoch", -1)): r for r in self.history() if r.get("epoch", -1) < before_epoch
+        }
+        if self.metrics_log.is_file() or latest:
+            text = "".join(json.dumps(latest[e]) + "\n" for e in sorted(latest))
+            atomic.write_text(self.metrics_log, text)
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        """Append one epoch's line to ``metrics.jsonl``."""
+        with self.metrics_log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_event(self, event: str, **fields: Any) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.events.open("a") as f:
+            f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+    def write_progress(self, progress: dict[str, Any]) -> None:
+        atomic.write_text(self.progress, json.dumps(progress))
+
+    def write_result(self, metrics: dict[str, Any], val: ValOutputs | None,
+                     classes: list[str], metadata: pd.DataFrame | None) -> None:  # fmt: skip
+        """The result of the run so far: ``metrics.json`` and, with ``val``, its outputs."""
+        if val is not None and metadata is not None:
+            self.write_val_outputs(val, classes, metadata)
+        atomic.write_text(self.result, json.dumps(metrics, indent=2))
+
+    def write_val_outputs(
+        self, val: ValOutputs, classes: list[str], metadata: pd.DataFrame
+    ) -> None:
+        """``val_predictions.parquet`` (store row, metadata, true/predicted label, probabilities)
+        and ``val_embeddings.npy`` (same row order)."""
+        rows = np.asarray(val.rows, dtype=np.int64)
+        labels = np.asarray(val.labels, dtype=np.int64)
+        pred = val.probs.argmax(axis=1)
+        names = np.asarray(classes, dtype=object)
+        frame = metadata.iloc[rows].reset_index(drop=True)
+        frame.insert(0, STORE_ROW, rows)
+        frame["label"] = labels
+        frame["label_name"] = names[labels]
+        frame["pred"] = pred
+        frame["pred_name"] = names[pred]
+        probs = pd.DataFrame(val.probs, columns=[f"prob:{c}" for c in classes])
+        frame = pd.concat([frame, probs], axis=1)
+        atomic.write_with(self.val_predictions, lambda p: frame.to_parquet(p, index=False))
+        save_npy(self.val_embeddings, np.asarray(val.embeddings, dtype=np.float32))
+
+    def write_audit(self, audit: dict[str, Any]) -> None:
+        atomic.write_text(self.audit, json.dumps(audit, indent=2))
+
+    # ------------------------------------------------------------------------------ reads
+    def require(self) -> RunDir:
+        """This run, or a CellmorphError when the folder is not a cellmorph run."""
+        if not self.path.is_dir():
+            raise CellmorphError(f"run directory not found: {self.path}")
+        if not self.config.is_file():
+            raise CellmorphError(f"{self.config} is missing (is this a cellmorph run directory?)")
+        return self
+
+    def read_config(self) -> dict[str, Any]:
+        try:
+            return yaml.safe_load(self.config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise CellmorphError(f"{self.config}: not valid YAML ({e})") from None
+
+    def read_json(self, path: Path, required: bool = True) -> Any:
+        if not path.is_file():
+            if required:
+                raise CellmorphError(f"{path} is missing (is this a finished cellmorph run?)")
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CellmorphError(f"{path}: not valid JSON ({e})") from None
+
+    def read_classes(self) -> LabelEncoding:
+        return load_label_encoding(self.classes)
+
+    def read_result(self) -> dict[str, Any]:
+        return self.read_json(self.result)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every line of ``metrics.jsonl`` (empty when there is none yet)."""
+        return self._jsonl(self.metrics_log)
+
+    def read_events(self) -> list[dict[str, Any]]:
+        return self._jsonl(self.events)
+
+    def read_progress(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.progress.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _jsonl(self, path: Path) -> list[dict[str, Any]]:
+        if not path.is_file():
+            return []
+        try:
+            return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        except json.JSONDecodeError as e:
+            raise CellmorphError(f"{path}: a line is not valid JSON ({e})") from None
+
+    def eval_checkpoint(self) -> Path:
+        """The checkpoint that evaluation and prediction use: best, else last."""
+        for p in (self.best_checkpoint, self.last_checkpoint):
+            if p.is_file():
+                return p
+        raise CellmorphError(f"{self.checkpoints}: neither best.pt nor last.pt exists")
+
+
+def run_dir(run_root: str | Path, name: str) -> RunDir:
+    return RunDir(Path(run_root) / name)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
+            np.save(f, array)
+
+    atomic.write_with(path, write)
+
+
+class LabelEncoding(NamedTuple):
+    """Class id -> name for one label column (``classes.json``)."""
+
+    label_column: str
+    classes: list[str]
+
+
+def save_label_encoding(encoding: LabelEncoding, path: str | Path) -> Path:
+    payload = {"label_column": encoding.label_column, "classes": list(encoding.classes)}
+    return atomic.write_text(path, json.dumps(payload, indent=1))
+
+
+def load_label_encoding(path: str | Path) -> LabelEncoding:
+    """Read ``classes.json``; a missing file or key is a CellmorphError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise CellmorphError(f"{p}: label encoding not found")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CellmorphError(f"{p}: not valid JSON ({e})") from None
+    for key in ("label_column", "classes"):
+        if not isinstance(raw, dict) or key not in raw:
+            raise CellmorphError(f"{p}: missing key {key!r}")
+    classes = [str(c) for c in raw["classes"]]
+    if len(set(classes)) != len(classes):
+        raise CellmorphError(f"{p}: 'classes' has duplicate names")
+    return LabelEncoding(str(raw["label_column"]), classes)
