@@ -3,9 +3,10 @@
 Both layouts produce the same :class:`Inputs`: one row per site with ``Metadata_Plate``,
 ``Metadata_Well``, ``Metadata_Site``, the metadata/label columns, one ``source_<Ch>`` column per
 requested channel (in the requested order) and an internal ``_sources`` column of
-``(path, channel index)`` pairs. Structural problems (a missing column, an unknown channel, an
-empty input) raise :class:`CellmorphError`; per-site problems (no label, duplicates, unmatched
-files) become quarantine rows.
+``(path, channel index)`` pairs. Labels may then be joined from JUMP plate maps
+(:mod:`conversion.platemaps`). Structural problems (a missing column, an unknown channel, an
+empty input, impossible settings) raise :class:`CellmorphError`; per-site problems (bad keys, no
+label, duplicates, unmatched files) become quarantine rows.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def read_csv(
 ) -> pd.DataFrame:
     """Read a CSV or TSV (decided by content) or stop with a message naming it.
 
-    NA handling is explicit: no value is ever turned into NaN (``NA``, ``None``, ``null``,
-    ``#N/A`` are text; an empty cell is ""). ``Metadata_*`` columns and ``strings`` stay strings
-    (plate ``0001`` keeps its zeros), other columns are inferred; ``all_strings`` keeps all text.
+    NA handling is explicit: no cell is read as missing (``NA``, ``None``, ``null``, ``#N/A``
+    are text; an empty cell is ""). ``Metadata_*`` columns and ``strings`` stay text (plate
+    ``0001`` keeps its zeros); other columns keep pandas' type inference (a column of numbers is
+    numeric); ``all_strings`` reads every column as text.
     """
     p = Path(path)
     if not p.is_file():
