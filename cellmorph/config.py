@@ -67,6 +67,15 @@ class ConvertConfig(Section):
     )
     path_replace: list[str] = Field([], description="OLD=NEW prefixes applied to LoadData paths")
     stats_images: int = Field(256, ge=1, description="images sampled for channel statistics")
+    barcode_platemap: str | None = Field(
+        None, description="JUMP barcode_platemap.csv: plate barcode -> plate map (labels by join)"
+    )
+    platemap_dir: str | None = Field(
+        None, description="folder of <Plate_Map_Name>.txt; None = platemap/ next to the CSV"
+    )
+    external_metadata: list[str] = Field(
+        [], description="tables keyed by broad_sample (compound, CRISPR, ORF metadata)"
+    )
 
 
 class DataConfig(Section):

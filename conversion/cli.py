@@ -10,13 +10,14 @@ from pydantic import ValidationError
 from cellmorph import store as cstore
 from cellmorph.config import ConvertConfig, load_config
 from cellmorph.errors import CellmorphError
+from conversion.layouts import check_settings
 
 # argument name -> ConvertConfig field, for options whose value is a comma-separated list.
 _LISTS = {"channels", "file_channels", "join_on"}
 _FIELDS = [
     "load_data", "images", "metadata", "id_pattern", "id_column", "join", "join_on", "illum_dir",
     "channels", "file_channels", "size", "codec", "shard_size", "workers", "label_column",
-    "path_replace", "stats_images",
+    "path_replace", "stats_images", "barcode_platemap", "platemap_dir", "external_metadata",
 ]  # fmt: skip
 
 
@@ -32,7 +33,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
         "--id-pattern", help="regex extracting the identifier from each file name (group 'id' or 1)"
     )
     src.add_argument(
-        "--id-column", help="metadata column holding that identifier (matched case-insensitively)"
+        "--id-column",
+        help="metadata column holding the identifier, bare or inside a file name "
+        "(--id-pattern is applied to it too; trimmed, case-insensitive)",
     )
     src.add_argument("--join", help="separate metadata table joined to the LoadData rows")
     src.add_argument("--join-on", help="comma-separated key columns for --join")
@@ -40,6 +43,18 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
         "--path-replace", action="append", help="OLD=NEW path prefix rewrite (repeatable)"
     )
     src.add_argument("--illum-dir", help="folder with <plate>_Illum<Ch>.npy illumination functions")
+    labels = p.add_argument_group("labels from JUMP plate maps (either layout)")
+    labels.add_argument(
+        "--barcode-platemap",
+        help="barcode_platemap.csv (Assay_Plate_Barcode -> Plate_Map_Name); maps are read from "
+        "platemap/<Plate_Map_Name>.txt next to it",
+    )
+    labels.add_argument("--platemap-dir", help="folder of the plate maps, if not platemap/")
+    labels.add_argument(
+        "--external-metadata",
+        action="append",
+        help="table keyed by broad_sample (compound, CRISPR, ORF metadata); repeatable",
+    )
     opt = p.add_argument_group("store")
     opt.add_argument("--out", required=True, help="store path or URL")
     opt.add_argument("--channels", help="channel names in store order, e.g. DNA,ER,RNA,AGP,Mito")
@@ -65,27 +80,39 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         if value is None:
             continue
         if name in _LISTS:
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            # Empty channel names are kept so the settings check can name the typo (DNA,,ER).
+            value = [v.strip() for v in value.split(",")]
+            value = value if name != "join_on" else [v for v in value if v]
         raw[name] = value
     if args.allow_unlabeled:
         raw["allow_unlabeled"] = True
     try:
-        return ConvertConfig.model_validate(raw)
+        cfg = ConvertConfig.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise CellmorphError(f"convert.{key}: {first['msg']}") from None
+    check_settings(cfg)  # before the Ray job connects to a cluster, or anything is read
+    return cfg
 
 
 def print_summary(summary: dict[str, Any]) -> None:
+    """The result line, then the most frequent quarantine reasons with counts and fixes."""
     if summary["nothing_to_do"]:
         print(f"nothing to do: {summary['store']} is complete ({summary['images']} images)")
-        return
-    print(
-        f"converted {summary['images']} images into {summary['store']} "
-        f"({summary['written']} written in this run), quarantined {summary['quarantined']} "
-        f"(see {summary['store']}/{cstore.QUARANTINE}), {summary['seconds']:.1f} s"
-    )
+    else:
+        print(
+            f"converted {summary['images']} images into {summary['store']} "
+            f"({summary['written']} written in this run), quarantined {summary['quarantined']} "
+            f"(see {summary['store']}/{cstore.QUARANTINE}), {summary['seconds']:.1f} s"
+        )
+    reasons = summary.get("quarantine_reasons") or []
+    if reasons:
+        print("quarantine reasons (most frequent first):")
+    width = max((len(str(r["count"])) for r in reasons), default=0)
+    for r in reasons:
+        fix = f"  [fix: {r['fix']}]" if r["fix"] else ""
+        print(f"  {r['count']:>{width}}  {r['reason']}{fix}")
 
 
 def _convert(args: argparse.Namespace) -> int:

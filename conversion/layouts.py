@@ -3,14 +3,16 @@
 Both layouts produce the same :class:`Inputs`: one row per site with ``Metadata_Plate``,
 ``Metadata_Well``, ``Metadata_Site``, the metadata/label columns, one ``source_<Ch>`` column per
 requested channel (in the requested order) and an internal ``_sources`` column of
-``(path, channel index)`` pairs. Structural problems (a missing column, an unknown channel, an
-empty input) raise :class:`CellmorphError`; per-site problems (no label, duplicates, unmatched
-files) become quarantine rows.
+``(path, channel index)`` pairs. Labels may then be joined from JUMP plate maps
+(:mod:`conversion.platemaps`). Structural problems (a missing column, an unknown channel, an
+empty input, impossible settings) raise :class:`CellmorphError`; per-site problems (bad keys, no
+label, duplicates, unmatched files) become quarantine rows.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,17 +36,41 @@ class Inputs:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def read_csv(path: str | Path, what: str) -> pd.DataFrame:
-    """Read a CSV or stop with a message naming it; plate and well are always strings."""
+def sniff_separator(path: Path) -> str:
+    """Tab or comma, from the header line's content (the pilot's ``.txt``/``.tsv`` are tabs)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline()
+    return "\t" if header.count("\t") > header.count(",") else ","
+
+
+def read_csv(
+    path: str | Path, what: str, strings: Iterable[str] = (), all_strings: bool = False
+) -> pd.DataFrame:
+    """Read a CSV or TSV (decided by content) or stop with a message naming it.
+
+    NA handling is explicit: no cell is read as missing (``NA``, ``None``, ``null``, ``#N/A``
+    are text; an empty cell is ""). ``Metadata_*`` columns and ``strings`` stay text (plate
+    ``0001`` keeps its zeros); other columns keep pandas' type inference (a column of numbers is
+    numeric); ``all_strings`` reads every column as text.
+    """
     p = Path(path)
     if not p.is_file():
         raise CellmorphError(f"{what} not found: {p}")
+    keep = set(strings)
+    opts: dict[str, Any] = dict(keep_default_na=False, na_values=[], encoding="utf-8-sig")
     try:
-        df = pd.read_csv(p, dtype={"Metadata_Plate": str, "Metadata_Well": str})
+        opts["sep"] = sniff_separator(p)
+        header = pd.read_csv(p, nrows=0, **opts).columns
+        text = [
+            c
+            for c in header
+            if all_strings or c.strip().startswith("Metadata_") or c.strip() in keep
+        ]
+        df = pd.read_csv(p, dtype={c: str for c in text}, **opts)
     except pd.errors.EmptyDataError:
         raise CellmorphError(f"{what} {p} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise CellmorphError(f"{what} {p} is not a readable CSV ({e})") from None
+        raise CellmorphError(f"{what} {p} is not a readable CSV or TSV ({e})") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
 
@@ -64,6 +90,77 @@ def quarantine_row(row: pd.Series, reason: str) -> dict[str, Any]:
         "site": row.get("Metadata_Site"),
         "reason": reason,
     }
+
+
+# Quarantine reasons grouped for summaries: (pattern, what went wrong, the option that fixes it).
+# Reasons name files and values; the kind drops them so 359 sites with one mistake count as one.
+_KINDS: list[tuple[str, str, str]] = [
+    (r"has (\d+) channel\(s\), \S+ is channel", "file holds {0} channel(s), fewer than the names given",
+     "--channels (or --file-channels, in file order) must name only the channels each file holds"),
+    (r"expected one channel for \S+, found (\d+)", "file holds {0} channels where one was expected", ""),
+    (r"no file for this id", "metadata row without an image file",
+     "--id-pattern/--id-column must find the same id in file names and in the id column"),
+    (r"no metadata row for id", "image file without a metadata row",
+     "--id-pattern/--id-column must find the same id in file names and in the id column"),
+    (r"does not match id_pattern", "file name without an id", "--id-pattern"),
+    (r"several files share the id", "several files share one id", "--id-pattern (capture the whole site id)"),
+    (r"several metadata rows share this id", "several metadata rows share one id", "--id-column"),
+    (r"^missing file", "missing TIFF", "--path-replace OLD=NEW if the CSV holds another machine's paths"),
+    (r"^truncated TIFF", "truncated TIFF", ""),
+    (r"^unreadable TIFF", "unreadable TIFF", ""),
+    (r"^cannot decode", "pixels fail to decode", ""),
+    (r"^unsupported dtype (\S+)", "unsupported pixel type {0}", ""),
+    (r"unsupported image shape", "unsupported image shape", ""),
+    (r"^channels differ in shape or dtype", "channels of a site differ in shape or pixel type", ""),
+    (r"smaller than --size (\d+)", "image smaller than --size {0}", "a smaller --size"),
+    (r"^(\w+) TIFFs among (\w+) sites", "{0} TIFFs among {1} sites", ""),
+    (r"illumination function", "image shape differs from its illumination function", "--illum-dir"),
+    (r"^no label in column (\S+)", "no label in column {0}", "--label-column, or --allow-unlabeled"),
+    (r"^duplicate \(plate, well, site\)", "duplicate (plate, well, site)", ""),
+    (r"^empty (Metadata_\w+)", "empty {0}", ""),
+    (r"^Metadata_Site .* is not a whole number", "Metadata_Site is not a whole number", ""),
+    (r"^several rows in .* for keys", "several rows in the --join table for one key", "--join-on"),
+    (r"is not in barcode_platemap", "plate not in the barcode plate map", "--barcode-platemap"),
+    (r"is not in plate map", "well not in its plate map", ""),
+    (r"in none of the external metadata tables", "broad_sample in no external metadata table",
+     "--external-metadata (repeat it: compound, CRISPR and ORF tables)"),
+    (r"empty broad_sample and no solvent", "plate-map well without broad_sample or solvent", ""),
+    (r"has several different rows", "broad_sample with several different metadata rows", ""),
+]  # fmt: skip
+_KIND_PATTERNS = [(re.compile(p), kind, fix) for p, kind, fix in _KINDS]
+
+
+def reason_kind(reason: str) -> tuple[str, str]:
+    """(what went wrong, the option that fixes it or "") for one quarantine reason."""
+    for pattern, kind, fix in _KIND_PATTERNS:
+        m = pattern.search(reason)
+        if m:
+            return kind.format(*m.groups()), fix
+    return re.sub(r"\S*/\S*", "<file>", reason), ""
+
+
+def summarize_reasons(reasons: Iterable[str], top: int = 5) -> list[dict[str, Any]]:
+    """The ``top`` most frequent kinds of quarantine reason: reason, count, fix."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in reasons:
+        k = reason_kind(str(r))
+        counts[k] = counts.get(k, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0][0]))[:top]
+    return [{"reason": k, "count": n, "fix": fix} for (k, fix), n in ranked]
+
+
+def no_valid_sites(quarantine: list[dict[str, Any]], where: str | None) -> CellmorphError:
+    """The one-line stop when every input was quarantined: the reasons, counts and fixes."""
+    kinds = summarize_reasons(q["reason"] for q in quarantine)
+    n = len(quarantine)
+    if len(kinds) == 1:
+        head = f"all {n} inputs were quarantined for the same reason: {kinds[0]['reason']}"
+    else:
+        parts = "; ".join(f"{k['reason']} ({k['count']})" for k in kinds[:3])
+        head = f"all {n} inputs were quarantined: {parts}"
+    fixes = "; ".join(dict.fromkeys(k["fix"] for k in kinds[:3] if k["fix"]))
+    detail = f" (reasons per input in {where})" if where else ""
+    return CellmorphError(f"no valid sites: {head}" + (f"; fix: {fixes}" if fixes else "") + detail)
 
 
 def _rewrite(path: str, replacements: list[str]) -> str:
@@ -107,7 +204,7 @@ def _join(df: pd.DataFrame, cfg: ConvertConfig) -> tuple[pd.DataFrame, pd.Series
     """
     if not cfg.join_on:
         raise CellmorphError("convert.join is set but convert.join_on names no key columns")
-    meta = read_csv(cfg.join, "metadata table")
+    meta = read_csv(cfg.join, "metadata table", strings=[cfg.label_column, *cfg.join_on])
     require_columns(df, cfg.join_on, "LoadData CSV")
     require_columns(meta, cfg.join_on, f"metadata table {cfg.join}")
     for frame in (df, meta):
@@ -118,6 +215,10 @@ def _join(df: pd.DataFrame, cfg: ConvertConfig) -> tuple[pd.DataFrame, pd.Series
     meta = meta.loc[~dup]
     shared = [c for c in meta.columns if c in df.columns and c not in cfg.join_on]
     merged = df.drop(columns=shared).merge(meta, on=cfg.join_on, how="left")
+    # A site without a row in the table gets empty text, not NaN ("an empty cell is empty").
+    for col in meta.columns:
+        if pd.api.types.is_string_dtype(meta[col]) or pd.api.types.is_object_dtype(meta[col]):
+            merged[col] = merged[col].fillna("")
     flag = merged[cfg.join_on].merge(ambiguous_keys.assign(_amb=True), how="left", on=cfg.join_on)
     return merged, flag["_amb"].fillna(False).astype(bool).to_numpy()
 
@@ -125,7 +226,7 @@ def _join(df: pd.DataFrame, cfg: ConvertConfig) -> tuple[pd.DataFrame, pd.Series
 def load_loaddata(cfg: ConvertConfig) -> Inputs:
     """The CellProfiler LoadData layout: one row per site, one file per channel."""
     path = Path(cfg.load_data or "")
-    df = read_csv(path, "LoadData CSV")
+    df = read_csv(path, "LoadData CSV", strings=[cfg.label_column, *cfg.join_on])
     require_columns(df, KEYS, f"LoadData CSV {path}")
     df[SOURCES] = _loaddata_sources(df, cfg, path.parent) if len(df) else []
     ambiguous = None
@@ -171,8 +272,15 @@ def _files_by_id(folder: Path, pattern: re.Pattern[str]) -> tuple[dict[str, Path
     return unique, quarantine
 
 
-def load_folder(cfg: ConvertConfig) -> Inputs:
-    """The original study's layout: one multi-channel TIFF per site plus a metadata CSV."""
+def column_ids(values: pd.Series, pattern: re.Pattern[str]) -> pd.Series:
+    """The id of each metadata row: the pattern's id where it matches the trimmed cell (a file
+    name such as `` R08C20F01P01-CH3SK1FK1FL1.TIFF ``), else the trimmed cell (a bare id);
+    lower-cased, as file ids are."""
+    cells = values.astype(str).str.strip()
+    return cells.map(lambda v: (_extract_id(v, pattern) or v).lower())
+
+
+def _folder_settings(cfg: ConvertConfig) -> tuple[Path, re.Pattern[str], list[str]]:
     folder = Path(cfg.images or "")
     if not folder.is_dir():
         raise CellmorphError(f"image folder not found: {folder}")
@@ -189,12 +297,18 @@ def load_folder(cfg: ConvertConfig) -> Inputs:
             f"unknown channel(s) {', '.join(unknown)}: the files hold {', '.join(file_channels)} "
             "(set convert.file_channels to the order of channels inside each file)"
         )
-    df = read_csv(cfg.metadata, "metadata CSV")
+    return folder, pattern, list(file_channels)
+
+
+def load_folder(cfg: ConvertConfig) -> Inputs:
+    """The original study's layout: one TIFF per site (all channels) plus a metadata CSV."""
+    folder, pattern, file_channels = _folder_settings(cfg)
+    df = read_csv(cfg.metadata, "metadata CSV", strings=[cfg.id_column, cfg.label_column])
     require_columns(
         df, [cfg.id_column, "Metadata_Plate", "Metadata_Well"], f"metadata CSV {cfg.metadata}"
     )
     files, quarantine = _files_by_id(folder, pattern)
-    ids = df[cfg.id_column].astype(str).str.lower()
+    ids = column_ids(df[cfg.id_column], pattern)
     dup_ids = ids.duplicated(keep=False)
     path_of = ids.map(files)
     inputs = Inputs(
@@ -210,12 +324,12 @@ def load_folder(cfg: ConvertConfig) -> Inputs:
     bad = dup_ids | path_of.isna()
     for i in df.index[bad]:
         reason = "several metadata rows share this id" if dup_ids[i] else "no file for this id"
-        inputs.quarantine.append(
-            quarantine_row(df.loc[i], f"{cfg.id_column}={df.at[i, cfg.id_column]}: {reason}")
-        )
-    matched = set(ids[~bad])
+        cell = str(df.at[i, cfg.id_column])
+        shown = cell if cell.strip().lower() == ids[i] else f"{cell.strip()} (id {ids[i]!r})"
+        inputs.quarantine.append(quarantine_row(df.loc[i], f"{cfg.id_column}={shown}: {reason}"))
+    listed = set(ids)
     for ident, f in files.items():
-        if ident not in matched and ident not in set(ids[dup_ids]):
+        if ident not in listed:
             inputs.quarantine.append(
                 {"source": str(f), "reason": f"no metadata row for id {ident!r}"}
             )
@@ -223,8 +337,41 @@ def load_folder(cfg: ConvertConfig) -> Inputs:
     return inputs
 
 
+# Largest stored image side: the biggest Cell Painting fields are ~2160 px (unbinned sCMOS), so a
+# larger --size only upsamples; and one 5 x 2048^2 uint16 image is already 40 MB (a default shard
+# of 1024 images is 40 GB in memory while it is written).
+MAX_SIZE = 2048
+
+
+def check_settings(cfg: ConvertConfig) -> None:
+    """Settings that cannot work stop here, before any file is read."""
+    for key, option, names in (
+        ("channels", "--channels", cfg.channels),
+        ("file_channels", "--file-channels", cfg.file_channels),
+    ):
+        if key == "channels" and not names:
+            raise CellmorphError(f"convert.channels ({option}): no channel names given")
+        if any(not n.strip() for n in names):
+            raise CellmorphError(
+                f"convert.{key} ({option}): empty channel name in {','.join(names)!r}"
+            )
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise CellmorphError(
+                f"convert.{key} ({option}): {', '.join(twice)} named more than once in "
+                f"{','.join(names)!r}: every channel needs its own name"
+            )
+    if cfg.size > MAX_SIZE:
+        raise CellmorphError(
+            f"convert.size (--size) {cfg.size} is larger than {MAX_SIZE}: Cell Painting fields "
+            f"are at most ~2160 px, so it would only upsample, and one image would take "
+            f"{len(cfg.channels) * cfg.size**2 * 2 / 1e9:.1f} GB"
+        )
+
+
 def load_inputs(cfg: ConvertConfig) -> Inputs:
-    """Read either layout, then apply the checks both share (labels, duplicates, emptiness)."""
+    """Read either layout, then apply the checks both share (keys, labels, duplicates)."""
+    check_settings(cfg)
     if bool(cfg.load_data) == bool(cfg.images):
         raise CellmorphError(
             "give exactly one input: --load-data CSV, or --images DIR with --metadata"
@@ -232,6 +379,11 @@ def load_inputs(cfg: ConvertConfig) -> Inputs:
     inputs = load_loaddata(cfg) if cfg.load_data else load_folder(cfg)
     if len(inputs.sites) == 0 and not inputs.quarantine:
         raise CellmorphError("empty input: no sites found")
+    _check_keys(inputs)
+    if cfg.barcode_platemap:
+        from conversion.platemaps import annotate
+
+        annotate(inputs, cfg)
     _check_labels(inputs, cfg)
     _check_duplicates(inputs)
     for i, ch in enumerate(cfg.channels):
@@ -240,9 +392,46 @@ def load_inputs(cfg: ConvertConfig) -> Inputs:
     return inputs
 
 
+def drop_rows(inputs: Inputs, bad: pd.Series, reasons: pd.Series) -> None:
+    """Move the rows flagged in ``bad`` to quarantine with their reason."""
+    sites = inputs.sites
+    for i in sites.index[bad.to_numpy()]:
+        inputs.quarantine.append(quarantine_row(sites.loc[i], str(reasons[i])))
+    inputs.sites = sites.loc[~bad.to_numpy()].reset_index(drop=True)
+
+
+_WHOLE = re.compile(r"\d+(\.0*)?")
+
+
+def _key_problem(plate: str, well: str, site: str) -> str:
+    if not plate:
+        return "empty Metadata_Plate"
+    if not well:
+        return "empty Metadata_Well"
+    if not site:
+        return "empty Metadata_Site"
+    return "" if _WHOLE.fullmatch(site) else f"Metadata_Site {site!r} is not a whole number"
+
+
+def _check_keys(inputs: Inputs) -> None:
+    """Plate and well are non-empty text; the site is a whole number (``2`` or ``2.0``)."""
+    sites = inputs.sites
+    for col in KEYS:
+        sites[col] = sites[col].astype(str).str.strip() if len(sites) else sites[col].astype(str)
+    reasons = pd.Series(
+        [_key_problem(*keys) for keys in zip(*(sites[c] for c in KEYS))],
+        index=sites.index,
+        dtype=object,
+    )
+    drop_rows(inputs, reasons != "", reasons)
+    site = inputs.sites["Metadata_Site"]
+    inputs.sites["Metadata_Site"] = site.map(lambda v: int(v.split(".")[0])).astype("int64")
+
+
 def _check_labels(inputs: Inputs, cfg: ConvertConfig) -> None:
+    """Quarantine rows whose label is empty; any text (``NA``, ``None``, ``#N/A``) is a label."""
     sites, col = inputs.sites, cfg.label_column
-    if cfg.allow_unlabeled:
+    if cfg.allow_unlabeled or len(sites) == 0:  # nothing left to label: the stop names why
         return
     if col not in sites.columns:
         raise CellmorphError(
@@ -250,21 +439,10 @@ def _check_labels(inputs: Inputs, cfg: ConvertConfig) -> None:
             "or --allow-unlabeled to convert images for prediction)"
         )
     missing = sites[col].isna() | (sites[col].astype(str).str.strip() == "")
-    for _, row in sites.loc[missing].iterrows():
-        inputs.quarantine.append(quarantine_row(row, f"no label in column {col}"))
-    inputs.sites = sites.loc[~missing].reset_index(drop=True)
+    drop_rows(inputs, missing, pd.Series(f"no label in column {col}", index=sites.index))
 
 
 def _check_duplicates(inputs: Inputs) -> None:
     """Every copy of a duplicated (plate, well, site) is quarantined: none can be trusted."""
-    sites = inputs.sites
-    sites["Metadata_Plate"] = sites["Metadata_Plate"].astype(str)
-    sites["Metadata_Well"] = sites["Metadata_Well"].astype(str)
-    try:
-        sites["Metadata_Site"] = sites["Metadata_Site"].astype("int64")
-    except (ValueError, TypeError):
-        sites["Metadata_Site"] = sites["Metadata_Site"].astype(str)
-    dup = sites.duplicated(KEYS, keep=False)
-    for _, row in sites.loc[dup].iterrows():
-        inputs.quarantine.append(quarantine_row(row, "duplicate (plate, well, site)"))
-    inputs.sites = sites.loc[~dup].reset_index(drop=True)
+    dup = inputs.sites.duplicated(KEYS, keep=False)
+    drop_rows(inputs, dup, pd.Series("duplicate (plate, well, site)", index=inputs.sites.index))

@@ -34,7 +34,16 @@ from tqdm import tqdm
 from cellmorph import store as cstore
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
-from conversion.layouts import KEYS, SOURCES, Inputs, load_inputs, quarantine_row
+from conversion.layouts import (
+    KEYS,
+    SOURCES,
+    Inputs,
+    check_settings,
+    load_inputs,
+    no_valid_sites,
+    quarantine_row,
+    summarize_reasons,
+)
 from conversion.manifest import Manifest, digest
 from conversion.tiffs import BadImage, Source, apply_illum, checksum, probe_site, read_site, resize
 
@@ -124,10 +133,13 @@ def pack_shard(task: ShardTask) -> ShardResult:
     return ShardResult(task.index, n)
 
 
-def probe_chunk(chunk: list[tuple[int, list[Source], list[str], tuple[int, int] | None]]) -> list:
-    """Probe sites' headers: (row, file stats) on success, (row, reason) on failure."""
+ProbeItem = tuple[int, list[Source], list[str], tuple[int, int] | None, int]
+
+
+def probe_chunk(chunk: list[ProbeItem]) -> list:
+    """Probe sites' headers: (row, (file stats, dtype)) on success, (row, reason) on failure."""
     out = []
-    for row, sources, names, illum_shape in chunk:
+    for row, sources, names, illum_shape, size in chunk:
         try:
             infos = probe_site(sources, names)
             first = next(iter(infos.values()))
@@ -136,7 +148,14 @@ def probe_chunk(chunk: list[tuple[int, list[Source], list[str], tuple[int, int] 
                     f"image shape {first.height}x{first.width} != illumination function "
                     f"shape {illum_shape[0]}x{illum_shape[1]}"
                 )
-            out.append((row, [[p, i.size, i.mtime_ns] for p, i in infos.items()]))
+            if min(first.height, first.width) < size:
+                # Upsampling invents pixels: a 4x4 thumbnail must not pass for a field of cells.
+                raise BadImage(
+                    f"image {first.height}x{first.width} is smaller than --size {size} "
+                    f"({sources[0][0]}; it would be upsampled)"
+                )
+            stats = [[p, i.size, i.mtime_ns] for p, i in infos.items()]
+            out.append((row, (stats, first.dtype)))
         except BadImage as e:
             out.append((row, str(e)))
     return out
@@ -156,8 +175,28 @@ def illum_files(cfg: ConvertConfig, plates: Iterable[str]) -> dict[str, list[str
     return found
 
 
+def check_illum(path: str) -> tuple[int, ...]:
+    """Stop on a function that cannot divide: a zero saturates the channel, a NaN blanks it."""
+    fn = np.load(path, mmap_mode="r")
+    if not np.issubdtype(fn.dtype, np.number):
+        raise CellmorphError(f"illumination function {path} holds {fn.dtype}, not numbers")
+    bad_values = int(np.count_nonzero(~np.isfinite(fn)))
+    if bad_values:
+        raise CellmorphError(
+            f"illumination function {path} has {bad_values} NaN or infinite value(s) of {fn.size}: "
+            "dividing by it would blank the channel (recompute it)"
+        )
+    not_positive = int(np.count_nonzero(fn <= 0))
+    if not_positive:
+        raise CellmorphError(
+            f"illumination function {path} has {not_positive} zero or negative value(s) of "
+            f"{fn.size}: dividing by it would saturate the channel (recompute it)"
+        )
+    return tuple(fn.shape)
+
+
 def _illum_shape(paths: list[str]) -> tuple[int, int]:
-    shapes = {np.load(p, mmap_mode="r").shape for p in paths}
+    shapes = {check_illum(p) for p in paths}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise CellmorphError(f"illumination functions {paths} are not 2-D arrays of one shape")
     return next(iter(shapes))
@@ -168,7 +207,7 @@ def probe_all(inputs: Inputs, cfg: ConvertConfig, illum: dict, mapper: Mapper) -
     sites = inputs.sites
     shapes = {plate: _illum_shape(paths) for plate, paths in illum.items()}
     items = [
-        (i, src, list(cfg.channels), shapes.get(plate))
+        (i, src, list(cfg.channels), shapes.get(plate), cfg.size)
         for i, (src, plate) in enumerate(zip(sites[SOURCES], sites["Metadata_Plate"]))
     ]
     chunks = [items[i : i + PROBE_CHUNK] for i in range(0, len(items), PROBE_CHUNK)]
@@ -177,12 +216,35 @@ def probe_all(inputs: Inputs, cfg: ConvertConfig, illum: dict, mapper: Mapper) -
         for res in mapper(probe_chunk, chunks):
             results.update(res)
             bar.update(len(res))
+    _mixed_bit_depths(results)
     ok = np.array([not isinstance(results[i], str) for i in range(len(items))], dtype=bool)
     for i in np.flatnonzero(~ok):
         inputs.quarantine.append(quarantine_row(sites.iloc[i], results[i]))
     survivors = sites.loc[ok].copy()
-    survivors["_stat"] = [results[i] for i in np.flatnonzero(ok)]
+    survivors["_stat"] = [results[i][0] for i in np.flatnonzero(ok)]
     return survivors.sort_values(KEYS, kind="mergesort").reset_index(drop=True)
+
+
+def _mixed_bit_depths(results: dict[int, Any]) -> None:
+    """Sites of a pixel type other than the common one become failures (in place).
+
+    8-bit sites among 16-bit ones would be stored unscaled next to them (max 255 vs ~3,400),
+    so their cells would look black; the majority type wins (16-bit on a tie).
+    """
+    dtypes = pd.Series(
+        {i: r[1] for i, r in results.items() if not isinstance(r, str)}, dtype=object
+    )
+    counts = dtypes.value_counts()
+    if len(counts) < 2:
+        return
+    top = counts.max()
+    keep = "uint16" if counts.get("uint16", 0) == top else str(counts.idxmax())
+    for i, dtype in dtypes.items():
+        if dtype != keep:
+            results[i] = (
+                f"{dtype} TIFFs among {keep} sites ({counts[keep]} of {len(dtypes)} sites are "
+                f"{keep}): their pixel scale differs"
+            )
 
 
 def site_key(row: pd.Series) -> str:
@@ -338,20 +400,20 @@ def convert(
     job passes one that runs each shard as a Ray task.
     """
     t0 = time.perf_counter()
+    check_settings(cfg)
     # file:// is a local path; zarr's fsspec store would not create its folders.
     out = str(out).removeprefix("file://")
     pool = ProcessMapper(cfg.workers) if mapper is None and cfg.workers > 1 else None
     run = mapper or pool or inline_map
     try:
         inputs = load_inputs(cfg)
+        if len(inputs.sites) == 0:  # stop before reading a single TIFF
+            _stop_all_quarantined(out, inputs)
         illum = illum_files(cfg, inputs.sites["Metadata_Plate"].astype(str))
         sites = probe_all(inputs, cfg, illum, run)
         phases = {"plan_s": time.perf_counter() - t0}
         if len(sites) == 0:
-            _write_quarantine_only(out, inputs)
-            raise CellmorphError(
-                f"no valid sites: all {len(inputs.quarantine)} inputs were quarantined (reasons in {out}/{cstore.QUARANTINE})"
-            )
+            _stop_all_quarantined(out, inputs)
         sites["_key"] = [site_key(r) for _, r in sites[KEYS].iterrows()]
         inputs.sites = sites
         fp = fingerprint(sites, cfg, illum)
@@ -375,10 +437,23 @@ def convert(
         "seconds": round(time.perf_counter() - t0, 3),
         "nothing_to_do": state == "done",
         "phases": {k: round(v, 3) for k, v in phases.items()},
+        "quarantine_reasons": stored_reasons(out),
     }
 
 
-def _write_quarantine_only(out: str, inputs: Inputs) -> None:
+def stored_reasons(out: str, top: int = 5) -> list[dict[str, Any]]:
+    """The most frequent kinds of reason in a store's quarantine.csv, with counts and fixes."""
+    with fsspec.open(f"{out.rstrip('/')}/{cstore.QUARANTINE}", "rb") as f:
+        table = pd.read_csv(f, keep_default_na=False, dtype=str)
+    return summarize_reasons(table["reason"], top)
+
+
+def _stop_all_quarantined(out: str, inputs: Inputs) -> None:
+    """Write quarantine.csv (no store), then stop with the reasons and the options that fix them."""
     fs, root = fsspec.core.url_to_fs(out)
+    present = {Path(p).name for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
+    if present - {cstore.QUARANTINE}:  # never touch what is already there (another store?)
+        raise no_valid_sites(inputs.quarantine, None)
     fs.makedirs(root, exist_ok=True)
     cstore.write_quarantine(out, inputs.quarantine)
+    raise no_valid_sites(inputs.quarantine, f"{out}/{cstore.QUARANTINE}")
