@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,75 +20,19 @@ import pandas as pd
 
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
+from cellmorph.store import PLATE, SITE, WELL
+from conversion.platemaps import annotate
+from conversion.tables import (
+    KEYS,
+    SOURCES,
+    Inputs,
+    drop_rows,
+    quarantine_row,
+    read_csv,
+    require_columns,
+)
 
-KEYS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
-SOURCES = "_sources"
 TIFF_SUFFIXES = {".tif", ".tiff"}
-
-
-@dataclass
-class Inputs:
-    """Sites that passed the table checks, and the quarantine rows of those that did not."""
-
-    sites: pd.DataFrame
-    quarantine: list[dict[str, Any]] = field(default_factory=list)
-    description: dict[str, Any] = field(default_factory=dict)
-
-
-def sniff_separator(path: Path) -> str:
-    """Tab or comma, from the header line's content (the pilot's ``.txt``/``.tsv`` are tabs)."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        header = f.readline()
-    return "\t" if header.count("\t") > header.count(",") else ","
-
-
-def read_csv(
-    path: str | Path, what: str, strings: Iterable[str] = (), all_strings: bool = False
-) -> pd.DataFrame:
-    """Read a CSV or TSV (decided by content) or stop with a message naming it.
-
-    NA handling is explicit: no cell is read as missing (``NA``, ``None``, ``null``, ``#N/A``
-    are text; an empty cell is ""). ``Metadata_*`` columns and ``strings`` stay text (plate
-    ``0001`` keeps its zeros); other columns keep pandas' type inference (a column of numbers is
-    numeric); ``all_strings`` reads every column as text.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise CellmorphError(f"{what} not found: {p}")
-    keep = set(strings)
-    opts: dict[str, Any] = dict(keep_default_na=False, na_values=[], encoding="utf-8-sig")
-    try:
-        opts["sep"] = sniff_separator(p)
-        header = pd.read_csv(p, nrows=0, **opts).columns
-        text = [
-            c
-            for c in header
-            if all_strings or c.strip().startswith("Metadata_") or c.strip() in keep
-        ]
-        df = pd.read_csv(p, dtype={c: str for c in text}, **opts)
-    except pd.errors.EmptyDataError:
-        raise CellmorphError(f"{what} {p} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise CellmorphError(f"{what} {p} is not a readable CSV or TSV ({e})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
-
-
-def require_columns(df: pd.DataFrame, columns: list[str], where: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise CellmorphError(f"{where} lacks required column(s): {', '.join(missing)}")
-
-
-def quarantine_row(row: pd.Series, reason: str) -> dict[str, Any]:
-    sources = row.get(SOURCES) or []
-    return {
-        "source": ";".join(dict.fromkeys(p for p, _ in sources)),
-        "plate": row.get("Metadata_Plate"),
-        "well": row.get("Metadata_Well"),
-        "site": row.get("Metadata_Site"),
-        "reason": reason,
-    }
 
 
 # Quarantine reasons grouped for summaries: (pattern, what went wrong, the option that fixes it).
@@ -304,9 +247,7 @@ def load_folder(cfg: ConvertConfig) -> Inputs:
     """The original study's layout: one TIFF per site (all channels) plus a metadata CSV."""
     folder, pattern, file_channels = _folder_settings(cfg)
     df = read_csv(cfg.metadata, "metadata CSV", strings=[cfg.id_column, cfg.label_column])
-    require_columns(
-        df, [cfg.id_column, "Metadata_Plate", "Metadata_Well"], f"metadata CSV {cfg.metadata}"
-    )
+    require_columns(df, [cfg.id_column, PLATE, WELL], f"metadata CSV {cfg.metadata}")
     files, quarantine = _files_by_id(folder, pattern)
     ids = column_ids(df[cfg.id_column], pattern)
     dup_ids = ids.duplicated(keep=False)
@@ -316,11 +257,9 @@ def load_folder(cfg: ConvertConfig) -> Inputs:
     )
     positions = [file_channels.index(c) for c in cfg.channels]
     df[SOURCES] = [[(str(p), i) for i in positions] if isinstance(p, Path) else [] for p in path_of]
-    if "Metadata_Site" not in df.columns:
+    if SITE not in df.columns:
         # Sites numbered within each well in identifier order, so reruns number them the same.
-        df["Metadata_Site"] = (
-            df.assign(_id=ids).groupby(KEYS[:2])["_id"].rank(method="first").astype(int)
-        )
+        df[SITE] = df.assign(_id=ids).groupby(KEYS[:2])["_id"].rank(method="first").astype(int)
     bad = dup_ids | path_of.isna()
     for i in df.index[bad]:
         reason = "several metadata rows share this id" if dup_ids[i] else "no file for this id"
@@ -381,8 +320,6 @@ def load_inputs(cfg: ConvertConfig) -> Inputs:
         raise CellmorphError("empty input: no sites found")
     _check_keys(inputs)
     if cfg.barcode_platemap:
-        from conversion.platemaps import annotate
-
         annotate(inputs, cfg)
     _check_labels(inputs, cfg)
     _check_duplicates(inputs)
@@ -390,14 +327,6 @@ def load_inputs(cfg: ConvertConfig) -> Inputs:
         inputs.sites[f"source_{ch}"] = [s[i][0] for s in inputs.sites[SOURCES]]
     inputs.description["channels"] = list(cfg.channels)
     return inputs
-
-
-def drop_rows(inputs: Inputs, bad: pd.Series, reasons: pd.Series) -> None:
-    """Move the rows flagged in ``bad`` to quarantine with their reason."""
-    sites = inputs.sites
-    for i in sites.index[bad.to_numpy()]:
-        inputs.quarantine.append(quarantine_row(sites.loc[i], str(reasons[i])))
-    inputs.sites = sites.loc[~bad.to_numpy()].reset_index(drop=True)
 
 
 _WHOLE = re.compile(r"\d+(\.0*)?")
@@ -424,8 +353,8 @@ def _check_keys(inputs: Inputs) -> None:
         dtype=object,
     )
     drop_rows(inputs, reasons != "", reasons)
-    site = inputs.sites["Metadata_Site"]
-    inputs.sites["Metadata_Site"] = site.map(lambda v: int(v.split(".")[0])).astype("int64")
+    site = inputs.sites[SITE]
+    inputs.sites[SITE] = site.map(lambda v: int(v.split(".")[0])).astype("int64")
 
 
 def _check_labels(inputs: Inputs, cfg: ConvertConfig) -> None:

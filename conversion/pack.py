@@ -34,17 +34,10 @@ from tqdm import tqdm
 from cellmorph import store as cstore
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
-from conversion.layouts import (
-    KEYS,
-    SOURCES,
-    Inputs,
-    check_settings,
-    load_inputs,
-    no_valid_sites,
-    quarantine_row,
-    summarize_reasons,
-)
+from cellmorph.store import PLATE
+from conversion.layouts import check_settings, load_inputs, no_valid_sites, summarize_reasons
 from conversion.manifest import Manifest, digest
+from conversion.tables import KEYS, SOURCES, Inputs, quarantine_row
 from conversion.tiffs import BadImage, Source, apply_illum, checksum, probe_site, read_site, resize
 
 T = TypeVar("T")
@@ -208,7 +201,7 @@ def probe_all(inputs: Inputs, cfg: ConvertConfig, illum: dict, mapper: Mapper) -
     shapes = {plate: _illum_shape(paths) for plate, paths in illum.items()}
     items = [
         (i, src, list(cfg.channels), shapes.get(plate), cfg.size)
-        for i, (src, plate) in enumerate(zip(sites[SOURCES], sites["Metadata_Plate"]))
+        for i, (src, plate) in enumerate(zip(sites[SOURCES], sites[PLATE]))
     ]
     chunks = [items[i : i + PROBE_CHUNK] for i in range(0, len(items), PROBE_CHUNK)]
     results: dict[int, Any] = {}
@@ -268,7 +261,7 @@ def shard_tasks(
     tasks = []
     for index, start in enumerate(range(0, len(plan), shard)):
         part = plan.iloc[start : start + shard]
-        sites = [(list(s), illum.get(p, [])) for s, p in zip(part[SOURCES], part["Metadata_Plate"])]
+        sites = [(list(s), illum.get(p, [])) for s, p in zip(part[SOURCES], part[PLATE])]
         key = digest([fp, start, list(part["_key"]), [s for s, _ in sites]])
         tasks.append(ShardTask(out, index, start, key, size, sites))
     return tasks
@@ -409,7 +402,7 @@ def convert(
         inputs = load_inputs(cfg)
         if len(inputs.sites) == 0:  # stop before reading a single TIFF
             _stop_all_quarantined(out, inputs)
-        illum = illum_files(cfg, inputs.sites["Metadata_Plate"].astype(str))
+        illum = illum_files(cfg, inputs.sites[PLATE].astype(str))
         sites = probe_all(inputs, cfg, illum, run)
         phases = {"plan_s": time.perf_counter() - t0}
         if len(sites) == 0:
