@@ -58,6 +58,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cellmorph.sweep import load_sweep, run_sweep
+
+    print(f"sweep: {run_sweep(*load_sweep(args.config, args.overrides))}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cellmorph.config import load_config
     from cellmorph.demo import run_demo
@@ -148,6 +155,16 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "tune", help="a Ray Tune sweep (ASHA) over the training config named in a sweep file"
+    )
+    p.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweep.yaml")
+    p.add_argument(
+        "overrides", nargs="*",
+        help="sweep keys (num_samples=8) and base config keys (data.store=..., train.epochs=3)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="the main job on a synthetic plate (what `make demo` runs)")
     p.add_argument("--no-audit", action="store_true", help="skip the leakage audit")

@@ -11,6 +11,7 @@ directory's files, and one line for a mistake. Ray's own driver log and every ra
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,29 @@ def resolve_paths(cfg: Config) -> Config:
     if cfg.model.pretrained:
         raw["model"]["pretrained"] = str(Path(cfg.model.pretrained).expanduser().resolve())
     return config_from_dict(raw)
+
+
+def check_upload_paths(cfg: Config) -> None:
+    """Refuse relative paths inside ``ray job submit --working-dir``'s copy of the working dir.
+
+    The job runs in an unpacked copy of the upload, which leaves out what .gitignore lists
+    (``data/``, ``runs/``) and goes away with the job's session, so a relative ``data.store``
+    would not be found and a relative ``run_root`` would be lost. The client's shell can
+    resolve them before the upload: ``data.store=$PWD/data/demo/store.zarr``.
+    """
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return  # not a job with an uploaded working dir: relative means the cwd, as typed
+    paths = {"data.store": cfg.data.store, "run_root": cfg.run_root}
+    if cfg.model.pretrained:
+        paths["model.pretrained"] = cfg.model.pretrained
+    for key, value in paths.items():
+        if not Path(value).expanduser().is_absolute():
+            raise CellmorphError(
+                f"{key}: {value!r} is a relative path, and this job runs in Ray's copy of the "
+                f"uploaded working dir ({Path.cwd()}), which leaves out data/ and runs/: pass an "
+                f"absolute path on the submit line, e.g. {key}=$PWD/{value}"
+            )
 
 
 def preflight(cfg: Config, *, warn: bool = True) -> None:
@@ -155,8 +179,14 @@ def _record_placement_group(run: RunDir) -> None:
         atomic.write_text(run.placement_group, pg.id.hex())
 
 
-def build_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
-    """The TorchTrainer for ``cfg`` (gloo on CPU, nccl on GPU)."""
+def build_trainer(
+    cfg: Config, callbacks: list[Any] | None = None, controller_failure_limit: int = -1
+) -> Any:
+    """The TorchTrainer for ``cfg`` (gloo on CPU, nccl on GPU).
+
+    ``controller_failure_limit``: how often a worker group that cannot start is retried
+    (-1: forever, Ray's default; a sweep's trials give up after a few).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -174,7 +204,9 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None) -> Any:
         run_config=RunConfig(
             name=RunDir(cfg.run_dir).ray_storage.name,
             storage_path=str(RunDir(cfg.run_dir).path),
-            failure_config=FailureConfig(max_failures=r.max_failures),
+            failure_config=FailureConfig(
+                max_failures=r.max_failures, controller_failure_limit=controller_failure_limit
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
         ),

@@ -3,12 +3,17 @@
 In Ray Train V2, Tune runs a *function* that builds and fits a TorchTrainer per trial
 (``Tuner(TorchTrainer)`` is gone); ``TuneReportCallback`` forwards each epoch's report to Tune
 so ASHA can stop weak trials. The search space is YAML, validated like every other config.
+
+Before any trial starts, the sweep checks that one trial (its workers plus the share of a CPU
+the trial itself holds) fits the cluster, and fits the number of trials at a time to it: a
+worker group that cannot be placed would otherwise time out and retry forever.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +23,7 @@ from cellmorph import atomic
 from cellmorph.config import (
     Config,
     ConfigError,
+    RayConfig,
     Section,
     config_from_dict,
     config_to_dict,
@@ -77,14 +83,51 @@ class SweepConfig(Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
     trial_cpus: float = Field(0.05, gt=0.0, description="for each trial's driver; keep it small")
+    fit_workers: bool = Field(
+        True, description="a trial too big for the cluster trains with fewer workers (else: stop)"
+    )
     space: dict[str, Dimension] = {}
 
 
+# A trial whose worker group cannot be placed this many times in a row (Ray Train waits 60 s
+# each time, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) fails instead of retrying forever.
+TRIAL_START_RETRIES = 5
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line overrides split into the sweep file's keys and the base training config's.
+
+    ``num_samples=8`` or ``max_concurrent=2`` set the sweep; ``data.store=...`` or
+    ``run_root=...`` set the base config, after the sweep file's own ``overrides`` list.
+    ``name`` is the sweep's (every trial is named after its trial id anyway).
+    """
+    sweep_keys, base_keys = set(SweepConfig.model_fields), set(Config.model_fields)
+    mine: list[str] = []
+    base: list[str] = []
+    for item in overrides:
+        top = item.partition("=")[0].strip().split(".")[0]
+        if top in sweep_keys:
+            mine.append(item)
+        elif top in base_keys:
+            base.append(item)
+        else:
+            raise ConfigError(
+                f"override {item.partition('=')[0]}: unknown key (neither a sweep setting: "
+                f"{', '.join(SweepConfig.model_fields)}; nor a training config section: "
+                f"{', '.join(k for k in Config.model_fields if k != 'name')})"
+            )
+    return mine, base
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Config]:
-    """The sweep settings and the base training config, with every searched key checked."""
+    """The sweep settings and the base training config, with every searched key checked.
+
+    ``overrides`` may mix the sweep file's keys and the base config's (see ``split_overrides``).
+    """
     p = Path(path)
-    sweep = validate(SweepConfig, read_tree(p, overrides), str(p))
-    base = load_config(sweep.base, sweep.overrides)
+    mine, base_overrides = split_overrides(overrides or [])
+    sweep = validate(SweepConfig, read_tree(p, mine), str(p))
+    base = load_config(sweep.base, [*sweep.overrides, *base_overrides])
     if not sweep.space:
         raise ConfigError(f"{p}: space is empty; name at least one setting to search")
     for key, dim in sweep.space.items():  # a typo in the space fails now, not in trial 7
@@ -112,11 +155,107 @@ def trial_config(base: Config, params: dict[str, Any], name: str) -> Config:
     return config_from_dict(raw)
 
 
-def fitted_concurrency(sweep: SweepConfig, base: Config, cluster_cpus: float) -> int:
-    """How many trials fit at once: each needs its workers' CPUs plus its own driver's share."""
-    per_trial = base.ray.num_workers * base.ray.cpus_per_worker + sweep.trial_cpus
-    fit = max(1, math.floor(cluster_cpus / per_trial))
-    return min(fit, sweep.max_concurrent) if sweep.max_concurrent else fit
+@dataclass(frozen=True)
+class ClusterSize:
+    """What the cluster has: totals, and the largest node (one worker must fit on one node)."""
+
+    cpus: float
+    gpus: float = 0.0
+    node_cpus: float | None = None  # None: one node, the totals
+    node_gpus: float | None = None
+
+    @classmethod
+    def from_ray(cls) -> ClusterSize:
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources()
+        return cls(
+            cpus=total.get("CPU", 0.0),
+            gpus=total.get("GPU", 0.0),
+            node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
+            node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=0.0),
+        )
+
+
+@dataclass(frozen=True)
+class TrialFit:
+    """How the sweep runs on this cluster: workers per trial, trials at a time, and why."""
+
+    num_workers: int
+    concurrency: int
+    note: str = ""  # one line when the workers per trial were lowered to fit
+
+
+def _floor(x: float) -> int:
+    return math.floor(x + 1e-9)  # 2.0 - 0.05 - 0.95 must not come out as 0.9999...
+
+
+def _fitting_workers(sweep: SweepConfig, r: RayConfig, size: ClusterSize) -> int:
+    """The most workers one trial can have next to its own share of a CPU (>= 1, or raise)."""
+    node_cpus = size.cpus if size.node_cpus is None else size.node_cpus
+    node_gpus = size.gpus if size.node_gpus is None else size.node_gpus
+    if r.cpus_per_worker > node_cpus + 1e-9:
+        raise CellmorphError(
+            f"ray.cpus_per_worker: a worker needs {r.cpus_per_worker:g} CPUs, the largest node "
+            f"has {node_cpus:g}; lower ray.cpus_per_worker"
+        )
+    fit = _floor((size.cpus - sweep.trial_cpus) / r.cpus_per_worker)
+    if r.use_gpu and r.gpus_per_worker > 0:
+        if r.gpus_per_worker > node_gpus + 1e-9:
+            raise CellmorphError(
+                f"ray.use_gpu: a worker needs {r.gpus_per_worker:g} GPUs, the largest node has "
+                f"{node_gpus:g}; set ray.use_gpu=false or lower ray.gpus_per_worker"
+            )
+        fit = min(fit, _floor(size.gpus / r.gpus_per_worker))
+    if fit < 1:
+        raise CellmorphError(
+            f"sweep: one trial needs at least 1 worker x {r.cpus_per_worker:g} CPU + trial_cpus "
+            f"{sweep.trial_cpus:g} = {r.cpus_per_worker + sweep.trial_cpus:g} CPUs, the cluster "
+            f"has {size.cpus:g}; lower ray.cpus_per_worker or trial_cpus, or add nodes"
+        )
+    return fit
+
+
+def _trial_need(sweep: SweepConfig, r: RayConfig) -> str:
+    cpus = r.num_workers * r.cpus_per_worker + sweep.trial_cpus
+    gpus = f" and {r.num_workers * r.gpus_per_worker:g} GPUs" if r.use_gpu else ""
+    return (
+        f"one trial of ray.num_workers={r.num_workers} x ray.cpus_per_worker="
+        f"{r.cpus_per_worker:g} + trial_cpus={sweep.trial_cpus:g} needs {cpus:g} CPUs{gpus}"
+    )
+
+
+def _have(r: RayConfig, size: ClusterSize) -> str:
+    return f"{size.cpus:g} CPUs" + (f" and {size.gpus:g} GPUs" if r.use_gpu else "")
+
+
+def fit_trials(sweep: SweepConfig, r: RayConfig, size: ClusterSize) -> TrialFit:
+    """Workers per trial and trials at a time such that every running trial can be placed.
+
+    A trial holds ``trial_cpus`` itself and starts ``ray.num_workers`` workers of
+    ``ray.cpus_per_worker`` CPUs (and ``ray.gpus_per_worker`` GPUs) each. Too many workers are
+    lowered to what fits (``fit_workers``), or the sweep stops naming the settings to change.
+    """
+    fit = _fitting_workers(sweep, r, size)
+    workers, note = r.num_workers, ""
+    if workers > fit:
+        what = f"{_trial_need(sweep, r)}, the cluster has {_have(r, size)}"
+        if not sweep.fit_workers:
+            raise CellmorphError(
+                f"sweep {sweep.name}: {what}; set ray.num_workers={fit} (or fit_workers=true), "
+                "lower ray.cpus_per_worker, or add nodes"
+            )
+        workers = fit
+        note = f"sweep {sweep.name}: {what}: each trial trains with ray.num_workers={fit}"
+    per_trial = workers * r.cpus_per_worker + sweep.trial_cpus
+    concurrency = _floor(size.cpus / per_trial)
+    if r.use_gpu and r.gpus_per_worker > 0:
+        concurrency = min(concurrency, _floor(size.gpus / (workers * r.gpus_per_worker)))
+    concurrency = max(1, concurrency)
+    if sweep.max_concurrent:
+        concurrency = min(concurrency, sweep.max_concurrent)
+    return TrialFit(workers, concurrency, note)
 
 
 def _trial(params: dict[str, Any], base: dict[str, Any]) -> None:
@@ -128,7 +267,10 @@ def _trial(params: dict[str, Any], base: dict[str, Any]) -> None:
 
     name = f"trial-{tune.get_context().get_trial_id()}"
     cfg = trial_config(config_from_dict(base), params, name)
-    build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    trainer = build_trainer(
+        cfg, callbacks=[TuneReportCallback()], controller_failure_limit=TRIAL_START_RETRIES
+    )
+    trainer.fit()
 
 
 def _release_callback(run_root: Path) -> Any:
@@ -158,21 +300,37 @@ def _release_callback(run_root: Path) -> Any:
     return ReleaseTrainResources()
 
 
-def run_sweep(sweep: SweepConfig, base: Config) -> Path:
-    """Run the sweep; writes ``best_config.yaml``, ``best.pt`` and ``results.csv``; returns its dir."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[Path, Config, TrialFit]:
+    """Check paths and data, connect to Ray and fit the trials to the cluster.
 
-    from cellmorph.launch import check_resources, init_ray, preflight, resolve_paths
+    Returns the sweep's folder, the base config every trial starts from (absolute paths, trial
+    runs under ``<sweep>/trials``, workers per trial as fitted) and the fit.
+    """
+    from cellmorph.launch import check_upload_paths, init_ray, preflight, resolve_paths
 
+    check_upload_paths(base)
     out = Path(base.run_root).expanduser().resolve() / sweep.name
     base = resolve_paths(trial_config(base, {"run_root": str(out / "trials")}, base.name))
     preflight(base)
     init_ray(base.ray, out / "logs")
-    check_resources(base.ray)
-    concurrency = fitted_concurrency(sweep, base, ray.cluster_resources().get("CPU", 0))
-    print(f"sweep {sweep.name}: {sweep.num_samples} trials, {concurrency} at a time")
+    fit = fit_trials(sweep, base.ray, ClusterSize.from_ray())
+    if fit.note:
+        print(fit.note)
+    base = trial_config(base, {"ray.num_workers": fit.num_workers}, base.name)
+    r = base.ray
+    print(
+        f"sweep {sweep.name}: {sweep.num_samples} trials, {fit.concurrency} at a time, "
+        f"{r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU each"
+    )
+    return out, base, fit
+
+
+def run_sweep(sweep: SweepConfig, base: Config) -> Path:
+    """Run the sweep; writes ``best_config.yaml``, ``best.pt`` and ``results.csv``; returns its dir."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    out, base, fit = prepare_sweep(sweep, base)
     trainable = tune.with_parameters(_trial, base=config_to_dict(base))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": sweep.trial_cpus}),
@@ -181,7 +339,7 @@ def run_sweep(sweep: SweepConfig, base: Config) -> Path:
             metric=sweep.metric,
             mode=sweep.mode,
             num_samples=sweep.num_samples,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=fit.concurrency,
             scheduler=ASHAScheduler(
                 max_t=base.train.epochs,
                 grace_period=sweep.grace_period,
@@ -196,10 +354,22 @@ def run_sweep(sweep: SweepConfig, base: Config) -> Path:
     )
     results = tuner.fit()
     errors = [r.error for r in results if r.error]
-    if len(errors) == len(results):
-        raise CellmorphError(f"sweep {sweep.name}: every trial failed; first error: {errors[0]}")
+    if errors:
+        first = _one_line(errors[0])
+        if len(errors) == len(results):
+            raise CellmorphError(f"sweep {sweep.name}: every trial failed; first error: {first}")
+        print(f"sweep {sweep.name}: {len(errors)} of {len(results)} trials failed: {first}")
     best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
     return _write_best(out, base, best, results.get_dataframe(), sweep.metric)
+
+
+def _one_line(error: BaseException) -> str:
+    """A trial's error as one line: the CellmorphError inside it, else its first line."""
+    from cellmorph.launch import user_error
+
+    cause = user_error(error)
+    text = str(cause if cause is not None else error).strip()
+    return (text.splitlines() or [type(error).__name__])[0]
 
 
 def _write_best(out: Path, base: Config, best: Any, table: Any, sweep_metric: str) -> Path:
