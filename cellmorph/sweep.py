@@ -105,6 +105,8 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     mine: list[str] = []
     base: list[str] = []
     for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
         top = item.partition("=")[0].strip().split(".")[0]
         if top in sweep_keys:
             mine.append(item)

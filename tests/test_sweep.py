@@ -58,6 +58,7 @@ def test_command_line_sets_base_config_keys_next_to_sweep_keys():
         ("data.stor=/x", "data.stor: unknown key"),
         ("num_sample=3", "override num_sample: unknown key"),
         ("train.epochs=many", "train.epochs"),
+        ("data.store", "not of the form key.path=value"),
     ],
 )
 def test_bad_command_line_overrides_name_the_key(override, message):
