@@ -321,7 +321,8 @@ def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[Path, Config, Trial
     base = trial_config(base, {"ray.num_workers": fit.num_workers}, base.name)
     r = base.ray
     print(
-        f"sweep {sweep.name}: {sweep.num_samples} trials, {fit.concurrency} at a time, "
+        f"sweep {sweep.name}: {sweep.num_samples} trials, "
+        f"{min(fit.concurrency, sweep.num_samples)} at a time, "
         f"{r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU each"
     )
     return out, base, fit
