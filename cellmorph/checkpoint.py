@@ -56,10 +56,9 @@ class Checkpoint:
     channels: list[str]
 
     @property
-    def norm(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The training normalization (per-channel mean, std); None in older checkpoints."""
-        norm = self.state.get("norm")
-        return (np.asarray(norm["mean"]), np.asarray(norm["std"])) if norm else None
+    def norm(self) -> dict[str, Any] | None:
+        """The training normalization (``Normalization.to_dict()``); None in old checkpoints."""
+        return self.state.get("norm")
 
     @property
     def epoch(self) -> int | None:

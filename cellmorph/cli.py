@@ -54,7 +54,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from cellmorph.launch import run_ray_training
 
         run = run_ray_training(cfg)
-    print(f"run: {run.path}")
+    from cellmorph.progress import result_line
+
+    print(result_line(run.read_result(), cfg.data))
+    print(f"run: {run.path}  (report: cellmorph evaluate {run.path} --report-only)")
     return 0
 
 
@@ -98,7 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     run = RunDir(Path(args.run_dir)).require()
     if not args.report_only:
-        from cellmorph.predict import evaluate_run
+        from cellmorph.train import evaluate_run
 
         m = evaluate_run(run, device=args.device)
         print(

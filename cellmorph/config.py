@@ -66,7 +66,13 @@ class ConvertConfig(Section):
         [], description="channel names in file order for multi-channel TIFFs; [] = channels"
     )
     path_replace: list[str] = Field([], description="OLD=NEW prefixes applied to LoadData paths")
-    stats_images: int = Field(256, ge=1, description="images sampled for channel statistics")
+    stats_images: int = Field(256, ge=1, description="images sampled for channel percentiles")
+    negcon: str = Field(
+        "Metadata_control_type=negcon",
+        pattern=r"^$|^[^=]+=",
+        description="COLUMN=VALUE naming the negative-control wells (per-plate statistics for "
+        "loader.normalize=negcon); empty: none",
+    )
     barcode_platemap: str | None = Field(
         None, description="JUMP barcode_platemap.csv: plate barcode -> plate map (labels by join)"
     )
@@ -87,8 +93,16 @@ class DataConfig(Section):
     min_count: int = Field(0, ge=0)
     split: Literal["grouped", "plate", "image"] = "grouped"
     group_by: Literal["well", "plate"] = "well"
-    val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     val_plates: list[str] = []
+    test_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0,
+        description="held out like validation (same grouping) and used only for the final "
+        "score; 0 = no test fold (the headline is then the validation score)",
+    )  # fmt: skip
+    test_plates: list[str] = Field(
+        [], description="plates held out whole as the test fold (the CPJUMP1 recipe)"
+    )
     balance: Literal["oversample", "class_weight", "both", "none"] = "oversample"
     seed: int = Field(0, ge=0)
     oversample_before_split: bool = Field(
@@ -101,8 +115,21 @@ class DataConfig(Section):
     def _split_options_agree(self) -> DataConfig:
         if self.oversample_before_split and self.split != "image":
             raise ValueError("oversample_before_split is only allowed with split=image")
+        if self.oversample_before_split and (self.test_fraction or self.test_plates):
+            raise ValueError("oversample_before_split (the study protocol) has no test fold: "
+                             "set data.test_fraction=0")  # fmt: skip
         if self.val_plates and self.split != "plate":
             raise ValueError(f"val_plates is set but split is {self.split!r} (use split=plate)")
+        if self.test_plates and self.test_fraction:
+            raise ValueError("data.test_plates and data.test_fraction both choose the test fold: "
+                             "set data.test_fraction=0 with test_plates")  # fmt: skip
+        if set(self.test_plates) & set(self.val_plates):
+            raise ValueError("data.test_plates and data.val_plates share plates")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"data.val_fraction ({self.val_fraction}) + data.test_fraction "
+                f"({self.test_fraction}) leave under 10% of the data for training"
+            )
         return self
 
 
@@ -122,7 +149,14 @@ class LoaderConfig(Section):
     rotate_degrees: float = Field(10.0, ge=0.0, le=180.0)
     brightness: float = Field(0.1, ge=0.0, le=1.0)
     contrast: float = Field(0.1, ge=0.0, le=1.0)
-    normalize: Literal["store", "imagenet"] = "store"
+    intensity: Literal["log", "linear"] = Field(
+        "log", description="log1p of the uint16 values (fluorescence is heavy-tailed), or linear"
+    )
+    normalize: Literal["plate", "negcon", "store", "imagenet"] = Field(
+        "plate",
+        description="standardize each channel with the statistics of the image's plate, of its "
+        "plate's negative-control wells, of the whole store, or ImageNet's (RGB only)",
+    )
     # The model sees the central view_fraction of the (resized) store image; the rest is the
     # margin that rotation's empty corners fall into (store 160 px -> 128 px crop at 0.8).
     view_fraction: float = Field(0.8, gt=0.0, le=1.0)
@@ -141,16 +175,26 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(2e-3, gt=0.0)
+    lr: float = Field(
+        2e-3, gt=0.0,
+        description="peak learning rate at a global batch of 256 (loader.batch_size x workers), "
+        "scaled to the actual global batch by optim.lr_scaling",
+    )  # fmt: skip
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
     weight_decay: float = Field(0.05, ge=0.0)
-    warmup_epochs: float = Field(1.0, ge=0.0)
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up; at most a quarter of the run")
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(12, ge=1)
+    min_steps: int = Field(
+        400, ge=0,
+        description="small data: add epochs until the run takes at least this many optimizer "
+        "steps (0: exactly train.epochs)",
+    )  # fmt: skip
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool | None = None
     compile: bool = False
@@ -162,6 +206,11 @@ class TrainConfig(Section):
         description="validation score that picks best.pt (lower is better for loss)",
     )
     max_steps_per_epoch: int = Field(0, ge=0, description="cap for smoke runs; 0 = whole epoch")
+    bn_calibration_images: int = Field(
+        512, ge=0,
+        description="before each evaluation, recompute batch-norm statistics on this many "
+        "training images (precise BN); 0 keeps the running averages",
+    )  # fmt: skip
     log_every: int = Field(20, ge=1)
 
 

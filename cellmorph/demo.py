@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from cellmorph.config import Config
+from cellmorph.progress import result_line
 
 
 def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
@@ -40,14 +41,8 @@ def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     report = build_report(run)
     m = run.read_result()
     seconds = time.perf_counter() - t0
-    print(
-        f"\nreport: {report}\nlogs:   {run.logs}/ (Ray's own: its session folder, "
-        f"see logs/ray-driver.log)\n"
-        f"validation (grouped by well, {m.get('n_images', '?')} images, epoch "
-        f"{int(m['epoch']) + 1}): balanced accuracy {m['balanced_accuracy']:.3f}, accuracy "
-        f"{m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}; chance {m['chance']:.3f}  "
-        f"({seconds:.0f} s)"
-    )
+    print(f"\nreport: {report}\nlogs:   {run.logs}/ (Ray's driver log: logs/ray-driver.log)")
+    print(result_line(m, cfg.data) + f"  ({seconds:.0f} s)")
     return {"report": str(report), "seconds": round(seconds, 1),
             **{k: m.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "chance",
                                      "well_accuracy")}}  # fmt: skip

@@ -66,14 +66,17 @@ class IndexBuildError(CellmorphError):
 class Index:
     """Row-level labels and folds for one run.
 
-    ``train``/``val`` are sorted store rows, unique except under ``oversample_before_split``
-    (the study protocol), where they are the two halves of an oversampled list and repeat.
+    ``train``/``val``/``test`` are sorted store rows, unique except under
+    ``oversample_before_split`` (the study protocol), where train and val are the two halves of
+    an oversampled list and repeat. ``val`` picks epochs and sweep trials; ``test`` is scored
+    once, at the end, by the chosen model.
     """
 
     classes: list[str]  # class id -> name, sorted by name
     labels: np.ndarray  # int64 per store row; -1 = not used (no label or dropped class)
     train: np.ndarray
     val: np.ndarray
+    test: np.ndarray
     train_order: np.ndarray  # training rows after balancing; what each epoch permutes
     class_weights: np.ndarray | None
     summary: dict[str, Any]
@@ -191,7 +194,10 @@ def _fold0(splitter: Any, y: np.ndarray, groups: np.ndarray | None, what: str) -
         try:
             _, test = next(iter(splitter.split(np.zeros(len(y)), y, groups)))
         except ValueError as e:
-            raise IndexBuildError(f"data.val_fraction: cannot split {what}: {e}") from None
+            raise IndexBuildError(
+                f"data.val_fraction: cannot split {what}: {e} (too few {what} per class for this "
+                "fraction: lower it, or hold out whole plates)"
+            ) from None
     return test
 
 
@@ -258,6 +264,52 @@ def _split_image(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, dict[str, An
 
 
 _SPLITTERS = {"grouped": _split_grouped, "plate": _split_plate, "image": _split_image}
+
+
+def _named_plates(rows: _Rows, plates: list[str], key: str) -> np.ndarray:
+    unknown = sorted(set(plates) - set(rows.plate_names))
+    if unknown:
+        raise IndexBuildError(
+            f"{key}: unknown plate(s) {', '.join(unknown)} (column {PLATE!r} has "
+            f"{', '.join(rows.plate_names[:20])}{' ...' if len(rows.plate_names) > 20 else ''})"
+        )
+    return np.isin(np.asarray(rows.plate_names, dtype=object)[rows.plate_codes], plates)
+
+
+def _unlabel(rows: _Rows, mask: np.ndarray) -> _Rows:
+    return rows._replace(labels=np.where(mask, -1, rows.labels))
+
+
+def _test_mask(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Rows of the test fold: named plates, or ``test_fraction`` of the units the split uses
+    (wells, plates or images; never a named validation plate), drawn with its own seed."""
+    if cfg.test_plates:
+        return _named_plates(rows, cfg.test_plates, "data.test_plates"), {}
+    if not cfg.test_fraction:
+        return np.zeros(len(rows.labels), bool), {}
+    if cfg.val_plates:
+        rows = _unlabel(rows, _named_plates(rows, cfg.val_plates, "data.val_plates"))
+    sub = cfg.model_copy(
+        update={"val_fraction": cfg.test_fraction, "val_plates": [], "seed": cfg.seed + 7919}
+    )
+    try:
+        mask, extra = _SPLITTERS[cfg.split](rows, sub)
+    except IndexBuildError as e:  # the splitter speaks of validation; this is the test fold
+        raise IndexBuildError(str(e).replace("data.val_fraction", "data.test_fraction")) from None
+    return mask, {"test_plates": extra["val_plates"]} if "val_plates" in extra else {}
+
+
+def _folds(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Train, validation and test rows: the test fold first, then validation from the rest."""
+    test_mask, extra = _test_mask(rows, cfg)
+    rest = _unlabel(rows, test_mask)
+    share = 1.0 - (cfg.test_fraction if not cfg.test_plates else 0.0)
+    sub = cfg.model_copy(update={"val_fraction": min(cfg.val_fraction / share, 0.9)})
+    val_mask, val_extra = _SPLITTERS[cfg.split](rest, sub)
+    used = rows.labels >= 0
+    train = np.flatnonzero(used & ~val_mask & ~test_mask)
+    val = np.flatnonzero(used & val_mask & ~test_mask)
+    return train, val, np.flatnonzero(used & test_mask), {**val_extra, **extra}
 
 
 def _oversample(rows: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
@@ -379,12 +431,10 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -
     warns: list[str] = []
     if cfg.oversample_before_split:
         train, val = _study_split(rows, cfg)
-        extra: dict[str, Any] = {}
+        test, extra = np.zeros(0, np.int64), {}
         warns.append(STUDY_WARNING)
     else:
-        val_mask, extra = _SPLITTERS[cfg.split](rows, cfg)
-        used = labels >= 0
-        train, val = np.flatnonzero(used & ~val_mask), np.flatnonzero(used & val_mask)
+        train, val, test, extra = _folds(rows, cfg)
     if cfg.split == "image":
         warns.append(IMAGE_SPLIT_WARNING)
     _check_folds(train, val, rows, classes)
@@ -395,6 +445,7 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -
         labels=labels,
         train=train,
         val=val,
+        test=test,
         train_order=train_order,
         class_weights=weights,
         summary={},
@@ -411,32 +462,55 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -
     return replace(index, summary=summary)
 
 
-def _summary(index: Index, rows: _Rows, cfg: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-able description written to ``data_summary.json`` and shown in the report."""
-    labels, classes = index.labels, index.classes
-    train_counts = _per_class(index.train, labels, classes)
-    val_counts = _per_class(index.val, labels, classes)
-    no_val = [c for c in classes if val_counts[c] == 0]
+def _fold_warnings(index: Index, cfg: DataConfig, unvalidated: dict[str, list[str]]) -> list[str]:
+    """What the folds cannot show: classes trained on only, a fraction far from the one asked."""
+    unit = "wells" if cfg.split == "grouped" and cfg.group_by == "well" else "units"
     warns = []
-    if no_val:
-        warns.append(
-            f"{len(no_val)} class(es) have too few {'wells' if cfg.split == 'grouped' else 'units'}"
-            f" to appear in validation and are trained on only: {', '.join(no_val[:10])}"
-            f"{' ...' if len(no_val) > 10 else ''}"
-        )
-    n_train, n_val = len(index.train), len(index.val)
-    actual = n_val / max(1, n_train + n_val)
+    for fold, missing in unvalidated.items():
+        if missing:
+            warns.append(
+                f"{len(missing)} class(es) have too few {unit} to appear in {fold} and are not "
+                f"scored there: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+            )
+    used = len(index.train) + len(index.val) + len(index.test)
+    actual = len(index.val) / max(1, used)
     if not cfg.val_plates and abs(actual - cfg.val_fraction) > 0.1:
         warns.append(
             f"data.val_fraction={cfg.val_fraction} gave {actual:.2f} of the images in validation "
-            f"(one of {_n_splits(cfg.val_fraction)} stratified folds, or whole plates)"
+            f"(stratified folds of {unit}, or whole plates)"
         )
-    growth = len(index.train_order) / max(1, n_train)
+    growth = len(index.train_order) / max(1, len(index.train))
     if growth > 10:
         warns.append(
             f"oversampling makes each epoch {growth:.0f}x the training fold "
             f"({len(index.train_order)} images); consider data.balance=class_weight or data.top_k"
         )
+    return warns
+
+
+def _spread(rows: _Rows, classes: list[str]) -> dict[str, list[str]]:
+    """Classes in a single well, or on a single plate, of the whole data: a grouped split can
+    never validate them on a new well (or a plate hold-out on a new plate)."""
+    used = rows.labels >= 0
+    out = {}
+    for name, unit in (
+        ("classes_single_well", rows.well_ids),
+        ("classes_single_plate", rows.plate_codes),
+    ):
+        pairs = np.unique(rows.labels[used] * (int(unit.max()) + 1) + unit[used])
+        n = np.bincount(pairs // (int(unit.max()) + 1), minlength=len(classes))
+        out[name] = [classes[i] for i in np.flatnonzero(n == 1)]
+    return out
+
+
+def _summary(index: Index, rows: _Rows, cfg: DataConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able description written to ``data_summary.json`` and shown in the report."""
+    labels, classes = index.labels, index.classes
+    counts = {f: _per_class(getattr(index, f), labels, classes) for f in ("train", "val", "test")}
+    missing = {f: [c for c in classes if counts[f][c] == 0] for f in ("val", "test")}
+    if not len(index.test):
+        missing.pop("test")
+    used = max(1, len(index.train) + len(index.val) + len(index.test))
     return {
         "label_column": cfg.label_column,
         "images": len(labels),
@@ -449,23 +523,28 @@ def _summary(index: Index, rows: _Rows, cfg: DataConfig, extra: dict[str, Any]) 
         "balance": cfg.balance,
         "oversample_before_split": cfg.oversample_before_split,
         "val_fraction": cfg.val_fraction,
-        "val_fraction_actual": round(actual, 4),
+        "val_fraction_actual": round(len(index.val) / used, 4),
+        "test_fraction": cfg.test_fraction,
+        "test_fraction_actual": round(len(index.test) / used, 4),
         "seed": cfg.seed,
         "top_k": cfg.top_k,
         "min_count": cfg.min_count,
-        "train_images": n_train,
-        "val_images": n_val,
+        "train_images": len(index.train),
+        "val_images": len(index.val),
+        "test_images": len(index.test),
         "train_order_images": len(index.train_order),
         **extra,
-        "train_counts": train_counts,
-        "val_counts": val_counts,
+        **{f"{f}_counts": counts[f] for f in ("train", "val", "test")},
         "train_counts_balanced": _per_class(index.train_order, labels, classes),
-        "classes_without_val": no_val,
+        "classes_without_val": missing["val"],
+        "classes_without_test": missing.get("test", []),
+        **_spread(rows, classes),
         "class_weights": None if index.class_weights is None else index.class_weights.tolist(),
         "val_wells_in_train": shared_wells(index),
+        "test_wells_in_train_or_val": shared_wells(index, "test"),
         "val_copies_in_train": count_val_copies_in_train(index),
         "leaky": cfg.split == "image" or cfg.oversample_before_split,
-        "warnings": warns,
+        "warnings": _fold_warnings(index, cfg, missing),
     }
 
 
@@ -480,11 +559,14 @@ def count_val_copies_in_train(index: Index) -> int:
     return int(np.isin(val_ids, train_ids).sum())
 
 
-def shared_wells(index: Index) -> int:
-    """Wells (plate + well) with images in both folds: near-duplicate sites across the split."""
+def shared_wells(index: Index, fold: str = "val") -> int:
+    """Wells (plate + well) with images in ``fold`` and in the folds before it (train; train
+    and val for the test fold): near-duplicate sites across the split."""
     if index.well_ids is None:
         raise CellmorphError("shared_wells: this index carries no well ids")
-    return int(np.intersect1d(index.well_ids[index.train], index.well_ids[index.val]).size)
+    before = index.train if fold == "val" else np.concatenate([index.train, index.val])
+    rows = index.val if fold == "val" else index.test
+    return int(np.intersect1d(index.well_ids[before], index.well_ids[rows]).size)
 
 
 # --------------------------------------------------------------------------- label encoding

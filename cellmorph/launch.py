@@ -221,6 +221,7 @@ def run_ray_training(cfg: Config, *, quiet: bool = False) -> RunDir:
     from cellmorph.distributed import interactive
     from cellmorph.progress import RunWatcher
 
+    check_upload_paths(cfg)
     cfg = resolve_paths(cfg)
     run = RunDir(cfg.run_dir)
     preflight(cfg, warn=not quiet)  # quiet: e.g. the audit's leaky split, which it states itself

@@ -27,9 +27,9 @@ from cellmorph.checkpoint import Checkpoint, read_checkpoint
 from cellmorph.config import LoaderConfig, validate
 from cellmorph.errors import CellmorphError
 from cellmorph.loaders import build_loader
-from cellmorph.metrics import compute_metrics
+from cellmorph.loaders.normalize import Normalization, for_inference, from_store
 from cellmorph.model import CellNet, build_model
-from cellmorph.rundir import RunDir, ValOutputs
+from cellmorph.profiling import intensity_features
 from cellmorph.store import PLATE, STORE_ROW, WELL, Store, open_store, well_ids
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -80,9 +80,11 @@ def check_channels(ckpt_channels: list[str], store: Any) -> None:
 
 def iter_infer(
     model: nn.Module, loader: Any, device: torch.device
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per batch: store rows, softmax probabilities (float32) and embeddings (float32)."""
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per batch: store rows, softmax probabilities, embeddings and the intensity statistics of
+    the model's input (all float32)."""
     net = getattr(model, "module", model)
+    net = getattr(net, "_orig_mod", net)  # a compiled model's plain module
     net.eval()
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     with torch.inference_mode():
@@ -96,23 +98,20 @@ def iter_infer(
                 np.asarray(torch.as_tensor(rows).cpu(), dtype=np.int64),
                 probs.cpu().numpy().astype(np.float32),
                 emb.float().cpu().numpy().astype(np.float32),
+                intensity_features(x),
             )
 
 
-def infer(
-    model: nn.Module, loader: Any, device: torch.device
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All of a loader's outputs: rows, probabilities (N x K) and embeddings (N x D)."""
+def infer(model: nn.Module, loader: Any, device: torch.device) -> tuple[np.ndarray, ...]:
+    """All of a loader's outputs: rows, probabilities (N x K), embeddings (N x D) and intensity
+    statistics (N x F)."""
     parts = list(iter_infer(model, loader, device))
     if not parts:
         net = getattr(model, "module", model)
         k = net.head[-1].out_features
-        return (
-            np.zeros(0, np.int64),
-            np.zeros((0, k), np.float32),
-            np.zeros((0, net.embed_dim), np.float32),
-        )
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+        return (np.zeros(0, np.int64), np.zeros((0, k), np.float32),
+                np.zeros((0, net.embed_dim), np.float32), np.zeros((0, 0), np.float32))  # fmt: skip
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
 # --------------------------------------------------------------------------- streaming outputs
@@ -231,6 +230,14 @@ def _loader_cfg(ckpt: Checkpoint, overrides: dict[str, Any]) -> LoaderConfig:
     return validate(LoaderConfig, base, "predict: loader options")
 
 
+def inference_norm(ckpt: Checkpoint, store: Store, cfg: LoaderConfig) -> Normalization:
+    """The checkpoint's recipe on ``store``: a new plate brings its own per-plate statistics;
+    store-wide statistics are the training store's. Checkpoints without one use ``cfg``."""
+    if ckpt.norm is None:
+        return from_store(store, cfg)
+    return for_inference(Normalization.from_dict(ckpt.norm), store)
+
+
 def predict(
     checkpoint: str | Path,
     store_path: str | Path,
@@ -253,8 +260,9 @@ def predict(
     n = len(store)
     # Labels are unknown here; the loader wants an array, the model never sees it.
     loader = build_loader(
-        store, np.arange(n), np.zeros(n, np.int64), cfg, train=False, device=dev, norm=ckpt.norm
-    )
+        store, np.arange(n), np.zeros(n, np.int64), cfg, train=False, device=dev,
+        norm=inference_norm(ckpt, store, cfg),
+    )  # fmt: skip
     out_dir = _output_dir(out)
     k = top_k or ckpt.config.eval.top_k
     writer = PredictionWriter(out_dir, store.metadata, ckpt.classes, k, model.embed_dim)
@@ -289,47 +297,3 @@ def _stream(model: nn.Module, loader: Any, dev: torch.device, writer: Prediction
     if written != n:
         raise CellmorphError(f"predicted {written} of {n} images (the loader skipped rows)")
     return written
-
-
-# --------------------------------------------------------------------------- evaluate a run
-
-
-def _val_rows(run: RunDir, ckpt: Checkpoint, store: Store) -> tuple[np.ndarray, np.ndarray]:
-    """Validation store rows and a full-length label array (from the run, else the index)."""
-    labels = np.zeros(len(store), np.int64)
-    if run.val_predictions.is_file():
-        frame = pd.read_parquet(run.val_predictions, columns=[STORE_ROW, "label"])
-        rows = frame[STORE_ROW].to_numpy(np.int64).copy()  # writable for torch.from_numpy
-        labels[rows] = frame["label"].to_numpy(np.int64)
-        return rows, labels
-    from cellmorph.index import build_index
-
-    index = build_index(store.metadata, ckpt.config.data)
-    if list(index.classes) != ckpt.classes:
-        raise CellmorphError(
-            f"{run.path}: the index rebuilt from the checkpoint's config has classes "
-            f"{list(index.classes)[:5]}..., the checkpoint {ckpt.classes[:5]}..."
-        )
-    return np.asarray(index.val, np.int64), np.asarray(index.labels, np.int64)
-
-
-def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
-    """Recompute the validation outputs and ``metrics.json`` from the run's best checkpoint."""
-    ckpt = read_checkpoint(run.eval_checkpoint())
-    store = open_store(ckpt.config.data.store)
-    check_channels(ckpt.channels, store)
-    dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
-    rows, labels = _val_rows(run, ckpt, store)
-    loader = build_loader(
-        store, rows, labels, _loader_cfg(ckpt, {}), train=False, device=dev, norm=ckpt.norm
-    )
-    got_rows, probs, embs = infer(model, loader, dev)
-    got_rows, first = np.unique(got_rows, return_index=True)  # drop any padding repeats
-    val = ValOutputs(got_rows, probs[first], embs[first], labels[got_rows])
-    wells = well_ids(store.metadata)[got_rows]
-    metrics = compute_metrics(val.labels, val.probs, ckpt.classes, wells=wells,
-                              top_k=ckpt.config.eval.top_k)  # fmt: skip
-    record = {"epoch": ckpt.epoch, "checkpoint": ckpt.path.name, **metrics}
-    run.write_result(record, val, ckpt.classes, store.metadata)
-    return metrics

@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cellmorph.config import DataConfig
 from cellmorph.rundir import RunDir
 
 
@@ -44,6 +45,27 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def result_line(m: dict[str, Any], data: DataConfig) -> str:
+    """The result in one line: the test fold's scores (nothing was tuned on them)."""
+    split, group_by = data.split, data.group_by
+    grouped = f"grouped by {group_by}" if split == "grouped" else f"{split} split"
+    if data.test_plates:
+        grouped += f", test plates {', '.join(data.test_plates)}"
+    text = (
+        f"{m['fold']} fold ({grouped}, {m.get('n_images', '?')} images, model of epoch "
+        f"{int(m['epoch']) + 1}): balanced accuracy {m['balanced_accuracy']:.3f}, accuracy "
+        f"{m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}; chance {m['chance']:.3f}"
+    )
+    if "well_balanced_accuracy" in m:
+        text += f"; well-level balanced accuracy {m['well_balanced_accuracy']:.3f}"
+    prof = (m.get("profiling") or {}).get("embeddings") or {}
+    if "mean_map" in prof:
+        base = (m["profiling"].get("intensity_baseline") or {}).get("mean_map")
+        text += f"\nphenotypic activity: mean mAP {prof['mean_map']:.3f}, {prof['fraction_retrieved']:.0%} of treatments retrieved"
+        text += f" (intensity statistics: mAP {base:.3f})" if base is not None else ""
+    return text
 
 
 def _log(run: RunDir, line: str) -> None:

@@ -78,13 +78,22 @@ class Run:
     summary: dict[str, Any]
     history: list[dict[str, Any]]
     metrics: dict[str, Any]
-    predictions: pd.DataFrame | None = None
+    predictions: pd.DataFrame | None = None  # of the headline fold (test, else validation)
     embeddings: np.ndarray | None = None
     audit: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def _fold(run: Run) -> str:
+    """The headline fold's file prefix: ``test`` when the run has a test fold."""
+    return "test" if run.metrics.get("fold") == "test" else "val"
+
+
+def _fold_name(run: Run) -> str:
+    return "test" if _fold(run) == "test" else "validation"
 
 
 def _epoch_note(run: Run) -> str:
@@ -94,11 +103,19 @@ def _epoch_note(run: Run) -> str:
         return ""
     metric = run.config.get("train", {}).get("best_metric", "balanced_accuracy")
     last = run.history[-1]
-    text = (
-        f"Epoch {int(epoch) + 1} of {len(run.history)}, the best by validation {metric}. "
-        "Choosing the epoch on the validation fold flatters it slightly; the last epoch had "
-        f"{metric} {last.get(metric, float('nan')):.3f}."
-    )
+    if _fold(run) == "test":
+        text = (
+            f"The model of epoch {int(epoch) + 1} of {len(run.history)} (the best by validation "
+            f"{metric}), scored once on the test fold, which nothing was tuned on. Its validation "
+            "scores, which chose it, stand beside: they flatter it slightly."
+        )
+    else:
+        text = (
+            f"Epoch {int(epoch) + 1} of {len(run.history)}, the best by validation {metric}. "
+            "This run has no test fold (data.test_fraction=0, no data.test_plates): the scores "
+            "are those of the fold that chose the epoch, which flatters them; the last epoch had "
+            f"{metric} {last.get(metric, float('nan')):.3f}."
+        )
     return f"<p class='sub'>{_esc(text)}</p>"
 
 
@@ -126,10 +143,11 @@ def load_run(run: RunDir) -> Run:
         metrics=run.read_result(),
         audit=run.read_json(run.audit, required=False),
     )
-    if run.val_predictions.is_file():
-        loaded.predictions = pd.read_parquet(run.val_predictions)
-    if run.val_embeddings.is_file():
-        loaded.embeddings = np.load(run.val_embeddings)
+    fold = _fold(loaded)
+    if run.predictions(fold).is_file():
+        loaded.predictions = pd.read_parquet(run.predictions(fold))
+    if run.embeddings(fold).is_file():
+        loaded.embeddings = np.load(run.embeddings(fold))
     return loaded
 
 
@@ -250,15 +268,30 @@ def _class_colours(k: int) -> list[Any]:
     return [palette[i % len(palette)] for i in range(k)]
 
 
-def _tsne_points(emb: np.ndarray, max_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic subsample, PCA to 50 dims, then t-SNE; returns (2-D points, chosen rows)."""
+def stratified_sample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
+    """At most ``max_points`` positions, each class in proportion to its size but at least
+    ``min(its size, max_points // classes)`` (rare classes stay visible); deterministic."""
+    n = len(labels)
+    if n <= max_points:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    floor = max(1, max_points // (2 * len(classes)))
+    share = np.maximum(np.minimum(counts, floor), np.floor(counts * max_points / n)).astype(int)
+    while share.sum() > max_points:  # trim the largest shares first
+        share[np.argmax(share)] -= 1
+    picks = [rng.choice(np.flatnonzero(labels == c), k, replace=False)
+             for c, k in zip(classes, share) if k]  # fmt: skip
+    return np.sort(np.concatenate(picks))
+
+
+def _tsne_points(emb: np.ndarray, labels: np.ndarray, max_points: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Stratified subsample, PCA to 50 dims, then t-SNE; returns (2-D points, chosen rows)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    n = len(emb)
-    chosen = np.arange(n)
-    if n > max_points:
-        chosen = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    chosen = stratified_sample(labels, max_points, seed)
     x = emb[chosen].astype(np.float64)
     if x.shape[1] > 50 and len(x) > 50:
         x = PCA(n_components=50, random_state=seed).fit_transform(x)
@@ -270,12 +303,12 @@ def _tsne_points(emb: np.ndarray, max_points: int, seed: int) -> tuple[np.ndarra
 def plot_tsne(run: Run, out: Path, max_points: int) -> Path | None:
     pred, emb = run.predictions, run.embeddings
     if pred is None or emb is None:
-        run.notes.append("t-SNE: val_predictions.parquet or val_embeddings.npy is missing")
+        run.notes.append(f"t-SNE: the {_fold_name(run)} predictions or embeddings are missing")
         return None
     if len(pred) != len(emb) or len(emb) < 5:
-        run.notes.append(f"t-SNE: needs >= 5 aligned validation images (have {len(emb)})")
+        run.notes.append(f"t-SNE: needs >= 5 aligned {_fold_name(run)} images (have {len(emb)})")
         return None
-    points, chosen = _tsne_points(emb, max_points, seed=0)
+    points, chosen = _tsne_points(emb, pred["label"].to_numpy(), max_points, seed=0)
     labels = pred["label"].to_numpy()[chosen]
     k = len(run.classes)
     colours, markers = _class_colours(k), "os^Dv<>P*X"
@@ -289,7 +322,12 @@ def plot_tsne(run: Run, out: Path, max_points: int) -> Path | None:
         for c in np.unique(labels):
             x, y = np.median(points[labels == c], axis=0)
             ax.annotate(run.classes[c], (x, y), fontsize=6, alpha=0.8, ha="center", va="bottom")
-    ax.set_title(f"t-SNE of validation embeddings (penultimate layer, {len(points)} images)")
+    sampled = (
+        f"a stratified sample of {len(points)} of {len(emb)}"
+        if len(points) < len(emb)
+        else f"all {len(emb)}"
+    )
+    ax.set_title(f"t-SNE of {_fold_name(run)} embeddings (penultimate layer, {sampled} images)")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6 if k > 20 else 8,
@@ -405,28 +443,81 @@ def _img_tag(path: Path, alt: str) -> str:
     )
 
 
+SCORE_ROWS = [
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("macro_f1", "macro F1"),
+    ("well_accuracy", "well-level accuracy"),
+    ("well_balanced_accuracy", "well-level balanced accuracy"),
+    ("loss", "loss"),
+    ("chance", "chance (1/K)"),
+    ("chance_majority", "chance (majority class)"),
+    ("n_images", "images"),
+    ("n_wells", "wells"),
+]
+
+
 def _headline(run: Run) -> str:
     m = run.metrics
     top_k = m.get("top_k", 5)
-    keys = [
-        ("accuracy", "accuracy"),
-        ("balanced_accuracy", "balanced accuracy"),
-        ("macro_f1", "macro F1"),
-        (topk_name(top_k), f"top-{top_k} accuracy"),
-        ("well_accuracy", "well-level accuracy"),
-        ("well_balanced_accuracy", "well-level balanced accuracy"),
-        ("loss", "validation loss"),
-        ("chance", "chance (1/K)"),
-        ("chance_majority", "chance (majority class)"),
-        ("n_images", "validation images"),
-        ("n_wells", "validation wells"),
-    ]
+    keys = [*SCORE_ROWS[:3], (topk_name(top_k), f"top-{top_k} accuracy"), *SCORE_ROWS[3:]]
+    fold = _fold_name(run)
     cards = "".join(
-        f'<div class="card"><div class="v">{_esc(_fmt(m[k]))}</div><div class="k">{_esc(label)}</div></div>'
+        f'<div class="card"><div class="v">{_esc(_fmt(m[k]))}</div>'
+        f'<div class="k">{_esc(label)} ({fold})</div></div>'
         for k, label in keys
         if k in m
     )
-    return f'<div class="cards">{cards}</div>'
+    return f'<div class="cards" id="headline" data-fold="{fold}">{cards}</div>'
+
+
+def _folds_table(run: Run) -> str:
+    """Validation (which chose the model) and test (which did not) side by side."""
+    val, test = run.metrics.get("validation"), run.metrics.get("test")
+    if not val or not test:
+        return ""
+    top_k = run.metrics.get("top_k", 5)
+    keys = [*SCORE_ROWS[:3], (topk_name(top_k), f"top-{top_k} accuracy"), *SCORE_ROWS[3:6],
+            SCORE_ROWS[8], SCORE_ROWS[9]]  # fmt: skip
+    rows = [[label, val.get(k, ""), test.get(k, "")] for k, label in keys if k in val or k in test]
+    table = _table(["", "validation (chose the epoch)", "test (untouched)"], rows, "folds")
+    return f'<div id="folds">{table}</div>'
+
+
+def _profiling_section(run: Run) -> str:
+    prof = run.metrics.get("profiling") or {}
+    sources = [("embeddings", "network embeddings"), ("intensity_baseline", "intensity statistics")]
+    present = [(k, t) for k, t in sources if isinstance(prof.get(k), dict)]
+    if not present:
+        return ""
+    rows = []
+    for key, title in present:
+        p = prof[key]
+        if "skipped" in p:
+            rows.append([title, "skipped: " + p["skipped"], "", ""])
+        else:
+            rows.append([title, p["mean_map"], f"{p['fraction_retrieved']:.0%}", p["treatments"]])
+    head = ["profile", "mean mAP", "treatments retrieved (q < 0.05)", "treatments scored"]
+    per = (prof.get("embeddings") or {}).get("per_treatment") or {}
+    base = (prof.get("intensity_baseline") or {}).get("per_treatment") or {}
+    detail = [[t, v["mAP"], v["q"], "yes" if v["retrieved"] else "no",
+               base.get(t, {}).get("mAP", "")] for t, v in sorted(per.items())]  # fmt: skip
+    text = (
+        f"Phenotypic activity as image-based profiling measures it (copairs): each treatment's "
+        f"wells against the negative-control wells, well-level profiles of the "
+        f"{_fold_name(run)} fold ({prof.get('wells', '?')} wells), cosine similarity, mean "
+        "average precision with a permutation p-value, Benjamini-Hochberg corrected."
+    )
+    return (
+        f'<h2>Phenotypic activity (mAP)</h2><div id="profiling"><p>{_esc(text)}</p>'
+        + _table(head, rows, "profiling")
+        + _table(
+            ["treatment", "mAP (embeddings)", "corrected p", "retrieved", "mAP (intensity)"],
+            detail,
+            "profiling-detail",
+        )  # fmt: skip
+        + "</div>"
+    )
 
 
 def _is_leaky(summary: dict[str, Any]) -> bool:
@@ -537,9 +628,11 @@ def render_html(run: Run, figures: list[tuple[Path, str]]) -> str:
         f"<h1>cellmorph report: {_esc(name)}</h1>",
         f"<p class='sub'>{_esc(len(run.classes))} classes of {_esc(run.label_column)} · run directory {_esc(run.dir.path)}</p>",
         _leak_banner(run),
-        "<h2>Validation metrics</h2>",
+        f"<h2>Scores on the {_fold_name(run)} fold</h2>",
         _epoch_note(run),
         _headline(run),
+        _folds_table(run),
+        _profiling_section(run),
         _audit_section(run),
         _summary_section(run),
         f"<h2>Figures</h2>{figs}",
@@ -559,9 +652,9 @@ def make_figures(run: Run) -> list[tuple[Path, str]]:
         ("label_distribution.png", "Label distribution: before and after top-K and balancing",
          lambda p: plot_label_distribution(run, p)),
         ("training_curves.png", "Training curves", lambda p: plot_training_curves(run, p)),
-        ("confusion_matrix.png", "Row-normalized confusion matrix (validation)",
+        ("confusion_matrix.png", f"Row-normalized confusion matrix ({_fold_name(run)} fold)",
          lambda p: plot_confusion(run, p)),
-        ("tsne.png", "t-SNE of validation embeddings, coloured by true class",
+        ("tsne.png", f"t-SNE of {_fold_name(run)} embeddings, coloured by true class",
          lambda p: plot_tsne(run, p, int(eval_cfg.get("tsne_max_points", 2000)))),
         ("sample_grid.png", "Sample images per class (channel composite)",
          lambda p: plot_sample_grid(run, p, int(eval_cfg.get("sample_grid_per_class", 4)))),

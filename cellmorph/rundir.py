@@ -7,9 +7,11 @@
       classes.json             label encoding (class id -> name)
       data_summary.json        store + index summary (folds, counts, warnings)
       metrics.jsonl            one line per finished epoch, exactly once across restarts
-      metrics.json             the result: the best epoch's validation metrics
+      metrics.json             the result: the chosen epoch (best on validation) scored on the test
+                               fold (the headline), with its validation scores beside
       val_predictions.parquet  per validation image of that epoch (store row, metadata, labels, probs)
       val_embeddings.npy       its embeddings, same row order
+      test_predictions.parquet, test_embeddings.npy   the same for the test fold
       events.jsonl             start / resume events (with the worker processes)
       progress.json            the current epoch's step, for the launcher's progress bar
       checkpoints/             last.pt, best.pt, best-epochNNN.pt
@@ -40,14 +42,18 @@ from cellmorph.store import STORE_ROW
 CHECKPOINTS = "checkpoints"
 
 
+FOLD_NAMES = {"val": "validation", "test": "test"}
+
+
 @dataclass(frozen=True)
-class ValOutputs:
-    """One epoch's validation outputs, in store-row order of evaluation."""
+class FoldOutputs:
+    """A model's outputs on one fold (validation or test), in the order evaluated."""
 
     rows: np.ndarray  # int64 store rows
     probs: np.ndarray  # (N, K) float32 softmax probabilities
     embeddings: np.ndarray  # (N, D) float32
     labels: np.ndarray  # int64 class ids
+    features: np.ndarray | None = None  # (N, F) per-channel intensity statistics of the inputs
 
 
 @dataclass(frozen=True)
@@ -81,13 +87,11 @@ class RunDir:
     def result(self) -> Path:
         return self.path / "metrics.json"
 
-    @property
-    def val_predictions(self) -> Path:
-        return self.path / "val_predictions.parquet"
+    def predictions(self, fold: str = "val") -> Path:
+        return self.path / f"{fold}_predictions.parquet"
 
-    @property
-    def val_embeddings(self) -> Path:
-        return self.path / "val_embeddings.npy"
+    def embeddings(self, fold: str = "val") -> Path:
+        return self.path / f"{fold}_embeddings.npy"
 
     @property
     def events(self) -> Path:
@@ -181,21 +185,31 @@ class RunDir:
     def write_progress(self, progress: dict[str, Any]) -> None:
         atomic.write_text(self.progress, json.dumps(progress))
 
-    def write_result(self, metrics: dict[str, Any], val: ValOutputs | None,
-                     classes: list[str], metadata: pd.DataFrame | None) -> None:  # fmt: skip
-        """The result of the run so far: ``metrics.json`` and, with ``val``, its outputs."""
-        if val is not None and metadata is not None:
-            self.write_val_outputs(val, classes, metadata)
-        atomic.write_text(self.result, json.dumps(metrics, indent=2))
+    def write_selection(self, epoch: int, metrics: dict[str, Any], val: FoldOutputs,
+                        classes: list[str], metadata: pd.DataFrame) -> None:  # fmt: skip
+        """The best epoch so far: its validation outputs, and ``metrics.json`` with them."""
+        self.write_outputs("val", val, classes, metadata)
+        atomic.write_text(self.result, json.dumps(
+            {"fold": "validation", "epoch": epoch, **metrics, "validation": metrics}, indent=2
+        ))  # fmt: skip
 
-    def write_val_outputs(
-        self, val: ValOutputs, classes: list[str], metadata: pd.DataFrame
-    ) -> None:
-        """``val_predictions.parquet`` (store row, metadata, true/predicted label, probabilities)
-        and ``val_embeddings.npy`` (same row order)."""
-        rows = np.asarray(val.rows, dtype=np.int64)
-        labels = np.asarray(val.labels, dtype=np.int64)
-        pred = val.probs.argmax(axis=1)
+    def write_final(self, epoch: int | None, scores: dict[str, dict[str, Any]],
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        """``metrics.json`` for the chosen epoch: the test fold's scores as the headline (the
+        validation fold's when there is no test fold), both folds side by side, and ``extra``."""
+        fold = "test" if scores.get("test") else "val"
+        result = {"fold": FOLD_NAMES[fold], "epoch": epoch, **scores[fold],
+                  "validation": scores.get("val"), "test": scores.get("test"), **(extra or {})}  # fmt: skip
+        atomic.write_text(self.result, json.dumps(result, indent=2))
+        return result
+
+    def write_outputs(self, fold: str, out: FoldOutputs, classes: list[str],
+                      metadata: pd.DataFrame) -> None:  # fmt: skip
+        """``<fold>_predictions.parquet`` (store row, metadata, true/predicted label,
+        probabilities) and ``<fold>_embeddings.npy`` (same row order)."""
+        rows = np.asarray(out.rows, dtype=np.int64)
+        labels = np.asarray(out.labels, dtype=np.int64)
+        pred = out.probs.argmax(axis=1)
         names = np.asarray(classes, dtype=object)
         frame = metadata.iloc[rows].reset_index(drop=True)
         frame.insert(0, STORE_ROW, rows)
@@ -203,10 +217,10 @@ class RunDir:
         frame["label_name"] = names[labels]
         frame["pred"] = pred
         frame["pred_name"] = names[pred]
-        probs = pd.DataFrame(val.probs, columns=[f"prob:{c}" for c in classes])
+        probs = pd.DataFrame(out.probs, columns=[f"prob:{c}" for c in classes])
         frame = pd.concat([frame, probs], axis=1)
-        atomic.write_with(self.val_predictions, lambda p: frame.to_parquet(p, index=False))
-        save_npy(self.val_embeddings, np.asarray(val.embeddings, dtype=np.float32))
+        atomic.write_with(self.predictions(fold), lambda p: frame.to_parquet(p, index=False))
+        save_npy(self.embeddings(fold), np.asarray(out.embeddings, dtype=np.float32))
 
     def write_audit(self, audit: dict[str, Any]) -> None:
         atomic.write_text(self.audit, json.dumps(audit, indent=2))

@@ -12,10 +12,11 @@ import random
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -24,6 +25,7 @@ from cellmorph.checkpoint import (
     CheckpointSaver,
     check_compatible,
     load_checkpoint,
+    read_checkpoint,
     restore_rng,
     rng_state,
 )
@@ -32,13 +34,14 @@ from cellmorph.distributed import Context, interactive, local_context
 from cellmorph.errors import CellmorphError
 from cellmorph.index import Index, build_index, check_batch_size
 from cellmorph.loaders import Loader, build_loader
-from cellmorph.loaders.transform import normalization
+from cellmorph.loaders.normalize import Normalization, from_store
 from cellmorph.metrics import compute_metrics
 from cellmorph.model import CellNet, build_model
-from cellmorph.predict import infer
+from cellmorph.predict import infer, model_from_checkpoint, resolve_device
+from cellmorph.profiling import negcon_mask, profiling_report
 from cellmorph.progress import StepProgress
-from cellmorph.rundir import RunDir, ValOutputs
-from cellmorph.store import Store, describe, open_store, well_ids
+from cellmorph.rundir import FoldOutputs, RunDir
+from cellmorph.store import STORE_ROW, Store, describe, open_store, well_ids
 
 # --------------------------------------------------------------------------- schedule / amp
 
@@ -72,8 +75,8 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
     return (torch.bfloat16, False) if mode == "bf16" else (None, False)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms and biases (decaying them only hurts)."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW at peak ``lr``; no weight decay on norms and biases (decaying them only hurts)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -82,7 +85,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def seed_everything(seed: int) -> None:
@@ -100,9 +103,11 @@ class Data:
 
     store: Store
     index: Index
-    train_loader: Loader
+    train_loader: Loader | None  # None when only evaluating
     val_loader: Loader
-    norm: tuple[np.ndarray, np.ndarray]  # saved with checkpoints: predict reuses it
+    test_loader: Loader | None  # scored once, by the chosen model (None: no test fold)
+    norm: Normalization  # saved with checkpoints: predict applies the same recipe
+    calibration_loader: Loader | None = None  # training images for batch-norm statistics
 
 
 @dataclass
@@ -119,34 +124,106 @@ class Training:
     device: torch.device
 
 
-def build_data(cfg: Config, ctx: Context) -> Data:
+def build_data(cfg: Config, ctx: Context, *, training: bool = True) -> Data:
+    """The store, the index and this rank's loaders (no training loader for ``training=False``)."""
     store = open_store(cfg.data.store)
-    index = build_index(store.metadata, cfg.data)
-    check_batch_size(cfg.loader.batch_size, index)
-    norm = normalization(store, cfg.loader)
+    index = build_index(store.metadata, cfg.data, warn=training)
+    if training:
+        check_batch_size(cfg.loader.batch_size, index)
+    norm = from_store(store, cfg.loader)
+    train_rows = index.train_order if training else index.train_order[:0]
     loaders = [
         build_loader(store, rows, index.labels, cfg.loader, train=train, device=ctx.device,
                      seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, norm=norm)
-        for rows, train in ((index.train_order, True), (index.val, False))
+        if len(rows) else None
+        for rows, train in ((train_rows, True), (index.val, False), (index.test, False),
+                            (calibration_rows(index, cfg) if training else train_rows, False))
     ]  # fmt: skip
-    return Data(store, index, loaders[0], loaders[1], norm)
+    return Data(store, index, *loaders[:3], norm, loaders[3])
 
 
-def steps_per_epoch(cfg: TrainConfig, loader: Loader) -> int:
-    n = len(loader)
-    return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
+def calibration_rows(index: Index, cfg: Config) -> np.ndarray:
+    """A fixed sample of the training fold (as the data come, not oversampled), sorted."""
+    n = min(cfg.train.bn_calibration_images, len(index.train))
+    rng = np.random.default_rng([cfg.seed, 0xB7])
+    return np.sort(rng.choice(index.train, n, replace=False)) if n else index.train[:0]
 
 
-def build_training(cfg: Config, data: Data, ctx: Context) -> Training:
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Loader | None, ctx: Context) -> None:
+    """Precise batch norm: recompute every BatchNorm's statistics with the current weights.
+
+    Early in training the running averages lag weights that still move fast, and evaluation
+    with them predicts one class; recomputed averages fix that (Wu & Johnson, "Rethinking
+    Batch Normalization", 2021). Each rank measures its part, then the ranks average.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if loader is None or not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the calibration batches
+    model.train()
+    for x, _y, _rows in loader:
+        model(x.to(ctx.device, non_blocking=True))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+        if ctx.distributed:
+            for buf in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(buf)
+                buf /= ctx.world_size
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how fast: sized in optimizer steps, so small data still learns."""
+
+    epochs: int
+    steps_per_epoch: int
+    warmup: int
+    lr: float  # peak, scaled to the global batch
+    global_batch: int
+    added_epochs: int  # by train.min_steps
+
+    @property
+    def total(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def describe(self) -> str:
+        added = f" (+{self.added_epochs} for train.min_steps)" if self.added_epochs else ""
+        return (
+            f"schedule: {self.epochs} epochs{added} x {self.steps_per_epoch} steps = "
+            f"{self.total} optimizer steps, global batch {self.global_batch}, peak lr "
+            f"{self.lr:.2e}, warm-up {self.warmup} steps"
+        )
+
+
+def plan_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Schedule:
+    """A pure function of the config and the data's size: every rank plans the same."""
+    spe = batches_per_epoch
+    if cfg.train.max_steps_per_epoch:
+        spe = min(spe, cfg.train.max_steps_per_epoch)
+    spe = max(spe, 1)
+    epochs = max(cfg.train.epochs, math.ceil(cfg.train.min_steps / spe))
+    global_batch = cfg.loader.batch_size * world_size
+    ratio = global_batch / 256
+    scale = {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[cfg.optim.lr_scaling]
+    warmup = min(cfg.optim.warmup_steps, (epochs * spe) // 4)
+    return Schedule(
+        epochs, spe, warmup, cfg.optim.lr * scale, global_batch, epochs - cfg.train.epochs
+    )
+
+
+def build_training(cfg: Config, data: Data, schedule: Schedule, ctx: Context) -> Training:
     model = build_model(cfg.model, len(data.store.channels), len(data.index.classes))
     model = model.to(ctx.device)
     if ctx.device.type == "cuda" and cfg.train.channels_last is not False:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
-    total = steps_per_epoch(cfg.train, data.train_loader) * cfg.train.epochs
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch(cfg.train, data.train_loader))
+    optimizer = build_optimizer(model, cfg.optim, schedule.lr)
+    total, warmup, floor = schedule.total, schedule.warmup, cfg.optim.min_lr_ratio
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, cfg.optim.min_lr_ratio)
+        optimizer, lambda s: lr_factor(s, total, warmup, floor)
     )
     dtype, use_scaler = resolve_amp(cfg.train.amp, ctx.device)
     weights = data.index.class_weights
@@ -188,7 +265,7 @@ def resume(run: RunDir, t: Training, data: Data, cfg: Config, saver: CheckpointS
 # --------------------------------------------------------------------------- one epoch
 
 
-def train_one_epoch(t: Training, loader: Loader, epoch: int, cfg: TrainConfig,
+def train_one_epoch(t: Training, loader: Loader, epoch: int, n_steps: int, cfg: TrainConfig,
                     grad_clip: float, progress: StepProgress) -> dict[str, float]:  # fmt: skip
     """One pass over this rank's part of the epoch; returns loss and throughput.
 
@@ -196,7 +273,6 @@ def train_one_epoch(t: Training, loader: Loader, epoch: int, cfg: TrainConfig,
     step would make the host wait for the GPU every step.
     """
     t.net.train()
-    n_steps = steps_per_epoch(cfg, loader)
     loss_sum = torch.zeros((), device=t.device)
     seen, t0 = 0, time.perf_counter()
     progress.start_epoch(epoch, n_steps)
@@ -242,18 +318,19 @@ def _backward_and_step(t: Training, loss: torch.Tensor, grad_clip: float) -> Non
     t.scheduler.step()
 
 
-def evaluate(model: nn.Module, loader: Loader, data: Data, ctx: Context) -> ValOutputs | None:
-    """The validation outputs of every rank, on rank 0 (None on the others)."""
+def evaluate(model: nn.Module, loader: Loader, data: Data, ctx: Context) -> FoldOutputs | None:
+    """The outputs of every rank on one fold, on rank 0 (None on the others)."""
     parts = ctx.gather(infer(model, loader, ctx.device))
     if not ctx.is_main:
         return None
-    rows, probs, embs = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    return ValOutputs(rows, probs, embs, data.index.labels[rows])
+    rows, probs, embs, feats = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    rows, first = np.unique(rows, return_index=True)  # an evaluation part never repeats a row
+    return FoldOutputs(rows, probs[first], embs[first], data.index.labels[rows], feats[first])
 
 
-def score(val: ValOutputs, data: Data, cfg: Config) -> dict[str, Any]:
-    wells = well_ids(data.store.metadata)[val.rows]
-    return compute_metrics(val.labels, val.probs, data.index.classes, wells=wells,
+def score(out: FoldOutputs, data: Data, cfg: Config) -> dict[str, Any]:
+    wells = well_ids(data.store.metadata)[out.rows]
+    return compute_metrics(out.labels, out.probs, data.index.classes, wells=wells,
                            top_k=cfg.eval.top_k)  # fmt: skip
 
 
@@ -271,55 +348,97 @@ def checkpoint_state(
         "label_column": cfg.data.label_column,
         "channels": data.store.channels,
         "image_size": cfg.loader.image_size,
-        "norm": {"mean": data.norm[0].tolist(), "std": data.norm[1].tolist()},
+        "norm": data.norm.to_dict(),
         "metrics": {k: v for k, v in record.items() if np.isscalar(v)},
     }
 
 
 def end_epoch(run: RunDir, saver: CheckpointSaver, t: Training, data: Data, cfg: Config,
-              record: dict[str, Any], val: ValOutputs) -> dict[str, Any]:  # fmt: skip
+              record: dict[str, Any], val: FoldOutputs) -> dict[str, Any]:  # fmt: skip
     """Rank 0: score the epoch, log it, checkpoint it, and keep it as the result if best."""
     metrics = score(val, data, cfg)
     record.update({k: v for k, v in metrics.items() if np.isscalar(v)})
     # The metrics line goes first: a crash before the checkpoint reruns this epoch, and the
     # trim at resume then keeps exactly one line for it.
     run.log_epoch(record)
-    if saver.is_better(float(metrics.get(cfg.train.best_metric, float("nan")))):
-        result = {"epoch": record["epoch"], **metrics}
-        run.write_result(result, val, data.index.classes, data.store.metadata)
-    saver.save(checkpoint_state(t, data, cfg, record), record["epoch"],
-               float(metrics.get(cfg.train.best_metric, float("nan"))))  # fmt: skip
+    best = float(metrics.get(cfg.train.best_metric, float("nan")))
+    if saver.is_better(best):
+        run.write_selection(record["epoch"], metrics, val, data.index.classes, data.store.metadata)
+    saver.save(checkpoint_state(t, data, cfg, record), record["epoch"], best)
     return record
+
+
+def finish(run: RunDir, t: Training, data: Data, cfg: Config, ctx: Context) -> dict[str, Any]:
+    """Score the chosen model (``best.pt``) once on the test fold, and profile its embeddings.
+
+    Every rank takes part (the test fold is split across ranks); rank 0 writes the result.
+    """
+    done = ctx.broadcast(ctx.is_main and run.read_result().get("fold") == "test")
+    if done:
+        return run.read_result() if ctx.is_main else {}
+    chosen = load_checkpoint(run.eval_checkpoint())  # rank 0's file: the run dir is shared
+    t.model.load_state_dict(chosen["model"])
+    test = evaluate(t.net, data.test_loader, data, ctx) if data.test_loader else None
+    if not ctx.is_main:
+        return {}
+    scores = {"val": run.read_result()["validation"]}
+    if test is not None:
+        scores["test"] = score(test, data, cfg)
+        run.write_outputs("test", test, data.index.classes, data.store.metadata)
+    headline = test if test is not None else fold_outputs(run, data, "val")
+    extra = {"selected_by": f"validation {cfg.train.best_metric}",
+             "profiling": profile(headline, data, cfg)}  # fmt: skip
+    return run.write_final(int(chosen["epoch"]), scores, extra)
+
+
+def fold_outputs(run: RunDir, data: Data, fold: str) -> FoldOutputs | None:
+    """A fold's saved outputs (no intensity statistics), when only the files are left."""
+    if not run.predictions(fold).is_file():
+        return None
+    frame = pd.read_parquet(run.predictions(fold), columns=[STORE_ROW, "label"])
+    probs = np.zeros((len(frame), len(data.index.classes)), np.float32)
+    rows = frame[STORE_ROW].to_numpy(np.int64)
+    return FoldOutputs(rows, probs, np.load(run.embeddings(fold)), frame["label"].to_numpy())
+
+
+def profile(out: FoldOutputs | None, data: Data, cfg: Config) -> dict[str, Any]:
+    """Phenotypic activity (copairs mAP) of the chosen fold's well profiles."""
+    if out is None:
+        return {"skipped": "no outputs to profile"}
+    md = data.store.metadata
+    labels = md[cfg.data.label_column].astype(str).to_numpy()
+    negcon = negcon_mask(md, data.store.attrs.get("negcon", ""), labels)
+    return profiling_report(out.rows, out.embeddings, out.features, md, labels, negcon, cfg.seed)
 
 
 # --------------------------------------------------------------------------- the loop
 
 
 def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
-    """Train ``cfg`` as one rank of ``ctx``; returns the result (the best epoch's metrics)."""
+    """Train ``cfg`` as one rank of ``ctx``; returns the result (the chosen model's scores)."""
     seed_everything(cfg.seed + ctx.rank)
     run = RunDir(cfg.run_dir)
     data = build_data(cfg, ctx)
-    t = build_training(cfg, data, ctx)
+    schedule = plan_schedule(cfg, len(data.train_loader), ctx.world_size)
+    t = build_training(cfg, data, schedule, ctx)
     saver = CheckpointSaver(run, cfg.train.best_metric, cfg.best_mode, cfg.train.keep_best)
     start = resume(run, t, data, cfg, saver)  # refuses before any run file is written
     workers = ctx.gather(ctx.process())
     if ctx.is_main:
-        summary = {**describe(data.store), **data.index.summary}
-        summary.pop("class_counts", None)
+        summary = {**describe(data.store), **data.index.summary, "schedule": asdict(schedule)}
         run.create(config_to_dict(cfg), data.index.classes, cfg.data.label_column, summary)
         run.begin(start, workers)
     check_storage_shared(run, ctx)
     wrap(t, cfg.train, ctx)
-    progress = StepProgress(run, cfg.train.epochs, enabled=ctx.is_main, console=ctx.console,
+    progress = StepProgress(run, schedule.epochs, enabled=ctx.is_main, console=ctx.console,
                             bar=interactive())  # fmt: skip
-    if start > 0:
-        progress.message(f"resuming {run.name} at epoch {start + 1} ({run.last_checkpoint})")
-    for epoch in range(start, cfg.train.epochs):
+    progress.message(schedule.describe() + (f"; resuming at epoch {start + 1}" if start else ""))
+    for epoch in range(start, schedule.epochs):
         t0 = time.perf_counter()
         data.train_loader.set_epoch(epoch)
-        stats = train_one_epoch(t, data.train_loader, epoch, cfg.train, cfg.optim.grad_clip,
-                                progress)  # fmt: skip
+        stats = train_one_epoch(t, data.train_loader, epoch, schedule.steps_per_epoch, cfg.train,
+                                cfg.optim.grad_clip, progress)  # fmt: skip
+        recalibrate_bn(t.model, data.calibration_loader, ctx)
         val = evaluate(t.net, data.val_loader, data, ctx)
         record: dict[str, Any] = {"epoch": epoch, "world_size": ctx.world_size, **stats}
         if ctx.is_main:
@@ -330,7 +449,33 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         if ctx.report is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
             ctx.report(scalars, run.last_checkpoint if ctx.is_main else None)
-    return run.read_result() if ctx.is_main else {}
+    ctx.barrier()
+    return finish(run, t, data, cfg, ctx)
+
+
+def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
+    """Recompute both folds' outputs and ``metrics.json`` from the run's chosen checkpoint
+    (``cellmorph evaluate``): the index is rebuilt from the checkpoint's own config."""
+    ckpt = read_checkpoint(run.eval_checkpoint())
+    ctx = Context(device=resolve_device(device), console=True)
+    data = build_data(ckpt.config, ctx, training=False)
+    if data.index.classes != ckpt.classes or data.store.channels != ckpt.channels:
+        raise CellmorphError(
+            f"{ckpt.path}: the store {data.store.path} now gives classes "
+            f"{data.index.classes[:5]}... and channels {data.store.channels}; the checkpoint has "
+            f"{ckpt.classes[:5]}... and {ckpt.channels}"
+        )
+    model = model_from_checkpoint(ckpt).to(ctx.device)
+    scores, outputs = {}, {}
+    for fold, loader in (("val", data.val_loader), ("test", data.test_loader)):
+        if loader is not None:
+            outputs[fold] = evaluate(model, loader, data, ctx)
+            scores[fold] = score(outputs[fold], data, ckpt.config)
+            run.write_outputs(fold, outputs[fold], data.index.classes, data.store.metadata)
+    headline = outputs.get("test", outputs.get("val"))
+    extra = {"selected_by": f"validation {ckpt.config.train.best_metric}",
+             "checkpoint": ckpt.path.name, "profiling": profile(headline, data, ckpt.config)}  # fmt: skip
+    return run.write_final(ckpt.epoch, scores, extra)
 
 
 def check_storage_shared(run: RunDir, ctx: Context) -> None:

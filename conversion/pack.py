@@ -35,6 +35,7 @@ from cellmorph import store as cstore
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.store import PLATE
+from conversion import platestats
 from conversion.layouts import check_settings, load_inputs, no_valid_sites, summarize_reasons
 from conversion.manifest import Manifest, digest
 from conversion.tables import KEYS, SOURCES, Inputs, quarantine_row
@@ -57,6 +58,7 @@ class ShardTask:
     key: str
     size: int
     sites: list[tuple[list[Source], list[str]]]  # (channel sources, illumination files or [])
+    groups: list[str]  # per site: its plate and negative-control flag (platestats.group_keys)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,12 @@ def pack_shard(task: ShardTask) -> ShardResult:
         return ShardResult(task.index, 0, failures)
     cstore.discard_shard(task.out, arr, task.index)
     arr[task.start : task.start + n] = block
-    record = {"key": task.key, "start": task.start, "checksums": [checksum(b) for b in block]}
+    record = {
+        "key": task.key,
+        "start": task.start,
+        "checksums": [checksum(b) for b in block],
+        "sums": cstore.sums_by_group(block, task.groups),
+    }
     Manifest(task.out).write_shard(task.index, record)
     return ShardResult(task.index, n)
 
@@ -256,14 +263,17 @@ def fingerprint(sites: pd.DataFrame, cfg: ConvertConfig, illum: dict) -> str:
 
 
 def shard_tasks(
-    plan: pd.DataFrame, out: str, shard: int, fp: str, size: int, illum: dict
+    plan: pd.DataFrame, out: str, shard: int, fp: str, cfg: ConvertConfig, illum: dict
 ) -> list[ShardTask]:
     tasks = []
+    groups = platestats.group_keys(plan, PLATE, cfg.negcon)
     for index, start in enumerate(range(0, len(plan), shard)):
         part = plan.iloc[start : start + shard]
         sites = [(list(s), illum.get(p, [])) for s, p in zip(part[SOURCES], part[PLATE])]
         key = digest([fp, start, list(part["_key"]), [s for s, _ in sites]])
-        tasks.append(ShardTask(out, index, start, key, size, sites))
+        tasks.append(
+            ShardTask(out, index, start, key, cfg.size, sites, groups[start : start + shard])
+        )
     return tasks
 
 
@@ -340,7 +350,7 @@ def pack_all(
         bad = manifest.bad()
         plan = _current_plan(sites, bad)
         shard = _fit_array(out, len(plan))
-        tasks = shard_tasks(plan, out, shard, fp, cfg.size, illum)
+        tasks = shard_tasks(plan, out, shard, fp, cfg, illum)
         pending = [t for t in tasks if (manifest.shard(t.index) or {}).get("key") != t.key]
         done_images = len(plan) - sum(len(t.sites) for t in pending)
         new_bad = {}
@@ -362,9 +372,8 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
     manifest = Manifest(out)
     arr = zarr.open_array(store=out, path=cstore.IMAGES, mode="r", zarr_format=3)
     shard = int(arr.shards[0])
-    checksums = [
-        c for i in range(0, len(plan), shard) for c in manifest.shard(i // shard)["checksums"]
-    ]
+    records = [manifest.shard(i // shard) for i in range(0, len(plan), shard)]
+    checksums = [c for r in records for c in r["checksums"]]
     sources = [f"source_{ch}" for ch in cfg.channels]
     other = [c for c in plan.columns if c not in KEYS + sources and not c.startswith("_")]
     metadata = plan[KEYS + other + sources].assign(checksum=checksums)
@@ -378,9 +387,15 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
     cstore.write_quarantine(out, quarantine)
     rows = np.unique(np.linspace(0, len(plan) - 1, min(len(plan), cfg.stats_images)).astype(int))
     sample = np.stack([arr[int(i)] for i in rows])
-    stats = cstore.channel_stats(sample, list(cfg.channels))
+    channels = list(cfg.channels)
+    per_plate = cstore.plate_stats_from_sums([r["sums"] for r in records], channels, cfg.size**2)
+    # Mean and std over every image (the shards' sums); percentiles from the sample.
+    stats = cstore.channel_stats(sample, channels)
+    for name, exact in cstore.pooled_stats(per_plate, channels).items():
+        stats[name].update(exact)
+    attrs = {"stats": stats, "plate_stats": per_plate, "negcon": cfg.negcon}
     cstore.write_attrs(
-        out, {"stats": stats, "images": len(plan), "quarantined": len(quarantine), "complete": True}
+        out, {**attrs, "images": len(plan), "quarantined": len(quarantine), "complete": True}
     )
 
 

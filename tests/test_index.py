@@ -81,10 +81,21 @@ def assert_honest(index: Index, md: pd.DataFrame, cfg: DataConfig) -> None:
     assert (index.labels[train] >= 0).all() and (index.labels[val] >= 0).all()
     assert set(index.labels[train]) == set(range(len(index.classes)))
     assert index.summary["leaky"] is False
+    # The test fold (when there is one) shares no row, well or copy with training or validation.
+    test, before = index.test, np.concatenate([train, val])
+    np.testing.assert_array_equal(test, np.unique(test))
+    assert np.intersect1d(test, before).size == 0 and not np.isin(index.train_order, test).any()
+    assert not _keys(md, test, "well") & _keys(md, before, "well")
+    if cfg.split == "plate" or cfg.group_by == "plate" or cfg.test_plates:
+        assert not _keys(md, test, "plate") & _keys(md, before, "plate")
+    assert shared_wells(index, "test") == 0 == index.summary["test_wells_in_train_or_val"]
     json.dumps(index.summary)
 
 
 HONEST = [
+    dict(split="grouped", group_by="well", test_fraction=0),
+    dict(split="grouped", group_by="well", test_plates=["P5"], test_fraction=0),
+    dict(split="plate", test_plates=["P0"], test_fraction=0),
     dict(split="grouped", group_by="well"),
     dict(split="grouped", group_by="plate"),
     dict(split="plate"),
@@ -110,7 +121,7 @@ def test_grouped_is_the_default_and_changes_with_seed(md):
 
 def test_grouped_split_preserves_class_proportions():
     md = make_metadata(plates=16, wells=48, sites=2)
-    index = build_index(md, DataConfig(val_fraction=0.25, balance="none"))
+    index = build_index(md, DataConfig(val_fraction=0.25, test_fraction=0, balance="none"))
     tr, va = index.summary["train_counts"], index.summary["val_counts"]
     for c in index.classes:
         assert 0.15 <= va[c] / (tr[c] + va[c]) <= 0.35, c
@@ -136,11 +147,16 @@ def test_plate_split_holds_out_named_plates(md):
 
 def test_plate_fraction_is_deterministic_by_seed(md):
     picks = {
-        s: tuple(build_index(md, DataConfig(split="plate", seed=s)).summary["val_plates"])
+        s: tuple(
+            build_index(
+                md, DataConfig(split="plate", seed=s, val_fraction=0.25, test_fraction=0)
+            ).summary["val_plates"]
+        )
         for s in range(6)
     }
     assert all(len(p) == round(0.25 * 6) for p in picks.values())
-    again = build_index(md, DataConfig(split="plate", seed=0)).summary["val_plates"]
+    cfg = DataConfig(split="plate", seed=0, val_fraction=0.25, test_fraction=0)
+    again = build_index(md, cfg).summary["val_plates"]
     assert list(picks[0]) == again
     assert len(set(picks.values())) > 1
 
@@ -211,7 +227,7 @@ def test_image_split_is_flagged_and_shares_wells(md, caplog):
 
 
 def test_study_protocol_puts_copies_on_both_sides(md):
-    cfg = DataConfig(split="image", oversample_before_split=True, balance="both")
+    cfg = DataConfig(split="image", oversample_before_split=True, balance="both", test_fraction=0)
     index = build_index(md, cfg)
     assert index.summary["leaky"] is True
     assert count_val_copies_in_train(index) > 0
@@ -233,6 +249,7 @@ def test_copies_are_found_by_checksum():
     labels = np.zeros(4, dtype=np.int64)
     base = dict(classes=["a"], labels=labels, class_weights=None, summary={})
     train, val = np.array([0, 1]), np.array([2, 3])
+    base["test"] = np.zeros(0, np.int64)
     plain = Index(train=train, val=val, train_order=train, **base)
     assert count_val_copies_in_train(plain) == 0
     dup = Index(train=train, val=val, train_order=train, content_ids=np.array([7, 8, 7, 9]), **base)
@@ -310,17 +327,20 @@ def test_errors_for_unusable_folds(md):
         build_index(md, DataConfig(split="plate", val_plates=["P1", "P9"]))
     every = [f"P{i}" for i in range(6)]
     with pytest.raises(CellmorphError, match="training fold is empty"):
-        build_index(md, DataConfig(split="plate", val_plates=every))
+        build_index(md, DataConfig(split="plate", val_plates=every, test_fraction=0))
     unlabelled = md.copy()
     unlabelled.loc[unlabelled["Metadata_Plate"] == "P3", LABEL] = None
     with pytest.raises(CellmorphError, match="validation fold is empty"):
-        build_index(unlabelled, DataConfig(split="plate", val_plates=["P3"]))
+        build_index(unlabelled, DataConfig(split="plate", val_plates=["P3"], test_fraction=0))
     only_p0 = md.copy()
     only_p0.loc[(only_p0["Metadata_Plate"] != "P0") & (only_p0[LABEL] == "cmpd1"), LABEL] = "DMSO"
     with pytest.raises(CellmorphError, match="no training images.*cmpd1"):
-        build_index(only_p0, DataConfig(split="plate", val_plates=["P0"]))
+        build_index(only_p0, DataConfig(split="plate", val_plates=["P0"], test_fraction=0))
     with pytest.raises(CellmorphError, match="group_by=plate"):
-        build_index(md[md["Metadata_Plate"].isin(["P0", "P1"])], DataConfig(group_by="plate"))
+        two = md[md["Metadata_Plate"].isin(["P0", "P1"])]
+        build_index(two, DataConfig(group_by="plate", test_fraction=0))
+    with pytest.raises(CellmorphError, match="data.test_plates: unknown plate.*P9"):
+        build_index(md, DataConfig(split="plate", test_plates=["P9"], test_fraction=0))
 
 
 def test_huge_oversampling_is_warned_about():
@@ -355,6 +375,43 @@ def test_too_few_wells_for_the_folds_is_a_clear_error():
     md = make_metadata(plates=1, wells=6, sites=2)
     md[LABEL] = np.where(md["Metadata_Well"] < "W03", "a", "b")  # 3 wells per class
     with pytest.raises(CellmorphError, match="data.val_fraction.*n_splits=4"):
-        build_index(md, DataConfig(val_fraction=0.25))
-    index = build_index(md, DataConfig(val_fraction=0.34))  # 3 folds fit
-    assert_honest(index, md, DataConfig(val_fraction=0.34))
+        build_index(md, DataConfig(val_fraction=0.25, test_fraction=0))
+    with pytest.raises(CellmorphError, match="data.test_fraction.*n_splits=5"):
+        build_index(md, DataConfig(val_fraction=0.25, test_fraction=0.2))
+    cfg = DataConfig(val_fraction=0.34, test_fraction=0)
+    index = build_index(md, cfg)  # 3 folds fit
+    assert_honest(index, md, cfg)
+
+
+def test_test_fold_is_held_out_first_and_reported(md):
+    index = build_index(md, DataConfig())  # defaults: 20% of the wells for test, 20% for val
+    n = len(index.train) + len(index.val) + len(index.test)
+    assert 0.12 <= len(index.test) / n <= 0.3 and 0.12 <= len(index.val) / n <= 0.35
+    s = index.summary
+    assert s["test_images"] == len(index.test) and sum(s["test_counts"].values()) == len(index.test)
+    again = build_index(md, DataConfig())
+    np.testing.assert_array_equal(index.test, again.test)  # fixed by the seed
+    other = build_index(md, DataConfig(seed=1))
+    assert not np.array_equal(index.test, other.test)
+    plates = build_index(md, DataConfig(test_plates=["P4", "P5"], test_fraction=0))
+    assert set(md.iloc[plates.test]["Metadata_Plate"]) == {"P4", "P5"}
+    assert not {"P4", "P5"} & set(md.iloc[plates.val]["Metadata_Plate"])
+
+
+def test_classes_that_cannot_be_validated_are_named():
+    md = make_metadata(plates=2, wells=48, sites=2)
+    md.loc[(md["Metadata_Plate"] == "P0") & (md["Metadata_Well"] == "W01"), LABEL] = "lonely"
+    s = build_index(md, DataConfig(test_fraction=0)).summary
+    assert "lonely" in s["classes_single_well"] and "lonely" in s["classes_single_plate"]
+    assert "lonely" in s["classes_without_val"]
+    assert any("lonely" in w for w in s["warnings"])
+
+
+def test_test_fold_settings_that_contradict_are_refused():
+    with pytest.raises(CellmorphError, match="test_plates and data.test_fraction"):
+        load_config(None, ["data.test_plates=[P1]"])
+    with pytest.raises(CellmorphError, match="under 10%"):
+        load_config(None, ["data.val_fraction=0.5", "data.test_fraction=0.45"])
+    with pytest.raises(CellmorphError, match="share plates"):
+        load_config(None, ["data.split=plate", "data.val_plates=[P1]", "data.test_plates=[P1]",
+                           "data.test_fraction=0"])  # fmt: skip

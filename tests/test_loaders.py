@@ -14,6 +14,7 @@ from cellmorph import store as st
 from cellmorph.config import LoaderConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.loaders import build_loader
+from cellmorph.loaders.normalize import from_store
 from cellmorph.loaders.transform import geometry
 
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
@@ -30,7 +31,7 @@ def make_store(path: Path, pixels: np.ndarray, codec: str = "zstd") -> st.Store:
     arr = st.create_images(path, n, channels, s, codec=codec, shard_size=SHARD)
     for i in range(0, n, SHARD):
         arr[i : i + SHARD] = pixels[i : i + SHARD]
-    st.write_attrs(path, {"stats": st.channel_stats(pixels, channels)})
+    st.write_attrs(path, st.image_stats(pixels, ["P1"] * n, [False] * n, channels))
     md = pd.DataFrame(
         {"Metadata_Plate": "P1", "Metadata_Well": "A01", "Metadata_Site": range(n), "checksum": ""}
     )
@@ -73,10 +74,11 @@ def _labels(n: int = N) -> np.ndarray:
     return (np.arange(n) * 7) % 5
 
 
-def _decode_rows(x: torch.Tensor, store: st.Store) -> np.ndarray:
+def _decode_rows(x: torch.Tensor, store: st.Store, cfg: LoaderConfig) -> np.ndarray:
     """Invert normalization on channel 0 of the coded store: the row each image came from."""
-    mean, std = store.mean_std()
-    v = x[:, 0].numpy() * std[0] + mean[0]
+    norm = from_store(store, cfg)
+    v = x[:, 0].numpy().astype(np.float64) * norm.std[0, 0] + norm.mean[0, 0]
+    v = np.expm1(v) if norm.log else v
     assert np.allclose(v, v.mean(axis=(1, 2), keepdims=True), atol=0.05)  # still flat
     return np.rint((v.mean(axis=(1, 2)) - 1000) / 10).astype(np.int64)
 
@@ -97,7 +99,7 @@ def test_pixels_labels_and_rows_agree(coded, kind, augment):
     for x, y, r in batches:
         assert x.dtype == torch.float32 and x.shape == (8, 2, 16, 16) and x.is_contiguous()
         assert y.dtype == torch.int64 and r.dtype == torch.int64
-        np.testing.assert_array_equal(_decode_rows(x, coded), r.numpy())
+        np.testing.assert_array_equal(_decode_rows(x, coded, cfg), r.numpy())
         np.testing.assert_array_equal(y.numpy(), _labels()[r.numpy()])
     seen = np.concatenate([r.numpy() for _, _, r in batches])
     assert set(seen) == set(rows)
@@ -139,7 +141,7 @@ def test_eval_covers_each_row_once_in_order(coded, kind, world_size):
         batches = list(loader)
         assert len(batches) == len(loader)
         for x, _, r in batches:
-            np.testing.assert_array_equal(_decode_rows(x, coded), r.numpy())
+            np.testing.assert_array_equal(_decode_rows(x, coded, cfg), r.numpy())
         seen.extend(int(v) for _, _, r in batches for v in r)
     assert seen == rows.tolist()
 
@@ -230,12 +232,14 @@ def test_geometry_keeps_rotation_corners_in_the_margin():
 def test_imagenet_normalization(tmp_path, coded):
     with pytest.raises(CellmorphError, match="loader.normalize"):
         build_loader(
-            coded, np.arange(N), _labels(), _cfg(normalize="imagenet"), train=False, device=CPU
-        )
+            coded, np.arange(N), _labels(), _cfg(normalize="imagenet", intensity="linear"),
+            train=False, device=CPU,
+        )  # fmt: skip
     rgb = make_store(tmp_path / "rgb.zarr", coded_pixels(c=3))
     loader = build_loader(
-        rgb, np.arange(4), _labels(), _cfg(normalize="imagenet"), train=False, device=CPU
-    )
+        rgb, np.arange(4), _labels(), _cfg(normalize="imagenet", intensity="linear"),
+        train=False, device=CPU,
+    )  # fmt: skip
     x, _, _ = next(iter(loader))
     want = (1000 / 65535 - 0.485) / 0.229  # row 0, channel 0 in [0, 1] units
     assert abs(float(x[0, 0].mean()) - want) < 1e-4

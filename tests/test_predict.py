@@ -18,8 +18,8 @@ from cellmorph.errors import CellmorphError
 from cellmorph.model import build_model
 from cellmorph.predict import PredictionWriter, infer, model_from_checkpoint, predict
 from cellmorph.store import (
-    channel_stats,
     create_images,
+    image_stats,
     write_attrs,
     write_metadata,
     write_quarantine,
@@ -51,7 +51,7 @@ def make_store(
     arr = create_images(path, n, list(channels), size, shard_size=8)
     arr[:] = images
     write_metadata(path, md)
-    write_attrs(path, {"stats": channel_stats(images, list(channels))})
+    write_attrs(path, image_stats(images, list(md["Metadata_Plate"]), [False] * n, list(channels)))
     write_quarantine(path, [])
     return path
 

@@ -19,9 +19,8 @@ from cellmorph.cli import main
 from cellmorph.config import Config
 from cellmorph.index import build_index
 from cellmorph.metrics import compute_metrics
-from cellmorph.predict import evaluate_run
 from cellmorph.report import Run, build_report, plot_confusion
-from cellmorph.rundir import RunDir, ValOutputs
+from cellmorph.rundir import FoldOutputs, RunDir
 from cellmorph.store import describe, open_store, well_ids
 
 FIGURES = ["label_distribution", "training_curves", "confusion_matrix", "tsne", "sample_grid"]
@@ -52,16 +51,19 @@ def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> RunDir
         json.dumps({**describe(store), **index.summary}, default=str)
     )
     rng = np.random.default_rng(0)
-    rows = index.val
-    labels = index.labels[rows]
-    logits = (
-        rng.normal(size=(len(rows), len(index.classes))) + 2 * np.eye(len(index.classes))[labels]
-    )
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    metrics = compute_metrics(
-        labels, probs, index.classes, wells=well_ids(store.metadata)[rows]
-    )
-    (run / "metrics.json").write_text(json.dumps({"epoch": 2, **metrics}))
+    scores = {}
+    for fold in ("val", "test"):
+        rows = getattr(index, fold)
+        labels = index.labels[rows]
+        k = len(index.classes)
+        logits = rng.normal(size=(len(rows), k)) + 2 * np.eye(k)[labels]
+        probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+        wells = well_ids(store.metadata)[rows]
+        scores[fold] = compute_metrics(labels, probs, index.classes, wells=wells)
+        emb = rng.normal(size=(len(rows), 64)).astype(np.float32) + labels[:, None]
+        out = FoldOutputs(rows, probs, emb, labels)
+        RunDir(run).write_outputs(fold, out, index.classes, store.metadata)
+    RunDir(run).write_final(2, scores, {"selected_by": "validation balanced_accuracy"})
     with (run / "metrics.jsonl").open("w") as f:
         for epoch in range(3):
             rec = {
@@ -73,9 +75,6 @@ def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> RunDir
                 "balanced_accuracy": 0.35 + 0.1 * epoch,
             }
             f.write(json.dumps(rec) + "\n")
-    emb = rng.normal(size=(len(rows), 64)).astype(np.float32) + labels[:, None]
-    val = ValOutputs(rows, probs.astype(np.float32), emb, labels)
-    RunDir(run).write_val_outputs(val, index.classes, store.metadata)
     return RunDir(run)
 
 
@@ -184,24 +183,22 @@ def test_evaluate_recomputes_outputs_from_best_checkpoint(tmp_path: Path):
     run = rd.path
     (run / "checkpoints").mkdir()
     make_checkpoint(run / "checkpoints" / "best.pt", str(tmp_path / "store.zarr"))
-    before = pd.read_parquet(run / "val_predictions.parquet")
+    before = {f: pd.read_parquet(rd.predictions(f)) for f in ("val", "test")}
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0
-    after = pd.read_parquet(run / "val_predictions.parquet")
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["checkpoint"] == "best.pt"
-    assert list(after["store_row"]) == list(before["store_row"])  # same validation images
-    assert list(after["label"]) == list(before["label"])
-    # the metrics are those of the checkpoint's predictions now on disk
+    assert metrics["checkpoint"] == "best.pt" and metrics["fold"] == "test"
+    for fold in ("val", "test"):  # the same images, now scored by the checkpoint
+        after = pd.read_parquet(rd.predictions(fold))
+        assert list(after["store_row"]) == list(before[fold]["store_row"])
+        assert list(after["label"]) == list(before[fold]["label"])
+        assert np.load(rd.embeddings(fold)).shape[0] == len(after)
+    # the headline is the test fold's, computed from the predictions now on disk
+    after = pd.read_parquet(rd.predictions("test"))
     probs = after[[c for c in after.columns if c.startswith("prob:")]].to_numpy()
     assert metrics["accuracy"] == pytest.approx((probs.argmax(1) == after["label"]).mean())
-    assert np.load(run / "val_embeddings.npy").shape[0] == len(after)
+    assert metrics["test"]["accuracy"] == metrics["accuracy"]
+    assert set(metrics["validation"]) >= {"accuracy", "balanced_accuracy"}
     assert (run / "report.html").is_file()
-
-    # Without the run's validation table the index is rebuilt from the checkpoint's config.
-    (run / "val_predictions.parquet").unlink()
-    evaluate_run(rd, device="cpu")
-    rebuilt = pd.read_parquet(run / "val_predictions.parquet")
-    assert list(rebuilt["store_row"]) == list(before["store_row"])
 
 
 # ------------------------------------------------------------------------------ browser

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -38,7 +39,9 @@ def test_amp_policy():
 
 def test_resume_keeps_each_epoch_once(tmp_path, epochs_of):
     p = tmp_path / "metrics.jsonl"
-    p.write_text("".join(json.dumps({"epoch": e, "v": i}) + "\n" for i, e in enumerate([0, 1, 2, 1])))
+    p.write_text(
+        "".join(json.dumps({"epoch": e, "v": i}) + "\n" for i, e in enumerate([0, 1, 2, 1]))
+    )
     run = RunDir(tmp_path)
     run.begin(2, [])
     assert epochs_of(tmp_path) == [0, 1]
@@ -124,3 +127,61 @@ def test_keeps_best_k_checkpoints(small_cfg):
     assert sorted(f"best-epoch{e:03d}.pt" for _, e in ckpt["best_k"]) == kept
     best = load_checkpoint(cfg.run_dir / "checkpoints" / "best.pt")
     assert best["epoch"] == ckpt["best_k"][0][1]
+
+
+def test_schedule_is_sized_in_optimizer_steps():
+    from cellmorph.train import plan_schedule
+
+    small = load_config(None, ["train.epochs=12", "train.min_steps=400", "loader.batch_size=32"])
+    s = plan_schedule(small, batches_per_epoch=4, world_size=2)
+    assert (s.epochs, s.steps_per_epoch, s.total, s.added_epochs) == (100, 4, 400, 88)
+    assert s.global_batch == 64 and s.lr == pytest.approx(small.optim.lr * 0.5)  # sqrt(64/256)
+    assert s.warmup == 100 and "100 epochs (+88 for train.min_steps)" in s.describe()
+    big = plan_schedule(small, batches_per_epoch=1000, world_size=2)
+    assert (big.epochs, big.added_epochs, big.warmup) == (12, 0, 100)  # large data: as asked
+    exact = load_config(
+        None, ["train.min_steps=0", "optim.lr_scaling=linear", "optim.warmup_steps=50"]
+    )
+    s = plan_schedule(exact, batches_per_epoch=4, world_size=1)
+    assert s.epochs == exact.train.epochs and s.warmup == 12  # a quarter of 48 steps at most
+    assert s.lr == pytest.approx(exact.optim.lr * exact.loader.batch_size / 256)
+
+
+def test_precise_bn_recomputes_statistics_with_current_weights():
+    from torch import nn
+
+    from cellmorph.distributed import Context
+    from cellmorph.train import recalibrate_bn
+
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    batches = [(torch.randn(8, 2, 4, 4) * 3 + 5, None, None) for _ in range(4)]
+    net.eval()
+    recalibrate_bn(net, batches, Context())
+    with torch.no_grad():
+        feats = torch.cat([net[0](x) for x, _, _ in batches])
+    bn = net[1]
+    torch.testing.assert_close(bn.running_mean, feats.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    per_batch_var = torch.stack([net[0](x).var(dim=(0, 2, 3)) for x, _, _ in batches]).mean(0)
+    torch.testing.assert_close(bn.running_var, per_batch_var.detach(), atol=1e-3, rtol=1e-3)
+    assert bn.momentum == 0.1  # restored
+
+
+def test_test_fold_scores_the_chosen_model_once(small_cfg, tiny_plate):
+    from cellmorph.store import open_store
+
+    cfg = _cfg(small_cfg, "heldout", "train.epochs=2", "data.test_plates=[SYNP02]",
+               "train.bn_calibration_images=16")  # fmt: skip
+    run = run_local(cfg)
+    result = run.read_result()
+    assert result["fold"] == "test" and result["epoch"] in (0, 1)
+    assert result["test"]["balanced_accuracy"] == result["balanced_accuracy"]
+    assert set(result["validation"]) >= {"balanced_accuracy", "accuracy", "macro_f1"}
+    assert result["selected_by"] == "validation balanced_accuracy"
+    test = pd.read_parquet(run.predictions("test"))
+    plates = open_store(tiny_plate).metadata["Metadata_Plate"].to_numpy()
+    assert set(plates[test["store_row"]]) == {"SYNP02"}  # the held-out plate, nothing else
+    val = pd.read_parquet(run.predictions("val"))
+    assert set(plates[val["store_row"]]) == {"SYNP01"}
+    assert "profiling" in result and "embeddings" in result["profiling"]
+    assert len(run.history()) == 2  # the test fold is not scored per epoch
+    assert not any("test" in k for r in run.history() for k in r)

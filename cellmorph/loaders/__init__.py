@@ -14,12 +14,13 @@ import torch
 
 from cellmorph.config import LoaderConfig
 from cellmorph.errors import CellmorphError
+from cellmorph.loaders.normalize import Normalization, RowNorm, from_store
 from cellmorph.loaders.plan import BatchSource
 from cellmorph.loaders.reader import ShardReader
-from cellmorph.loaders.transform import geometry, normalization
+from cellmorph.loaders.transform import geometry
 from cellmorph.store import Store
 
-__all__ = ["Loader", "ShardReader", "build_loader"]
+__all__ = ["Loader", "Normalization", "ShardReader", "build_loader"]
 
 
 class Loader(Protocol):
@@ -56,22 +57,20 @@ def build_loader(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    norm: tuple[np.ndarray, np.ndarray] | None = None,
+    norm: Normalization | None = None,
 ) -> Loader:
     """A torch or DALI loader (``cfg.kind``) over ``rows`` of the store for this rank.
 
     ``labels`` holds one int64 class per store row. Training epochs are reshuffled per
     ``set_epoch`` with equal length on every rank; evaluation covers this rank's contiguous
-    part of ``rows`` once, in order, without augmentation. ``norm`` (per-channel mean, std)
-    replaces the store's own statistics: a trained model keeps its training normalization.
+    part of ``rows`` once, in order, without augmentation. ``norm`` replaces the one ``cfg``
+    asks for with the store's statistics (a trained model brings its own: predict).
     """
     rows = np.asarray(rows, dtype=np.int64)
     labels = np.array(labels, dtype=np.int64)  # own, writable copy (torch.from_numpy)
     _check_inputs(store, rows, labels)
-    if norm is None:
-        mean, std = normalization(store, cfg)
-    else:
-        mean, std = (np.asarray(v, dtype=np.float32) for v in norm)
+    norm = norm or from_store(store, cfg)
+    rownorm = RowNorm(norm, norm.row_groups(store))
     geom = geometry(int(store.shape[-1]), cfg)
     reader = ShardReader(store, threads=cfg.reader_threads)
     source = BatchSource(
@@ -81,7 +80,7 @@ def build_loader(
         from cellmorph.loaders.dali_loader import DaliLoader, import_dali
 
         import_dali()
-        return DaliLoader(source, labels, cfg, device, geom, mean, std)
+        return DaliLoader(source, labels, cfg, device, geom, rownorm)
     from cellmorph.loaders.torch_loader import TorchLoader
 
-    return TorchLoader(source, labels, cfg, device, geom, mean, std)
+    return TorchLoader(source, labels, cfg, device, geom, rownorm)

@@ -22,6 +22,7 @@ import torch
 from cellmorph.augment import active_ops, dali_arrays, dali_fields
 from cellmorph.config import LoaderConfig
 from cellmorph.errors import CellmorphError
+from cellmorph.loaders.normalize import RowNorm
 from cellmorph.loaders.plan import BatchSource
 from cellmorph.loaders.transform import Geometry
 
@@ -45,13 +46,16 @@ def import_dali() -> Any:
 class _Callback:
     """The parallel external source's batch callback (picklable, stateless per call)."""
 
-    def __init__(self, source: BatchSource, epoch_base: int, raw: bool, ops: list[str]):
+    def __init__(
+        self, source: BatchSource, epoch_base: int, raw: bool, ops: list[str], norm: RowNorm
+    ):
         self.source, self.epoch_base, self.raw, self.ops = source, epoch_base, raw, ops
+        self.norm = norm
         self.nbatches = len(source)
 
     @property
     def fields(self) -> list[str]:
-        return ["images", "rows", *dali_fields(self.ops)]
+        return ["images", "rows", "mean", "std", *dali_fields(self.ops)]
 
     def __call__(self, info: Any) -> tuple:
         # DALI prefetches past the end; every call beyond it must stop again.
@@ -61,11 +65,11 @@ class _Callback:
         images, rows, params = self.source.get(epoch, info.iteration, raw=self.raw)
         if self.raw:
             images = [np.frombuffer(b, np.uint8)[_LZ4_PREFIX:] for b in images]
-        return (images, rows.astype(np.int64), *dali_arrays(params, self.ops))
+        mean, std = self.norm(rows)  # per sample: the image's plate
+        return (images, rows.astype(np.int64), mean, std, *dali_arrays(params, self.ops))
 
 
-def _define(callback: _Callback, geom: Geometry, channels: int, norm: tuple, gpu: bool,
-            prefetch: int):  # fmt: skip
+def _define(callback: _Callback, geom: Geometry, channels: int, gpu: bool, prefetch: int):
     """The pipeline graph; returns (images float32 CHW, rows)."""
     from nvidia.dali import fn, types
 
@@ -103,9 +107,12 @@ def _define(callback: _Callback, geom: Geometry, channels: int, norm: tuple, gpu
         images = fn.cast(images, dtype=types.FLOAT)
     for op in active_ops(callback.ops, "geometry"):
         images = op.dali(images, f, geom.crop, gpu)
-    mean, std = norm
+    if callback.norm.log:
+        from nvidia.dali import math as dmath
+
+        images = dmath.log(images + 1.0)  # log1p, as the torch loader
     images = fn.crop_mirror_normalize(
-        images, crop=[geom.crop, geom.crop], mean=mean.tolist(), std=std.tolist(),
+        images, crop=[geom.crop, geom.crop], mean=f["mean"], std=f["std"],
         dtype=types.FLOAT, output_layout="CHW",
     )  # fmt: skip
     for op in active_ops(callback.ops, "intensity"):
@@ -123,12 +130,10 @@ class DaliLoader:
         cfg: LoaderConfig,
         device: torch.device,
         geom: Geometry,
-        mean: np.ndarray,
-        std: np.ndarray,
+        norm: RowNorm,
     ):
         import_dali()
-        self.source, self.cfg, self.geom = source, cfg, geom
-        self.mean, self.std = mean, std
+        self.source, self.cfg, self.geom, self.norm = source, cfg, geom, norm
         self.labels = torch.tensor(np.asarray(labels, dtype=np.int64))
         self.device = device
         self.device_id = _device_id(device)
@@ -151,12 +156,11 @@ class DaliLoader:
 
         self.close()
         ops = list(self.cfg.augment) if self.source.train else []
-        cb = _Callback(self.source, epoch, self.raw, ops)
+        cb = _Callback(self.source, epoch, self.raw, ops, self.norm)
         pipe = pipeline_def(_define)(
             cb,
             self.geom,
             self.source.channels,
-            (self.mean, self.std),
             self.device_id is not None,
             self.cfg.prefetch,
             batch_size=self.source.batch_size,

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cellmorph.augment import BatchParams
 from cellmorph.config import LoaderConfig
+from cellmorph.loaders.normalize import RowNorm
 from cellmorph.loaders.plan import BatchSource
 from cellmorph.loaders.transform import Geometry, transform
 
@@ -28,8 +29,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class _Batches(Dataset):
     """Item ``(epoch, i)``: batch ``i`` of ``epoch``, augmented here when training on the CPU."""
 
-    def __init__(self, source: BatchSource, augment_here: bool, prep: dict):
-        self.source, self.augment_here, self.prep = source, augment_here, prep
+    def __init__(self, source: BatchSource, augment_here: bool, prep: dict, norm: RowNorm):
+        self.source, self.augment_here, self.prep, self.norm = source, augment_here, prep, norm
 
     def __len__(self) -> int:
         return len(self.source)
@@ -38,7 +39,7 @@ class _Batches(Dataset):
         epoch, i = key
         images, rows, params = self.source.get(epoch, i)
         if self.augment_here:
-            x = transform(torch.from_numpy(images), params, **self.prep)
+            x = transform(torch.from_numpy(images), params, norm=self.norm(rows), **self.prep)
         else:  # shipped as int16 bits: device copies of torch.uint16 are not guaranteed
             x = torch.from_numpy(images.view(np.int16))
         return x, torch.from_numpy(rows), params
@@ -68,18 +69,17 @@ class TorchLoader:
         cfg: LoaderConfig,
         device: torch.device,
         geom: Geometry,
-        mean: np.ndarray,
-        std: np.ndarray,
+        norm: RowNorm,
     ):
-        self.source, self.cfg, self.device = source, cfg, device
+        self.source, self.cfg, self.device, self.norm = source, cfg, device, norm
         self.labels = torch.tensor(np.asarray(labels, dtype=np.int64))
         ops = list(cfg.augment) if source.train else []
-        self.prep = {"geom": geom, "mean": mean, "std": std, "ops": ops}
+        self.prep = {"geom": geom, "ops": ops, "log": norm.log}
         self.on_cpu = device.type == "cpu"
         self.sampler = _EpochSampler(len(source))
         workers = cfg.num_workers
         self.dataloader = DataLoader(
-            _Batches(source, self.on_cpu, self.prep),
+            _Batches(source, self.on_cpu, self.prep, norm),
             batch_size=None,
             sampler=self.sampler,
             num_workers=workers,
@@ -100,7 +100,7 @@ class TorchLoader:
             batches = _overlapped(batches, self.device)
         for x, y, rows, params in batches:
             if not self.on_cpu:  # uint16 bits -> augmented float32, on the GPU
-                x = transform(x, params, **self.prep)
+                x = transform(x, params, norm=self.norm(rows.numpy()), **self.prep)
             yield x, y, rows
 
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor, BatchParams]) -> tuple:

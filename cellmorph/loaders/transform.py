@@ -5,7 +5,8 @@ Geometry (the same for training and evaluation, in both loaders)::
     store image (S px) -> resize to R = round(image_size / view_fraction)   (skipped when R == S)
                        -> [vflip, hflip, rotate about the centre]           (training only)
                        -> centre crop image_size
-                       -> normalize per channel -> [brightness/contrast]    (training only)
+                       -> [log1p] -> standardize per channel and plate     (loaders/normalize.py)
+                       -> [brightness/contrast]                             (training only)
 
 With the defaults (store 160 px, image_size 128, view_fraction 0.8) R == S: no resize, and the
 rotation's empty corners fall in the 16 px margin that the centre crop removes (up to ~17°).
@@ -23,12 +24,6 @@ import torch.nn.functional as F
 
 from cellmorph.augment import BatchParams, active_ops
 from cellmorph.config import LoaderConfig
-from cellmorph.errors import CellmorphError
-from cellmorph.store import Store
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-UINT16_MAX = 65535.0
 
 
 @dataclass(frozen=True)
@@ -46,20 +41,6 @@ def geometry(store_size: int, cfg: LoaderConfig) -> Geometry:
     margin = round((cfg.image_size / cfg.view_fraction - cfg.image_size) / 2)
     resize_to = cfg.image_size + 2 * max(0, margin)
     return Geometry(store_size=store_size, resize_to=resize_to, crop=cfg.image_size)
-
-
-def normalization(store: Store, cfg: LoaderConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std in store units (uint16 intensities), float32 length C."""
-    if cfg.normalize == "store":
-        return store.mean_std()
-    c = len(store.channels)
-    if c != 3:
-        raise CellmorphError(
-            f"loader.normalize: 'imagenet' needs a 3-channel RGB store, {store.path} has {c} "
-            f"channels ({', '.join(store.channels)}); use loader.normalize=store"
-        )
-    # ImageNet statistics are for [0, 1] pixels; the store holds the full uint16 range.
-    return IMAGENET_MEAN * UINT16_MAX, IMAGENET_STD * UINT16_MAX
 
 
 def crop_offset(size: int, crop: int) -> int:
@@ -102,21 +83,22 @@ def transform(
     x: torch.Tensor,
     params: BatchParams,
     geom: Geometry,
-    mean: np.ndarray,
-    std: np.ndarray,
+    norm: tuple[np.ndarray, np.ndarray],
     ops: list[str],
+    log: bool,
 ) -> torch.Tensor:
-    """uint16 ``(N, C, S, S)`` (see :func:`to_float`) -> float32 ``(N, C, crop, crop)``, augmented and normalized."""
+    """uint16 ``(N, C, S, S)`` (see :func:`to_float`) -> float32 ``(N, C, crop, crop)``: resized,
+    augmented, ``log1p`` when ``log``, standardized with per-sample ``norm`` ((N, C) mean, std)."""
     x = to_float(x)
     if geom.resize_to != geom.store_size:
         x = F.interpolate(
             x, size=(geom.resize_to,) * 2, mode="bilinear", antialias=True, align_corners=False
         )
-    x = _geometric(x, params, geom.crop, ops)
-    x = x.contiguous()
-    m = torch.as_tensor(mean, device=x.device)[None, :, None, None]
-    s = torch.as_tensor(std, device=x.device)[None, :, None, None]
-    x = x.sub_(m).div_(s)
+    x = _geometric(x, params, geom.crop, ops).contiguous()
+    if log:
+        x = x.log1p_()
+    mean, std = (torch.as_tensor(v, device=x.device)[:, :, None, None] for v in norm)
+    x = x.sub_(mean).div_(std)
     for op in active_ops(ops, "intensity"):
         x = op.torch(x, params.values)
     return x

@@ -1,0 +1,36 @@
+"""Which stored images count as which plate and as negative controls, for the per-plate
+statistics (``cellmorph.store.sums_by_group`` / ``plate_stats_from_sums``).
+
+Each shard writer sums, per (plate, negative control or not) group of its images, the pixel
+values and their squares in both the linear and the ``log1p`` space; ``finish`` pools the
+shards' sums into each plate's mean and std (all wells, and negative-control wells alone). The
+sums are a few numbers per group, so the manifest stays small at millions of images, and no
+image is read twice.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from cellmorph import store as cstore
+from cellmorph.errors import CellmorphError
+
+
+def parse_negcon(spec: str) -> tuple[str, str] | None:
+    """``"COLUMN=VALUE"`` -> (column, value); ``""`` -> None (no negative controls)."""
+    if not spec:
+        return None
+    column, sep, value = spec.partition("=")
+    if not sep or not column.strip():
+        raise CellmorphError(f"convert.negcon {spec!r} is not of the form COLUMN=VALUE")
+    return column.strip(), value.strip()
+
+
+def group_keys(plan: pd.DataFrame, plate_column: str, negcon: str) -> list[str]:
+    """One ``plate<SEP>0|1`` key per planned site (1 = a negative-control well)."""
+    spec = parse_negcon(negcon)
+    plates = plan[plate_column].astype(str).tolist()
+    if spec is None or spec[0] not in plan.columns:
+        return [cstore.group_key(p, False) for p in plates]
+    flags = (plan[spec[0]].astype(str).str.strip() == spec[1]).tolist()
+    return [cstore.group_key(p, f) for p, f in zip(plates, flags)]

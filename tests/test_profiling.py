@@ -1,0 +1,83 @@
+"""Phenotypic activity (copairs mAP against negative controls) of well profiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cellmorph.profiling import (
+    intensity_features,
+    negcon_mask,
+    phenotypic_activity,
+    profiling_report,
+    well_profiles,
+)
+
+
+def _wells(seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """8 DMSO wells, 4 wells of a strong treatment, 4 of one that looks like DMSO."""
+    rng = np.random.default_rng(seed)
+    rows = [("DMSO", True)] * 8 + [("strong", False)] * 4 + [("inert", False)] * 4
+    table = pd.DataFrame(rows, columns=["treatment", "_negcon"]).assign(well=range(16), images=3)
+    feats = rng.normal(size=(16, 32))
+    feats[8:12] += 4 * rng.normal(size=32)  # the strong treatment moves its profile
+    return table, feats
+
+
+def test_strong_treatment_is_retrieved_and_inert_one_is_not():
+    table, feats = _wells()
+    out = phenotypic_activity(table, feats, seed=0, null_size=2000)
+    per = out["per_treatment"]
+    assert per["strong"]["mAP"] > 0.95 and per["strong"]["retrieved"]
+    assert per["inert"]["mAP"] < 0.8 and not per["inert"]["retrieved"]
+    assert out["fraction_retrieved"] == 0.5 and out["treatments"] == 2 and out["negcon_wells"] == 8
+    again = phenotypic_activity(table, feats, seed=0, null_size=2000)
+    assert again == out  # seeded: the same p-values every time
+
+
+def test_too_few_controls_or_replicates_is_skipped_with_the_reason():
+    table, feats = _wells()
+    out = phenotypic_activity(table.iloc[7:], feats[7:])  # one DMSO well left
+    assert "skipped" in out and "negative-control" in out["skipped"]
+
+
+def test_well_profiles_are_means_of_their_images():
+    md = pd.DataFrame({"Metadata_Plate": ["P"] * 4, "Metadata_Well": ["A1", "A1", "A2", "A2"]})
+    feats = np.arange(8, dtype=float).reshape(4, 2)
+    rows = np.array([3, 0, 1, 2])
+    table, prof = well_profiles(rows, feats[rows], md, np.array(["x", "x", "y", "y"]),
+                                np.array([True, True, False, False]))  # fmt: skip
+    by_well = dict(zip(table["well"], prof.tolist()))
+    assert by_well["P/A1"] == [1.0, 2.0] and by_well["P/A2"] == [5.0, 6.0]
+    assert list(table["images"]) == [2, 2] or sorted(table["images"]) == [2, 2]
+
+
+def test_negcon_from_column_else_from_label():
+    md = pd.DataFrame({"Metadata_control_type": ["negcon", "trt", " negcon "]})
+    assert negcon_mask(md, "Metadata_control_type=negcon").tolist() == [True, False, True]
+    plain = pd.DataFrame({"x": [1, 2]})
+    assert negcon_mask(plain, "Metadata_control_type=negcon", np.array(["DMSO", "a"])).tolist() == [
+        True,
+        False,
+    ]
+
+
+def test_report_compares_embeddings_with_the_intensity_baseline():
+    table, feats = _wells(1)
+    md = pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": [f"W{i}" for i in range(16)]})
+    treatment = table["treatment"].to_numpy()
+    negcon = table["_negcon"].to_numpy()
+    flat = np.random.default_rng(2).normal(size=(16, 10))  # carries no treatment signal
+    out = profiling_report(np.arange(16), feats, flat, md, treatment, negcon)
+    assert out["embeddings"]["per_treatment"]["strong"]["retrieved"]
+    assert out["embeddings"]["mean_map"] > out["intensity_baseline"]["mean_map"]
+    assert out["wells"] == 16
+
+
+def test_intensity_features_are_per_channel_statistics():
+    x = torch.zeros(2, 3, 8, 8)
+    x[1, 2] = 5.0
+    f = intensity_features(x)
+    assert f.shape == (2, 15)  # mean, std, p5, p50, p95 for each of 3 channels
+    assert f[1, 2] == 5.0 and f[0].max() == 0.0
