@@ -8,6 +8,7 @@ RNG state, the resolved config, classes, channels, normalization and the epoch's
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from dataclasses import dataclass
@@ -26,8 +27,14 @@ REQUIRED_KEYS = ("model", "config", "classes", "channels")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file and rename it, so a crash never leaves half a checkpoint."""
-    atomic.write_with(path, lambda tmp: torch.save(state, tmp))
+    """Write to a temporary file and rename it, so a crash never leaves half a checkpoint.
+
+    Serialized in memory first: torch reports a full disk as an opaque RuntimeError, a plain
+    file write as the OSError (ENOSPC) that names the checkpoint.
+    """
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,6 @@ message becomes the quarantine reason.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -175,9 +174,3 @@ def apply_illum(planes: list[np.ndarray], illum: list[np.ndarray]) -> list[np.nd
             raise BadImage(f"illumination function shape {fn.shape} != image shape {plane.shape}")
         out.append(plane.astype(np.float32) / np.maximum(fn, 1e-6))
     return out
-
-
-def checksum(img: np.ndarray) -> str:
-    """Checksum of the stored uint16 bytes of one image (little-endian, C order)."""
-    data = np.ascontiguousarray(img, dtype="<u2")
-    return hashlib.blake2b(data.tobytes(), digest_size=8).hexdigest()

@@ -22,7 +22,7 @@ from cellmorph.metrics import compute_metrics
 from cellmorph.predict import evaluate_run
 from cellmorph.report import Run, build_report, plot_confusion
 from cellmorph.rundir import RunDir, ValOutputs
-from cellmorph.store import describe, open_store, well_ids
+from cellmorph.store import describe, open_store, well_ids, write_metadata
 
 FIGURES = ["label_distribution", "training_curves", "confusion_matrix", "tsne", "sample_grid"]
 
@@ -34,7 +34,7 @@ def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> RunDir
     if class_names:  # rename classes in the store, e.g. to check escaping
         md = store.metadata.copy()
         md["Metadata_pert_iname"] = md["Metadata_pert_iname"].map(class_names)
-        md.to_parquet(store_path / "metadata.parquet", index=False)
+        write_metadata(store_path, md)  # through the store: re-binds its digest
         store = open_store(store_path)
     cfg = Config(
         name="toy",
