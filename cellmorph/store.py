@@ -321,7 +321,9 @@ class StoreFolder:
                 f"{self.path} was replaced or deleted while this process was reading it "
                 "(convert --overwrite?); start again to read the new store"
             )
-        return StoreDamage(f"{self.path}: {name} is missing (damaged store: re-run convert)")
+        return StoreDamage(
+            f"{self.path}: {name} is missing (damaged store: convert again with --overwrite)"
+        )
 
     def attrs(self) -> dict[str, Any]:
         """The group attributes of this generation."""
@@ -441,7 +443,7 @@ def _check_attrs(p: Path, attrs: dict[str, Any], shape: tuple[int, ...]) -> None
     if len(set(ch)) != len(ch) or len(ch) != shape[1]:
         raise StoreError(
             f"{p}: attrs.channels {ch} does not name the {shape[1]} channels of images "
-            "once each (edited by hand?); re-run convert"
+            "once each (edited by hand?); convert again with --overwrite"
         )
     if len(shape) != 4:
         raise StoreError(f"{p}: images has shape {shape}, expected (N, C, H, W)")
@@ -453,7 +455,7 @@ def _read_metadata(p: Path, data: bytes, attrs: dict[str, Any],
         raise StoreError(
             f"{p}: {METADATA} or attrs.channels do not match this store's images (the digest "
             "recorded at conversion differs): changed after conversion (rows reordered, edited, "
-            "truncated or replaced); re-run convert"
+            "truncated or replaced); convert again with --overwrite"
         )
     try:
         metadata = pd.read_parquet(io.BytesIO(data))

@@ -342,8 +342,8 @@ def check_out(out: str, kind: str) -> None:
 
 def check_inputs_outside(out: str, paths: Iterable[str]) -> None:
     """No input may live inside ``--out``: replacing the store would delete it."""
-    if not ownership.is_local(out):
-        return
+    if not ownership.is_local(out) or not os.path.exists(out):
+        return  # nothing can be inside a folder that does not exist
     root = os.path.realpath(out)
     for p in dict.fromkeys(str(p) for p in paths if p):
         real = os.path.realpath(p)
@@ -357,10 +357,10 @@ def input_paths(cfg: ConvertConfig, sites: pd.DataFrame | None = None) -> list[s
     """The inputs named by the settings, and the folders of every TIFF."""
     named = [cfg.load_data, cfg.images, cfg.metadata, cfg.join, cfg.illum_dir,
              cfg.barcode_platemap, cfg.platemap_dir, *(cfg.external_metadata or [])]  # fmt: skip
-    folders = []
+    folders: list[str] = []
     if sites is not None and len(sites):
-        files = {p for src in sites[SOURCES] for p, _ in src}
-        folders = sorted({os.path.dirname(p) for p in files})
+        files = sites[SOURCES].explode().str[0]  # one row per (site, channel) file
+        folders = sorted(files.str.rpartition("/")[0].replace("", ".").unique())
     return [str(p) for p in named if p] + folders
 
 
@@ -484,6 +484,8 @@ def convert(
     check_settings(cfg)
     # file:// is a local path; zarr's fsspec store would not create its folders.
     out = str(out).removeprefix("file://")
+    if ownership.is_local(out) and os.path.islink(out):
+        out = os.path.realpath(out)  # swap the folder, never the link
     check_out(out, out_kind(out))  # before reading anything
     check_inputs_outside(out, input_paths(cfg))
     with ownership.hold(out) as owner:
@@ -505,7 +507,8 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
     phases = {"plan_s": time.perf_counter() - t0}
     if len(sites) == 0:
         _stop_all_quarantined(out, inputs)
-    check_inputs_outside(out, input_paths(cfg, sites))
+    if ownership.is_local(out) and os.path.exists(out):  # else nothing can be inside it
+        check_inputs_outside(out, input_paths(cfg, sites))
     sites["_key"] = [site_key(r) for _, r in sites[KEYS].iterrows()]
     inputs.sites = sites
     fp = fingerprint(sites, cfg, illum)

@@ -94,6 +94,36 @@ def test_predict_on_a_full_disk_leaves_no_predictions(small_disk: Path, tmp_path
     assert sorted(p.name for p in out.iterdir()) == []  # nothing that reads as a result
 
 
+@pytest.fixture
+def one_mib_disk(tmp_path: Path) -> Iterator[Path]:
+    disk = tmp_path / "runs"
+    _mount(disk, "size=1m")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_train_on_a_full_disk_is_one_line_without_a_checkpoint(one_mib_disk: Path,
+                                                               tiny_plate: Path, capsys) -> None:  # fmt: skip
+    rc = cellmorph_main(["train", "--local", "--config", "configs/demo.yaml", "name=full",
+                         f"run_root={one_mib_disk}", f"data.store={tiny_plate}",
+                         "data.val_fraction=0.5", "loader.batch_size=8", "loader.image_size=32",
+                         "model.width_mult=0.35", "train.epochs=1",
+                         "train.max_steps_per_epoch=1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip().splitlines()[-1].startswith("error: no space left on the device")
+    assert "last.pt" in err and "Traceback" not in err
+    run = one_mib_disk / "full"
+    assert not (run / "checkpoints" / "last.pt").exists() and _leftovers(run) == []
+
+
+def test_torn_last_line_of_a_run_log_is_ignored(tmp_path: Path) -> None:
+    from cellmorph.rundir import RunDir
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1, "lo')  # disk filled
+    assert RunDir(tmp_path).history() == [{"epoch": 0}]
+
+
 def test_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk: Path) -> None:
     last = small_disk / "last.pt"
     save_checkpoint({"model": {"w": torch.zeros(10)}, "epoch": 0}, last)

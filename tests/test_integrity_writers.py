@@ -298,6 +298,13 @@ def test_out_holding_the_inputs_is_refused_and_inputs_survive(csv: Path, tmp_pat
     with pytest.raises(CellmorphError, match="holds the input"):
         convert(ConvertConfig(load_data=str(inside), size=20, workers=1), out, overwrite=True)
     assert inside.is_file()
+    inside.unlink()
+    shutil.copytree(csv.parent / "images", out / "tiffs")  # the TIFFs inside the store
+    moved = tmp_path / "moved.csv"
+    moved.write_text(csv.read_text().replace(",images,", f",{out / 'tiffs'},"))
+    with pytest.raises(CellmorphError, match=r"holds the input .*tiffs"):
+        convert(ConvertConfig(load_data=str(moved), size=20, workers=1), out, overwrite=True)
+    assert len(list((out / "tiffs").iterdir())) == len(list((csv.parent / "images").iterdir()))
     assert sorted(p.name for p in csv.parent.rglob("*")) == before
 
 
@@ -342,3 +349,15 @@ def test_refused_resume_touches_no_run_file(small_cfg, tiny_plate: Path, tmp_pat
         with pytest.raises(CellmorphError, match=message):
             run_local(small_cfg("keep", "train.epochs=2", "train.max_steps_per_epoch=1", change))
         assert _run_files(cfg.run_dir) == before, change
+
+
+def test_swap_without_rename_exchange_falls_back_to_two_renames(
+    csv: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "s.zarr"
+    convert(_cfg(csv, 16), out)
+    monkeypatch.setattr(ownership, "_exchange", lambda a, b: False)  # e.g. an NFS mount
+    summary = convert(_cfg(csv, 20), out, overwrite=True)
+    assert summary["replaced"] == "the replaced store was removed"
+    assert open_store(out).shape[-1] == 20
+    assert sorted(p.name for p in ownership.sidecar(out).iterdir()) == ["lock", "writers"]
