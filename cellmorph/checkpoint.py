@@ -83,8 +83,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def check_compatible(ckpt: dict[str, Any], classes: list[str], channels: list[str],
-                     model_config: dict[str, Any], src: Path) -> None:  # fmt: skip
-    """Refuse to resume across a change of classes, channels or model shape."""
+                     model_config: dict[str, Any], src: Path,
+                     store_digest: str | None = None) -> None:  # fmt: skip
+    """Refuse to resume across a change of classes, channels, model shape or store content."""
     if list(ckpt.get("channels", [])) != list(channels):
         raise CellmorphError(
             f"{src}: checkpoint channels {ckpt.get('channels')} differ from the store's {channels}"
@@ -102,6 +103,20 @@ def check_compatible(ckpt: dict[str, Any], classes: list[str], channels: list[st
         raise CellmorphError(
             f"{src}: the model changed since this run started ({detail}); "
             "use a new run name to train from scratch"
+        )
+    check_same_store(ckpt, store_digest, src)
+
+
+def check_same_store(ckpt: dict[str, Any], store_digest: str | None, src: Path) -> None:
+    """The store must be the one the checkpoint was trained on (its ``metadata_digest``): a
+    re-converted store moves images between rows and folds, so resumed training or a re-run
+    evaluation would mix two datasets. Checkpoints without a digest are not checked."""
+    recorded = ckpt.get("store_digest")
+    if recorded and store_digest and recorded != store_digest:
+        store = (ckpt.get("config") or {}).get("data", {}).get("store")
+        raise CellmorphError(
+            f"{src}: the store {store} changed since this checkpoint was trained (converted "
+            "again?): its rows are other images now; use a new run name to train on it"
         )
 
 

@@ -23,14 +23,14 @@ from torch import nn
 from tqdm import tqdm
 
 from cellmorph import atomic
-from cellmorph.checkpoint import Checkpoint, read_checkpoint
+from cellmorph.checkpoint import Checkpoint, check_same_store, read_checkpoint
 from cellmorph.config import LoaderConfig, validate
 from cellmorph.errors import CellmorphError
 from cellmorph.loaders import build_loader
 from cellmorph.metrics import compute_metrics
 from cellmorph.model import CellNet, build_model
 from cellmorph.rundir import RunDir, ValOutputs
-from cellmorph.store import PLATE, STORE_ROW, WELL, Store, open_store, well_ids
+from cellmorph.store import DIGEST, PLATE, STORE_ROW, WELL, Store, open_store, well_ids
 
 PREDICTIONS_CSV = "predictions.csv"
 EMBEDDINGS_PARQUET = "embeddings.parquet"
@@ -343,6 +343,7 @@ def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
     ckpt = read_checkpoint(run.eval_checkpoint())
     store = open_store(ckpt.config.data.store)
     check_channels(ckpt.channels, store)
+    check_same_store(ckpt.state, store.attrs.get(DIGEST), ckpt.path)  # val rows mean images
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
     rows, labels = _val_rows(run, ckpt, store)

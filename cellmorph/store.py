@@ -247,11 +247,14 @@ def write_quarantine(path: str | Path, rows: list[dict[str, Any]]) -> None:
     write_file(path, QUARANTINE, lambda f: df.to_csv(f, index=False))
 
 
-def read_quarantine(data: bytes | None) -> pd.DataFrame:
+def read_quarantine(data: bytes | None, where: str = QUARANTINE) -> pd.DataFrame:
     """quarantine.csv as text: a plate named ``NA`` or a reason ``None`` stay what they are."""
     if not data:
         return pd.DataFrame(columns=QUARANTINE_COLUMNS)
-    return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[])
+    try:
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[])
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError is a ValueError
+        raise StoreError(f"{where} is not a readable CSV ({e})") from None
 
 
 def channel_stats(sample: np.ndarray, channels: list[str]) -> dict[str, dict[str, float]]:
@@ -400,7 +403,8 @@ def open_store(path: str | Path) -> Store:
     if METADATA not in names:
         raise StoreError(f"{p}: missing {METADATA}")
     metadata = _read_metadata(p, folder.read(METADATA), attrs, tuple(images.shape))
-    quarantine = read_quarantine(folder.read(QUARANTINE) if QUARANTINE in names else None)
+    q = folder.read(QUARANTINE) if QUARANTINE in names else None
+    quarantine = read_quarantine(q, f"{p}/{QUARANTINE}")
     return Store(p, images, metadata, attrs, quarantine, folder)
 
 

@@ -38,7 +38,7 @@ from cellmorph.model import CellNet, build_model
 from cellmorph.predict import infer
 from cellmorph.progress import StepProgress
 from cellmorph.rundir import RunDir, ValOutputs
-from cellmorph.store import Store, describe, open_store, well_ids
+from cellmorph.store import DIGEST, Store, describe, open_store, well_ids
 
 # --------------------------------------------------------------------------- schedule / amp
 
@@ -174,7 +174,8 @@ def resume(run: RunDir, t: Training, data: Data, cfg: Config, saver: CheckpointS
         return 0
     ckpt = load_checkpoint(run.last_checkpoint)
     check_compatible(ckpt, data.index.classes, data.store.channels,
-                     config_to_dict(cfg)["model"], run.last_checkpoint)  # fmt: skip
+                     config_to_dict(cfg)["model"], run.last_checkpoint,
+                     data.store.attrs.get(DIGEST))  # fmt: skip
     t.model.load_state_dict(ckpt["model"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.scheduler.load_state_dict(ckpt["scheduler"])
@@ -270,6 +271,7 @@ def checkpoint_state(
         "classes": data.index.classes,
         "label_column": cfg.data.label_column,
         "channels": data.store.channels,
+        "store_digest": data.store.attrs.get(DIGEST),  # which store generation (resume, evaluate)
         "image_size": cfg.loader.image_size,
         "norm": {"mean": data.norm[0].tolist(), "std": data.norm[1].tolist()},
         "metrics": {k: v for k, v in record.items() if np.isscalar(v)},

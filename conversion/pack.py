@@ -484,6 +484,8 @@ def convert(
     check_settings(cfg)
     # file:// is a local path; zarr's fsspec store would not create its folders.
     out = str(out).removeprefix("file://")
+    if not out.strip():
+        raise CellmorphError("--out is empty; give the path of the store to write")
     if ownership.is_local(out) and os.path.islink(out):
         out = os.path.realpath(out)  # swap the folder, never the link
     check_out(out, out_kind(out))  # before reading anything

@@ -9,6 +9,7 @@ message becomes the quarantine reason.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,8 @@ def probe_file(path: str) -> FileInfo:
         raise BadImage(f"missing file {path}") from None
     except OSError as e:
         raise BadImage(f"cannot stat {path} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO (would block forever), a device
+        raise BadImage(f"{path} is not a regular file")
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]

@@ -262,6 +262,25 @@ def test_truncated_illumination_function_is_one_line(tmp_path: Path, capsys) -> 
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_a_fifo_or_folder_named_as_a_tiff_is_quarantined_not_a_hang(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from cellmorph.config import ConvertConfig
+    from conversion.pack import convert
+
+    csv = make_loaddata(tmp_path, plates=1, wells=2, sites=2, size=16)
+    df = pd.read_csv(csv)
+    os.mkfifo(tmp_path / "pipe.tiff")  # opening it would block until a writer comes: never
+    (tmp_path / "folder.tiff").mkdir()
+    df.loc[0, ["FileName_OrigDNA", "PathName_OrigDNA"]] = ["pipe.tiff", "."]
+    df.loc[1, ["FileName_OrigER", "PathName_OrigER"]] = ["folder.tiff", "."]
+    df.to_csv(csv, index=False)
+    summary = convert(ConvertConfig(load_data=str(csv), size=16, workers=1), tmp_path / "s.zarr")
+    assert summary["images"] == 2 and summary["quarantined"] == 2
+    reasons = open_store(tmp_path / "s.zarr").quarantine["reason"].tolist()
+    assert all("is not a regular file" in r for r in reasons), reasons
+
+
 # --------------------------------------------------------------------------- Ray
 
 

@@ -297,3 +297,14 @@ def test_hole_in_a_shard_is_missing_not_a_black_image(store: Path, capsys) -> No
         _read_all(store)
     rc, rows, _ = _inspect_verify(store, capsys)
     assert rc == 2 and len(rows) == 1 and "never written" in rows[0]
+
+
+def test_unreadable_quarantine_and_damaged_manifest_records(store: Path) -> None:
+    from conversion.manifest import Manifest
+
+    record = store / ".convert" / "shard-000001.json"
+    record.write_bytes(record.read_bytes()[:10])  # a damaged record counts as not done: redone
+    assert Manifest(str(store)).shard(1) is None and Manifest(str(store)).shard(0) is not None
+    (store / "quarantine.csv").write_bytes(b'"unclosed\n\xff\xfe')
+    with pytest.raises(StoreError, match=r"quarantine.csv is not a readable CSV"):
+        open_store(store)

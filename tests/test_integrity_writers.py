@@ -164,25 +164,22 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_pool_workers_die_with_a_killed_convert(tmp_path: Path) -> None:
-    """Both workers block opening a TIFF that is a FIFO (no writer ever comes); SIGKILL the
-    convert: every process it started must be gone within seconds, none left writing."""
-    import pandas as pd
+# The conversion's process pool (what `convert --workers 2` runs shards in), both workers busy
+# in a task that would last a minute.
+POOL_AT_WORK = """
+import time
+from conversion.pack import ProcessMapper
 
-    # 72 sites: two chunks of header probes, one per worker.
-    df = pd.read_csv(make_loaddata(tmp_path / "in", plates=2, wells=6, sites=6, size=8))
-    blocked = tmp_path / "blocked.csv"
-    for row in range(len(df)):
-        fifo = tmp_path / f"fifo{row}.tiff"
-        os.mkfifo(fifo)
-        df.at[row, "FileName_OrigDNA"], df.at[row, "PathName_OrigDNA"] = fifo.name, str(tmp_path)
-    df.to_csv(blocked, index=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conversion", "convert", "--load-data", str(blocked), "--out",
-         str(tmp_path / "s.zarr"), "--workers", "2", "--size", "16"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+for _ in ProcessMapper(2)(time.sleep, [60, 60]):
+    pass
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_pool_workers_die_with_a_killed_convert() -> None:
+    """SIGKILL the convert process while both pool workers are busy: every process it started
+    (forkserver, workers) must be gone within seconds, none left to write."""
+    proc = subprocess.Popen([sys.executable, "-c", POOL_AT_WORK])
     started: set[int] = set()
     try:
         deadline = time.monotonic() + 60
@@ -333,18 +330,16 @@ def test_refused_resume_touches_no_run_file(small_cfg, tiny_plate: Path, tmp_pat
     cfg = small_cfg("keep", *base)
     run_local(cfg)
     before = _run_files(cfg.run_dir)
-    four = tmp_path / "four.zarr"
-    convert(
-        ConvertConfig(
-            load_data=str(tiny_plate.parent / "raw" / "load_data.csv"),
-            size=40, shard_size=16, workers=1, channels=["DNA", "ER", "RNA", "AGP"],
-        ),
-        four,
-    )  # fmt: skip
+    raw = str(tiny_plate.parent / "raw" / "load_data.csv")
+    four, other = tmp_path / "four.zarr", tmp_path / "other.zarr"
+    convert(ConvertConfig(load_data=raw, size=40, shard_size=16, workers=1,
+                          channels=["DNA", "ER", "RNA", "AGP"]), four)  # fmt: skip
+    convert(ConvertConfig(load_data=raw, size=36, shard_size=16, workers=1), other)
     for change, message in [
         ("data.top_k=3", "classes"),
         ("model.width_mult=0.5", "model.width_mult 0.35 -> 0.5"),
         (f"data.store={four}", "channels"),
+        (f"data.store={other}", "changed since this checkpoint was trained"),  # same classes
     ]:
         with pytest.raises(CellmorphError, match=message):
             run_local(small_cfg("keep", "train.epochs=2", "train.max_steps_per_epoch=1", change))
@@ -361,3 +356,22 @@ def test_swap_without_rename_exchange_falls_back_to_two_renames(
     assert summary["replaced"] == "the replaced store was removed"
     assert open_store(out).shape[-1] == 20
     assert sorted(p.name for p in ownership.sidecar(out).iterdir()) == ["lock", "writers"]
+
+
+def test_evaluate_refuses_a_store_converted_again(small_cfg, tiny_plate: Path, tmp_path: Path,
+                                                 capsys) -> None:  # fmt: skip
+    from cellmorph.cli import main as cellmorph_main
+    from cellmorph.train import run_local
+
+    raw = str(tiny_plate.parent / "raw" / "load_data.csv")
+    store = tmp_path / "mine.zarr"
+    convert(ConvertConfig(load_data=raw, size=40, shard_size=16, workers=1), store)
+    cfg = small_cfg("ev", "train.epochs=1", "train.max_steps_per_epoch=1", f"data.store={store}")
+    run_local(cfg)
+    convert(ConvertConfig(load_data=raw, size=36, shard_size=16, workers=1), store, overwrite=True)
+    report = cfg.run_dir / "metrics.json"
+    before = report.read_bytes()
+    assert cellmorph_main(["evaluate", str(cfg.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "changed since" in err
+    assert report.read_bytes() == before  # nothing rewritten about the wrong store
