@@ -301,6 +301,9 @@ def _output_dir(out: str | Path) -> Path:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CellmorphError(f"--out {p}: cannot create the folder ({e.strerror})") from None
+    for name in (PREDICTIONS_CSV, EMBEDDINGS_PARQUET, WELLS_PARQUET):
+        if (p / name).exists() and not (p / name).is_file():
+            raise CellmorphError(f"--out {p}: {name} there is not a file; move it away")
     return p
 
 

@@ -457,9 +457,9 @@ def _read_metadata(p: Path, data: bytes, attrs: dict[str, Any],
                    shape: tuple[int, ...]) -> pd.DataFrame:  # fmt: skip
     if attrs.get(DIGEST) != metadata_digest(data, attrs["channels"], shape):
         raise StoreError(
-            f"{p}: {METADATA} or attrs.channels do not match this store's images (the digest "
-            "recorded at conversion differs): changed after conversion (rows reordered, edited, "
-            "truncated or replaced); convert again with --overwrite"
+            f"{p}: {METADATA}, attrs.channels or the images array changed after conversion "
+            "(attrs.metadata_digest differs: rows reordered, edited, truncated or replaced); "
+            "convert again with --overwrite"
         )
     try:
         metadata = pd.read_parquet(io.BytesIO(data))

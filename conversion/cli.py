@@ -149,7 +149,7 @@ def verify(st: cstore.Store, show: int = 20) -> None:
         print(f"... and {len(problems) - show} more")
     raise CellmorphError(
         f"{st.path}: {len(problems)} of {len(st)} images failed verification (listed above); "
-        "the store is damaged: re-run the convert command with --overwrite"
+        "the store is damaged: convert again with --overwrite"
     )
 
 

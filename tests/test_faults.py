@@ -220,6 +220,7 @@ def test_bad_predict_numbers_are_refused_by_the_parser(predict_inputs, tmp_path,
         ("--device", "meta", ["--device meta", "cpu or cuda"]),
         ("--out", "FILE", ["is a file"]),
         ("--out", "STORE", ["inside the store"]),
+        ("--out", "FOLDER_NAMED_LIKE_AN_OUTPUT", ["predictions.csv there is not a file"]),
     ],
 )
 def test_bad_predict_targets_are_one_line(predict_inputs, tmp_path, option, value, words,
@@ -230,6 +231,9 @@ def test_bad_predict_targets_are_one_line(predict_inputs, tmp_path, option, valu
         Path(value).write_text("x")
     elif value == "STORE":
         value = str(store / "preds")
+    elif value == "FOLDER_NAMED_LIKE_AN_OUTPUT":
+        value = str(tmp_path / "taken")
+        (tmp_path / "taken" / "predictions.csv").mkdir(parents=True)
     argv = ["predict", "--checkpoint", str(ckpt), "--store", str(store),
             "--out", str(tmp_path / "o"), option, value]  # fmt: skip
     assert cellmorph_main(argv) == 2

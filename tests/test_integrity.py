@@ -145,7 +145,9 @@ def test_edited_metadata_is_refused_at_open(store: Path, edit: str, capsys) -> N
         md.drop(columns=["Metadata_Plate"]).to_parquet(path, index=False)
     else:
         md.assign(Metadata_pert_iname="drug0").to_parquet(path, index=False)
-    with pytest.raises(StoreError, match="metadata.parquet or attrs.channels do not match"):
+    with pytest.raises(
+        StoreError, match="metadata.parquet, attrs.channels or the images array changed"
+    ):
         open_store(store)
     for argv in (["inspect", str(store)], ["inspect", str(store), "--verify"]):
         assert cellmorph_main(argv) == 2
@@ -162,7 +164,7 @@ def _edit_attrs(store: Path, **changes) -> None:
 @pytest.mark.parametrize(
     "channels, message",
     [
-        (["ER", "DNA", "RNA", "AGP", "Mito"], "do not match"),  # renamed/reordered
+        (["ER", "DNA", "RNA", "AGP", "Mito"], "changed after conversion"),  # renamed/reordered
         (["DNA", "ER", "RNA"], "does not name the 5 channels"),
         (["DNA", "DNA", "RNA", "AGP", "Mito"], "once each"),
         ("DNA", "must be a list"),
