@@ -108,6 +108,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         )
     if summary.get("replaced"):
         print(f"swapped the new store in at {summary['store']}; {summary['replaced']}")
+    if summary.get("unfinished_overwrite"):
+        print(
+            f"note: an unfinished --overwrite of this store is in {summary['unfinished_overwrite']}"
+            "; rerun that command with --overwrite to finish it, or delete that folder"
+        )
     reasons = summary.get("quarantine_reasons") or []
     if reasons:
         print("quarantine reasons (most frequent first):")

@@ -329,6 +329,17 @@ def out_kind(out: str) -> str:
     return "store" if done else "started"
 
 
+def older_format(out: str | Path) -> bool:
+    """True when ``out`` holds a store of an earlier cellmorph format (readers refuse it)."""
+    out = str(out).removeprefix("file://")
+    try:
+        attrs = dict(zarr.open_group(store=out, mode="r", zarr_format=3).attrs)
+    except Exception:  # absent or unreadable: nothing of ours to upgrade
+        return False
+    version = attrs.get("cellmorph_format")
+    return isinstance(version, int) and version < cstore.FORMAT_VERSION
+
+
 def check_out(out: str, kind: str) -> None:
     """``--out`` must be absent, empty or a cellmorph store: cellmorph deletes nothing else."""
     if kind == "file":
@@ -375,6 +386,11 @@ def prepare(out: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig, overw
     header = Manifest(out).header()
     if header is not None and header.get("fingerprint") == fp and not overwrite:
         return ("done" if kind == "store" else "resume"), out
+    if kind == "started" and older_format(out) and not overwrite:
+        raise CellmorphError(
+            f"{out} holds a store of an older cellmorph format, which this version cannot "
+            "read; convert again with --overwrite"
+        )
     if kind in ("store", "started") and not overwrite:
         raise CellmorphError(
             f"{out} holds a conversion of different inputs or settings (or a store written "
@@ -523,6 +539,7 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
         finish(target, plan, inputs, cfg)
         phases.update(pack_s=t2 - t1, finish_s=time.perf_counter() - t2)
     replaced = ownership.swap_in(Path(target), Path(out)) if target != out else None
+    unfinished = owner is not None and ownership.staging(out).exists()
     group = zarr.open_group(store=out, mode="r", zarr_format=3)
     return {
         "store": out,
@@ -532,6 +549,7 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
         "seconds": round(time.perf_counter() - t0, 3),
         "nothing_to_do": state == "done" and replaced is None,
         "replaced": replaced,
+        "unfinished_overwrite": str(ownership.staging(out)) if unfinished else None,
         "phases": {k: round(v, 3) for k, v in phases.items()},
         "quarantine_reasons": stored_reasons(out),
     }

@@ -267,6 +267,8 @@ def test_killed_overwrite_keeps_the_old_store_and_rerun_finishes(csv: Path, tmp_
         [sys.executable, "-c", KILLED_OVERWRITE, str(csv), str(out)], capture_output=True
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    again = convert(_cfg(csv, 16), out)  # the old job: nothing to do, and a note
+    assert again["nothing_to_do"] and again["unfinished_overwrite"] == str(ownership.staging(out))
     st = open_store(out)  # the old store is whole and readable
     assert st.shape[-1] == 16 and verify_store(st, progress=False) == []
     assert (ownership.staging(out) / ".convert" / "shard-000000.json").is_file()
@@ -375,3 +377,21 @@ def test_evaluate_refuses_a_store_converted_again(small_cfg, tiny_plate: Path, t
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: ") and "changed since" in err
     assert report.read_bytes() == before  # nothing rewritten about the wrong store
+
+
+def test_store_of_an_older_format_is_rebuilt_only_when_asked(csv: Path, tmp_path: Path) -> None:
+    import json
+
+    from conversion.pack import older_format
+
+    out = tmp_path / "s.zarr"
+    convert(_cfg(csv), out)
+    meta = json.loads((out / "zarr.json").read_text())  # what a format-1 store looks like
+    meta["attributes"]["cellmorph_format"] = 1
+    (out / "zarr.json").write_text(json.dumps(meta))
+    (out / ".convert" / "header.json").write_text('{"fingerprint": "of cellmorph 1"}')
+    assert older_format(out)
+    with pytest.raises(CellmorphError, match="older cellmorph format.*--overwrite"):
+        convert(_cfg(csv), out)
+    convert(_cfg(csv), out, overwrite=True)
+    assert not older_format(out) and verify_store(open_store(out), progress=False) == []
