@@ -7,7 +7,12 @@ images/s of:
 - ``a_original``: the original study's path: a torch Dataset reading each site's TIFFs with
   tifffile, resizing and augmenting with torchvision transforms, in a DataLoader with workers;
 - ``b_torch``: the torch loader on the store; ``c_dali_cpu``: DALI (CPU) on the store;
-- ``d_read``: the store read path alone (rows -> decoded uint16, ShardReader, no augmentation);
+- ``d_read``: the store read path alone (rows -> decoded uint16, ShardReader, no augmentation),
+  every chunk checked (its crc32c, and that it is the row's chunk);
+- ``d_read_unchecked``: the same reader with the per-chunk checks removed (a subclass here, not
+  a product option), so ``verify_cost`` = d_read / d_read_unchecked is the price of the checks;
+  ``crc32c_1thread``: the check alone over the same chunks, ``crc_vs_decode`` its time as a
+  fraction of decoding them (one thread each: the low-noise figure on a busy machine);
 - ``e_decode``: its ceiling: numcodecs decoding the same chunks from bytes already in memory
   (same thread count as the reader; ``e_decode_1thread`` on one thread);
 - ``zarr_rows``: zarr-python reading the same rows one call per image (what the reader replaces);
@@ -17,7 +22,8 @@ images/s of:
 
 Ratios: ``store_vs_original`` = best of (b, c) / a (goal >= 10), ``read_vs_decode`` = d / e
 (goal >= 0.5), ``loader_vs_train_cpu`` = best of (b, c) / train_cpu (goal >= 3). Prints one
-JSON object. Run: ``.venv/bin/python bench/loader.py [--sites 96] [--workers 2]``.
+JSON object. Run: ``.venv/bin/python bench/loader.py [--sites 96] [--workers 2]``;
+``--read-only`` measures only the read path (d, d_read_unchecked, e, zarr_rows).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from torchvision.transforms import v2
 from cellmorph import store as st
 from cellmorph.config import LoaderConfig, ModelConfig, SynthConfig
 from cellmorph.loaders import ShardReader, build_loader
+from cellmorph.shardfile import crc32c
 from cellmorph.synth import CHANNELS, generate_plate
 
 CPU = torch.device("cpu")
@@ -154,18 +161,33 @@ def bench_loader(store: st.Store, cfg: LoaderConfig, rows: np.ndarray, device=CP
     return r
 
 
+class UncheckedReader(ShardReader):
+    """The baseline for the checks' cost: the same reads, each chunk's crc32c cut off unread."""
+
+    def _payload(self, raw: memoryview, shard: int, row: int) -> memoryview:
+        return raw[:-4]
+
+
+def _read_rate(reader: ShardReader, batches: list[np.ndarray]) -> float:
+    reader.read(batches[0])  # parse shard indexes, start threads
+    t = time.perf_counter()
+    for b in batches:
+        reader.read(b)
+    return sum(len(b) for b in batches) / (time.perf_counter() - t)
+
+
 def bench_read(store: st.Store, threads: int, batch: int, nbatches: int) -> dict[str, float]:
-    """Reader vs decode-from-memory vs zarr-python, on the same random batches."""
+    """Reader (checked and unchecked) vs decode-from-memory vs zarr-python, same batches."""
     rng = np.random.default_rng(0)
     # Distinct rows per batch: the reader decodes a repeated row once, the ceiling would not.
     batch = min(batch, len(store))
     batches = [rng.choice(len(store), batch, replace=False) for _ in range(nbatches)]
     reader = ShardReader(store, threads=threads)
-    reader.read(batches[0])  # parse shard indexes, start threads
-    t = time.perf_counter()
-    for b in batches:
-        reader.read(b)
-    d = batch * nbatches / (time.perf_counter() - t)
+    unchecked = UncheckedReader(store, threads=threads)
+    d, u = 0.0, 0.0
+    for _ in range(3):  # interleaved rounds, best of each: the machine is shared and noisy
+        d = max(d, _read_rate(reader, batches))
+        u = max(u, _read_rate(unchecked, batches))
 
     raw = reader.read_raw(np.arange(len(store)))
     codec = numcodecs.get_codec({"id": reader.codec_id})
@@ -180,13 +202,20 @@ def bench_read(store: st.Store, threads: int, batch: int, nbatches: int) -> dict
     with ThreadPoolExecutor(threads) as pool:
         e = decode_all(pool.map)
     e1 = decode_all(map)
+    t = time.perf_counter()
+    for b in batches:  # what the check adds per chunk: one crc32c over its compressed bytes
+        for j in range(batch):
+            crc32c(raw[b[j]])
+    c1 = batch * nbatches / (time.perf_counter() - t)
     store.images[0]  # first-call set-up excluded, as for the reader
     t = time.perf_counter()
     for b in batches[:3]:
         for r in b:
             store.images[int(r)]
     z = 3 * batch / (time.perf_counter() - t)
-    return {"d_read": d, "e_decode": e, "e_decode_1thread": e1, "zarr_rows": z}
+    return {"d_read": d, "d_read_unchecked": u, "verify_cost": d / u, "e_decode": e,
+            "e_decode_1thread": e1, "crc32c_1thread": c1, "crc_vs_decode": e1 / c1,
+            "zarr_rows": z}  # fmt: skip
 
 
 def bench_train_cpu(batch: int = 64, steps: int = 3) -> float:
@@ -226,6 +255,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dir", default=None, help="keep the TIFFs and store here (default: temp)")
+    ap.add_argument("--read-only", action="store_true", help="measure only the read path")
     args = ap.parse_args()
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="cm-bench-loader-"))
     try:
@@ -254,6 +284,11 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         "workers": w,
         "prep_s": round(prep_s, 1),
     }
+    if args.read_only:
+        res.update(bench_read(store, w, args.batch, 30))
+        res["total_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+        return
     # The machine is shared and noisy: interleave two rounds and keep each path's best.
     for _ in range(2):
         for key, fn in (

@@ -25,13 +25,22 @@ def temp_path(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary path to write; on success it replaces ``path``, on error it is removed.
+
+    An OSError that names no file (a full disk seen by a writer library) or names the temporary
+    file is raised again naming ``path``, so the one-line message says which output failed.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(p)
     try:
         yield tmp
         os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno is not None and e.filename in (None, str(tmp)):
+            raise OSError(e.errno, e.strerror or str(e), str(p)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -8,6 +8,7 @@ RNG state, the resolved config, classes, channels, normalization and the epoch's
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from dataclasses import dataclass
@@ -26,8 +27,14 @@ REQUIRED_KEYS = ("model", "config", "classes", "channels")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file and rename it, so a crash never leaves half a checkpoint."""
-    atomic.write_with(path, lambda tmp: torch.save(state, tmp))
+    """Write to a temporary file and rename it, so a crash never leaves half a checkpoint.
+
+    Serialized in memory first: torch reports a full disk as an opaque RuntimeError, a plain
+    file write as the OSError (ENOSPC) that names the checkpoint.
+    """
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -75,8 +82,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def check_compatible(ckpt: dict[str, Any], classes: list[str], channels: list[str],
-                     model_config: dict[str, Any], src: Path) -> None:  # fmt: skip
-    """Refuse to resume across a change of classes, channels or model shape."""
+                     model_config: dict[str, Any], src: Path,
+                     store_digest: str | None = None) -> None:  # fmt: skip
+    """Refuse to resume across a change of classes, channels, model shape or store content."""
     if list(ckpt.get("channels", [])) != list(channels):
         raise CellmorphError(
             f"{src}: checkpoint channels {ckpt.get('channels')} differ from the store's {channels}"
@@ -94,6 +102,20 @@ def check_compatible(ckpt: dict[str, Any], classes: list[str], channels: list[st
         raise CellmorphError(
             f"{src}: the model changed since this run started ({detail}); "
             "use a new run name to train from scratch"
+        )
+    check_same_store(ckpt, store_digest, src)
+
+
+def check_same_store(ckpt: dict[str, Any], store_digest: str | None, src: Path) -> None:
+    """The store must be the one the checkpoint was trained on (its ``metadata_digest``): a
+    re-converted store moves images between rows and folds, so resumed training or a re-run
+    evaluation would mix two datasets. Checkpoints without a digest are not checked."""
+    recorded = ckpt.get("store_digest")
+    if recorded and store_digest and recorded != store_digest:
+        store = (ckpt.get("config") or {}).get("data", {}).get("store")
+        raise CellmorphError(
+            f"{src}: the store {store} changed since this checkpoint was trained (converted "
+            "again?): its rows are other images now; use a new run name to train on it"
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cellmorph.errors import run_main
@@ -130,6 +131,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (argparse prints one line naming the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    return parse
+
+
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     from cellmorph.config import SynthConfig
 
@@ -188,10 +204,12 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, help="store.zarr to predict (labels not needed)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--top-k", type=int, default=None, help="classes per image in predictions.csv")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: eval batch size)")
+    p.add_argument("--top-k", type=_int_at_least(1), help="classes per image in predictions.csv")
+    p.add_argument(
+        "--batch-size", type=_int_at_least(1), help="images per batch (default: eval batch size)"
+    )
     p.add_argument("--loader", choices=["torch", "dali"], help="override the loader kind")
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--num-workers", type=_int_at_least(0), help="loader worker processes")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

@@ -15,14 +15,16 @@ def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     from cellmorph.launch import resolve_paths, run_ray_training
     from cellmorph.report import build_report
     from cellmorph.synth import generate_plate
-    from conversion.pack import convert
+    from conversion.pack import convert, older_format
 
     t0 = time.perf_counter()
     steps = 5 if audit else 4
     print(f"[1/{steps}] synthetic plate -> {cfg.synth.out}")
     csv = generate_plate(cfg.synth)
     print(f"[2/{steps}] convert {csv} -> {cfg.data.store}")
-    summary = convert(cfg.convert.model_copy(update={"load_data": str(csv)}), cfg.data.store)
+    # The demo owns its store: one of an older format is rebuilt, never left unreadable.
+    summary = convert(cfg.convert.model_copy(update={"load_data": str(csv)}), cfg.data.store,
+                      overwrite=older_format(cfg.data.store))  # fmt: skip
     print(f"      {summary['images']} images, {summary['quarantined']} quarantined")
     cfg = resolve_paths(cfg)
     print(f"[3/{steps}] train {cfg.name}: Ray Train, {cfg.ray.num_workers} workers, "

@@ -22,7 +22,7 @@ from typing import Any
 
 from cellmorph import atomic
 from cellmorph.config import Config, RayConfig, config_from_dict, config_to_dict
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, fault_message, one_line
 from cellmorph.rundir import RunDir
 
 
@@ -240,17 +240,18 @@ def run_ray_training(cfg: Config, *, quiet: bool = False) -> RunDir:
 
 
 def raise_user_error(e: BaseException, run: RunDir) -> None:
-    """If Ray's error wraps a CellmorphError from a worker, raise that as one line; any other
-    error (a bug, an NCCL fault) is left to propagate with its traceback."""
+    """If Ray's error wraps a CellmorphError (or a full disk) from a worker, raise that as one
+    line; any other error (a bug, an NCCL fault) is left to propagate with its traceback."""
     cause = user_error(e)
     if cause is not None:
         raise CellmorphError(
-            f"training run {run.name} failed: {cause} (logs: {run.logs})"
+            f"training run {run.name} failed: {one_line(cause)} (logs: {run.logs})"
         ) from None
 
 
 def user_error(e: BaseException) -> CellmorphError | None:
-    """The CellmorphError inside a Ray Train failure (worker failures, causes), if any."""
+    """The CellmorphError inside a Ray Train failure (worker failures, causes), if any; an
+    ordinary fault (full disk, read-only file system) counts as one."""
     seen: set[int] = set()
     todo: list[BaseException] = [e]
     while todo:
@@ -260,6 +261,8 @@ def user_error(e: BaseException) -> CellmorphError | None:
         seen.add(id(err))
         if isinstance(err, CellmorphError):
             return err
+        if fault_message(err) is not None:
+            return CellmorphError(fault_message(err))
         todo.extend(getattr(err, "worker_failures", {}).values())
         for nested in (getattr(err, "controller_failure", None), err.__cause__, err.__context__):
             if isinstance(nested, BaseException):

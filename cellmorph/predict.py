@@ -49,9 +49,20 @@ def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` picks the first GPU when torch sees one, else the CPU."""
     if spec == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CellmorphError(
+            f"--device {spec}: not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CellmorphError(f"--device {spec}: cellmorph runs on cpu or cuda devices")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CellmorphError(f"--device {spec}: torch sees no CUDA GPU on this machine")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise CellmorphError(
+            f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..)"
+        )
     return dev
 
 
@@ -249,11 +260,12 @@ def predict(
 ) -> dict[str, Any]:
     """Write ``predictions.csv``, ``embeddings.parquet`` and ``wells.parquet`` for every image
     of a store (labels are not needed); returns a small summary."""
+    if top_k is not None and top_k < 1:
+        raise CellmorphError(f"--top-k {top_k}: give at least 1 class per image")
     ckpt = read_checkpoint(checkpoint)
     store = open_store(store_path)
     check_channels(ckpt.channels, store)
-    if top_k is not None and top_k < 1:
-        raise CellmorphError(f"--top-k {top_k}: give at least 1 class per image")
+    _check_out_outside(out, store)
     dev = resolve_device(device)
     cfg = _loader_cfg(ckpt, loader_overrides or {})
     model = model_from_checkpoint(ckpt).to(dev)
@@ -269,11 +281,24 @@ def predict(
     try:
         written = _stream(model, loader, dev, writer, n)
         wells = writer.close(store.metadata)
+    except OSError as e:  # a full disk seen by pyarrow names no file: name the output folder
+        writer.abort()
+        if e.errno is not None and e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(out_dir)) from e
+        raise
     except BaseException:
         writer.abort()
         raise
     return {"images": written, "wells": len(wells), "classes": len(ckpt.classes),
             "out": str(out_dir)}  # fmt: skip
+
+
+def _check_out_outside(out: str | Path, store: Store) -> None:
+    """Outputs never go into the store: it is a converted artefact, bound by its checksums."""
+    root = store.path.resolve()
+    target = Path(out).resolve()
+    if target == root or root in target.parents:
+        raise CellmorphError(f"--out {out} is inside the store {store.path}; choose another folder")
 
 
 def _output_dir(out: str | Path) -> Path:
@@ -284,6 +309,9 @@ def _output_dir(out: str | Path) -> Path:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CellmorphError(f"--out {p}: cannot create the folder ({e.strerror})") from None
+    for name in (PREDICTIONS_CSV, EMBEDDINGS_PARQUET, WELLS_PARQUET):
+        if (p / name).exists() and not (p / name).is_file():
+            raise CellmorphError(f"--out {p}: {name} there is not a file; move it away")
     return p
 
 

@@ -155,9 +155,11 @@ def load_run(run: RunDir) -> Run:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:  # written beside and renamed, like every output: a figure that exists is whole
+        atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100,
+                                                        bbox_inches="tight"))  # fmt: skip
+    finally:
+        plt.close(fig)
     return path
 
 

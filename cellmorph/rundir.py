@@ -272,8 +272,12 @@ class RunDir:
     def _jsonl(self, path: Path) -> list[dict[str, Any]]:
         if not path.is_file():
             return []
+        text = path.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines = lines[:-1]  # torn by a full disk or a kill mid-append: never finished
         try:
-            return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+            return [json.loads(ln) for ln in lines if ln.strip()]
         except json.JSONDecodeError as e:
             raise CellmorphError(f"{path}: a line is not valid JSON ({e})") from None
 

@@ -3,17 +3,33 @@
 A zarr v3 group::
 
     store.zarr/
-      zarr.json            attrs: cellmorph_format, channels, stats, size, codec, source, created
-      images/              (N, C, H, W) uint16, one image per inner chunk, S images per shard
-      metadata.parquet     one row per image, row i == images[i]
+      zarr.json            attrs: cellmorph_format, channels, stats, size, codec, source, created,
+                           generation, metadata_digest
+      images/              (N, C, H, W) uint16, one image per inner chunk, S images per shard;
+                           each chunk ends with the crc32c of its compressed bytes
+      metadata.parquet     one row per image, row i == images[i], with each image's checksum
+                           and its chunk's crc32c
       quarantine.csv       every rejected input and why (may be empty, always present)
 
-Only this module knows the layout; writers and readers go through it.
+Integrity (format 2): zarr.json binds ``metadata.parquet`` (``metadata_digest``: its bytes, the
+channel names and the array shape), the metadata binds every chunk to its row (``chunk_crc32c``)
+and every chunk carries its own crc32c. Readers hold one *generation* of the folder open (a
+directory descriptor, :class:`StoreFolder`), so a store swapped in by ``convert --overwrite`` is
+never mixed with the one they started on.
+
+Only this module knows the layout; writers and readers go through it (the bytes of one shard
+file: :mod:`cellmorph.shardfile`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import io
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +37,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cellmorph import atomic
 from cellmorph.errors import CellmorphError
+from cellmorph.shardfile import StoreDamage, chunk_crcs, layout_of, shard_key
 
-FORMAT_VERSION = 1
+# 2: a crc32c after every chunk, every chunk written, metadata bound by a digest in the attrs.
+FORMAT_VERSION = 2
 IMAGES = "images"
 METADATA = "metadata.parquet"
 QUARANTINE = "quarantine.csv"
@@ -37,9 +55,12 @@ PLATE = "Metadata_Plate"
 WELL = "Metadata_Well"
 SITE = "Metadata_Site"
 KEYS = [PLATE, WELL, SITE]  # one image per (plate, well, site)
-CHECKSUM = "checksum"  # of the stored uint16 bytes of each image
+CHECKSUM = "checksum"  # of the stored uint16 bytes of each image (image_checksum)
+CHUNK_CRC = "chunk_crc32c"  # the crc32c ending each image's chunk in its shard file
 REQUIRED_COLUMNS = [*KEYS, CHECKSUM]
 STORE_ROW = "store_row"  # the row number of an image in outputs (predictions, embeddings)
+GENERATION = "generation"  # attrs: a new id each time a store is created
+DIGEST = "metadata_digest"  # attrs: binds metadata.parquet to the channels and the array
 
 
 class StoreError(CellmorphError):
@@ -66,7 +87,8 @@ def create_images(
     shard_size: int = 1024,
     attrs: dict[str, Any] | None = None,
 ) -> zarr.Array:
-    """Create (overwrite) the group and its empty ``images`` array; returns the array.
+    """Create (overwrite) the group and its empty ``images`` array; returns the array, ready
+    for shard-aligned writes (every chunk is written, see :func:`open_images`).
 
     ``attrs`` (source description, resize policy...) is stored next to the format fields.
     Channel statistics are added later with :func:`write_attrs` once the pixels are known.
@@ -81,7 +103,8 @@ def create_images(
         chunks=(1, len(channels), size, size),
         shards=(shard, len(channels), size, size),
         dtype="uint16",
-        compressors=compressor_for(codec),
+        # The crc32c after the compressor: every chunk checks itself (zarr and our readers).
+        compressors=[compressor_for(codec), Crc32cCodec()],
         fill_value=0,
     )
     group.attrs.update(
@@ -91,10 +114,18 @@ def create_images(
             "size": size,
             "codec": codec,
             "shard_size": shard,
+            GENERATION: uuid.uuid4().hex,
             **(attrs or {}),
         }
     )
-    return arr
+    return arr.with_config({"write_empty_chunks": True})
+
+
+def open_images(path: str | Path) -> zarr.Array:
+    """The ``images`` array of a store being written. Every chunk is written, an all-zero
+    image too: a hole in a shard is then always damage, never a black image."""
+    arr = zarr.open_array(store=str(path), path=IMAGES, mode="r+", zarr_format=3)
+    return arr.with_config({"write_empty_chunks": True})
 
 
 def write_file(path: str | Path, name: str, write: Any) -> None:
@@ -133,11 +164,40 @@ def discard_shard(path: str | Path, images: zarr.Array, index: int) -> None:
     """
     import fsspec
 
-    key = images.metadata.encode_chunk_key((index,) + (0,) * (images.ndim - 1))
     fs, root = fsspec.core.url_to_fs(str(path))
-    target = f"{root.rstrip('/')}/{IMAGES}/{key}"
+    target = f"{root.rstrip('/')}/{shard_key(images, index)}"
     if fs.exists(target):
         fs.rm(target)
+    # zarr writes "<key>.<uuid>.partial" and renames it: a killed writer leaves that behind.
+    for stale in fs.glob(f"{target}.*.partial"):
+        fs.rm(stale)
+
+
+def shard_chunk_crcs(path: str | Path, images: zarr.Array, index: int, rows: int) -> list[int]:
+    """Read shard file ``index`` back and return the crc32c of its first ``rows`` chunks, each
+    checked: what the writer records for metadata.parquet right after writing the shard."""
+    import fsspec
+
+    layout = layout_of(images)
+    if layout is None or not layout.chunk_crc:
+        raise StoreError(f"{path}: images array is not in cellmorph format {FORMAT_VERSION}")
+    key = shard_key(images, index)
+    fs, root = fsspec.core.url_to_fs(str(path))
+    data = fs.cat_file(f"{root.rstrip('/')}/{key}")
+    return chunk_crcs(data, layout, rows, f"{path}/{key}")
+
+
+def image_checksum(img: np.ndarray) -> str:
+    """Checksum of the stored uint16 bytes of one image (little-endian, C order)."""
+    data = np.ascontiguousarray(img, dtype="<u2")
+    return hashlib.blake2b(data.tobytes(), digest_size=8).hexdigest()
+
+
+def metadata_digest(data: bytes, channels: list[str], shape: tuple[int, ...]) -> str:
+    """Binds metadata.parquet's bytes (row order and content) to the channels and the array."""
+    h = hashlib.blake2b(data, digest_size=16)
+    h.update(json.dumps({"channels": list(channels), "shape": list(shape)}).encode())
+    return h.hexdigest()
 
 
 def write_attrs(path: str | Path, attrs: dict[str, Any]) -> None:
@@ -146,16 +206,55 @@ def write_attrs(path: str | Path, attrs: dict[str, Any]) -> None:
 
 
 def write_metadata(path: str | Path, metadata: pd.DataFrame) -> None:
-    """Write ``metadata.parquet`` atomically (row i describes images[i])."""
+    """Write ``metadata.parquet`` atomically (row i describes images[i]) and bind it to the
+    store with ``attrs.metadata_digest``; call it once the images are written.
+
+    Without a ``chunk_crc32c`` column (stores written outside conversion), the crcs are read
+    from the shard files as they are now; conversion passes the ones it read back right after
+    writing each shard, so damage after that is caught.
+    """
     missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
     if missing:
         raise StoreError(f"{path}: metadata lacks required column(s) {', '.join(missing)}")
-    write_file(path, METADATA, lambda f: metadata.reset_index(drop=True).to_parquet(f, index=False))
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    images = group[IMAGES]
+    if len(metadata) != images.shape[0]:
+        raise StoreError(f"{path}: {len(metadata)} metadata rows for {images.shape[0]} images")
+    table = metadata.reset_index(drop=True)
+    if CHUNK_CRC not in table.columns:
+        table[CHUNK_CRC] = _read_chunk_crcs(path, images)
+    table[CHUNK_CRC] = table[CHUNK_CRC].astype(np.uint32)
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    data = buf.getvalue()
+    write_bytes(path, METADATA, data)
+    channels = list(group.attrs["channels"])
+    group.attrs.update({DIGEST: metadata_digest(data, channels, tuple(images.shape))})
+
+
+def _read_chunk_crcs(path: str | Path, images: zarr.Array) -> list[int]:
+    rows = int(images.shards[0])
+    n = int(images.shape[0])
+    return [
+        crc
+        for i, start in enumerate(range(0, n, rows))
+        for crc in shard_chunk_crcs(path, images, i, min(rows, n - start))
+    ]
 
 
 def write_quarantine(path: str | Path, rows: list[dict[str, Any]]) -> None:
     df = pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
     write_file(path, QUARANTINE, lambda f: df.to_csv(f, index=False))
+
+
+def read_quarantine(data: bytes | None, where: str = QUARANTINE) -> pd.DataFrame:
+    """quarantine.csv as text: a plate named ``NA`` or a reason ``None`` stay what they are."""
+    if not data:
+        return pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    try:
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[])
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError is a ValueError
+        raise StoreError(f"{where} is not a readable CSV ({e})") from None
 
 
 def channel_stats(sample: np.ndarray, channels: list[str]) -> dict[str, dict[str, float]]:
@@ -279,15 +378,88 @@ def image_stats(images: np.ndarray, plates: list[str], negcon: list[bool],
     return {"stats": stats, "plate_stats": per_plate}
 
 
+class StoreFolder:
+    """One generation of a local store folder, held open for reading.
+
+    Files are opened relative to a directory descriptor, so ``convert --overwrite`` swapping a
+    new store in at the same path never mixes the two: this reader keeps reading its own
+    generation, or stops with a message if that generation was deleted. A shared ``flock`` on
+    the directory tells the converter that this generation still has readers (it then keeps it
+    aside instead of deleting it); forked processes share it, spawned ones take their own.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise StoreError(f"{self.path}: no such store") from None
+        except NotADirectoryError:
+            raise StoreError(f"{self.path} is a file, not a store (a folder)") from None
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot open the store ({e.strerror})") from None
+        with contextlib.suppress(OSError):  # best effort: some filesystems have no flock
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        self._pid = os.getpid()
+
+    def read(self, name: str) -> bytes:
+        """The bytes of ``name`` (relative to the store folder) in this generation."""
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=self.fd)
+        except FileNotFoundError:
+            raise self.missing(name) from None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def open_fd(self, name: str) -> int:
+        try:
+            return os.open(name, os.O_RDONLY, dir_fd=self.fd)
+        except FileNotFoundError:
+            raise self.missing(name) from None
+
+    def replaced(self) -> bool:
+        """True when this generation's folder was deleted (or swapped out and deleted)."""
+        return os.fstat(self.fd).st_nlink == 0
+
+    def missing(self, name: str) -> StoreError:
+        if self.replaced():
+            return StoreError(
+                f"{self.path} was replaced or deleted while this process was reading it "
+                "(convert --overwrite?); start again to read the new store"
+            )
+        return StoreDamage(
+            f"{self.path}: {name} is missing (damaged store: convert again with --overwrite)"
+        )
+
+    def attrs(self) -> dict[str, Any]:
+        """The group attributes of this generation."""
+        try:
+            return dict(json.loads(self.read("zarr.json")).get("attributes") or {})
+        except StoreError:
+            raise
+        except (ValueError, AttributeError):
+            raise StoreError(f"{self.path}/zarr.json is not valid zarr metadata") from None
+
+    def close(self) -> None:
+        if self.fd >= 0 and self._pid == os.getpid():
+            os.close(self.fd)
+        self.fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
 @dataclass(frozen=True)
 class Store:
-    """A read-only view of a finished store."""
+    """A read-only view of a finished store (one generation of its folder)."""
 
     path: Path
     images: zarr.Array
     metadata: pd.DataFrame
     attrs: dict[str, Any]
     quarantine: pd.DataFrame = field(repr=False)
+    folder: StoreFolder | None = field(default=None, repr=False, compare=False)
 
     @property
     def channels(self) -> list[str]:
@@ -304,40 +476,155 @@ class Store:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def chunk_crcs(self) -> np.ndarray:
+        """uint32 per row: the crc32c its chunk must end with."""
+        return self.metadata[CHUNK_CRC].to_numpy(np.uint32)
+
 
 def open_store(path: str | Path) -> Store:
-    """Open a finished store for reading, checking the format version and row alignment."""
-    p = Path(path)
-    if not (p / "zarr.json").is_file():
+    """Open a finished store for reading: format version, attributes, the metadata's digest
+    and row count are checked; the returned view stays on this generation of the folder."""
+    folder = StoreFolder(path)
+    p = folder.path
+    names = set(os.listdir(folder.fd))
+    if "zarr.json" not in names:
         raise StoreError(f"{p}: not a zarr store (no zarr.json)")
-    try:
-        group = zarr.open_group(str(p), mode="r", zarr_format=3)
-    except Exception as e:  # zarr raises several types for unreadable groups
-        raise StoreError(f"{p}: cannot open zarr group ({e})") from None
-    attrs = dict(group.attrs)
+    attrs = folder.attrs()
+    _check_format(p, attrs)
+    images = _open_images(p, attrs)
+    _check_attrs(p, attrs, images.shape)
+    if METADATA not in names:
+        raise StoreError(f"{p}: missing {METADATA}")
+    metadata = _read_metadata(p, folder.read(METADATA), attrs, tuple(images.shape))
+    q = folder.read(QUARANTINE) if QUARANTINE in names else None
+    quarantine = read_quarantine(q, f"{p}/{QUARANTINE}")
+    return Store(p, images, metadata, attrs, quarantine, folder)
+
+
+def _check_format(p: Path, attrs: dict[str, Any]) -> None:
     version = attrs.get("cellmorph_format")
+    if version is None:
+        raise StoreError(f"{p}: a zarr group but not a cellmorph store (no attrs.cellmorph_format)")
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise StoreError(
+            f"{p}: store format {version} was written by an older cellmorph; this one reads "
+            f"format {FORMAT_VERSION} (checksummed chunks): re-run the convert command that "
+            "made it, with --overwrite"
+        )
     if version != FORMAT_VERSION:
         raise StoreError(
             f"{p}: attrs.cellmorph_format is {version!r}, this cellmorph reads {FORMAT_VERSION}"
         )
     if attrs.get("complete") is False:
         raise StoreError(f"{p}: conversion has not finished (rerun the same convert command)")
-    if IMAGES not in group:
+
+
+def _open_images(p: Path, attrs: dict[str, Any]) -> zarr.Array:
+    try:
+        group = zarr.open_group(str(p), mode="r", zarr_format=3)
+        images = group[IMAGES] if IMAGES in group else None  # noqa: SIM401 (no Group.get)
+    except Exception as e:  # zarr raises several types for unreadable groups
+        raise StoreError(f"{p}: cannot open zarr group ({e})") from None
+    if images is None:
         raise StoreError(f"{p}: no '{IMAGES}' array")
-    images = group[IMAGES]
-    meta_path = p / METADATA
-    if not meta_path.is_file():
-        raise StoreError(f"{p}: missing {METADATA}")
-    metadata = pd.read_parquet(meta_path)
-    if len(metadata) != images.shape[0]:
+    if group.attrs.get(GENERATION) != attrs.get(GENERATION):
+        raise StoreError(f"{p} was replaced while being opened (convert --overwrite?); try again")
+    return images
+
+
+def _check_attrs(p: Path, attrs: dict[str, Any], shape: tuple[int, ...]) -> None:
+    """The attributes every reader relies on, checked against the array (edited by hand?)."""
+    ch = attrs.get("channels")
+    if not isinstance(ch, list) or not all(isinstance(c, str) and c.strip() for c in ch):
+        raise StoreError(f"{p}: attrs.channels must be a list of channel names, got {ch!r}")
+    if len(set(ch)) != len(ch) or len(ch) != shape[1]:
         raise StoreError(
-            f"{p}: {METADATA} has {len(metadata)} rows but images has {images.shape[0]}"
+            f"{p}: attrs.channels {ch} does not name the {shape[1]} channels of images "
+            "once each (edited by hand?); convert again with --overwrite"
         )
-    q_path = p / QUARANTINE
-    quarantine = (
-        pd.read_csv(q_path) if q_path.is_file() else pd.DataFrame(columns=QUARANTINE_COLUMNS)
-    )
-    return Store(path=p, images=images, metadata=metadata, attrs=attrs, quarantine=quarantine)
+    if len(shape) != 4:
+        raise StoreError(f"{p}: images has shape {shape}, expected (N, C, H, W)")
+
+
+def _read_metadata(p: Path, data: bytes, attrs: dict[str, Any],
+                   shape: tuple[int, ...]) -> pd.DataFrame:  # fmt: skip
+    if attrs.get(DIGEST) != metadata_digest(data, attrs["channels"], shape):
+        raise StoreError(
+            f"{p}: {METADATA}, attrs.channels or the images array changed after conversion "
+            "(attrs.metadata_digest differs: rows reordered, edited, truncated or replaced); "
+            "convert again with --overwrite"
+        )
+    try:
+        metadata = pd.read_parquet(io.BytesIO(data))
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise StoreError(f"{p}: cannot read {METADATA} ({e})") from None
+    if len(metadata) != shape[0]:
+        raise StoreError(f"{p}: {METADATA} has {len(metadata)} rows but images has {shape[0]}")
+    missing = [c for c in [*REQUIRED_COLUMNS, CHUNK_CRC] if c not in metadata.columns]
+    if missing:
+        raise StoreError(f"{p}: {METADATA} lacks required column(s) {', '.join(missing)}")
+    return metadata
+
+
+def verify_store(store: Store, progress: bool = True) -> list[str]:
+    """Check every image against what the store recorded for it: the shard's index, the chunk's
+    crc32c, that the chunk is this row's (its crc equals ``chunk_crc32c``), that it decodes,
+    and that the decoded pixels match ``checksum``. One line per damaged image; [] when sound.
+    """
+    import numcodecs
+    from tqdm import tqdm
+
+    layout = layout_of(store.images)
+    if layout is None or not layout.chunk_crc or store.folder is None:
+        raise StoreError(f"{store.path}: images are not laid out as cellmorph format 2 writes them")
+    codec = numcodecs.get_codec(dict(layout.codec))
+    n, per = len(store), layout.shard_rows
+    problems: list[str] = []
+    names = well_ids(store.metadata)
+    site = store.metadata[SITE].astype(str).to_numpy()
+    recorded = (store.chunk_crcs(), store.metadata[CHECKSUM].astype(str).to_numpy())
+    bar = tqdm(range(-(-n // per)), unit="shard", desc="verify", leave=False,
+               disable=None if progress else True)  # fmt: skip
+    for shard in bar:
+        rows = range(shard * per, min(n, (shard + 1) * per))
+        for row, reason in _verify_shard(store, layout, codec, shard, rows, recorded):
+            problems.append(f"row {row} ({names[row]}/{site[row]}): {reason}")
+    return problems
+
+
+def _verify_shard(store: Store, layout: Any, codec: Any, shard: int, rows: range,
+                  recorded: tuple[np.ndarray, np.ndarray]) -> list[tuple[int, str]]:  # fmt: skip
+    from cellmorph.shardfile import EMPTY, chunk_payload, index_range, parse_index
+
+    key = shard_key(store.images, shard)
+    try:
+        data = store.folder.read(key)  # type: ignore[union-attr]
+        start, nbytes = index_range(layout, len(data))
+        index = parse_index(data[start : start + nbytes], layout, len(data), key)
+    except StoreDamage as e:
+        return [(r, str(e).removeprefix(f"{store.path}: ")) for r in rows]
+    (expected, sums), view, out = recorded, memoryview(data), []
+    for r in rows:
+        off, size = index[r - rows.start]
+        where = f"{key} chunk {r - rows.start}"
+        if off == EMPTY:
+            out.append((r, f"{where} was never written (missing chunk)"))
+            continue
+        try:
+            chunk = view[int(off) : int(off) + int(size)]
+            payload = chunk_payload(chunk, layout, int(expected[r]), where)
+            pixels = np.frombuffer(codec.decode(payload), dtype="<u2")
+        except StoreDamage as e:
+            out.append((r, str(e)))
+            continue
+        except Exception as e:  # a decoder's own error: the bytes are not a valid frame
+            out.append((r, f"{where} does not decode ({e})"))
+            continue
+        if pixels.size != int(np.prod(layout.chunk_shape)):
+            out.append((r, f"{where} decodes to {pixels.size} values, not {layout.chunk_shape}"))
+        elif image_checksum(pixels) != sums[r]:
+            out.append((r, f"{where}: pixels differ from the image checksum in {METADATA}"))
+    return out
 
 
 def well_ids(metadata: pd.DataFrame) -> np.ndarray:

@@ -24,6 +24,7 @@ from cellmorph import atomic
 from cellmorph.checkpoint import (
     CheckpointSaver,
     check_compatible,
+    check_same_store,
     load_checkpoint,
     read_checkpoint,
     restore_rng,
@@ -41,7 +42,7 @@ from cellmorph.predict import infer, model_from_checkpoint, resolve_device
 from cellmorph.profiling import negcon_mask, profiling_report
 from cellmorph.progress import StepProgress
 from cellmorph.rundir import FoldOutputs, RunDir
-from cellmorph.store import STORE_ROW, Store, describe, open_store, well_ids
+from cellmorph.store import DIGEST, STORE_ROW, Store, describe, open_store, well_ids
 
 # --------------------------------------------------------------------------- schedule / amp
 
@@ -251,7 +252,8 @@ def resume(run: RunDir, t: Training, data: Data, cfg: Config, saver: CheckpointS
         return 0
     ckpt = load_checkpoint(run.last_checkpoint)
     check_compatible(ckpt, data.index.classes, data.store.channels,
-                     config_to_dict(cfg)["model"], run.last_checkpoint)  # fmt: skip
+                     config_to_dict(cfg)["model"], run.last_checkpoint,
+                     data.store.attrs.get(DIGEST))  # fmt: skip
     t.model.load_state_dict(ckpt["model"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.scheduler.load_state_dict(ckpt["scheduler"])
@@ -347,6 +349,7 @@ def checkpoint_state(
         "classes": data.index.classes,
         "label_column": cfg.data.label_column,
         "channels": data.store.channels,
+        "store_digest": data.store.attrs.get(DIGEST),  # which store generation (resume, evaluate)
         "image_size": cfg.loader.image_size,
         "norm": data.norm.to_dict(),
         "metrics": {k: v for k, v in record.items() if np.isscalar(v)},
@@ -459,6 +462,8 @@ def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
     ckpt = read_checkpoint(run.eval_checkpoint())
     ctx = Context(device=resolve_device(device), console=True)
     data = build_data(ckpt.config, ctx, training=False)
+    # The folds are rebuilt from the store: it must be the one trained on (same rows).
+    check_same_store(ckpt.state, data.store.attrs.get(DIGEST), ckpt.path)
     if data.index.classes != ckpt.classes or data.store.channels != ckpt.channels:
         raise CellmorphError(
             f"{ckpt.path}: the store {data.store.path} now gives classes "

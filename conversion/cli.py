@@ -106,6 +106,13 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"({summary['written']} written in this run), quarantined {summary['quarantined']} "
             f"(see {summary['store']}/{cstore.QUARANTINE}), {summary['seconds']:.1f} s"
         )
+    if summary.get("replaced"):
+        print(f"swapped the new store in at {summary['store']}; {summary['replaced']}")
+    if summary.get("unfinished_overwrite"):
+        print(
+            f"note: an unfinished --overwrite of this store is in {summary['unfinished_overwrite']}"
+            "; rerun that command with --overwrite to finish it, or delete that folder"
+        )
     reasons = summary.get("quarantine_reasons") or []
     if reasons:
         print("quarantine reasons (most frequent first):")
@@ -127,7 +134,28 @@ def _inspect(args: argparse.Namespace) -> int:
     st = cstore.open_store(args.store)
     label = args.label_column or st.attrs.get("label_column")
     print(cstore.dumps(cstore.describe(st, label)))
+    if args.verify:
+        verify(st)
     return 0
+
+
+def verify(st: cstore.Store, show: int = 20) -> None:
+    """Check every image against its checksums; list what is wrong, then stop with a count."""
+    problems = cstore.verify_store(st)
+    if not problems:
+        print(
+            f"verified {len(st)} images: every chunk's crc32c and every image's checksum match "
+            f"{cstore.METADATA}"
+        )
+        return
+    for line in problems[:show]:
+        print(line)
+    if len(problems) > show:
+        print(f"... and {len(problems) - show} more")
+    raise CellmorphError(
+        f"{st.path}: {len(problems)} of {len(st)} images failed verification (listed above); "
+        "the store is damaged: convert again with --overwrite"
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -138,4 +166,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     insp = subparsers.add_parser("inspect", help="summarize a store")
     insp.add_argument("store")
     insp.add_argument("--label-column", help="count classes in this column")
+    insp.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every image and check it against its stored checksums (exit 2 if any fails)",
+    )
     insp.set_defaults(func=_inspect)

@@ -44,7 +44,7 @@ class Manifest:
         try:
             with self.fs.open(self._path(name), "rb") as f:
                 return json.loads(f.read())
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):  # a damaged record counts as none: redo it
             return None
 
     def _write(self, name: str, obj: Any) -> None:

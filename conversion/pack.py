@@ -11,11 +11,17 @@
    whose content changed are packed again. No row ever holds a placeholder image.
 4. Finish: metadata.parquet (row i == images[i], with checksums), quarantine.csv, channel
    statistics from a sample of stored images, then ``complete: true``.
+
+One convert writes a store at a time and its writers never outlive it
+(:mod:`conversion.ownership`); ``--overwrite`` of a finished store builds the new one beside it
+and swaps it in when complete, so readers of the old one never see a mix. ``--out`` must be
+absent, empty or a cellmorph store, and never holds an input.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -35,11 +41,12 @@ from cellmorph import store as cstore
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.store import PLATE
-from conversion import platestats
+from conversion import ownership, platestats
 from conversion.layouts import check_settings, load_inputs, no_valid_sites, summarize_reasons
 from conversion.manifest import Manifest, digest
+from conversion.ownership import Owner
 from conversion.tables import KEYS, SOURCES, Inputs, quarantine_row
-from conversion.tiffs import BadImage, Source, apply_illum, checksum, probe_site, read_site, resize
+from conversion.tiffs import BadImage, Source, apply_illum, probe_site, read_site, resize
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,6 +66,7 @@ class ShardTask:
     size: int
     sites: list[tuple[list[Source], list[str]]]  # (channel sources, illumination files or [])
     groups: list[str]  # per site: its plate and negative-control flag (platestats.group_keys)
+    owner: Owner | None = None  # the run this task belongs to (None: an unlocked URL store)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class ShardResult:
     index: int
     count: int
     failures: dict[int, str] = field(default_factory=dict)  # row within shard -> reason
+    abandoned: bool = False  # another run owns the store now: nothing was written
 
 
 def inline_map(fn: Callable[[T], R], tasks: list[T]) -> Iterator[R]:
@@ -80,7 +89,10 @@ class ProcessMapper:
         ctx = get_context("forkserver")
         # Workers fork from a server that already imported the packing code: fast start.
         ctx.set_forkserver_preload(["conversion.pack"])
-        self.pool = ProcessPoolExecutor(workers, mp_context=ctx)
+        # Workers are the forkserver's children; each ends when this process ends.
+        self.pool = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=ownership.die_with, initargs=(os.getpid(),)
+        )
 
     def __call__(self, fn: Callable[[T], R], tasks: list[T]) -> Iterator[R]:
         futures = [self.pool.submit(fn, t) for t in tasks]
@@ -109,9 +121,10 @@ def load_site(sources: list[Source], illum: list[str], size: int) -> np.ndarray:
 
 
 def pack_shard(task: ShardTask) -> ShardResult:
-    """Pack one shard in a single write, then record it (data first, so a record means done)."""
+    """Pack one shard in a single write, read it back, then record it with its images'
+    checksums and its chunks' crc32c (data first, so a record means done and verified)."""
     n = len(task.sites)
-    arr = zarr.open_array(store=task.out, path=cstore.IMAGES, mode="r+", zarr_format=3)
+    arr = cstore.open_images(task.out)
     block = np.zeros((n, *arr.shape[1:]), dtype=np.uint16)
     failures: dict[int, str] = {}
     for i, (sources, illum) in enumerate(task.sites):
@@ -121,15 +134,19 @@ def pack_shard(task: ShardTask) -> ShardResult:
             failures[i] = str(e)
     if failures:
         return ShardResult(task.index, 0, failures)
-    cstore.discard_shard(task.out, arr, task.index)
-    arr[task.start : task.start + n] = block
-    record = {
-        "key": task.key,
-        "start": task.start,
-        "checksums": [checksum(b) for b in block],
-        "sums": cstore.sums_by_group(block, task.groups),
-    }
-    Manifest(task.out).write_shard(task.index, record)
+    with ownership.writing(task.owner) as ours:
+        if not ours:  # this writer outlived its run: the store belongs to another run now
+            return ShardResult(task.index, 0, abandoned=True)
+        cstore.discard_shard(task.out, arr, task.index)
+        arr[task.start : task.start + n] = block
+        record = {
+            "key": task.key,
+            "start": task.start,
+            "checksums": [cstore.image_checksum(b) for b in block],
+            "chunk_crcs": cstore.shard_chunk_crcs(task.out, arr, task.index, n),
+            "sums": cstore.sums_by_group(block, task.groups),
+        }
+        Manifest(task.out).write_shard(task.index, record)
     return ShardResult(task.index, n)
 
 
@@ -177,7 +194,13 @@ def illum_files(cfg: ConvertConfig, plates: Iterable[str]) -> dict[str, list[str
 
 def check_illum(path: str) -> tuple[int, ...]:
     """Stop on a function that cannot divide: a zero saturates the channel, a NaN blanks it."""
-    fn = np.load(path, mmap_mode="r")
+    try:
+        fn = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:  # truncated, not .npy, pickled objects
+        raise CellmorphError(
+            f"illumination function {path} is not a readable .npy array ({e}); recompute or "
+            "copy it again"
+        ) from None
     if not np.issubdtype(fn.dtype, np.number):
         raise CellmorphError(f"illumination function {path} holds {fn.dtype}, not numbers")
     bad_values = int(np.count_nonzero(~np.isfinite(fn)))
@@ -262,18 +285,16 @@ def fingerprint(sites: pd.DataFrame, cfg: ConvertConfig, illum: dict) -> str:
     )
 
 
-def shard_tasks(
-    plan: pd.DataFrame, out: str, shard: int, fp: str, cfg: ConvertConfig, illum: dict
-) -> list[ShardTask]:
+def shard_tasks(plan: pd.DataFrame, out: str, shard: int, fp: str, cfg: ConvertConfig,
+                illum: dict, owner: Owner | None = None) -> list[ShardTask]:  # fmt: skip
     tasks = []
     groups = platestats.group_keys(plan, PLATE, cfg.negcon)
     for index, start in enumerate(range(0, len(plan), shard)):
         part = plan.iloc[start : start + shard]
         sites = [(list(s), illum.get(p, [])) for s, p in zip(part[SOURCES], part[PLATE])]
         key = digest([fp, start, list(part["_key"]), [s for s, _ in sites]])
-        tasks.append(
-            ShardTask(out, index, start, key, cfg.size, sites, groups[start : start + shard])
-        )
+        part_groups = groups[start : start + shard]
+        tasks.append(ShardTask(out, index, start, key, cfg.size, sites, part_groups, owner))
     return tasks
 
 
@@ -291,39 +312,112 @@ def _attrs(inputs: Inputs, cfg: ConvertConfig) -> dict[str, Any]:
     }
 
 
-def _is_started_store(root: str) -> bool:
-    try:
-        group = zarr.open_group(store=root, mode="r", zarr_format=3)
-    except Exception:  # anything unreadable is not a store we started
-        return False
-    return group.attrs.get("complete") is False
-
-
-def prepare(out: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig, overwrite: bool) -> str:
-    """Decide between fresh, resume and done; (re)create the store when fresh."""
-    manifest = Manifest(out)
+def out_kind(out: str) -> str:
+    """What ``--out`` holds: absent, empty, store (a finished cellmorph store), started (a
+    conversion that has not finished, or a store of another format), file, or other."""
     fs, root = fsspec.core.url_to_fs(out)
-    header = manifest.header()
+    if not fs.exists(root):
+        return "absent"
+    if fs.isfile(root):
+        return "file"
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    if not names - {cstore.QUARANTINE}:  # empty, or what a stop with no valid sites left
+        return "empty"
+    try:
+        attrs = dict(zarr.open_group(store=out, mode="r", zarr_format=3).attrs)
+    except Exception:  # anything unreadable as a zarr group is not ours to delete
+        attrs = {}
+    if "cellmorph_format" not in attrs:
+        return "started" if Manifest(out).header() is not None else "other"
+    done = attrs.get("complete") is True and attrs["cellmorph_format"] == cstore.FORMAT_VERSION
+    return "store" if done else "started"
+
+
+def older_format(out: str | Path) -> bool:
+    """True when ``out`` holds a store of an earlier cellmorph format (readers refuse it)."""
+    out = str(out).removeprefix("file://")
+    try:
+        attrs = dict(zarr.open_group(store=out, mode="r", zarr_format=3).attrs)
+    except Exception:  # absent or unreadable: nothing of ours to upgrade
+        return False
+    version = attrs.get("cellmorph_format")
+    return isinstance(version, int) and version < cstore.FORMAT_VERSION
+
+
+def check_out(out: str, kind: str) -> None:
+    """``--out`` must be absent, empty or a cellmorph store: cellmorph deletes nothing else."""
+    if kind == "file":
+        raise CellmorphError(f"--out {out} is a file; give the path of a store folder")
+    if kind == "other":
+        raise CellmorphError(
+            f"--out {out} exists and is not a cellmorph store; cellmorph never deletes it "
+            "(--overwrite replaces only stores): choose another --out"
+        )
+
+
+def check_inputs_outside(out: str, paths: Iterable[str]) -> None:
+    """No input may live inside ``--out``: replacing the store would delete it."""
+    if not ownership.is_local(out) or not os.path.exists(out):
+        return  # nothing can be inside a folder that does not exist
+    root = os.path.realpath(out)
+    for p in dict.fromkeys(str(p) for p in paths if p):
+        real = os.path.realpath(p)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            raise CellmorphError(
+                f"--out {out} holds the input {p}; the store must be written elsewhere"
+            )
+
+
+def input_paths(cfg: ConvertConfig, sites: pd.DataFrame | None = None) -> list[str]:
+    """The inputs named by the settings, and the folders of every TIFF."""
+    named = [cfg.load_data, cfg.images, cfg.metadata, cfg.join, cfg.illum_dir,
+             cfg.barcode_platemap, cfg.platemap_dir, *(cfg.external_metadata or [])]  # fmt: skip
+    folders: list[str] = []
+    if sites is not None and len(sites):
+        files = sites[SOURCES].explode().str[0]  # one row per (site, channel) file
+        folders = sorted(files.str.rpartition("/")[0].replace("", ".").unique())
+    return [str(p) for p in named if p] + folders
+
+
+def prepare(out: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig, overwrite: bool,
+            owner: Owner | None) -> tuple[str, str]:  # fmt: skip
+    """Decide between fresh, resume and done, and where to build: ``(state, target)``.
+
+    ``--overwrite`` of a finished local store builds at the staging path beside it (resuming a
+    killed overwrite of the same job there) and :func:`convert` swaps it in when complete."""
+    kind = out_kind(out)
+    check_out(out, kind)
+    header = Manifest(out).header()
     if header is not None and header.get("fingerprint") == fp and not overwrite:
-        group = zarr.open_group(store=out, mode="r", zarr_format=3)
-        return "done" if group.attrs.get("complete") is True else "resume"
-    if fs.exists(root) and fs.ls(root) and not overwrite:
-        if header is not None:
-            raise CellmorphError(
-                f"{out} holds a conversion of different inputs or settings; "
-                "choose a new --out or pass --overwrite"
-            )
-        if not _is_started_store(out):
-            raise CellmorphError(
-                f"{out} exists and is not a store being converted; choose a new --out or pass --overwrite"
-            )
+        return ("done" if kind == "store" else "resume"), out
+    if kind == "started" and older_format(out) and not overwrite:
+        raise CellmorphError(
+            f"{out} holds a store of an older cellmorph format, which this version cannot "
+            "read; convert again with --overwrite"
+        )
+    if kind in ("store", "started") and not overwrite:
+        raise CellmorphError(
+            f"{out} holds a conversion of different inputs or settings (or a store written "
+            "by another cellmorph version); choose a new --out or pass --overwrite"
+        )
+    target = out
+    if overwrite and kind == "store" and owner is not None:
+        target = str(ownership.staging(out))
+        header = Manifest(target).header()
+        if header is not None and header.get("fingerprint") == fp:  # a killed overwrite
+            return ("done" if out_kind(target) == "store" else "resume"), target
+    _create(target, fp, n, inputs, cfg)
+    return "fresh", target
+
+
+def _create(target: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig) -> None:
+    fs, root = fsspec.core.url_to_fs(target)
     if fs.exists(root):
         fs.rm(root, recursive=True)
     cstore.create_images(
-        out, n, list(cfg.channels), cfg.size, cfg.codec, cfg.shard_size, _attrs(inputs, cfg)
+        target, n, list(cfg.channels), cfg.size, cfg.codec, cfg.shard_size, _attrs(inputs, cfg)
     )
-    manifest.write_header({"fingerprint": fp, "images": n, "shard_size": cfg.shard_size})
-    return "fresh"
+    Manifest(target).write_header({"fingerprint": fp, "images": n, "shard_size": cfg.shard_size})
 
 
 def _current_plan(sites: pd.DataFrame, bad: dict[str, str]) -> pd.DataFrame:
@@ -340,9 +434,8 @@ def _fit_array(out: str, n: int) -> int:
     return int(arr.shards[0])
 
 
-def pack_all(
-    sites: pd.DataFrame, out: str, fp: str, cfg: ConvertConfig, illum: dict, mapper: Mapper
-) -> tuple[pd.DataFrame, int]:
+def pack_all(sites: pd.DataFrame, out: str, fp: str, cfg: ConvertConfig, illum: dict,
+             mapper: Mapper, owner: Owner | None = None) -> tuple[pd.DataFrame, int]:  # fmt: skip
     """Pack every shard not yet recorded; repeat while decode failures reshape the plan."""
     manifest = Manifest(out)
     written = 0
@@ -350,7 +443,7 @@ def pack_all(
         bad = manifest.bad()
         plan = _current_plan(sites, bad)
         shard = _fit_array(out, len(plan))
-        tasks = shard_tasks(plan, out, shard, fp, cfg, illum)
+        tasks = shard_tasks(plan, out, shard, fp, cfg, illum, owner)
         pending = [t for t in tasks if (manifest.shard(t.index) or {}).get("key") != t.key]
         done_images = len(plan) - sum(len(t.sites) for t in pending)
         new_bad = {}
@@ -358,6 +451,8 @@ def pack_all(
             total=len(plan), initial=done_images, unit="img", desc="convert", smoothing=0.1
         ) as bar:
             for res in mapper(pack_shard, pending):
+                if res.abandoned:  # cannot happen while we hold the lock; never write past it
+                    raise CellmorphError(f"{out}: another convert took over this store")
                 bar.update(len(tasks[res.index].sites))
                 written += res.count
                 for row, reason in res.failures.items():
@@ -373,10 +468,14 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
     arr = zarr.open_array(store=out, path=cstore.IMAGES, mode="r", zarr_format=3)
     shard = int(arr.shards[0])
     records = [manifest.shard(i // shard) for i in range(0, len(plan), shard)]
-    checksums = [c for r in records for c in r["checksums"]]
     sources = [f"source_{ch}" for ch in cfg.channels]
     other = [c for c in plan.columns if c not in KEYS + sources and not c.startswith("_")]
-    metadata = plan[KEYS + other + sources].assign(checksum=checksums)
+    metadata = plan[KEYS + other + sources].assign(
+        **{
+            cstore.CHECKSUM: [c for r in records for c in r["checksums"]],
+            cstore.CHUNK_CRC: [c for r in records for c in r["chunk_crcs"]],
+        }
+    )
     bad = manifest.bad()
     quarantine = list(inputs.quarantine) + [
         quarantine_row(row, bad[row["_key"]])
@@ -405,37 +504,52 @@ def convert(
     """Convert the inputs ``cfg`` describes into the store at ``out`` (resumable, idempotent).
 
     ``mapper`` runs tasks (default: inline for one worker, a process pool otherwise); the Ray
-    job passes one that runs each shard as a Ray task.
+    job passes one that runs each shard as a Ray task. Holds the store's writer lock throughout.
     """
     t0 = time.perf_counter()
     check_settings(cfg)
     # file:// is a local path; zarr's fsspec store would not create its folders.
     out = str(out).removeprefix("file://")
-    pool = ProcessMapper(cfg.workers) if mapper is None and cfg.workers > 1 else None
-    run = mapper or pool or inline_map
-    try:
-        inputs = load_inputs(cfg)
-        if len(inputs.sites) == 0:  # stop before reading a single TIFF
-            _stop_all_quarantined(out, inputs)
-        illum = illum_files(cfg, inputs.sites[PLATE].astype(str))
-        sites = probe_all(inputs, cfg, illum, run)
-        phases = {"plan_s": time.perf_counter() - t0}
-        if len(sites) == 0:
-            _stop_all_quarantined(out, inputs)
-        sites["_key"] = [site_key(r) for _, r in sites[KEYS].iterrows()]
-        inputs.sites = sites
-        fp = fingerprint(sites, cfg, illum)
-        state = prepare(out, fp, len(sites), inputs, cfg, overwrite)
-        written = 0
-        if state != "done":
-            t1 = time.perf_counter()
-            plan, written = pack_all(sites, out, fp, cfg, illum, run)
-            t2 = time.perf_counter()
-            finish(out, plan, inputs, cfg)
-            phases.update(pack_s=t2 - t1, finish_s=time.perf_counter() - t2)
-    finally:
-        if pool is not None:
-            pool.close()
+    if not out.strip():
+        raise CellmorphError("--out is empty; give the path of the store to write")
+    if ownership.is_local(out) and os.path.islink(out):
+        out = os.path.realpath(out)  # swap the folder, never the link
+    check_out(out, out_kind(out))  # before reading anything
+    check_inputs_outside(out, input_paths(cfg))
+    with ownership.hold(out) as owner:
+        pool = ProcessMapper(cfg.workers) if mapper is None and cfg.workers > 1 else None
+        try:
+            return _convert(cfg, out, overwrite, mapper or pool or inline_map, owner, t0)
+        finally:
+            if pool is not None:
+                pool.close()
+
+
+def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: Owner | None,
+             t0: float) -> dict[str, Any]:  # fmt: skip
+    inputs = load_inputs(cfg)
+    if len(inputs.sites) == 0:  # stop before reading a single TIFF
+        _stop_all_quarantined(out, inputs)
+    illum = illum_files(cfg, inputs.sites[PLATE].astype(str))
+    sites = probe_all(inputs, cfg, illum, run)
+    phases = {"plan_s": time.perf_counter() - t0}
+    if len(sites) == 0:
+        _stop_all_quarantined(out, inputs)
+    if ownership.is_local(out) and os.path.exists(out):  # else nothing can be inside it
+        check_inputs_outside(out, input_paths(cfg, sites))
+    sites["_key"] = [site_key(r) for _, r in sites[KEYS].iterrows()]
+    inputs.sites = sites
+    fp = fingerprint(sites, cfg, illum)
+    state, target = prepare(out, fp, len(sites), inputs, cfg, overwrite, owner)
+    written = 0
+    if state != "done":
+        t1 = time.perf_counter()
+        plan, written = pack_all(sites, target, fp, cfg, illum, run, owner)
+        t2 = time.perf_counter()
+        finish(target, plan, inputs, cfg)
+        phases.update(pack_s=t2 - t1, finish_s=time.perf_counter() - t2)
+    replaced = ownership.swap_in(Path(target), Path(out)) if target != out else None
+    unfinished = owner is not None and ownership.staging(out).exists()
     group = zarr.open_group(store=out, mode="r", zarr_format=3)
     return {
         "store": out,
@@ -443,7 +557,9 @@ def convert(
         "written": written,
         "quarantined": int(group.attrs["quarantined"]),
         "seconds": round(time.perf_counter() - t0, 3),
-        "nothing_to_do": state == "done",
+        "nothing_to_do": state == "done" and replaced is None,
+        "replaced": replaced,
+        "unfinished_overwrite": str(ownership.staging(out)) if unfinished else None,
         "phases": {k: round(v, 3) for k, v in phases.items()},
         "quarantine_reasons": stored_reasons(out),
     }

@@ -8,8 +8,8 @@ message becomes the quarantine reason.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +59,8 @@ def probe_file(path: str) -> FileInfo:
         raise BadImage(f"missing file {path}") from None
     except OSError as e:
         raise BadImage(f"cannot stat {path} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO (would block forever), a device
+        raise BadImage(f"{path} is not a regular file")
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -175,9 +177,3 @@ def apply_illum(planes: list[np.ndarray], illum: list[np.ndarray]) -> list[np.nd
             raise BadImage(f"illumination function shape {fn.shape} != image shape {plane.shape}")
         out.append(plane.astype(np.float32) / np.maximum(fn, 1e-6))
     return out
-
-
-def checksum(img: np.ndarray) -> str:
-    """Checksum of the stored uint16 bytes of one image (little-endian, C order)."""
-    data = np.ascontiguousarray(img, dtype="<u2")
-    return hashlib.blake2b(data.tobytes(), digest_size=8).hexdigest()

@@ -13,6 +13,7 @@ from cellmorph.audit import audit, format_table, study_config
 from cellmorph.config import Config
 from cellmorph.errors import CellmorphError
 from cellmorph.rundir import RunDir
+from cellmorph.store import write_metadata
 
 
 def _tiny_config(tmp_path: Path) -> Config:
@@ -22,7 +23,7 @@ def _tiny_config(tmp_path: Path) -> Config:
     md["Metadata_pert_iname"] = (
         md["Metadata_Well"].map({"A05": "drugB", "A06": "drugC"}).fillna("drugA")
     )
-    md.to_parquet(store / "metadata.parquet", index=False)
+    write_metadata(store, md)  # through the store: re-binds its digest
     return Config(
         name="tiny",
         run_root=str(tmp_path / "runs"),

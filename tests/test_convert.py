@@ -21,7 +21,7 @@ from test_convert_fixtures import (
 from cellmorph import cli
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
-from cellmorph.store import open_store
+from cellmorph.store import FORMAT_VERSION, open_store
 from conversion.pack import convert
 from conversion.tiffs import read_file, resize
 
@@ -39,7 +39,7 @@ def test_loaddata_store_matches_contract(plate: Path, tmp_path: Path) -> None:
     st = open_store(out)
     assert st.shape == (12, 5, 32, 32) and st.channels == CHANNELS
     assert st.images.shards == (4, 5, 32, 32) and st.images.chunks == (1, 5, 32, 32)
-    assert st.attrs["complete"] is True and st.attrs["cellmorph_format"] == 1
+    assert st.attrs["complete"] is True and st.attrs["cellmorph_format"] == FORMAT_VERSION
     assert set(st.stats) == set(CHANNELS)
     assert {"mean", "std", "p1", "p50", "p99"} <= set(st.stats["DNA"])
     assert st.stats["Mito"]["mean"] > st.stats["DNA"]["mean"]  # Mito's codes are the largest
@@ -188,8 +188,14 @@ def test_refuses_other_job_in_same_out_unless_overwrite(plate: Path, tmp_path: P
     assert open_store(out).shape[-1] == 24
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
-    with pytest.raises(CellmorphError, match="not a store being converted"):
-        convert(ConvertConfig(load_data=str(plate), size=16, workers=1), tmp_path / "other")
+    for overwrite in (False, True):  # --overwrite replaces stores only, never other folders
+        with pytest.raises(CellmorphError, match="is not a cellmorph store; cellmorph never"):
+            convert(
+                ConvertConfig(load_data=str(plate), size=16, workers=1),
+                tmp_path / "other",
+                overwrite=overwrite,
+            )
+    assert (tmp_path / "other" / "keep.txt").read_text() == "x"
 
 
 def test_cli_convert_inspect_and_one_line_error(plate: Path, tmp_path: Path, capsys) -> None:

@@ -90,7 +90,7 @@ def test_per_image_problems_are_quarantined_never_mislabeled(tmp_path: Path) -> 
     q = open_store(tmp_path / "s.zarr").quarantine
     by_site = df.set_index(["Metadata_Well", "Metadata_Site"])["sid"]
     for _, row in q.iterrows():
-        sids = by_site.loc[(row["well"], row["site"])]
+        sids = by_site.loc[(row["well"], int(row["site"]))]  # quarantine.csv is read as text
         sid = int(sids.iloc[0]) if isinstance(sids, pd.Series) else int(sids)
         assert expected[sid] in row["reason"], (sid, row["reason"])
 

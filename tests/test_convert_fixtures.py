@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import tifffile
 
+from cellmorph.store import image_checksum as checksum
 from cellmorph.store import open_store
-from conversion.tiffs import checksum
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 # File order differs from CHANNELS on purpose (CPJUMP1 numbers them Mito, AGP, RNA, ER, DNA).

@@ -1,4 +1,5 @@
-"""ShardReader: the fast shard read path must return exactly what zarr-python returns."""
+"""ShardReader: the fast shard read path must return exactly what zarr-python returns, and
+refuse what zarr-python would refuse (or silently fill)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ N, C, S, SHARD = 45, 3, 12, 8
 def _pixels(n: int = N) -> np.ndarray:
     rng = np.random.default_rng(0)
     data = rng.integers(0, 4096, (n, C, S, S)).astype(np.uint16)
-    data[9] = 0  # an all-fill image: zarr does not write its chunk (empty index entry)
+    data[9] = 0  # an all-zero image: its chunk is written like any other (never a hole)
     return data
 
 
@@ -48,7 +49,7 @@ def _unsharded(tmp_path, codec: str, data: np.ndarray) -> zarr.Array:
 
 def _rows() -> np.ndarray:
     rng = np.random.default_rng(1)
-    # random rows across every shard, repeats, the partial last shard, the empty chunk
+    # random rows across every shard, repeats, the partial last shard, the all-zero image
     return np.concatenate([rng.integers(0, N, 60), [44, 0, 44, 9, 8, 7, 9]])
 
 
@@ -69,13 +70,23 @@ def test_read_equals_zarr(tmp_path, codec, sharded):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_missing_shard_reads_fill_and_threads_agree(tmp_path, threads):
+def test_missing_shard_is_an_error_never_zeros(tmp_path, threads):
     data = _pixels()
     arr = _sharded(tmp_path, "zstd", data, skip_shard=2)
-    expect = data.copy()
-    expect[16:24] = 0
-    rows = _rows()
-    np.testing.assert_array_equal(ShardReader(arr, threads=threads).read(rows), expect[rows])
+    reader = ShardReader(arr, threads=threads)
+    np.testing.assert_array_equal(reader.read(np.arange(16)), data[:16])  # other shards read
+    with pytest.raises(CellmorphError, match=r"images/c/2/0/0/0 is missing"):
+        reader.read(_rows())
+    with pytest.raises(CellmorphError, match=r"images/c/2/0/0/0 is missing"):
+        reader.read_raw(np.array([17]))
+
+
+def test_all_zero_image_is_stored_not_a_hole(tmp_path):
+    arr = _sharded(tmp_path, "zstd", _pixels())
+    shard = (tmp_path / "s.zarr" / "images" / "c" / "1" / "0" / "0" / "0").read_bytes()
+    index = np.frombuffer(shard[-(SHARD * 16 + 4) : -4], dtype="<u8").reshape(-1, 2)
+    assert (index[:, 0] != 2**64 - 1).all()  # row 9 (all zero) has its chunk
+    assert not ShardReader(arr).read(np.array([9])).any()
 
 
 def test_read_raw_is_the_stored_lz4_chunk(tmp_path):
@@ -86,7 +97,8 @@ def test_read_raw_is_the_stored_lz4_chunk(tmp_path):
     rows = np.array([17, 3, 9, 44, 17])
     lz4 = numcodecs.LZ4()
     for r, raw in zip(rows, reader.read_raw(rows)):
-        # numcodecs frames an LZ4 block with its uncompressed size (stripped for DALI inflate)
+        # the chunk's crc32c is checked and removed; numcodecs frames an LZ4 block with its
+        # uncompressed size (stripped for DALI inflate)
         assert int.from_bytes(raw[:4], "little") == C * S * S * 2
         decoded = np.frombuffer(lz4.decode(raw), dtype="<u2").reshape(C, S, S)
         np.testing.assert_array_equal(decoded, data[r])

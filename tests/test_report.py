@@ -21,7 +21,7 @@ from cellmorph.index import build_index
 from cellmorph.metrics import compute_metrics
 from cellmorph.report import Run, build_report, plot_confusion
 from cellmorph.rundir import FoldOutputs, RunDir
-from cellmorph.store import describe, open_store, well_ids
+from cellmorph.store import describe, open_store, well_ids, write_metadata
 
 FIGURES = ["label_distribution", "training_curves", "confusion_matrix", "tsne", "sample_grid"]
 
@@ -33,7 +33,7 @@ def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> RunDir
     if class_names:  # rename classes in the store, e.g. to check escaping
         md = store.metadata.copy()
         md["Metadata_pert_iname"] = md["Metadata_pert_iname"].map(class_names)
-        md.to_parquet(store_path / "metadata.parquet", index=False)
+        write_metadata(store_path, md)  # through the store: re-binds its digest
         store = open_store(store_path)
     cfg = Config(
         name="toy",

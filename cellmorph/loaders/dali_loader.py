@@ -21,7 +21,7 @@ import torch
 
 from cellmorph.augment import active_ops, dali_arrays, dali_fields
 from cellmorph.config import LoaderConfig
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, worker_errors
 from cellmorph.loaders.normalize import RowNorm
 from cellmorph.loaders.plan import BatchSource
 from cellmorph.loaders.transform import Geometry
@@ -63,7 +63,7 @@ class _Callback:
             raise StopIteration
         epoch = self.epoch_base + info.epoch_idx
         images, rows, params = self.source.get(epoch, info.iteration, raw=self.raw)
-        if self.raw:
+        if self.raw:  # read_raw checked each chunk's crc32c and removed it
             images = [np.frombuffer(b, np.uint8)[_LZ4_PREFIX:] for b in images]
         mean, std = self.norm(rows)  # per sample: the image's plate
         return (images, rows.astype(np.int64), mean, std, *dali_arrays(params, self.ops))
@@ -180,6 +180,11 @@ class DaliLoader:
         self._next_epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # A damaged chunk found by a worker's reader comes back as a bare Exception.
+        with worker_errors():
+            yield from self._batches()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if len(self) == 0:
             return
         epoch = self.epoch if self.source.train else 0

@@ -1,13 +1,18 @@
 """Fast read path for ``store.images``: shard indexes parsed once, byte ranges, threaded decode.
 
 zarr-python spends ~2-3 ms per call and reads random rows of a sharded array slowly
-(docs/PLATFORM_NOTES.md). The zarr v3 sharding format is simple: each shard file holds the
-compressed inner chunks and an index of ``(offset, nbytes)`` uint64 pairs per inner chunk
-(``2**64-1`` twice for a chunk that was never written), at the end or start of the file, followed
-by a crc32c when the index codecs include it. This reader understands exactly the layout the
-store writes (one image per inner chunk, shards along the image axis only, ``bytes`` + one
-numcodecs-compatible compressor) and hands everything else to zarr-python, so its output always
-equals ``images[rows]``.
+(docs/PLATFORM_NOTES.md). The zarr v3 sharding format is simple (:mod:`cellmorph.shardfile`
+parses it); this reader understands exactly the layout the store writes (one image per inner
+chunk, shards along the image axis only, ``bytes`` + one numcodecs-compatible compressor +
+``crc32c``) and hands everything else to zarr-python, so its output always equals
+``images[rows]``.
+
+Every chunk read is checked as zarr would check it (its crc32c) and, for a store opened with
+:func:`cellmorph.store.open_store`, also checked to be the chunk of the row asking for it (the
+crc recorded in ``metadata.parquet``). A missing shard file, a hole in a shard, a truncated
+file or a failed check stops with :class:`cellmorph.shardfile.StoreDamage` naming the file and
+row, never a zero image. Files are opened through the store's folder descriptor, so a store
+swapped in by ``convert --overwrite`` is never mixed with the one this reader started on.
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numcodecs
@@ -26,116 +29,82 @@ import numpy as np
 import zarr
 
 from cellmorph.errors import CellmorphError
-from cellmorph.store import Store
+from cellmorph.shardfile import (
+    EMPTY,
+    StoreDamage,
+    chunk_payload,
+    index_range,
+    layout_of,
+    parse_index,
+    shard_key,
+)
+from cellmorph.store import GENERATION, Store, StoreError, StoreFolder
 
-_EMPTY = np.uint64(2**64 - 1)
 # Chunks closer than this in a shard file are read with one pread (one syscall beats two).
 _MERGE_GAP = 256 * 1024
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """What the fast path needs to know about a sharded array (derived from its metadata)."""
-
-    root: Path
-    shard_rows: int
-    chunk_shape: tuple[int, ...]
-    codec: dict[str, Any]  # numcodecs config of the chunk compressor
-    index_at_end: bool
-    index_crc: bool
-
-
-def _numcodecs_config(codec: Any) -> dict[str, Any] | None:
-    """The numcodecs config that decodes chunks written by this zarr v3 codec, if any."""
-    from zarr.codecs import BloscCodec, ZstdCodec
-
-    if isinstance(codec, BloscCodec):
-        return {"id": "blosc"}  # Blosc frames describe themselves; no parameters needed.
-    if isinstance(codec, ZstdCodec):
-        return {"id": "zstd"}
-    name = getattr(codec, "codec_name", "")
-    if name in ("numcodecs.lz4", "numcodecs.zstd", "numcodecs.blosc"):
-        return dict(codec.codec_config)
-    return None
-
-
-def _layout(arr: zarr.Array) -> _Layout | None:
-    """The fast-path layout of ``arr``, or None when zarr-python must read it."""
-    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+def _local_root(arr: zarr.Array) -> str | None:
     from zarr.storage import LocalStore
 
-    meta = arr.metadata
-    if getattr(meta, "zarr_format", None) != 3 or not isinstance(arr.store, LocalStore):
-        return None
-    if len(meta.codecs) != 1 or not isinstance(meta.codecs[0], ShardingCodec):
-        return None
-    sc = meta.codecs[0]
-    shard = tuple(meta.chunk_grid.chunk_shape)
-    inner = tuple(sc.chunk_shape)
-    # One image per inner chunk and shards along the image axis only.
-    if inner[0] != 1 or inner[1:] != tuple(arr.shape[1:]) or shard[1:] != inner[1:]:
-        return None
-    if len(sc.codecs) != 2 or not isinstance(sc.codecs[0], BytesCodec):
-        return None
-    if sc.codecs[0].endian is not None and sc.codecs[0].endian.value != "little":
-        return None
-    codec = _numcodecs_config(sc.codecs[1])
-    idx = list(sc.index_codecs)
-    if codec is None or not idx or not isinstance(idx[0], BytesCodec):
-        return None
-    if idx[0].endian is not None and idx[0].endian.value != "little":
-        return None
-    if len(idx) > 2 or (len(idx) == 2 and not isinstance(idx[1], Crc32cCodec)):
-        return None
-    return _Layout(
-        root=Path(str(arr.store.root)) / arr.path,
-        shard_rows=int(shard[0]),
-        chunk_shape=inner[1:],
-        codec=codec,
-        index_at_end=sc.index_location.value == "end",
-        index_crc=len(idx) == 2,
-    )
+    return str(arr.store.root) if isinstance(arr.store, LocalStore) else None
 
 
 class ShardReader:
-    """Reads rows of ``store.images`` fast; output equals ``store.images[rows]`` exactly.
+    """Reads rows of ``store.images`` fast and checked; output equals ``store.images[rows]``.
 
     Thread pool and open files are created lazily per process, so the reader survives fork
-    (DataLoader workers) and pickling (DALI's spawned workers reopen the array by path).
+    (DataLoader workers share the folder descriptor) and pickling (DALI's spawned workers reopen
+    the folder by path and refuse a different generation of the store).
     """
 
     def __init__(self, store: Store | zarr.Array, threads: int = 2):
-        self._arr = store.images if isinstance(store, Store) else store
         self.threads = max(1, int(threads))
-        self._layout = _layout(self._arr)
+        if isinstance(store, Store):
+            self._arr, self._folder = store.images, store.folder
+            self._expected: np.ndarray | None = store.chunk_crcs()
+            self._layout = layout_of(self._arr) if self._folder is not None else None
+            if self._layout is None or not self._layout.chunk_crc:
+                raise StoreError(f"{store.path}: images are not laid out as cellmorph writes them")
+        else:
+            root = _local_root(store)
+            self._arr, self._expected = store, None
+            self._folder = StoreFolder(root) if root is not None else None
+            self._layout = layout_of(store) if root is not None else None
         self._init_process_state()
 
     # ----------------------------------------------------------------- pickling / fork safety
     def _init_process_state(self) -> None:
         self._pid = os.getpid()
         self._pool: ThreadPoolExecutor | None = None
-        self._fds: dict[int, int | None] = {}
-        self._indexes: dict[int, np.ndarray | None] = {}
+        self._fds: dict[int, int] = {}
+        self._indexes: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         self._codec = numcodecs.get_codec(dict(self._layout.codec)) if self._layout else None
-        self._fill = np.full(self.shape[1:], self._arr.fill_value or 0, dtype=self._arr.dtype)
 
     def __getstate__(self) -> dict[str, Any]:
-        from zarr.storage import LocalStore
-
-        if isinstance(self._arr.store, LocalStore):
-            arr: Any = (str(self._arr.store.root), self._arr.path)
-        else:
-            arr = self._arr
-        return {"arr": arr, "threads": self.threads}
+        if self._folder is None:
+            return {"arr": self._arr, "threads": self.threads}
+        generation = self._folder.attrs().get(GENERATION) if self._expected is not None else None
+        return {"root": str(self._folder.path), "path": self._arr.path, "threads": self.threads,
+                "expected": self._expected, "generation": generation}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        arr = state["arr"]
-        if isinstance(arr, tuple):
-            arr = zarr.open_array(store=arr[0], path=arr[1] or None, mode="r")
-        self._arr = arr
         self.threads = state["threads"]
-        self._layout = _layout(arr)
+        if "arr" in state:
+            self._arr, self._folder, self._expected = state["arr"], None, None
+            self._layout = None
+        else:
+            self._folder = StoreFolder(state["root"])
+            generation = state["generation"]
+            if generation is not None and generation != self._folder.attrs().get(GENERATION):
+                raise StoreError(
+                    f"{state['root']} was replaced (convert --overwrite?) after this process "
+                    "started reading it; start again to read the new store"
+                )
+            self._arr = zarr.open_array(store=state["root"], path=state["path"] or None, mode="r")
+            self._expected = state["expected"]
+            self._layout = layout_of(self._arr)
         self._init_process_state()
 
     def _check_process(self) -> None:
@@ -148,8 +117,7 @@ class ShardReader:
             self._pool.shutdown(wait=False)
             self._pool = None
         for fd in self._fds.values():
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
         self._fds.clear()
 
     def __del__(self) -> None:
@@ -192,34 +160,40 @@ class ShardReader:
         return out
 
     def read_raw(self, rows: np.ndarray) -> list[bytes]:
-        """Compressed chunk bytes as stored (numcodecs framing included), in the order given."""
+        """Compressed chunk bytes, checked and without their crc32c (numcodecs framing
+        included: an LZ4 chunk starts with its 4-byte size), in the order given."""
         self._check_process()
         if self._layout is None:
             raise CellmorphError(
-                f"{self._layout_root()}: raw chunks need a sharded store with a known codec"
+                f"{self._root()}: raw chunks need a sharded store with a known codec"
             )
         rows = self._check_rows(rows)
         out: list[bytes] = []
         for r in rows.tolist():
-            shard, inner = divmod(r, self._layout.shard_rows)
-            index = self._index(shard)
-            if index is None or index[inner, 0] == _EMPTY:
-                out.append(bytes(self._codec.encode(self._fill)))
-                continue
-            off, n = (int(v) for v in index[inner])
-            out.append(os.pread(self._fd(shard), n, off))
+            shard = r // self._layout.shard_rows
+            off, n = self._entry(shard, r)
+            raw = os.pread(self._fd(shard), n, off)
+            if len(raw) != n:
+                raise StoreDamage(
+                    f"{self._where(shard, r)}: shard file shorter than its index says"
+                )
+            out.append(bytes(self._payload(memoryview(raw), shard, r)))
         return out
 
     # ---------------------------------------------------------------------------- helpers
-    def _layout_root(self) -> str:
-        return str(getattr(self._arr.store, "root", self._arr.store))
+    def _root(self) -> str:
+        return str(self._folder.path) if self._folder else str(self._arr.store)
+
+    def _where(self, shard: int, row: int | None = None) -> str:
+        at = f" (row {row})" if row is not None else ""
+        return f"{self._root()}: {shard_key(self._arr, shard)}{at}"
 
     def _check_rows(self, rows: Any) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).ravel()
         n = self.shape[0]
         if len(rows) and (rows.min() < 0 or rows.max() >= n):
             bad = rows[(rows < 0) | (rows >= n)][0]
-            raise CellmorphError(f"{self._layout_root()}: row {bad} outside the store (0..{n - 1})")
+            raise CellmorphError(f"{self._root()}: row {bad} outside the store (0..{n - 1})")
         return rows
 
     def _pool_get(self) -> ThreadPoolExecutor:
@@ -233,42 +207,36 @@ class ShardReader:
         for run, d in zip(np.split(uniq, breaks), np.split(dest, breaks)):
             out[d] = self._arr[int(run[0]) : int(run[-1]) + 1]
 
-    def _fd(self, shard: int) -> int | None:
+    def _fd(self, shard: int) -> int:
+        """The open shard file; a missing one is damage (or a store deleted under us)."""
         if shard not in self._fds:
             with self._lock:
                 if shard not in self._fds:
-                    key = self._arr.metadata.encode_chunk_key(
-                        (shard,) + (0,) * (self._arr.ndim - 1)
-                    )
-                    path = self._layout.root / key
-                    self._fds[shard] = os.open(path, os.O_RDONLY) if path.is_file() else None
+                    self._fds[shard] = self._folder.open_fd(shard_key(self._arr, shard))
         return self._fds[shard]
 
-    def _index(self, shard: int) -> np.ndarray | None:
-        """``(shard_rows, 2)`` uint64 (offset, nbytes), or None for a shard never written."""
-        if shard in self._indexes:
-            return self._indexes[shard]
-        fd = self._fd(shard)
-        index = None
-        if fd is not None:
-            lay = self._layout
-            nbytes = lay.shard_rows * 16 + (4 if lay.index_crc else 0)
-            start = os.fstat(fd).st_size - nbytes if lay.index_at_end else 0
-            raw = os.pread(fd, nbytes, start)
-            if len(raw) != nbytes:
-                raise CellmorphError(f"{lay.root}: shard {shard} is truncated")
-            if lay.index_crc:
-                import google_crc32c
+    def _index(self, shard: int) -> np.ndarray:
+        """``(shard_rows, 2)`` uint64 (offset, nbytes), checked once per process."""
+        if shard not in self._indexes:
+            fd = self._fd(shard)
+            size = os.fstat(fd).st_size
+            start, n = index_range(self._layout, size)
+            raw = os.pread(fd, n, start) if size >= n else b""
+            self._indexes[shard] = parse_index(raw, self._layout, size, self._where(shard))
+        return self._indexes[shard]
 
-                crc = int.from_bytes(raw[-4:], "little")
-                if google_crc32c.value(raw[:-4]) != crc:
-                    raise CellmorphError(f"{lay.root}: shard {shard} index fails its crc32c")
-            index = np.frombuffer(raw, dtype="<u8", count=lay.shard_rows * 2).reshape(-1, 2)
-        self._indexes[shard] = index
-        return index
+    def _entry(self, shard: int, row: int) -> tuple[int, int]:
+        off, n = self._index(shard)[row - shard * self._layout.shard_rows]
+        if off == EMPTY:
+            raise StoreDamage(f"{self._where(shard, row)}: chunk missing from its shard")
+        return int(off), int(n)
+
+    def _payload(self, raw: memoryview, shard: int, row: int) -> memoryview:
+        expected = int(self._expected[row]) if self._expected is not None else None
+        return chunk_payload(raw, self._layout, expected, self._where(shard, row))
 
     def _read_fast(self, uniq: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        tasks = self._plan(uniq, dest, out)
+        tasks = self._plan(uniq, dest)
         if self.threads == 1 or len(tasks) == 1:
             for t in tasks:
                 self._run_task(*t, out)
@@ -276,45 +244,48 @@ class ShardReader:
         for f in [self._pool_get().submit(self._run_task, *t, out) for t in tasks]:
             f.result()
 
-    def _plan(self, uniq: np.ndarray, dest: np.ndarray, out: np.ndarray) -> list[tuple]:
-        """Tasks ``(fd, start, end, [(offset, nbytes, dest)])``: one pread each, merged runs."""
+    def _plan(self, uniq: np.ndarray, dest: np.ndarray) -> list[tuple]:
+        """Tasks ``(shard, start, end, [(offset, nbytes, dest, row)])``: one pread each."""
         lay = self._layout
         per_task = max(1, math.ceil(len(uniq) / (2 * self.threads)))
         shards = uniq // lay.shard_rows
         tasks: list[tuple] = []
-        for shard in np.unique(shards):
+        for shard in np.unique(shards).tolist():
             sel = shards == shard
-            index = self._index(int(shard))
-            inner = uniq[sel] - shard * lay.shard_rows
-            dsel = dest[sel]
-            if index is None:
-                out[dsel] = self._fill
-                continue
-            ent = index[inner]
-            empty = ent[:, 0] == _EMPTY
-            out[dsel[empty]] = self._fill
-            ent, dsel = ent[~empty], dsel[~empty]
+            rows = uniq[sel]
+            ent = self._index(shard)[rows - shard * lay.shard_rows]
+            empty = ent[:, 0] == EMPTY
+            if empty.any():
+                row = int(rows[empty][0])
+                raise StoreDamage(f"{self._where(shard, row)}: chunk missing from its shard")
             order = np.argsort(ent[:, 0], kind="stable")
-            chunks = list(zip(ent[order, 0].tolist(), ent[order, 1].tolist(), dsel[order].tolist()))
-            tasks.extend(self._merge(self._fd(int(shard)), chunks, per_task))
+            chunks = list(zip(ent[order, 0].tolist(), ent[order, 1].tolist(),
+                              dest[sel][order].tolist(), rows[order].tolist()))  # fmt: skip
+            tasks.extend((shard, *t) for t in self._merge(chunks, per_task))
         return tasks
 
     @staticmethod
-    def _merge(fd: int, chunks: list[tuple[int, int, int]], per_task: int) -> list[tuple]:
+    def _merge(chunks: list[tuple[int, int, int, int]], per_task: int) -> list[tuple]:
         tasks: list[tuple] = []
-        run: list[tuple[int, int, int]] = []
+        run: list[tuple[int, int, int, int]] = []
         for c in chunks:
             if run and (c[0] - (run[-1][0] + run[-1][1]) > _MERGE_GAP or len(run) >= per_task):
-                tasks.append((fd, run[0][0], run[-1][0] + run[-1][1], run))
+                tasks.append((run[0][0], run[-1][0] + run[-1][1], run))
                 run = []
             run.append(c)
         if run:
-            tasks.append((fd, run[0][0], run[-1][0] + run[-1][1], run))
+            tasks.append((run[0][0], run[-1][0] + run[-1][1], run))
         return tasks
 
-    def _run_task(self, fd: int, start: int, end: int, chunks: list, out: np.ndarray) -> None:
-        buf = memoryview(os.pread(fd, end - start, start))
+    def _run_task(self, shard: int, start: int, end: int, chunks: list, out: np.ndarray) -> None:
+        buf = memoryview(os.pread(self._fd(shard), end - start, start))
         if len(buf) != end - start:
-            raise CellmorphError(f"{self._layout.root}: shard file shorter than its index says")
-        for off, n, d in chunks:
-            self._codec.decode(buf[off - start : off - start + n], out=out[d])
+            raise StoreDamage(f"{self._where(shard)}: shard file shorter than its index says")
+        for off, n, d, row in chunks:
+            payload = self._payload(buf[off - start : off - start + n], shard, row)
+            try:
+                self._codec.decode(payload, out=out[d])
+            except Exception as e:  # the decoder's own error: bytes that are not a valid frame
+                raise StoreDamage(
+                    f"{self._where(shard, row)}: chunk does not decode ({e})"
+                ) from None
