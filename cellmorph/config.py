@@ -193,7 +193,7 @@ class TrainConfig(Section):
     min_steps: int = Field(
         400, ge=0,
         description="small data: add epochs until the run takes at least this many optimizer "
-        "steps (0: exactly train.epochs)",
+        "steps (0, or train.max_steps_per_epoch set: exactly train.epochs)",
     )  # fmt: skip
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool | None = None

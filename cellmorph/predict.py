@@ -7,6 +7,7 @@ with the number of images (only the store's metadata table, which the store load
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -24,17 +25,18 @@ from tqdm import tqdm
 
 from cellmorph import atomic
 from cellmorph.checkpoint import Checkpoint, read_checkpoint
-from cellmorph.config import LoaderConfig, validate
+from cellmorph.config import Config, LoaderConfig, validate
 from cellmorph.errors import CellmorphError
 from cellmorph.loaders import build_loader
 from cellmorph.loaders.normalize import Normalization, for_inference, from_store
 from cellmorph.model import CellNet, build_model
-from cellmorph.profiling import intensity_features
+from cellmorph.profiling import intensity_features, negcon_mask, profiling_report
 from cellmorph.store import PLATE, STORE_ROW, WELL, Store, open_store, well_ids
 
 PREDICTIONS_CSV = "predictions.csv"
 EMBEDDINGS_PARQUET = "embeddings.parquet"
 WELLS_PARQUET = "wells.parquet"
+PROFILING_JSON = "profiling.json"
 
 
 def prob_columns(classes: list[str]) -> list[str]:
@@ -129,19 +131,33 @@ def infer(model: nn.Module, loader: Any, device: torch.device) -> tuple[np.ndarr
 
 
 class _WellSums:
-    """Running sums of embeddings and probabilities per well (memory ~ wells, not images)."""
+    """Running sums of embeddings, probabilities and intensity statistics per well (memory ~
+    wells, not images)."""
 
     def __init__(self, metadata: pd.DataFrame, k: int, d: int):
         self.codes, self.keys = pd.factorize(pd.Series(well_ids(metadata)))
         self.emb = np.zeros((len(self.keys), d), np.float64)
         self.prob = np.zeros((len(self.keys), k), np.float64)
+        self.feat: np.ndarray | None = None
         self.count = np.zeros(len(self.keys), np.int64)
+        self.first = np.full(len(self.keys), -1, np.int64)  # a store row of each well
 
-    def add(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray) -> None:
         codes = self.codes[rows]
+        if self.feat is None:
+            self.feat = np.zeros((len(self.keys), feats.shape[1]), np.float64)
         np.add.at(self.emb, codes, emb)
         np.add.at(self.prob, codes, probs)
+        np.add.at(self.feat, codes, feats)
         np.add.at(self.count, codes, 1)
+        self.first[codes] = np.where(self.first[codes] < 0, rows, self.first[codes])
+
+    def profiles(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a store row of each seen well, mean embeddings, mean intensity statistics)."""
+        seen = self.count > 0
+        n = self.count[seen][:, None]
+        feat = self.feat[seen] / n if self.feat is not None else None
+        return self.first[seen], self.emb[seen] / n, feat
 
     def table(self, metadata: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
         seen = self.count > 0
@@ -188,9 +204,9 @@ class PredictionWriter:
         table = self.meta.take(pa.array(rows))
         return table.add_column(0, STORE_ROW, pa.array(rows, type=pa.int64()))
 
-    def write(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray) -> int:
+    def write(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray) -> int:
         keep = ~self.seen[rows]  # an eval loader may pad its last batch by repeating rows
-        rows, probs, emb = rows[keep], probs[keep], emb[keep]
+        rows, probs, emb, feats = rows[keep], probs[keep], emb[keep], feats[keep]
         self.seen[rows] = True
         if len(rows) == 0:
             return 0
@@ -209,7 +225,7 @@ class PredictionWriter:
             self.parquet = pq.ParquetWriter(str(self.tmp[EMBEDDINGS_PARQUET]), embs.schema)
         self.csv.write_table(preds)
         self.parquet.write_table(embs)
-        self.wells.add(rows, probs, emb)
+        self.wells.add(rows, probs, emb, feats)
         return len(rows)
 
     def close(self, metadata: pd.DataFrame) -> pd.DataFrame:
@@ -289,8 +305,23 @@ def predict(
     except BaseException:
         writer.abort()
         raise
+    profiling = well_activity(writer.wells, store, ckpt.state.get("label_column"), ckpt.config)
+    atomic.write_text(out_dir / PROFILING_JSON, json.dumps(profiling, indent=2))
     return {"images": written, "wells": len(wells), "classes": len(ckpt.classes),
-            "out": str(out_dir)}  # fmt: skip
+            "out": str(out_dir), "profiling": profiling}  # fmt: skip
+
+
+def well_activity(sums: _WellSums, store: Store, label_column: str | None,
+                  cfg: Config) -> dict[str, Any]:  # fmt: skip
+    """Phenotypic activity of the predicted wells, where the store names each well's treatment
+    (its label column) and has negative controls; otherwise the reason it was skipped."""
+    md = store.metadata
+    if not label_column or label_column not in md.columns:
+        return {"skipped": f"the store has no label column {label_column!r} naming treatments"}
+    rows, emb, feats = sums.profiles()
+    treatment = md[label_column].astype(str).to_numpy()
+    negcon = negcon_mask(md, store.attrs.get("negcon", ""), treatment)
+    return profiling_report(rows, emb, feats, md, treatment, negcon, cfg.seed)
 
 
 def _check_out_outside(out: str | Path, store: Store) -> None:
@@ -319,8 +350,8 @@ def _stream(model: nn.Module, loader: Any, dev: torch.device, writer: Prediction
             n: int) -> int:  # fmt: skip
     written = 0
     with tqdm(total=n, unit="img", desc="predict", disable=None) as bar:
-        for rows, probs, emb in iter_infer(model, loader, dev):
-            written += writer.write(rows, probs, emb)
+        for rows, probs, emb, feats in iter_infer(model, loader, dev):
+            written += writer.write(rows, probs, emb, feats)
             bar.update(len(rows))
     if written != n:
         raise CellmorphError(f"predicted {written} of {n} images (the loader skipped rows)")

@@ -578,6 +578,7 @@ def _per_class_section(run: Run) -> str:
 
 
 AUDIT_ROWS = [
+    ("scored_fold", "fold scored"),
     ("accuracy", "accuracy"),
     ("balanced_accuracy", "balanced accuracy"),
     ("macro_f1", "macro F1"),

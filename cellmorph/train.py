@@ -206,7 +206,9 @@ def plan_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Sched
     if cfg.train.max_steps_per_epoch:
         spe = min(spe, cfg.train.max_steps_per_epoch)
     spe = max(spe, 1)
-    epochs = max(cfg.train.epochs, math.ceil(cfg.train.min_steps / spe))
+    epochs = cfg.train.epochs
+    if not cfg.train.max_steps_per_epoch:  # a capped epoch is a smoke run: as long as asked
+        epochs = max(epochs, math.ceil(cfg.train.min_steps / spe))
     global_batch = cfg.loader.batch_size * world_size
     ratio = global_batch / 256
     scale = {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[cfg.optim.lr_scaling]

@@ -36,7 +36,7 @@ def _tiny_config(tmp_path: Path) -> Config:
             "augment": [],
         },
         model={"width_mult": 0.25},
-        train={"epochs": 1, "log_every": 100},
+        train={"epochs": 1, "min_steps": 0, "log_every": 100},
         eval={"sample_grid_per_class": 0},
     )
 

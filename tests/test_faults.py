@@ -107,7 +107,7 @@ def test_train_on_a_full_disk_is_one_line_without_a_checkpoint(one_mib_disk: Pat
     rc = cellmorph_main(["train", "--local", "--config", "configs/demo.yaml", "name=full",
                          f"run_root={one_mib_disk}", f"data.store={tiny_plate}",
                          "data.val_fraction=0.5", "loader.batch_size=8", "loader.image_size=32",
-                         "model.width_mult=0.35", "train.epochs=1",
+                         "model.width_mult=0.35", "train.epochs=1", "data.test_fraction=0",
                          "train.max_steps_per_epoch=1"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2
@@ -298,7 +298,8 @@ def test_user_mistake_inside_a_ray_worker_is_one_line(tiny_plate: Path, tmp_path
         [sys.executable, "-m", "cellmorph", "train", "--config", "configs/demo.yaml",
          "name=fp16", f"run_root={tmp_path / 'runs'}", f"data.store={tiny_plate}",
          "data.val_fraction=0.5", "loader.batch_size=8", "loader.image_size=32",
-         "model.width_mult=0.35", "ray.num_workers=1", "train.amp=fp16", "train.epochs=1"],
+         "model.width_mult=0.35", "ray.num_workers=1", "train.amp=fp16", "train.epochs=1",
+         "data.test_fraction=0", "train.min_steps=0"],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert p.returncode == 2, p.stderr[-3000:]

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from test_convert_fixtures import make_loaddata
 
+from cellmorph import store as cstore
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.loaders.reader import ShardReader
@@ -105,7 +106,7 @@ def test_writer_of_an_earlier_run_writes_nothing(csv: Path, tmp_path: Path) -> N
     with ownership.hold(str(out)) as owner:
         stale = ownership.Owner(owner.sidecar, "a-run-that-is-over")
         sites = [([(str(p), -1) for p in _site_files(csv, 0)], [])]
-        task = ShardTask(str(out), 0, 0, "k", 16, sites, stale)
+        task = ShardTask(str(out), 0, 0, "k", 16, sites, [cstore.group_key("P0", False)], stale)
         result = pack_shard(task)
     assert result.abandoned and result.count == 0
     assert shard.read_bytes() == before

@@ -147,7 +147,7 @@ def test_predict_unlabeled_store_writes_three_outputs(unlabeled, tmp_path: Path)
         device=torch.device("cpu"),
         norm=ck.norm,
     )
-    rows, probs, embs = infer(model, loader, torch.device("cpu"))
+    rows, probs, embs, _ = infer(model, loader, torch.device("cpu"))
     emb_sorted = emb.set_index("store_row").sort_index()[emb_cols].to_numpy()
     np.testing.assert_allclose(emb_sorted, embs[np.argsort(rows)], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
@@ -211,8 +211,9 @@ def test_writer_memory_does_not_hold_images(tmp_path: Path):
     assert w.wells.emb.shape == (3, 3)
     probs = np.array([[0.9, 0.1]] * 4, np.float32)
     emb = np.arange(12, dtype=np.float32).reshape(4, 3)
-    assert w.write(np.array([0, 1, 2, 3]), probs, emb) == 4
-    assert w.write(np.array([3, 4, 5]), probs[:3], emb[:3]) == 2  # row 3 repeated
+    feats = np.ones((4, 5), np.float32)
+    assert w.write(np.array([0, 1, 2, 3]), probs, emb, feats) == 4
+    assert w.write(np.array([3, 4, 5]), probs[:3], emb[:3], feats[:3]) == 2  # row 3 repeated
     wells = w.close(md)
     assert list(wells["n_images"]) == [2, 2, 2]
     assert len(pq.read_table(tmp_path / "embeddings.parquet")) == 6

@@ -90,7 +90,7 @@ name: s
 base: configs/demo.yaml
 overrides: [run_root={tmp_path / "runs"}, data.store={tiny_plate}, data.val_fraction=0.5,
             loader.batch_size=8, loader.image_size=32, model.width_mult=0.35,
-            train.epochs=2, train.max_steps_per_epoch=2, ray.num_workers=1]
+            train.epochs=2, train.max_steps_per_epoch=2, ray.num_workers=1, data.test_fraction=0]
 num_samples: 2
 space:
   optim.lr: {{choice: [0.001, 0.01]}}

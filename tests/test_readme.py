@@ -260,6 +260,7 @@ def _wait_for_dashboard(dash: int, head: subprocess.Popen, log: Path) -> None:
 # Appended to each job line: the small plate's sizes and one epoch (the README's lines train
 # the demo for 20 epochs); the sweep keeps its 5 searched settings and runs 2 trials.
 SMALL = ["train.epochs=1", "train.max_steps_per_epoch=2", "data.val_fraction=0.5",
+         "data.test_fraction=0",
          "loader.batch_size=8", "loader.image_size=32", "model.width_mult=0.35"]  # fmt: skip
 SMALLER = {
     "ray_jobs.train": ["name=readme-train", *SMALL],

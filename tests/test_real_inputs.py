@@ -376,6 +376,7 @@ def test_one_channel_store_trains_reports_and_predicts(tmp_path: Path, monkeypat
     assert open_store(store).shape == (24, 1, 32, 32)
     run_root = tmp_path / "runs"
     overrides = [f"run_root={run_root}", f"data.store={store}", "name=grey", "train.epochs=1",
+                 "train.min_steps=0", "data.test_fraction=0",
                  "data.val_fraction=0.5", "loader.batch_size=4", "loader.eval_batch_size=8",
                  "loader.image_size=24", "loader.num_workers=0", "model.width_mult=0.35",
                  "ray.num_workers=1", "eval.sample_grid_per_class=1", "eval.tsne_max_points=10"]  # fmt: skip
