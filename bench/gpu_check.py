@@ -165,20 +165,18 @@ def section_store(plan: Plan, state: Path) -> dict[str, Any]:
     wells = -(-plan.images // 4)
     cols = min(24, wells)
     rows = -(-wells // cols)
-    cfg = load_config(
-        None,
-        [
-            f"synth.out={state / 'raw'}", "synth.plates=1", f"synth.rows={rows}",
-            f"synth.cols={cols}", "synth.sites=4", f"synth.size={plan.store_size}",
-            "convert.codec=lz4", f"convert.size={plan.store_size}", "convert.shard_size=256",
-            f"convert.workers={min(8, os.cpu_count() or 1)}",
-        ],
-    )  # fmt: skip
+    overrides = [
+        f"synth.out={state / 'raw'}", "synth.plates=1", f"synth.rows={rows}",
+        f"synth.cols={cols}", "synth.sites=4", f"synth.size={plan.store_size}",
+        "convert.codec=lz4", f"convert.size={plan.store_size}", "convert.shard_size=256",
+        f"convert.workers={min(8, os.cpu_count() or 1)}",
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     csv = generate_plate(cfg.synth, progress=False)
     t1 = time.perf_counter()
     store = state / "store.zarr"
-    convert(cfg.convert.model_copy(update={"load_data": str(csv)}), store)
+    convert(load_config(None, [*overrides, f"convert.load_data={csv}"]).convert, store)
     t2 = time.perf_counter()
     shutil.rmtree(state / "raw", ignore_errors=True)
     size = _read_all(store)  # into the page cache
@@ -216,26 +214,25 @@ class Data:
 
         self.plan = plan
         self.store = open_store(state / "store.zarr")
-        cfg = load_config(None, [])
-        column = cfg.data.label_column
+        column = load_config(None, []).data.label_column
         self.labels = pd.factorize(self.store.metadata[column].astype(str), sort=True)[0]
         self.classes = int(self.labels.max()) + 1
-        self.base = cfg.loader.model_copy(
-            update={
-                "image_size": plan.image_size,
-                "num_workers": plan.workers,
-                "reader_threads": plan.reader_threads,
-                "dali_threads": plan.dali_threads,
-            }
-        )
+        # Loader settings go through load_config, so a renamed key fails with its name.
+        self.overrides = [
+            f"loader.image_size={plan.image_size}", f"loader.num_workers={plan.workers}",
+            f"loader.reader_threads={plan.reader_threads}",
+            f"loader.dali_threads={plan.dali_threads}",
+        ]  # fmt: skip
         self.np = np
         self.device = torch.device(plan.device, 0) if plan.device == "cuda" else torch.device("cpu")
 
     def loader(self, kind: str, batch: int, batches: int) -> Any:
         """A training loader (augmentation on) whose epoch is exactly ``batches`` batches."""
+        from cellmorph.config import load_config
         from cellmorph.loaders import build_loader
 
-        cfg = self.base.model_copy(update={"kind": kind, "batch_size": batch})
+        extra = [f"loader.kind={kind}", f"loader.batch_size={batch}"]
+        cfg = load_config(None, [*self.overrides, *extra]).loader
         rows = self.np.resize(self.np.arange(len(self.store)), batch * batches)
         return build_loader(
             self.store, rows, self.labels, cfg, train=True, device=self.device, seed=0

@@ -377,6 +377,16 @@ def test_glibc_needed_reads_the_oldest_accepted_tag(name, glibc):
     assert kit.glibc_needed(name) == glibc
 
 
+def test_a_cached_download_is_the_one_pip_would_pick(tmp_path):
+    for name in ("x-1.0-cp311-abi3-manylinux_2_34_x86_64.whl",
+                 "x-1.0-cp311-abi3-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+                 "x-0.9-py3-none-any.whl", "y-2.0-py3-none-any.whl"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"")
+    assert kit._wheel_in(tmp_path, "x", "==1.0").name.startswith("x-1.0-cp311-abi3-manylinux2014")
+    assert kit._wheel_in(tmp_path, "x", "<1").name == "x-0.9-py3-none-any.whl"
+    assert kit._wheel_in(tmp_path, "x", "==2.0") is None
+
+
 def test_downloads_prefer_the_oldest_glibc():
     versions = [kit.glibc_needed(f"x-1-py3-none-{p}.whl") for p in kit.PLATFORMS]
     assert versions[:3] == [(2, 5), (2, 12), (2, 17)]

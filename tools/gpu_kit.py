@@ -265,18 +265,19 @@ def _fetch_one(name: str, req: Any, pins: dict[str, str], fetch: Fetch, group: s
 
 
 def _wheel_in(folder: Path, name: str, spec: str) -> Path | None:
-    """The newest wheel of ``name`` in ``folder`` whose version meets ``spec``."""
+    """The newest wheel of ``name`` in ``folder`` whose version meets ``spec`` (of one
+    version, the one that accepts the oldest glibc, as pip with ``PLATFORMS`` picks)."""
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    best: tuple[Any, Path] | None = None
+    best: tuple[Any, Any, Path] | None = None
     for p in folder.glob("*.whl"):
         dist, version = p.name.split("-")[:2]
         if canonical(dist) == name and SpecifierSet(spec).contains(version, prereleases=True):
-            v = Version(version)
-            if best is None or v > best[0]:
-                best = (v, p)
-    return best[1] if best else None
+            key = (Version(version), tuple(-x for x in glibc_needed(p.name)))
+            if best is None or key > best[:2]:
+                best = (*key, p)
+    return best[2] if best else None
 
 
 def pip_download(dest: Path) -> Fetch:
@@ -648,10 +649,14 @@ def runbook(manifest: dict[str, Any], kit: str = KIT_DIR) -> str:
         f"MiB to every call (limit {CALL_LIMIT_MIB} MiB). Its wheels need glibc >= "
         f"{manifest['needs_glibc']} (call 1 prints the machine's).",
         "",
+        "Before: `status` (free). Plan A needs about 10 minutes of device time (a start of 1-2 "
+        "minutes, the part calls, about 1 minute to install, at most 6 for the check), plan B "
+        "about 8: below 660 s of `budget_left_s`, use plan B.",
+        "",
         "Rules: make the calls back to back, each right after the previous answer — the machine "
         "keeps /tmp/kit only while it is warm (30 s after a call). Each `receive` prints which "
         "parts /tmp/kit holds; if one says parts are missing, the machine was restarted: start "
-        "again at call 1, or switch to plan B if less than 8 minutes of device time are left.",
+        "again at call 1 if plan A still fits the budget, else switch to plan B.",
         "",
         "Per-group parts: "
         + ", ".join(f"{g} {v['parts']}" for g, v in manifest["groups"].items())
