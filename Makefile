@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP_VERSION := 26.3
 
-.PHONY: venv demo test test-fast lint format bench browser clean
+.PHONY: venv demo test test-fast lint format bench gpu-kit browser clean
 
 # The venv is rebuilt whenever the pins or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -39,6 +39,13 @@ bench: venv
 	$(PY) bench/loader.py
 	$(PY) bench/convert.py
 	$(PY) bench/train.py
+
+# The GPU check kit (docs/gpu-kit.md): the cp312 wheels the lent GPU machine lacks, recompressed
+# and cut into parts of <= 60 MiB under .gpukit/, a SHA-256 manifest and .gpukit/RUNBOOK.md (the
+# device calls to paste). Downloads with pip (PyPI); no GPU needed. GPU_KIT_PRESET=6 packs faster.
+GPU_KIT_PRESET ?= 9e
+gpu-kit: venv
+	$(PY) tools/gpu_kit.py build --preset $(GPU_KIT_PRESET)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
