@@ -54,7 +54,9 @@ def _val_copies(data: DataConfig) -> tuple[int, int]:
 
     # The study's leak is what the audit reports; its index warnings would only repeat it.
     index = build_index(
-        open_store(data.store).metadata, data, warn=not data.oversample_before_split
+        open_store(data.store, columns=[data.label_column]).metadata,
+        data,
+        warn=not data.oversample_before_split,
     )
     return len(index.val), count_val_copies_in_train(index)
 

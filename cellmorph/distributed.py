@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,6 +57,25 @@ class Context:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 only (None on the others): small objects (a few
+        wells' sums), never a fold's outputs."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def sum(self, vec: np.ndarray) -> np.ndarray:
+        """The element-wise sum of every rank's float64 vector (on every rank), as one
+        all-reduce of a tensor through the process group (on the GPU with nccl)."""
+        if not self.distributed:
+            return np.asarray(vec, dtype=np.float64)
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.as_tensor(np.asarray(vec, dtype=np.float64), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().numpy()
 
     def broadcast(self, obj: Any) -> Any:
         if not self.distributed:

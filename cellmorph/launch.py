@@ -64,7 +64,7 @@ def preflight(cfg: Config, *, warn: bool = True) -> None:
     from cellmorph.index import build_index, check_batch_size
     from cellmorph.store import open_store
 
-    store = open_store(cfg.data.store)
+    store = open_store(cfg.data.store, columns=[cfg.data.label_column])  # the workers' columns
     check_batch_size(cfg.loader.batch_size, build_index(store.metadata, cfg.data, warn=warn))
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise CellmorphError(f"model.pretrained: no such file {cfg.model.pretrained}")

@@ -1,12 +1,14 @@
 """Inference: validation outputs for a run, and ``cellmorph predict`` on any store.
 
 ``predict`` streams: each batch's predictions and embeddings are appended to CSV/parquet as
-they come, and the well table is built from running sums per well, so memory does not grow
-with the number of images (only the store's metadata table, which the store loads anyway).
+they come (the metadata columns read a row group at a time), and each well is closed as soon as
+its images were seen (running sums, then one row of the well table), so memory holds a batch, a
+row group and the open wells: it does not grow with the number of images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -25,12 +27,15 @@ from tqdm import tqdm
 
 from cellmorph import atomic
 from cellmorph.checkpoint import Checkpoint, read_checkpoint
-from cellmorph.config import Config, LoaderConfig, validate
+from cellmorph.config import LoaderConfig, validate
 from cellmorph.errors import CellmorphError
 from cellmorph.loaders import build_loader
 from cellmorph.loaders.normalize import Normalization, for_inference, from_store
+from cellmorph.metrics import WellSums
 from cellmorph.model import CellNet, build_model
-from cellmorph.profiling import intensity_features, negcon_mask, profiling_report
+from cellmorph.profiling import NEGCON_FLAG, activity_report, intensity_features, negcon_mask
+from cellmorph.rundir import OUTPUT_ROWS
+from cellmorph.sampling import PROFILE_SAMPLE, sample_wells
 from cellmorph.store import PLATE, STORE_ROW, WELL, Store, open_store, well_ids
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -130,79 +135,119 @@ def infer(model: nn.Module, loader: Any, device: torch.device) -> tuple[np.ndarr
 # --------------------------------------------------------------------------- streaming outputs
 
 
-class _WellSums:
-    """Running sums of embeddings, probabilities and intensity statistics per well (memory ~
-    wells, not images)."""
-
-    def __init__(self, metadata: pd.DataFrame, k: int, d: int):
-        self.codes, self.keys = pd.factorize(pd.Series(well_ids(metadata)))
-        self.emb = np.zeros((len(self.keys), d), np.float64)
-        self.prob = np.zeros((len(self.keys), k), np.float64)
-        self.feat: np.ndarray | None = None
-        self.count = np.zeros(len(self.keys), np.int64)
-        self.first = np.full(len(self.keys), -1, np.int64)  # a store row of each well
-
-    def add(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray) -> None:
-        codes = self.codes[rows]
-        if self.feat is None:
-            self.feat = np.zeros((len(self.keys), feats.shape[1]), np.float64)
-        np.add.at(self.emb, codes, emb)
-        np.add.at(self.prob, codes, probs)
-        np.add.at(self.feat, codes, feats)
-        np.add.at(self.count, codes, 1)
-        self.first[codes] = np.where(self.first[codes] < 0, rows, self.first[codes])
-
-    def profiles(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(a store row of each seen well, mean embeddings, mean intensity statistics)."""
-        seen = self.count > 0
-        n = self.count[seen][:, None]
-        feat = self.feat[seen] / n if self.feat is not None else None
-        return self.first[seen], self.emb[seen] / n, feat
-
-    def table(self, metadata: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
-        seen = self.count > 0
-        n = self.count[seen][:, None]
-        mean_prob = self.prob[seen] / n
-        info = _well_constants(metadata).reindex(np.asarray(self.keys)[seen]).reset_index(drop=True)
-        info["n_images"] = self.count[seen]
-        info["pred_name"] = np.asarray(classes, dtype=object)[mean_prob.argmax(axis=1)]
-        info["pred_prob"] = mean_prob.max(axis=1)
-        probs = pd.DataFrame(mean_prob, columns=prob_columns(classes))
-        embs = pd.DataFrame(self.emb[seen] / n, columns=embedding_columns(self.emb.shape[1]))
-        return pd.concat([info, probs, embs.astype(np.float32)], axis=1)
+def well_codes(metadata: pd.DataFrame) -> np.ndarray:
+    """int64 per store row: one code per (plate, well), in order of first appearance."""
+    plate = pd.factorize(metadata[PLATE])[0].astype(np.int64)
+    well = pd.factorize(metadata[WELL])[0].astype(np.int64)
+    return pd.factorize(plate * (int(well.max()) + 1) + well)[0].astype(np.int64)
 
 
-def _well_constants(metadata: pd.DataFrame) -> pd.DataFrame:
-    """Per well: plate, well and every metadata column that has one value in each well."""
-    keyed = metadata.assign(_well=well_ids(metadata))
-    grouped = keyed.groupby("_well", sort=False)
-    constant = [
-        c
-        for c in metadata.columns
-        if c in (PLATE, WELL) or grouped[c].nunique(dropna=False).max() == 1
-    ]
-    return grouped[constant].first()
+class _Constants:
+    """Which metadata columns have one value in each well, found while streaming: the hash of
+    each well's first value per column; a column drops out at its first well with two."""
+
+    def __init__(self, names: list[str], n_wells: int):
+        self.hashes = {c: np.zeros(n_wells, np.uint64) for c in names}
+        self.seen = np.zeros(n_wells, bool)
+
+    def add(self, codes: np.ndarray, table: pa.Table) -> None:
+        wells, first = np.unique(codes, return_index=True)
+        new = wells[~self.seen[wells]]
+        for name in list(self.hashes):
+            values = table.column(name).to_numpy(zero_copy_only=False)
+            h = pd.util.hash_array(np.asarray(values, dtype=object))
+            ref = self.hashes[name]
+            ref[new] = h[first][~self.seen[wells]]
+            if name not in (PLATE, WELL) and (h != ref[codes]).any():
+                del self.hashes[name]
+        self.seen[wells] = True
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.hashes)
+
+
+class _WellTable:
+    """Closed wells (mean probabilities and embeddings) streamed to a temporary parquet file;
+    :meth:`finish` adds their constant metadata and writes ``wells.parquet``."""
+
+    def __init__(self, out: Path, classes: list[str], dim: int):
+        self.classes, self.dim = classes, dim
+        self.tmp = atomic.temp_path(out / f"{WELLS_PARQUET}.part")
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, codes: np.ndarray, counts: np.ndarray, probs: np.ndarray,
+            emb: np.ndarray) -> None:  # fmt: skip
+        cols = {"_code": pa.array(codes, pa.int64()), "n_images": pa.array(counts, pa.int64()),
+                "pred_name": pa.array(np.asarray(self.classes, object)[probs.argmax(axis=1)],
+                                      pa.string()),
+                "pred_prob": pa.array(probs.max(axis=1)),
+                **{c: pa.array(probs[:, i]) for i, c in enumerate(prob_columns(self.classes))},
+                **{c: pa.array(emb[:, i].astype(np.float32))
+                   for i, c in enumerate(embedding_columns(self.dim))}}  # fmt: skip
+        table = pa.table(cols)
+        self.writer = self.writer or pq.ParquetWriter(self.tmp, table.schema)
+        self.writer.write_table(table)
+
+    def finish(self, path: Path, constants: pa.Table, position: np.ndarray) -> int:
+        """Write ``path``: per well its constants (row ``position[code]`` of ``constants``)
+        then the streamed columns; returns the number of wells."""
+        self.close()
+        if not self.tmp.exists():
+            raise CellmorphError("no wells were predicted")
+        n, writer = 0, None
+        with atomic.atomic_path(path) as target:
+            for batch in pq.ParquetFile(self.tmp).iter_batches(batch_size=OUTPUT_ROWS):
+                codes = batch.column("_code").to_numpy()
+                info = constants.take(pa.array(position[codes]))
+                cols = dict(zip(info.column_names, info.columns))
+                cols.update({n_: batch.column(n_) for n_ in batch.schema.names if n_ != "_code"})
+                table = pa.table(cols)
+                writer = writer or pq.ParquetWriter(target, table.schema)
+                writer.write_table(table)
+                n += len(codes)
+            writer.close()
+        self.tmp.unlink(missing_ok=True)
+        return n
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class PredictionWriter:
-    """Appends per-image predictions (CSV) and embeddings (parquet) batch by batch."""
+    """Appends per-image predictions (CSV) and embeddings (parquet) batch by batch, closes
+    each well once all its images were written, and keeps the profiles of ``profiled`` wells."""
 
-    def __init__(self, out: Path, metadata: pd.DataFrame, classes: list[str], top_k: int, dim: int):
+    def __init__(self, out: Path, store: Store, classes: list[str], top_k: int, dim: int,
+                 profiled: np.ndarray | None = None):  # fmt: skip
         self.out, self.classes, self.top_k = out, classes, min(top_k, len(classes))
-        self.meta = pa.Table.from_pandas(metadata, preserve_index=False)
+        self.store = store
+        self.meta = store.metadata_rows()  # every column, a row group at a time
         self.names = np.asarray(classes, dtype=object)
-        self.wells = _WellSums(metadata, len(classes), dim)
-        self.seen = np.zeros(len(metadata), dtype=bool)
+        self.codes = well_codes(store.metadata)
+        n_wells = int(self.codes.max()) + 1 if len(self.codes) else 0
+        self.sums = WellSums(np.bincount(self.codes, minlength=n_wells), [len(classes), dim])
+        self.profiled = profiled if profiled is not None else np.zeros(n_wells, bool)
+        self.profiles: WellSums | None = None
+        self.closed: list[tuple[np.ndarray, ...]] = []  # profiled wells' (code, n, emb, feat)
+        self.constants = _Constants(self.meta.names, n_wells)
+        self.first = np.full(n_wells, -1, np.int64)  # a store row of each well
+        self.wells = _WellTable(out, classes, dim)
+        self.seen = np.zeros(len(self.codes), dtype=bool)
         self.csv: pacsv.CSVWriter | None = None
         self.parquet: pq.ParquetWriter | None = None
         self.dim = dim
+        self.buffer: list[pa.Table] = []
         # Streamed under temporary names and renamed at the end: a predictions.csv that exists
         # is a complete one.
         self.tmp = {n: atomic.temp_path(out / n) for n in (PREDICTIONS_CSV, EMBEDDINGS_PARQUET)}
-
-    def _base(self, rows: np.ndarray) -> pa.Table:
-        table = self.meta.take(pa.array(rows))
-        return table.add_column(0, STORE_ROW, pa.array(rows, type=pa.int64()))
 
     def write(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray) -> int:
         keep = ~self.seen[rows]  # an eval loader may pad its last batch by repeating rows
@@ -210,7 +255,18 @@ class PredictionWriter:
         self.seen[rows] = True
         if len(rows) == 0:
             return 0
-        base = self._base(rows)
+        order = np.argsort(rows, kind="stable")  # metadata is read in store order
+        rows, probs, emb, feats = rows[order], probs[order], emb[order], feats[order]
+        base = self.meta.take(rows)
+        codes = self.codes[rows]
+        self.constants.add(codes, base)
+        self.first[codes] = np.where(self.first[codes] < 0, rows, self.first[codes])
+        base = base.add_column(0, STORE_ROW, pa.array(rows, type=pa.int64()))
+        self._write_images(base, probs, emb)
+        self._add_wells(codes, probs, emb, feats)
+        return len(rows)
+
+    def _write_images(self, base: pa.Table, probs: np.ndarray, emb: np.ndarray) -> None:
         order = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
         top_probs = np.take_along_axis(probs, order, axis=1)
         pred_cols, pred_names = list(base.columns), list(base.column_names)
@@ -224,31 +280,69 @@ class PredictionWriter:
             self.csv = pacsv.CSVWriter(str(self.tmp[PREDICTIONS_CSV]), preds.schema)
             self.parquet = pq.ParquetWriter(str(self.tmp[EMBEDDINGS_PARQUET]), embs.schema)
         self.csv.write_table(preds)
-        self.parquet.write_table(embs)
-        self.wells.add(rows, probs, emb, feats)
-        return len(rows)
+        self.buffer.append(embs)  # one row group per OUTPUT_ROWS images, not per batch
+        if sum(t.num_rows for t in self.buffer) >= OUTPUT_ROWS:
+            self._flush()
 
-    def close(self, metadata: pd.DataFrame) -> pd.DataFrame:
-        """Finish the files and move them into place."""
+    def _flush(self) -> None:
+        if self.buffer:
+            self.parquet.write_table(pa.concat_tables(self.buffer))
+            self.buffer = []
+
+    def _add_wells(self, codes: np.ndarray, probs: np.ndarray, emb: np.ndarray,
+                   feats: np.ndarray) -> None:  # fmt: skip
+        closed = self.sums.add(codes, probs, emb)
+        if closed is not None:
+            self.wells.add(*closed)
+        keep = self.profiled[codes]
+        if not keep.any():
+            return
+        if self.profiles is None:  # the statistics' width is known with the first batch
+            self.profiles = WellSums(self.sums.expected, [emb.shape[1], feats.shape[1]])
+        closed = self.profiles.add(codes[keep], emb[keep], feats[keep])
+        if closed is not None:
+            self.closed.append(closed)
+
+    def close(self) -> int:
+        """Finish the files and move them into place; returns the number of wells."""
         self._close_writers()
-        wells = self.wells.table(metadata, self.classes)
-        atomic.write_with(self.out / WELLS_PARQUET, lambda p: wells.to_parquet(p, index=False))
+        order = np.argsort(self.first)
+        order = order[self.first[order] >= 0]  # the wells seen, by their first row
+        # The well table's metadata: the constant columns, read for one row of each well.
+        constants = self.store.metadata_rows(self.constants.names).take(self.first[order])
+        position = np.zeros(len(self.first), np.int64)
+        position[order] = np.arange(len(order))
+        n = self.wells.finish(self.out / WELLS_PARQUET, constants, position)
         for name, tmp in self.tmp.items():
             if tmp.exists():
                 os.replace(tmp, self.out / name)
-        return wells
+        return n
+
+    def well_profiles(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The profiled wells: (a store row of each, mean embeddings, mean input statistics),
+        in store order."""
+        if not self.closed:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim)), np.zeros((0, 0))
+        codes, _counts, emb, feats = (np.concatenate(c) for c in zip(*self.closed))
+        order = np.argsort(self.first[codes])
+        return self.first[codes][order], emb[order], feats[order]
 
     def abort(self) -> None:
-        """Remove the partial files (after an error)."""
-        self._close_writers()
+        """Remove the partial files (after an error, maybe a full disk: nothing more is written)."""
+        self.buffer = []
+        with contextlib.suppress(OSError):
+            self._close_writers()
+        self.wells.abort()
         for tmp in self.tmp.values():
             tmp.unlink(missing_ok=True)
 
     def _close_writers(self) -> None:
         if self.csv is not None:
+            self._flush()
             self.csv.close()
             self.parquet.close()
             self.csv = self.parquet = None
+        self.wells.close()
 
 
 def _loader_cfg(ckpt: Checkpoint, overrides: dict[str, Any]) -> LoaderConfig:
@@ -279,7 +373,8 @@ def predict(
     if top_k is not None and top_k < 1:
         raise CellmorphError(f"--top-k {top_k}: give at least 1 class per image")
     ckpt = read_checkpoint(checkpoint)
-    store = open_store(store_path)
+    label_column = ckpt.state.get("label_column")
+    store = open_store(store_path, columns=[label_column] if label_column else [])
     check_channels(ckpt.channels, store)
     _check_out_outside(out, store)
     dev = resolve_device(device)
@@ -293,10 +388,11 @@ def predict(
     )  # fmt: skip
     out_dir = _output_dir(out)
     k = top_k or ckpt.config.eval.top_k
-    writer = PredictionWriter(out_dir, store.metadata, ckpt.classes, k, model.embed_dim)
+    profiled = _profiled_wells(store, label_column, ckpt.config.seed)
+    writer = PredictionWriter(out_dir, store, ckpt.classes, k, model.embed_dim, profiled)
     try:
         written = _stream(model, loader, dev, writer, n)
-        wells = writer.close(store.metadata)
+        wells = writer.close()
     except OSError as e:  # a full disk seen by pyarrow names no file: name the output folder
         writer.abort()
         if e.errno is not None and e.filename is None:
@@ -305,23 +401,50 @@ def predict(
     except BaseException:
         writer.abort()
         raise
-    profiling = well_activity(writer.wells, store, ckpt.state.get("label_column"), ckpt.config)
+    if profiled is None:
+        profiling = {"skipped": f"the store has no label column {label_column!r} naming treatments"}
+    else:
+        rows, emb, feats = writer.well_profiles()
+        profiling = profile_wells(store, rows, emb, feats, label_column, ckpt.config.seed,
+                                  of=len(profiled))  # fmt: skip
     atomic.write_text(out_dir / PROFILING_JSON, json.dumps(profiling, indent=2))
-    return {"images": written, "wells": len(wells), "classes": len(ckpt.classes),
+    return {"images": written, "wells": wells, "classes": len(ckpt.classes),
             "out": str(out_dir), "profiling": profiling}  # fmt: skip
 
 
-def well_activity(sums: _WellSums, store: Store, label_column: str | None,
-                  cfg: Config) -> dict[str, Any]:  # fmt: skip
-    """Phenotypic activity of the predicted wells, where the store names each well's treatment
-    (its label column) and has negative controls; otherwise the reason it was skipped."""
-    md = store.metadata
-    if not label_column or label_column not in md.columns:
-        return {"skipped": f"the store has no label column {label_column!r} naming treatments"}
-    rows, emb, feats = sums.profiles()
+def _profiled_wells(store: Store, label_column: str | None, seed: int) -> np.ndarray | None:
+    """Bool per well code: the wells whose profiles phenotypic activity scores (all, or a
+    stratified sample); None when the store names no treatments."""
+    if not label_column or label_column not in store.metadata.columns:
+        return None
+    codes, first = np.unique(well_codes(store.metadata), return_index=True)
+    treatment, negcon = treatments(store, first, label_column)
+    mask = np.zeros(len(codes), bool)
+    mask[codes[sample_wells(treatment, negcon, seed)]] = True
+    return mask
+
+
+def treatments(store: Store, rows: np.ndarray, label_column: str) -> tuple[np.ndarray, ...]:
+    """The treatment (label value) and negative-control flag of the wells of ``rows``, one
+    image each."""
+    md = store.metadata.iloc[rows]
     treatment = md[label_column].astype(str).to_numpy()
-    negcon = negcon_mask(md, store.attrs.get("negcon", ""), treatment)
-    return profiling_report(rows, emb, feats, md, treatment, negcon, cfg.seed)
+    return treatment, negcon_mask(md, store.attrs.get("negcon", ""), treatment)
+
+
+def profile_wells(store: Store, rows: np.ndarray, emb: np.ndarray, feats: np.ndarray,
+                  label_column: str, seed: int, counts: np.ndarray | None = None,
+                  of: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Phenotypic activity of well profiles (``rows``: one image of each well; ``emb`` and
+    ``feats``: the wells' mean embeddings and input statistics); ``of``: wells sampled from."""
+    treatment, negcon = treatments(store, rows, label_column)
+    table = pd.DataFrame({"well": well_ids(store.metadata.iloc[rows]), "treatment": treatment,
+                          NEGCON_FLAG: negcon,
+                          "images": counts if counts is not None else np.ones(len(rows), int)})  # fmt: skip
+    out = activity_report(table, {"embeddings": emb, "intensity_baseline": feats}, seed)
+    if of is not None and len(table) < of:
+        out["sampled"] = f"{len(table)} of {of} wells: {PROFILE_SAMPLE}"
+    return out
 
 
 def _check_out_outside(out: str | Path, store: Store) -> None:

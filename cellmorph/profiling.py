@@ -25,6 +25,9 @@ from cellmorph.store import well_ids
 
 THRESHOLD = 0.05
 NULL_SIZE = 10_000
+# Pairs per similarity batch in copairs: its default (20,000 pairs of two 1,280-wide float64
+# rows per thread) alone takes ~2 GB; this keeps a profile of thousands of wells near 300 MB.
+PAIR_BATCH = 2_048
 NEGCON_FLAG = "_negcon"
 REFERENCE = "_reference_index"
 
@@ -77,6 +80,7 @@ def phenotypic_activity(wells: pd.DataFrame, feats: np.ndarray, *, seed: int = 0
     ap = average_precision(
         meta, np.asarray(feats, np.float64), pos_sameby=["treatment", REFERENCE], pos_diffby=[],
         neg_sameby=[], neg_diffby=[NEGCON_FLAG, REFERENCE], progress_bar=False,
+        batch_size=PAIR_BATCH,
     )  # fmt: skip
     ap = ap[~ap[NEGCON_FLAG]].dropna(subset=["average_precision"])
     maps = mean_average_precision(ap, sameby=["treatment"], null_size=null_size,
@@ -99,13 +103,22 @@ def profiling_report(rows: np.ndarray, embeddings: np.ndarray, features: np.ndar
                      metadata: pd.DataFrame, treatment: np.ndarray, negcon: np.ndarray,
                      seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Phenotypic activity of the network's embeddings and of the intensity baseline."""
-    out: dict[str, Any] = {"threshold": THRESHOLD, "metric": "copairs mAP vs negative controls"}
     sources = {"embeddings": embeddings, "intensity_baseline": features}
+    profiles = {}
+    wells = None
     for name, feats in sources.items():
-        if feats is None:
-            continue
-        wells, profiles = well_profiles(rows, feats, metadata, treatment, negcon)
-        out[name] = phenotypic_activity(wells, profiles, seed=seed)
+        if feats is not None:
+            wells, profiles[name] = well_profiles(rows, feats, metadata, treatment, negcon)
+    return activity_report(wells, profiles, seed)
+
+
+def activity_report(wells: pd.DataFrame | None, profiles: dict[str, np.ndarray],
+                    seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Phenotypic activity of well-level ``profiles`` (name -> (W, F) means, rows of ``wells``,
+    the table :func:`well_profiles` returns)."""
+    out: dict[str, Any] = {"threshold": THRESHOLD, "metric": "copairs mAP vs negative controls"}
+    for name, feats in profiles.items():
+        out[name] = phenotypic_activity(wells, feats, seed=seed)
         out["wells"] = len(wells)
     return out
 

@@ -28,7 +28,8 @@ from cellmorph.errors import CellmorphError  # noqa: E402
 from cellmorph.loaders import ShardReader  # noqa: E402
 from cellmorph.metrics import topk_name  # noqa: E402
 from cellmorph.rundir import RunDir  # noqa: E402
-from cellmorph.store import QUARANTINE, open_store  # noqa: E402
+from cellmorph.sampling import stratified_sample  # noqa: E402
+from cellmorph.store import QUARANTINE, STORE_ROW, open_store  # noqa: E402
 
 # Additive colours for a composite, by channel name (Cell Painting's usual display colours).
 CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {
@@ -78,8 +79,8 @@ class Run:
     summary: dict[str, Any]
     history: list[dict[str, Any]]
     metrics: dict[str, Any]
-    predictions: pd.DataFrame | None = None  # of the headline fold (test, else validation)
-    embeddings: np.ndarray | None = None
+    predictions: pd.DataFrame | None = None  # headline fold (test, else validation): row, label
+    embeddings: np.ndarray | None = None  # memory-mapped
     audit: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -144,10 +145,12 @@ def load_run(run: RunDir) -> Run:
         audit=run.read_json(run.audit, required=False),
     )
     fold = _fold(loaded)
+    # Only what the figures use: the labels, and the embeddings memory-mapped (the t-SNE reads
+    # its sample's rows), so a fold of 600,000 images costs megabytes, not gigabytes.
     if run.predictions(fold).is_file():
-        loaded.predictions = pd.read_parquet(run.predictions(fold))
+        loaded.predictions = pd.read_parquet(run.predictions(fold), columns=[STORE_ROW, "label"])
     if run.embeddings(fold).is_file():
-        loaded.embeddings = np.load(run.embeddings(fold))
+        loaded.embeddings = np.load(run.embeddings(fold), mmap_mode="r")
     return loaded
 
 
@@ -270,23 +273,6 @@ def _class_colours(k: int) -> list[Any]:
     return [palette[i % len(palette)] for i in range(k)]
 
 
-def stratified_sample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
-    """At most ``max_points`` positions, each class in proportion to its size but at least
-    ``min(its size, max_points // classes)`` (rare classes stay visible); deterministic."""
-    n = len(labels)
-    if n <= max_points:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    floor = max(1, max_points // (2 * len(classes)))
-    share = np.maximum(np.minimum(counts, floor), np.floor(counts * max_points / n)).astype(int)
-    while share.sum() > max_points:  # trim the largest shares first
-        share[np.argmax(share)] -= 1
-    picks = [rng.choice(np.flatnonzero(labels == c), k, replace=False)
-             for c, k in zip(classes, share) if k]  # fmt: skip
-    return np.sort(np.concatenate(picks))
-
-
 def _tsne_points(emb: np.ndarray, labels: np.ndarray, max_points: int,
                  seed: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Stratified subsample, PCA to 50 dims, then t-SNE; returns (2-D points, chosen rows)."""
@@ -294,7 +280,7 @@ def _tsne_points(emb: np.ndarray, labels: np.ndarray, max_points: int,
     from sklearn.manifold import TSNE
 
     chosen = stratified_sample(labels, max_points, seed)
-    x = emb[chosen].astype(np.float64)
+    x = np.asarray(emb[chosen], dtype=np.float64)  # reads the sample's rows only
     if x.shape[1] > 50 and len(x) > 50:
         x = PCA(n_components=50, random_state=seed).fit_transform(x)
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
@@ -364,9 +350,14 @@ def composite(image: np.ndarray, channels: list[str]) -> np.ndarray:
 
 def _sample_rows(labels: pd.Series, classes: list[str], per_class: int) -> dict[str, np.ndarray]:
     """Evenly spaced rows of each class (deterministic, spread over plates and wells)."""
+    codes, names = pd.factorize(labels.astype(str).str.strip())
+    order = np.argsort(codes, kind="stable")  # rows grouped by class, ascending within each
+    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+    lookup = {str(n): i for i, n in enumerate(names)}
     out = {}
     for name in classes:
-        rows = np.flatnonzero(labels.to_numpy() == name)
+        i = lookup.get(name)
+        rows = order[bounds[i] : bounds[i + 1]] if i is not None else []
         if len(rows):
             out[name] = rows[np.linspace(0, len(rows) - 1, min(per_class, len(rows))).astype(int)]
     return out
@@ -381,14 +372,14 @@ def plot_sample_grid(run: Run, out: Path, per_class: int) -> Path | None:
     if per_class <= 0 or not store_path:
         return None
     try:
-        store = open_store(store_path)
+        store = open_store(store_path, columns=[run.label_column])
     except CellmorphError as e:
         run.notes.append(f"sample images: cannot open the store ({e})")
         return None
     if run.label_column not in store.metadata.columns:
         run.notes.append(f"sample images: store has no label column {run.label_column!r}")
         return None
-    picks = _sample_rows(store.metadata[run.label_column].astype(str), run.classes, per_class)
+    picks = _sample_rows(store.metadata[run.label_column], run.classes, per_class)
     if not picks:
         return None
     cell = 1.6 if len(picks) <= 20 else 1.1  # keep 50 classes under ~6,000 px tall

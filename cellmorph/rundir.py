@@ -9,9 +9,11 @@
       metrics.jsonl            one line per finished epoch, exactly once across restarts
       metrics.json             the result: the chosen epoch (best on validation) scored on the test
                                fold (the headline), with its validation scores beside
-      val_predictions.parquet  per validation image of that epoch (store row, metadata, labels, probs)
+      val_predictions.parquet  per validation image, by the chosen model (store row, metadata,
+                               labels, probs), written at the end of the run
       val_embeddings.npy       its embeddings, same row order
       test_predictions.parquet, test_embeddings.npy   the same for the test fold
+      .<fold>_outputs/         each rank's part of a fold's outputs while they are merged
       events.jsonl             start / resume events (with the worker processes)
       progress.json            the current epoch's step, for the launcher's progress bar
       checkpoints/             last.pt, best.pt, best-epochNNN.pt
@@ -26,34 +28,29 @@ audit, sweep, demo) go through the same class, so a renamed file changes in one 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from cellmorph import atomic
 from cellmorph.errors import CellmorphError
-from cellmorph.store import STORE_ROW
+from cellmorph.store import STORE_ROW, MetadataRows
+
+# Rows per row group of the per-image outputs (what a writer or reader holds at a time).
+OUTPUT_ROWS = 16_384
 
 CHECKPOINTS = "checkpoints"
 
 
 FOLD_NAMES = {"val": "validation", "test": "test"}
-
-
-@dataclass(frozen=True)
-class FoldOutputs:
-    """A model's outputs on one fold (validation or test), in the order evaluated."""
-
-    rows: np.ndarray  # int64 store rows
-    probs: np.ndarray  # (N, K) float32 softmax probabilities
-    embeddings: np.ndarray  # (N, D) float32
-    labels: np.ndarray  # int64 class ids
-    features: np.ndarray | None = None  # (N, F) per-channel intensity statistics of the inputs
 
 
 @dataclass(frozen=True)
@@ -92,6 +89,10 @@ class RunDir:
 
     def embeddings(self, fold: str = "val") -> Path:
         return self.path / f"{fold}_embeddings.npy"
+
+    def output_part(self, fold: str, rank: int) -> Path:
+        """One rank's per-image outputs of a fold, before :meth:`write_outputs` merges them."""
+        return self.path / f".{fold}_outputs" / f"rank{rank:05d}.parquet"
 
     @property
     def events(self) -> Path:
@@ -185,10 +186,8 @@ class RunDir:
     def write_progress(self, progress: dict[str, Any]) -> None:
         atomic.write_text(self.progress, json.dumps(progress))
 
-    def write_selection(self, epoch: int, metrics: dict[str, Any], val: FoldOutputs,
-                        classes: list[str], metadata: pd.DataFrame) -> None:  # fmt: skip
-        """The best epoch so far: its validation outputs, and ``metrics.json`` with them."""
-        self.write_outputs("val", val, classes, metadata)
+    def write_selection(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """The best epoch so far: ``metrics.json`` with its validation scores."""
         atomic.write_text(self.result, json.dumps(
             {"fold": "validation", "epoch": epoch, **metrics, "validation": metrics}, indent=2
         ))  # fmt: skip
@@ -203,24 +202,42 @@ class RunDir:
         atomic.write_text(self.result, json.dumps(result, indent=2))
         return result
 
-    def write_outputs(self, fold: str, out: FoldOutputs, classes: list[str],
-                      metadata: pd.DataFrame) -> None:  # fmt: skip
-        """``<fold>_predictions.parquet`` (store row, metadata, true/predicted label,
-        probabilities) and ``<fold>_embeddings.npy`` (same row order)."""
-        rows = np.asarray(out.rows, dtype=np.int64)
-        labels = np.asarray(out.labels, dtype=np.int64)
-        pred = out.probs.argmax(axis=1)
-        names = np.asarray(classes, dtype=object)
-        frame = metadata.iloc[rows].reset_index(drop=True)
-        frame.insert(0, STORE_ROW, rows)
-        frame["label"] = labels
-        frame["label_name"] = names[labels]
-        frame["pred"] = pred
-        frame["pred_name"] = names[pred]
-        probs = pd.DataFrame(out.probs, columns=[f"prob:{c}" for c in classes])
-        frame = pd.concat([frame, probs], axis=1)
-        atomic.write_with(self.predictions(fold), lambda p: frame.to_parquet(p, index=False))
-        save_npy(self.embeddings(fold), np.asarray(out.embeddings, dtype=np.float32))
+    def part_writer(self, fold: str, rank: int) -> OutputPart:
+        """This rank's streaming writer of its images' outputs on ``fold``."""
+        return OutputPart(self.output_part(fold, rank))
+
+    def write_outputs(self, fold: str, ranks: int, classes: list[str],
+                      metadata: MetadataRows) -> int:  # fmt: skip
+        """Merge the ``ranks`` parts of ``fold`` (rank order is fold order) into
+        ``<fold>_predictions.parquet`` (store row, metadata, true/predicted label,
+        probabilities) and ``<fold>_embeddings.npy`` (same row order), a row group at a time;
+        returns the number of images."""
+        parts = [self.output_part(fold, r) for r in range(ranks)]
+        missing = [str(p) for p in parts if not p.is_file()]
+        if missing:
+            raise CellmorphError(f"{fold} outputs: rank part(s) {', '.join(missing)} missing")
+        files = [pq.ParquetFile(p) for p in parts]
+        n = sum(f.metadata.num_rows for f in files)
+        dim = next((f.schema_arrow.field("embedding").type.list_size for f in files
+                    if f.metadata.num_rows), 0)  # fmt: skip
+        with atomic.atomic_path(self.predictions(fold)) as preds, \
+                atomic.atomic_path(self.embeddings(fold)) as embs, open(embs, "wb") as emb_file:  # fmt: skip
+            header = {"descr": "<f4", "fortran_order": False, "shape": (n, dim)}
+            np.lib.format.write_array_header_1_0(emb_file, header)
+            writer = None
+            for f in files:
+                for batch in f.iter_batches(batch_size=OUTPUT_ROWS):
+                    table, emb = _prediction_table(batch, classes, metadata)
+                    emb_file.write(np.ascontiguousarray(emb, "<f4").tobytes())
+                    writer = writer or pq.ParquetWriter(preds, table.schema)
+                    writer.write_table(table)
+            if writer is None:  # an empty fold: a file with the columns, no rows
+                writer = pq.ParquetWriter(
+                    preds, _prediction_table(None, classes, metadata)[0].schema
+                )
+            writer.close()
+        shutil.rmtree(parts[0].parent, ignore_errors=True)
+        return n
 
     def write_audit(self, audit: dict[str, Any]) -> None:
         atomic.write_text(self.audit, json.dumps(audit, indent=2))
@@ -329,3 +346,84 @@ def load_label_encoding(path: str | Path) -> LabelEncoding:
     if len(set(classes)) != len(classes):
         raise CellmorphError(f"{p}: 'classes' has duplicate names")
     return LabelEncoding(str(raw["label_column"]), classes)
+
+
+class OutputPart:
+    """One rank's per-image outputs of one fold (store row, label, probabilities, embedding),
+    streamed to parquet in row groups of :data:`OUTPUT_ROWS`; whole or absent (temporary name,
+    renamed by :meth:`close`)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = atomic.temp_path(path)
+        self.writer: pq.ParquetWriter | None = None
+        self.buffer: list[tuple[np.ndarray, ...]] = []
+        self.buffered = 0
+
+    def write(self, rows: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+              emb: np.ndarray) -> None:  # fmt: skip
+        self.buffer.append((rows, labels, probs, emb))
+        self.buffered += len(rows)
+        if self.buffered >= OUTPUT_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        rows, labels, probs, emb = (np.concatenate(c) for c in zip(*self.buffer))
+        self.buffer, self.buffered = [], 0
+        table = pa.table({
+            STORE_ROW: pa.array(rows, pa.int64()), "label": pa.array(labels, pa.int64()),
+            "probs": _fixed_lists(probs), "embedding": _fixed_lists(emb),
+        })  # fmt: skip
+        self.writer = self.writer or pq.ParquetWriter(self.tmp, table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        """Finish the part (an empty one when this rank had no images)."""
+        self._flush()
+        if self.writer is None:
+            empty = np.zeros((0, 0), np.float32)
+            self.write(np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty)
+            self._flush()
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _fixed_lists(values: np.ndarray) -> pa.FixedSizeListArray:
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
+
+
+def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list column as an (N, width) float32 array."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def _prediction_table(batch: pa.RecordBatch | None, classes: list[str],
+                      metadata: MetadataRows) -> tuple[pa.Table, np.ndarray]:  # fmt: skip
+    """One row group of ``<fold>_predictions.parquet`` from a part's batch, and its embeddings."""
+    if batch is None:
+        rows, labels = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        probs, emb = np.zeros((0, len(classes)), np.float32), np.zeros((0, 0), np.float32)
+    else:
+        rows = batch.column(STORE_ROW).to_numpy()
+        labels = batch.column("label").to_numpy()
+        probs, emb = _matrix(batch.column("probs")), _matrix(batch.column("embedding"))
+    pred = probs.argmax(axis=1) if len(probs) else labels
+    names = np.asarray(classes, dtype=object)
+    base = metadata.take(rows)
+    columns = {STORE_ROW: pa.array(rows, pa.int64()),
+               **{n: base.column(n) for n in base.column_names},
+               "label": pa.array(labels, pa.int64()), "label_name": pa.array(names[labels], pa.string()),
+               "pred": pa.array(pred, pa.int64()), "pred_name": pa.array(names[pred], pa.string()),
+               **{f"prob:{c}": pa.array(probs[:, i]) for i, c in enumerate(classes)}}  # fmt: skip
+    return pa.table(columns), emb

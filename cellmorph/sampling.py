@@ -69,3 +69,53 @@ def contiguous_runs(rows: np.ndarray, shard_size: int | None = None) -> np.ndarr
     starts = r[np.r_[True, cut]]
     stops = r[np.r_[cut, True]] + 1
     return np.stack([starts, stops], axis=1)
+
+
+def stratified_sample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
+    """At most ``max_points`` positions, each class in proportion to its size but at least
+    ``min(its size, max_points // classes)`` (rare classes stay visible); deterministic."""
+    n = len(labels)
+    if n <= max_points:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    floor = max(1, max_points // (2 * len(classes)))
+    share = np.maximum(np.minimum(counts, floor), np.floor(counts * max_points / n)).astype(int)
+    while share.sum() > max_points:  # trim the largest shares first
+        share[np.argmax(share)] -= 1
+    by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])
+    picks = [rng.choice(members, k, replace=False)
+             for members, k in zip(by_class, share) if k]  # fmt: skip
+    return np.sort(np.concatenate(picks))
+
+
+# Wells profiled by copairs (phenotypic activity). It compares every pair of a treatment's wells
+# and every treatment well with every control well, so its cost grows with the square of the
+# wells per treatment (2,000 wells of 2 treatments: 2 M pairs, a minute and more); above these
+# caps a seeded sample is profiled, and the result says so.
+PROFILE_PER_TREATMENT = 25
+PROFILE_NEGCON_WELLS = 250
+PROFILE_MAX_WELLS = 2_000
+PROFILE_SAMPLE = (
+    f"at most {PROFILE_PER_TREATMENT} wells per treatment, {PROFILE_NEGCON_WELLS} negative "
+    f"control wells and {PROFILE_MAX_WELLS} wells in all, drawn at random (seeded)"
+)
+
+
+def sample_wells(treatment: np.ndarray, negcon: np.ndarray, seed: int) -> np.ndarray:
+    """Positions of the wells to profile (ascending): every well of a treatment with at most
+    :data:`PROFILE_PER_TREATMENT` wells, a random subset of larger ones, at most
+    :data:`PROFILE_NEGCON_WELLS` negative controls, then a stratified sample down to
+    :data:`PROFILE_MAX_WELLS`; deterministic for ``seed``."""
+    strata = np.where(np.asarray(negcon, bool), "\x00negcon", np.asarray(treatment, str))
+    codes = np.unique(strata, return_inverse=True)[1]
+    rng = np.random.default_rng([seed, 0x9A])
+    order = np.argsort(codes, kind="stable")
+    groups = np.split(order, np.cumsum(np.bincount(codes))[:-1])
+    neg = np.asarray(negcon, bool)
+    keep = np.sort(np.concatenate([
+        g if len(g) <= (cap := PROFILE_NEGCON_WELLS if neg[g[0]] else PROFILE_PER_TREATMENT)
+        else rng.choice(g, cap, replace=False)
+        for g in groups if len(g)
+    ]))  # fmt: skip
+    return keep[stratified_sample(codes[keep], PROFILE_MAX_WELLS, seed)]

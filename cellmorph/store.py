@@ -28,14 +28,21 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
+import tempfile
+import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as paipc
+import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
@@ -61,6 +68,13 @@ REQUIRED_COLUMNS = [*KEYS, CHECKSUM]
 STORE_ROW = "store_row"  # the row number of an image in outputs (predictions, embeddings)
 GENERATION = "generation"  # attrs: a new id each time a store is created
 DIGEST = "metadata_digest"  # attrs: binds metadata.parquet to the channels and the array
+# Rows per parquet row group of metadata.parquet: readers stream it a row group at a time.
+METADATA_ROW_GROUP = 65_536
+# Projected metadata shared by the processes of one node (memory-mapped Arrow files).
+SHARED_CACHE = "cellmorph-metadata"
+CACHE_MAX_AGE_S = 7 * 24 * 3600
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(CellmorphError):
@@ -195,9 +209,21 @@ def image_checksum(img: np.ndarray) -> str:
 
 def metadata_digest(data: bytes, channels: list[str], shape: tuple[int, ...]) -> str:
     """Binds metadata.parquet's bytes (row order and content) to the channels and the array."""
-    h = hashlib.blake2b(data, digest_size=16)
+    return _digest_blocks([data], channels, shape)
+
+
+def _digest_blocks(blocks: Any, channels: list[str], shape: tuple[int, ...]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for block in blocks:
+        h.update(block)
     h.update(json.dumps({"channels": list(channels), "shape": list(shape)}).encode())
     return h.hexdigest()
+
+
+def _file_blocks(f: IO[bytes], size: int = 8 << 20) -> Iterator[bytes]:
+    f.seek(0)
+    while block := f.read(size):
+        yield block
 
 
 def write_attrs(path: str | Path, attrs: dict[str, Any]) -> None:
@@ -225,7 +251,7 @@ def write_metadata(path: str | Path, metadata: pd.DataFrame) -> None:
         table[CHUNK_CRC] = _read_chunk_crcs(path, images)
     table[CHUNK_CRC] = table[CHUNK_CRC].astype(np.uint32)
     buf = io.BytesIO()
-    table.to_parquet(buf, index=False)
+    table.to_parquet(buf, index=False, row_group_size=METADATA_ROW_GROUP)
     data = buf.getvalue()
     write_bytes(path, METADATA, data)
     channels = list(group.attrs["channels"])
@@ -452,7 +478,11 @@ class StoreFolder:
 
 @dataclass(frozen=True)
 class Store:
-    """A read-only view of a finished store (one generation of its folder)."""
+    """A read-only view of a finished store (one generation of its folder).
+
+    ``metadata`` holds every column, or the columns a reader asked :func:`open_store` for;
+    :meth:`metadata_rows` streams any columns of chosen rows from the verified file.
+    """
 
     path: Path
     images: zarr.Array
@@ -460,6 +490,7 @@ class Store:
     attrs: dict[str, Any]
     quarantine: pd.DataFrame = field(repr=False)
     folder: StoreFolder | None = field(default=None, repr=False, compare=False)
+    metadata_file: IO[bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
     def channels(self) -> list[str]:
@@ -480,10 +511,63 @@ class Store:
         """uint32 per row: the crc32c its chunk must end with."""
         return self.metadata[CHUNK_CRC].to_numpy(np.uint32)
 
+    def metadata_columns(self) -> list[str]:
+        """Every column of metadata.parquet (also those this view did not load)."""
+        if self.metadata_file is None:
+            return list(self.metadata.columns)
+        return list(pq.ParquetFile(self.metadata_file).schema_arrow.names)
 
-def open_store(path: str | Path) -> Store:
+    def metadata_rows(self, columns: Sequence[str] | None = None) -> MetadataRows:
+        """A streaming reader of ``columns`` (None: all) for ascending rows (outputs)."""
+        return MetadataRows(self, columns)
+
+
+class MetadataRows:
+    """Columns of metadata.parquet for ascending store rows, a row group at a time.
+
+    Outputs that repeat the metadata (predictions, embeddings) take their rows in store order,
+    so only one row group (:data:`METADATA_ROW_GROUP` rows) is in memory, not the whole table.
+    """
+
+    def __init__(self, store: Store, columns: Sequence[str] | None = None):
+        self.names = list(columns) if columns is not None else store.metadata_columns()
+        self.file = pq.ParquetFile(store.metadata_file) if store.metadata_file else None
+        if self.file is None:
+            self.frame = pa.Table.from_pandas(store.metadata[self.names], preserve_index=False)
+            return
+        meta = self.file.metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        self.starts = np.cumsum([0, *sizes])  # row group g holds rows starts[g]..starts[g+1]
+        self.group, self.table = -1, None
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The columns of ``rows`` (ascending) as an Arrow table."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.file is None:
+            return self.frame.take(pa.array(rows))
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.starts[-1]):
+            raise StoreError(f"store rows {rows[0]}..{rows[-1]} outside 0..{self.starts[-1] - 1}")
+        groups = np.searchsorted(self.starts, rows, side="right") - 1
+        parts = []
+        for g in np.unique(groups):  # usually the group already loaded, or the next one
+            if g != self.group:
+                self.group, self.table = int(g), self.file.read_row_group(int(g), self.names)
+            parts.append(self.table.take(pa.array(rows[groups == g] - self.starts[g])))
+        if not parts:
+            fields = [self.file.schema_arrow.field(n) for n in self.names]
+            return pa.Table.from_pylist([], schema=pa.schema(fields))
+        return pa.concat_tables(parts)
+
+
+def open_store(path: str | Path, columns: Sequence[str] | None = None) -> Store:
     """Open a finished store for reading: format version, attributes, the metadata's digest
-    and row count are checked; the returned view stays on this generation of the folder."""
+    and row count are checked; the returned view stays on this generation of the folder.
+
+    ``columns``: the metadata columns this reader needs besides the ones every reader uses
+    (keys, checksums, the negative-control column); absent ones are skipped. Those columns are
+    shared by the processes of a node (a memory-mapped Arrow file in the temporary folder),
+    so N training workers hold one copy. None loads every column into this process.
+    """
     folder = StoreFolder(path)
     p = folder.path
     names = set(os.listdir(folder.fd))
@@ -495,10 +579,11 @@ def open_store(path: str | Path) -> Store:
     _check_attrs(p, attrs, images.shape)
     if METADATA not in names:
         raise StoreError(f"{p}: missing {METADATA}")
-    metadata = _read_metadata(p, folder.read(METADATA), attrs, tuple(images.shape))
+    file = os.fdopen(folder.open_fd(METADATA), "rb")
+    metadata = _read_metadata(p, file, attrs, tuple(images.shape), columns)
     q = folder.read(QUARANTINE) if QUARANTINE in names else None
     quarantine = read_quarantine(q, f"{p}/{QUARANTINE}")
-    return Store(p, images, metadata, attrs, quarantine, folder)
+    return Store(p, images, metadata, attrs, quarantine, folder, file)
 
 
 def _check_format(p: Path, attrs: dict[str, Any]) -> None:
@@ -546,16 +631,22 @@ def _check_attrs(p: Path, attrs: dict[str, Any], shape: tuple[int, ...]) -> None
         raise StoreError(f"{p}: images has shape {shape}, expected (N, C, H, W)")
 
 
-def _read_metadata(p: Path, data: bytes, attrs: dict[str, Any],
-                   shape: tuple[int, ...]) -> pd.DataFrame:  # fmt: skip
-    if attrs.get(DIGEST) != metadata_digest(data, attrs["channels"], shape):
+def _read_metadata(p: Path, file: IO[bytes], attrs: dict[str, Any], shape: tuple[int, ...],
+                   columns: Sequence[str] | None) -> pd.DataFrame:  # fmt: skip
+    if attrs.get(DIGEST) != _digest_blocks(_file_blocks(file), attrs["channels"], shape):
         raise StoreError(
             f"{p}: {METADATA}, attrs.channels or the images array changed after conversion "
             "(attrs.metadata_digest differs: rows reordered, edited, truncated or replaced); "
             "convert again with --overwrite"
         )
     try:
-        metadata = pd.read_parquet(io.BytesIO(data))
+        file.seek(0)
+        if columns is None:
+            metadata = pd.read_parquet(file)
+        else:
+            metadata = _shared_columns(file, attrs, columns)
+    except StoreError:
+        raise
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise StoreError(f"{p}: cannot read {METADATA} ({e})") from None
     if len(metadata) != shape[0]:
@@ -564,6 +655,51 @@ def _read_metadata(p: Path, data: bytes, attrs: dict[str, Any],
     if missing:
         raise StoreError(f"{p}: {METADATA} lacks required column(s) {', '.join(missing)}")
     return metadata
+
+
+def _wanted(file: IO[bytes], attrs: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    """Every reader's columns, then ``columns``, as far as the file has them (file order)."""
+    negcon = str(attrs.get("negcon") or "").partition("=")[0]
+    wanted = {*REQUIRED_COLUMNS, CHUNK_CRC, negcon, *columns}
+    return [c for c in pq.ParquetFile(file).schema_arrow.names if c in wanted]
+
+
+def _shared_columns(file: IO[bytes], attrs: dict[str, Any], columns: Sequence[str]) -> pd.DataFrame:
+    """The columns as a DataFrame over a memory-mapped Arrow file: the page cache holds them
+    once per node however many processes read them. Without a writable temporary folder, an
+    in-memory copy."""
+    names = _wanted(file, attrs, columns)
+    key = hashlib.blake2b(json.dumps([attrs[DIGEST], names]).encode(), digest_size=12)
+    cache = Path(tempfile.gettempdir()) / SHARED_CACHE / f"{key.hexdigest()}.arrow"
+    file.seek(0)
+    if not cache.is_file():
+        table = pq.read_table(file, columns=names)
+        try:
+            _write_cache(cache, table)
+        except OSError as e:
+            log.warning("metadata stays in this process: cannot write %s (%s)", cache, e)
+            return table.to_pandas(split_blocks=True)
+    with contextlib.suppress(OSError):
+        os.utime(cache)  # in use: kept by the clean-up of stale files
+    mapped = paipc.open_file(pa.memory_map(str(cache))).read_all()
+    return mapped.to_pandas(split_blocks=True)  # zero-copy: columns stay in the mapped file
+
+
+def _write_cache(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    table = table.combine_chunks()  # one chunk per column: pandas can then wrap it, not copy
+
+    def write(tmp: Path) -> None:
+        with paipc.new_file(str(tmp), table.schema) as w:
+            w.write_table(table)
+
+    atomic.write_with(path, write)
+    now = time.time()
+    for old in path.parent.glob("*.arrow"):  # caches of stores nobody opened for a week
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > CACHE_MAX_AGE_S:
+                old.unlink()
 
 
 def verify_store(store: Store, progress: bool = True) -> list[str]:

@@ -12,11 +12,10 @@ import random
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -36,13 +35,26 @@ from cellmorph.errors import CellmorphError
 from cellmorph.index import Index, build_index, check_batch_size
 from cellmorph.loaders import Loader, build_loader
 from cellmorph.loaders.normalize import Normalization, from_store
-from cellmorph.metrics import compute_metrics
+from cellmorph.metrics import (
+    ImageSums,
+    WellSums,
+    merge_open,
+    scores_from_sums,
+    well_confusion,
+    well_labels,
+)
 from cellmorph.model import CellNet, build_model
-from cellmorph.predict import infer, model_from_checkpoint, resolve_device
-from cellmorph.profiling import negcon_mask, profiling_report
+from cellmorph.predict import (
+    iter_infer,
+    model_from_checkpoint,
+    profile_wells,
+    resolve_device,
+    treatments,
+)
 from cellmorph.progress import StepProgress
-from cellmorph.rundir import FoldOutputs, RunDir
-from cellmorph.store import DIGEST, STORE_ROW, Store, describe, open_store, well_ids
+from cellmorph.rundir import OutputPart, RunDir
+from cellmorph.sampling import sample_wells
+from cellmorph.store import DIGEST, Store, describe, open_store
 
 # --------------------------------------------------------------------------- schedule / amp
 
@@ -127,17 +139,20 @@ class Training:
 
 def build_data(cfg: Config, ctx: Context, *, training: bool = True) -> Data:
     """The store, the index and this rank's loaders (no training loader for ``training=False``)."""
-    store = open_store(cfg.data.store)
+    # Only the columns training reads, shared by the node's workers (one copy per node).
+    store = open_store(cfg.data.store, columns=[cfg.data.label_column])
     index = build_index(store.metadata, cfg.data, warn=training)
     if training:
         check_batch_size(cfg.loader.batch_size, index)
     norm = from_store(store, cfg.loader)
     train_rows = index.train_order if training else index.train_order[:0]
+    # An evaluation covers each row once (the study protocol's validation list repeats rows).
     loaders = [
         build_loader(store, rows, index.labels, cfg.loader, train=train, device=ctx.device,
                      seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, norm=norm)
         if len(rows) else None
-        for rows, train in ((train_rows, True), (index.val, False), (index.test, False),
+        for rows, train in ((train_rows, True), (np.unique(index.val), False),
+                            (np.unique(index.test), False),
                             (calibration_rows(index, cfg) if training else train_rows, False))
     ]  # fmt: skip
     return Data(store, index, *loaders[:3], norm, loaders[3])
@@ -322,20 +337,108 @@ def _backward_and_step(t: Training, loss: torch.Tensor, grad_clip: float) -> Non
     t.scheduler.step()
 
 
-def evaluate(model: nn.Module, loader: Loader, data: Data, ctx: Context) -> FoldOutputs | None:
-    """The outputs of every rank on one fold, on rank 0 (None on the others)."""
-    parts = ctx.gather(infer(model, loader, ctx.device))
+@dataclass
+class WellProfiles:
+    """Mean embedding and input statistics of the profiled wells of a fold (rank 0)."""
+
+    first_rows: np.ndarray  # a store row of each well (its first in the fold), ascending
+    counts: np.ndarray  # the well's images in the fold
+    embeddings: np.ndarray  # (W, D)
+    features: np.ndarray  # (W, F)
+    wells_in_fold: int
+
+
+@dataclass
+class FoldResult:
+    """A model's scores on one fold, and the profiles of its wells when asked (rank 0)."""
+
+    metrics: dict[str, Any]
+    profiles: WellProfiles | None = None
+
+
+@dataclass
+class _Pass:
+    """One rank's sums over its part of a fold (see :func:`evaluate`)."""
+
+    image: ImageSums
+    wells: WellSums  # probabilities per well, all wells
+    well_labels: np.ndarray  # per well id
+    well_cm: np.ndarray  # (K, K) confusion of the wells closed on this rank
+    profiled: np.ndarray | None  # bool per well id: wells whose profiles are kept
+    profiles: WellSums | None = None
+    closed: list[tuple[np.ndarray, ...]] = field(default_factory=list)  # closed profiled wells
+
+    def add(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray,
+            labels: np.ndarray, wells: np.ndarray) -> None:  # fmt: skip
+        self.image.add(labels[rows], probs)
+        ids = wells[rows]
+        closed = self.wells.add(ids, probs)
+        if closed is not None:
+            k = self.well_cm.shape[0]
+            self.well_cm += well_confusion(self.well_labels[closed[0]], closed[2], k)
+        if self.profiled is None:
+            return
+        if self.profiles is None:  # widths known with the first batch
+            self.profiles = WellSums(self.wells.expected, [emb.shape[1], feats.shape[1]])
+        keep = self.profiled[ids]
+        closed = self.profiles.add(ids[keep], emb[keep], feats[keep])
+        if closed is not None:
+            self.closed.append(closed)
+
+
+def evaluate(model: nn.Module, loader: Loader, rows: np.ndarray, data: Data, ctx: Context,
+             top_k: int, *, profiled: np.ndarray | None = None,
+             part: OutputPart | None = None) -> FoldResult | None:  # fmt: skip
+    """Score ``model`` on a fold (``rows``, the rows ``loader`` covers across ranks).
+
+    Each rank adds up its images (confusion, top-k hits, log loss) and closes each well whose
+    images it saw (mean probability -> the wells' confusion); ranks then add their sums (one
+    all-reduce) and rank 0 merges the few wells split between two ranks. No probability or
+    embedding goes to rank 0; the per-image outputs go to ``part`` (this rank's file).
+    ``profiled`` (bool per well id) keeps those wells' mean embeddings and input statistics.
+    Returns the result on rank 0, None on the others.
+    """
+    rows = np.unique(rows)
+    k, wells = len(data.index.classes), data.index.well_ids
+    labels = data.index.labels
+    expected = np.bincount(wells[rows], minlength=int(wells.max()) + 1)
+    sums = _Pass(ImageSums(k, top_k), WellSums(expected, [k]), well_labels(rows, labels, wells, k),
+                 np.zeros((k, k), np.int64), profiled)  # fmt: skip
+    for r, probs, emb, feats in iter_infer(model, loader, ctx.device):
+        sums.add(r, probs, emb, feats, labels, wells)
+        if part is not None:
+            part.write(r, labels[r], probs, emb)
+    opened = ctx.gather_to_main(
+        (sums.wells.open_wells(), sums.profiles.open_wells() if sums.profiles else None,
+         sums.closed)
+    )  # fmt: skip
+    if ctx.is_main:  # the wells split between ranks, whole again
+        split = merge_open([o[0] for o in opened])
+        sums.well_cm += well_confusion(sums.well_labels[split[0]], split[2], k)
+    total = ctx.sum(np.concatenate([sums.image.vector(), sums.well_cm.ravel()]))
     if not ctx.is_main:
         return None
-    rows, probs, embs, feats = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    rows, first = np.unique(rows, return_index=True)  # an evaluation part never repeats a row
-    return FoldOutputs(rows, probs[first], embs[first], data.index.labels[rows], feats[first])
+    image = sums.image.load(total[: k * k + 2])
+    metrics = scores_from_sums(image, data.index.classes, total[k * k + 2 :].reshape(k, k))
+    profiles = _profiles(opened, rows, wells) if profiled is not None else None
+    return FoldResult(metrics, profiles)
 
 
-def score(out: FoldOutputs, data: Data, cfg: Config) -> dict[str, Any]:
-    wells = well_ids(data.store.metadata)[out.rows]
-    return compute_metrics(out.labels, out.probs, data.index.classes, wells=wells,
-                           top_k=cfg.eval.top_k)  # fmt: skip
+def _profiles(opened: list[tuple], rows: np.ndarray, wells: np.ndarray) -> WellProfiles:
+    """Rank 0: the profiled wells' means, from every rank's closed and split wells, in the
+    order of their first image in the fold."""
+    parts = [c for o in opened for c in o[2]]
+    split = [o[1] for o in opened if o[1] is not None]
+    if split:
+        parts.append(merge_open(split))
+    ids, first = np.unique(wells[rows], return_index=True)
+    if not parts:
+        return WellProfiles(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0)),
+                            np.zeros((0, 0)), len(ids))  # fmt: skip
+    got, counts, emb, feat = (np.concatenate(c) for c in zip(*parts))
+    first_row = rows[first][np.searchsorted(ids, got)]
+    order = np.argsort(first_row)
+    return WellProfiles(first_row[order], counts[order], emb[order], feat[order], len(ids))
 
 
 def checkpoint_state(
@@ -359,61 +462,86 @@ def checkpoint_state(
 
 
 def end_epoch(run: RunDir, saver: CheckpointSaver, t: Training, data: Data, cfg: Config,
-              record: dict[str, Any], val: FoldOutputs) -> dict[str, Any]:  # fmt: skip
-    """Rank 0: score the epoch, log it, checkpoint it, and keep it as the result if best."""
-    metrics = score(val, data, cfg)
+              record: dict[str, Any], val: FoldResult) -> dict[str, Any]:  # fmt: skip
+    """Rank 0: log the epoch's scores, checkpoint it, and keep it as the result if best."""
+    metrics = val.metrics
     record.update({k: v for k, v in metrics.items() if np.isscalar(v)})
     # The metrics line goes first: a crash before the checkpoint reruns this epoch, and the
     # trim at resume then keeps exactly one line for it.
     run.log_epoch(record)
     best = float(metrics.get(cfg.train.best_metric, float("nan")))
     if saver.is_better(best):
-        run.write_selection(record["epoch"], metrics, val, data.index.classes, data.store.metadata)
+        run.write_selection(record["epoch"], metrics)
     saver.save(checkpoint_state(t, data, cfg, record), record["epoch"], best)
     return record
 
 
 def finish(run: RunDir, t: Training, data: Data, cfg: Config, ctx: Context) -> dict[str, Any]:
-    """Score the chosen model (``best.pt``) once on the test fold, and profile its embeddings.
+    """Score the chosen model (``best.pt``) once on the test fold, write both folds' per-image
+    outputs, and profile the headline fold's wells.
 
-    Every rank takes part (the test fold is split across ranks); rank 0 writes the result.
+    Every rank takes part (each fold is split across ranks); rank 0 writes the result.
     """
     done = ctx.broadcast(ctx.is_main and run.read_result().get("fold") == "test")
     if done:
         return run.read_result() if ctx.is_main else {}
     chosen = load_checkpoint(run.eval_checkpoint())  # rank 0's file: the run dir is shared
     t.model.load_state_dict(chosen["model"])
-    test = evaluate(t.net, data.test_loader, data, ctx) if data.test_loader else None
+    results = score_folds(run, t.net, data, cfg, ctx)
     if not ctx.is_main:
         return {}
-    scores = {"val": run.read_result()["validation"]}
-    if test is not None:
-        scores["test"] = score(test, data, cfg)
-        run.write_outputs("test", test, data.index.classes, data.store.metadata)
-    headline = test if test is not None else fold_outputs(run, data, "val")
+    scores = {"val": run.read_result()["validation"]}  # the epoch's: what chose the model
+    if "test" in results:
+        scores["test"] = results["test"].metrics
+    headline = results["test" if "test" in results else "val"]
     extra = {"selected_by": f"validation {cfg.train.best_metric}",
-             "profiling": profile(headline, data, cfg)}  # fmt: skip
+             "profiling": profile(headline.profiles, data, cfg)}  # fmt: skip
     return run.write_final(int(chosen["epoch"]), scores, extra)
 
 
-def fold_outputs(run: RunDir, data: Data, fold: str) -> FoldOutputs | None:
-    """A fold's saved outputs (no intensity statistics), when only the files are left."""
-    if not run.predictions(fold).is_file():
-        return None
-    frame = pd.read_parquet(run.predictions(fold), columns=[STORE_ROW, "label"])
-    probs = np.zeros((len(frame), len(data.index.classes)), np.float32)
-    rows = frame[STORE_ROW].to_numpy(np.int64)
-    return FoldOutputs(rows, probs, np.load(run.embeddings(fold)), frame["label"].to_numpy())
+def score_folds(run: RunDir, model: nn.Module, data: Data, cfg: Config,
+                ctx: Context) -> dict[str, FoldResult]:  # fmt: skip
+    """Evaluate ``model`` on the validation and test folds, each rank streaming its images'
+    outputs to its part, which rank 0 then merges into the fold's files; the headline fold
+    (test, else validation) keeps well profiles. Results on rank 0 ({} on the others)."""
+    folds = [(f, loader, getattr(data.index, f))
+             for f, loader in (("val", data.val_loader), ("test", data.test_loader)) if loader]  # fmt: skip
+    headline = folds[-1][0]
+    results = {}
+    for fold, loader, rows in folds:
+        part = run.part_writer(fold, ctx.rank)
+        try:
+            wells = profile_sample(rows, data, cfg) if fold == headline else None
+            result = evaluate(model, loader, rows, data, ctx, cfg.eval.top_k,
+                              profiled=wells, part=part)  # fmt: skip
+        except BaseException:
+            part.abort()
+            raise
+        part.close()
+        ctx.barrier()  # every rank's part is complete
+        if ctx.is_main:
+            run.write_outputs(fold, ctx.world_size, data.index.classes, data.store.metadata_rows())
+            results[fold] = result
+    return results
 
 
-def profile(out: FoldOutputs | None, data: Data, cfg: Config) -> dict[str, Any]:
+def profile_sample(rows: np.ndarray, data: Data, cfg: Config) -> np.ndarray:
+    """Bool per well id: the fold's wells to profile (all, or ``sampling.sample_wells``)."""
+    wells = data.index.well_ids
+    ids, first = np.unique(wells[np.unique(rows)], return_index=True)
+    mask = np.zeros(int(wells.max()) + 1, bool)
+    treatment, negcon = treatments(data.store, np.unique(rows)[first], cfg.data.label_column)
+    mask[ids[sample_wells(treatment, negcon, cfg.seed)]] = True
+    return mask
+
+
+def profile(profiles: WellProfiles | None, data: Data, cfg: Config) -> dict[str, Any]:
     """Phenotypic activity (copairs mAP) of the chosen fold's well profiles."""
-    if out is None:
+    if profiles is None or not len(profiles.first_rows):
         return {"skipped": "no outputs to profile"}
-    md = data.store.metadata
-    labels = md[cfg.data.label_column].astype(str).to_numpy()
-    negcon = negcon_mask(md, data.store.attrs.get("negcon", ""), labels)
-    return profiling_report(out.rows, out.embeddings, out.features, md, labels, negcon, cfg.seed)
+    return profile_wells(data.store, profiles.first_rows, profiles.embeddings, profiles.features,
+                         cfg.data.label_column, cfg.seed, profiles.counts,
+                         of=profiles.wells_in_fold)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the loop
@@ -444,7 +572,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         stats = train_one_epoch(t, data.train_loader, epoch, schedule.steps_per_epoch, cfg.train,
                                 cfg.optim.grad_clip, progress)  # fmt: skip
         recalibrate_bn(t.model, data.calibration_loader, ctx)
-        val = evaluate(t.net, data.val_loader, data, ctx)
+        val = evaluate(t.net, data.val_loader, data.index.val, data, ctx, cfg.eval.top_k)
         record: dict[str, Any] = {"epoch": epoch, "world_size": ctx.world_size, **stats}
         if ctx.is_main:
             record["seconds"] = time.perf_counter() - t0
@@ -473,15 +601,12 @@ def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
             f"{ckpt.classes[:5]}... and {ckpt.channels}"
         )
     model = model_from_checkpoint(ckpt).to(ctx.device)
-    scores, outputs = {}, {}
-    for fold, loader in (("val", data.val_loader), ("test", data.test_loader)):
-        if loader is not None:
-            outputs[fold] = evaluate(model, loader, data, ctx)
-            scores[fold] = score(outputs[fold], data, ckpt.config)
-            run.write_outputs(fold, outputs[fold], data.index.classes, data.store.metadata)
-    headline = outputs.get("test", outputs.get("val"))
+    results = score_folds(run, model, data, ckpt.config, ctx)
+    scores = {fold: r.metrics for fold, r in results.items()}
+    headline = results["test" if "test" in results else "val"]
     extra = {"selected_by": f"validation {ckpt.config.train.best_metric}",
-             "checkpoint": ckpt.path.name, "profiling": profile(headline, data, ckpt.config)}  # fmt: skip
+             "checkpoint": ckpt.path.name,
+             "profiling": profile(headline.profiles, data, ckpt.config)}  # fmt: skip
     return run.write_final(ckpt.epoch, scores, extra)
 
 

@@ -274,6 +274,12 @@ def site_key(row: pd.Series) -> str:
     return f"{row['Metadata_Plate']}/{row['Metadata_Well']}/{row['Metadata_Site']}"
 
 
+def site_keys(sites: pd.DataFrame) -> pd.Series:
+    """``plate/well/site`` of every site (:func:`site_key`, vectorized: millions of sites)."""
+    plate, well, site = (sites[c].astype(str) for c in KEYS)
+    return (plate + "/" + well + "/" + site).astype(object)
+
+
 def fingerprint(sites: pd.DataFrame, cfg: ConvertConfig, illum: dict) -> str:
     """Identify the job: settings that change bytes, every site's metadata, files and stats."""
     settings = cfg.model_dump(mode="json", exclude={"workers"})
@@ -468,34 +474,48 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
     arr = zarr.open_array(store=out, path=cstore.IMAGES, mode="r", zarr_format=3)
     shard = int(arr.shards[0])
     records = [manifest.shard(i // shard) for i in range(0, len(plan), shard)]
+    quarantine = quarantine_rows(inputs, manifest.bad())
+    cstore.write_metadata(out, store_metadata(plan, records, cfg))
+    cstore.write_quarantine(out, quarantine)
+    rows = np.unique(np.linspace(0, len(plan) - 1, min(len(plan), cfg.stats_images)).astype(int))
+    attrs = store_stats(records, np.stack([arr[int(i)] for i in rows]), cfg)
+    cstore.write_attrs(
+        out, {**attrs, "images": len(plan), "quarantined": len(quarantine), "complete": True}
+    )
+
+
+def store_metadata(plan: pd.DataFrame, records: list[dict[str, Any]],
+                   cfg: ConvertConfig) -> pd.DataFrame:  # fmt: skip
+    """metadata.parquet's table: the plan's keys, metadata and sources, and each image's
+    checksum and chunk crc from the shards' records (in row order)."""
     sources = [f"source_{ch}" for ch in cfg.channels]
     other = [c for c in plan.columns if c not in KEYS + sources and not c.startswith("_")]
-    metadata = plan[KEYS + other + sources].assign(
+    return plan[KEYS + other + sources].assign(
         **{
             cstore.CHECKSUM: [c for r in records for c in r["checksums"]],
             cstore.CHUNK_CRC: [c for r in records for c in r["chunk_crcs"]],
         }
     )
-    bad = manifest.bad()
-    quarantine = list(inputs.quarantine) + [
-        quarantine_row(row, bad[row["_key"]])
-        for _, row in inputs.sites.iterrows()
-        if row.get("_key") in bad
+
+
+def quarantine_rows(inputs: Inputs, bad: dict[str, str]) -> list[dict[str, Any]]:
+    """The table checks' quarantine, then the sites that failed to decode while packing."""
+    failed = inputs.sites.loc[inputs.sites["_key"].isin(bad)] if bad else inputs.sites.iloc[:0]
+    return list(inputs.quarantine) + [
+        quarantine_row(row, bad[row["_key"]]) for _, row in failed.iterrows()
     ]
-    cstore.write_metadata(out, metadata)
-    cstore.write_quarantine(out, quarantine)
-    rows = np.unique(np.linspace(0, len(plan) - 1, min(len(plan), cfg.stats_images)).astype(int))
-    sample = np.stack([arr[int(i)] for i in rows])
+
+
+def store_stats(records: list[dict[str, Any]], sample: np.ndarray,
+                cfg: ConvertConfig) -> dict[str, Any]:  # fmt: skip
+    """``stats`` (mean and std over every image from the shards' sums, percentiles from the
+    ``sample``), ``plate_stats`` and ``negcon`` attrs."""
     channels = list(cfg.channels)
     per_plate = cstore.plate_stats_from_sums([r["sums"] for r in records], channels, cfg.size**2)
-    # Mean and std over every image (the shards' sums); percentiles from the sample.
     stats = cstore.channel_stats(sample, channels)
     for name, exact in cstore.pooled_stats(per_plate, channels).items():
         stats[name].update(exact)
-    attrs = {"stats": stats, "plate_stats": per_plate, "negcon": cfg.negcon}
-    cstore.write_attrs(
-        out, {**attrs, "images": len(plan), "quarantined": len(quarantine), "complete": True}
-    )
+    return {"stats": stats, "plate_stats": per_plate, "negcon": cfg.negcon}
 
 
 def convert(
@@ -537,7 +557,7 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
         _stop_all_quarantined(out, inputs)
     if ownership.is_local(out) and os.path.exists(out):  # else nothing can be inside it
         check_inputs_outside(out, input_paths(cfg, sites))
-    sites["_key"] = [site_key(r) for _, r in sites[KEYS].iterrows()]
+    sites["_key"] = site_keys(sites)
     inputs.sites = sites
     fp = fingerprint(sites, cfg, illum)
     state, target = prepare(out, fp, len(sites), inputs, cfg, overwrite, owner)

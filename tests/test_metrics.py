@@ -94,3 +94,70 @@ def test_bad_shapes_are_clear_errors():
         compute_metrics(np.array([0, 1]), np.ones((2, 2)) / 2, ["a", "b", "c"])
     with pytest.raises(CellmorphError, match="outside"):
         compute_metrics(np.array([0, 5]), np.ones((2, 2)) / 2, ["a", "b"])
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+@pytest.mark.parametrize(("k", "top_k"), [(2, 1), (5, 2), (12, 3)])
+def test_sufficient_statistics_match_scikit_learn(k, top_k):
+    """Every score, computed from the sums, equals scikit-learn's on the images, also with
+    classes absent from the labels and ties in the probabilities."""
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(k)
+    y = rng.integers(0, k - (k > 2), 300)  # the last class never occurs (k > 2)
+    logits = rng.normal(size=(300, k)) + 1.5 * np.eye(k)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    probs[:10] = 1.0 / k  # ties: argmax and top-k break them as scikit-learn does
+    wells = rng.integers(0, 40, 300).astype(str)
+    m = compute_metrics(y, probs, [f"c{i}" for i in range(k)], wells=wells, top_k=top_k)
+    pred = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["loss"] == pytest.approx(skm.log_loss(y, probs, labels=np.arange(k)))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=np.arange(k)).tolist()
+    p, r, f, s = skm.precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
+    for i in range(k):
+        got = m["per_class"][f"c{i}"]
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx(
+            (p[i], r[i], f[i], s[i])
+        )
+    if top_k < k:
+        score = probs[:, 1] if k == 2 else probs
+        expected = skm.top_k_accuracy_score(y, score, k=top_k, labels=np.arange(k))
+        assert m[f"top{top_k}_accuracy"] == pytest.approx(expected)
+    # wells: mean probability per well, argmax, against the well's majority label
+    frame = pd.DataFrame(probs).assign(w=wells, y=y)
+    mean = frame.groupby("w")[list(range(k))].mean()
+    label = frame.groupby("w")["y"].agg(lambda v: np.bincount(v).argmax()).loc[mean.index]
+    well_pred = mean.to_numpy().argmax(1)
+    assert m["n_wells"] == len(mean)
+    assert m["well_accuracy"] == pytest.approx(skm.accuracy_score(label, well_pred))
+    assert m["well_balanced_accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(label, well_pred)
+    )
+
+
+def test_sums_of_parts_equal_the_sums_of_the_whole():
+    """What ranks add up: the sums of any split of the images are the sums of all of them."""
+    from cellmorph.metrics import ImageSums, WellSums, merge_open
+
+    rng = np.random.default_rng(0)
+    y, probs = rng.integers(0, 4, 200), rng.dirichlet(np.ones(4), 200)
+    wells = np.repeat(np.arange(40), 5)  # wells of 5 consecutive images
+    whole, parts = ImageSums(4, 2), [ImageSums(4, 2) for _ in range(3)]
+    whole.add(y, probs)
+    cuts = np.split(np.arange(200), [63, 141])  # both cuts fall inside a well
+    for part, idx in zip(parts, cuts):
+        part.add(y[idx], probs[idx])
+    total = ImageSums(4, 2).load(sum(p.vector() for p in parts))
+    assert (total.confusion == whole.confusion).all() and total.top_hits == whole.top_hits
+    assert total.loss_sum == pytest.approx(whole.loss_sum)
+    # wells: each part closes the wells it holds whole; the two split wells merge
+    expected = np.bincount(wells)
+    streams = [WellSums(expected, [4]) for _ in cuts]
+    closed = [s.add(wells[idx], probs[idx]) for s, idx in zip(streams, cuts)]
+    assert sum(len(c[0]) for c in closed) == 38
+    ids, counts, means = merge_open([s.open_wells() for s in streams])
+    assert list(ids) == [12, 28] and list(counts) == [5, 5]
+    np.testing.assert_allclose(means, [probs[60:65].mean(0), probs[140:145].mean(0)])

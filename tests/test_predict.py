@@ -197,23 +197,25 @@ def test_cli_reports_bad_checkpoint_in_one_line(tmp_path: Path, capsys):
     assert "bad.pt" in capsys.readouterr().err
 
 
-def test_writer_memory_does_not_hold_images(tmp_path: Path):
-    """The writer keeps sums per well, not rows: its arrays are sized by wells, and repeated
-    rows (padding) are written once."""
-    md = pd.DataFrame(
-        {
-            "Metadata_Plate": ["P"] * 6,
-            "Metadata_Well": ["A01", "A01", "A02", "A02", "A03", "A03"],
-            "Metadata_Site": range(6),
-        }
-    )
-    w = PredictionWriter(tmp_path, md, ["a", "b"], top_k=1, dim=3)
-    assert w.wells.emb.shape == (3, 3)
+def test_writer_memory_holds_open_wells_only(tmp_path: Path):
+    """The writer keeps running sums of the wells still open, not rows or every well: a well
+    is closed (and its sums freed) as soon as its images were written; repeated rows (padding)
+    are written once."""
+    from cellmorph.store import open_store
+
+    store = open_store(make_store(tmp_path / "s.zarr", plates=1, wells=3, sites=2, size=8),
+                       columns=[])  # fmt: skip
+    w = PredictionWriter(tmp_path, store, ["a", "b"], top_k=1, dim=3)
     probs = np.array([[0.9, 0.1]] * 4, np.float32)
     emb = np.arange(12, dtype=np.float32).reshape(4, 3)
     feats = np.ones((4, 5), np.float32)
-    assert w.write(np.array([0, 1, 2, 3]), probs, emb, feats) == 4
-    assert w.write(np.array([3, 4, 5]), probs[:3], emb[:3], feats[:3]) == 2  # row 3 repeated
-    wells = w.close(md)
+    assert w.write(np.array([0, 1, 2]), probs[:3], emb[:3], feats[:3]) == 3
+    assert len(w.sums.open_wells()[0]) == 1  # well 1 closed, well 2 has 1 of its 2 images
+    assert w.write(np.array([2, 3, 4, 5]), probs, emb, feats) == 3  # row 2 repeated
+    assert len(w.sums.open_wells()[0]) == 0 and w.sums.sums[1].shape[0] <= 2  # slots reused
+    assert w.close() == 3
+    wells = pd.read_parquet(tmp_path / "wells.parquet")
     assert list(wells["n_images"]) == [2, 2, 2]
+    assert list(wells["Metadata_Well"]) == ["A01", "A02", "A03"]
+    np.testing.assert_allclose(wells["emb_0000"], [1.5, 4.5, 7.5])  # (0+3)/2, (6+3)/2, (6+9)/2
     assert len(pq.read_table(tmp_path / "embeddings.parquet")) == 6

@@ -20,10 +20,21 @@ from cellmorph.config import Config
 from cellmorph.index import build_index
 from cellmorph.metrics import compute_metrics
 from cellmorph.report import Run, build_report, plot_confusion
-from cellmorph.rundir import FoldOutputs, RunDir
+from cellmorph.rundir import RunDir
 from cellmorph.store import describe, open_store, well_ids, write_metadata
 
 FIGURES = ["label_distribution", "training_curves", "confusion_matrix", "tsne", "sample_grid"]
+
+
+def write_fold(run: RunDir, fold: str, store, classes, outputs, ranks: int = 2) -> None:
+    """Per-image outputs as the ranks of a run write them: one part each, then merged."""
+    rows = outputs[0]
+    for rank, part in enumerate(np.array_split(np.arange(len(rows)), ranks)):
+        writer = run.part_writer(fold, rank)
+        for chunk in np.array_split(part, 3):  # a few batches per rank
+            writer.write(*(o[chunk] for o in outputs))
+        writer.close()
+    run.write_outputs(fold, ranks, classes, store.metadata_rows())
 
 
 def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> RunDir:
@@ -61,8 +72,7 @@ def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> RunDir
         wells = well_ids(store.metadata)[rows]
         scores[fold] = compute_metrics(labels, probs, index.classes, wells=wells)
         emb = rng.normal(size=(len(rows), 64)).astype(np.float32) + labels[:, None]
-        out = FoldOutputs(rows, probs, emb, labels)
-        RunDir(run).write_outputs(fold, out, index.classes, store.metadata)
+        write_fold(RunDir(run), fold, store, index.classes, (rows, labels, probs, emb))
     RunDir(run).write_final(2, scores, {"selected_by": "validation balanced_accuracy"})
     with (run / "metrics.jsonl").open("w") as f:
         for epoch in range(3):

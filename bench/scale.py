@@ -1,0 +1,460 @@
+"""Scale rehearsal: every stage whose cost grows with the number of images, at N images.
+
+Builds a store of N small images (1 channel of 16 x 16 px, so that millions fit on a laptop
+disk and build in minutes) whose metadata is real-shaped: the JUMP release's plates, wells,
+perturbation ids and plate types (977 plates, 3.1 M sites; ``bench/jump_metadata/``, sources
+noted there), expanded to N sites with each plate's sites per well, with the five
+``source_<Ch>`` file paths, checksums and chunk crcs a 5-channel conversion writes. The images are written with the
+store helpers: 8 shards of random pixels through zarr, the other shards copies of those files
+(pixels repeat every 32,768 images; nothing measured here looks at them).
+
+Then it runs each stage in a fresh process and records its wall time and peak RSS:
+
+- ``convert_plan``: conversion's planning and statistics on N synthetic sites (header probes
+  answered without files, site keys, the plan's fingerprint, shard tasks, metadata.parquet's
+  table, the quarantine list, the per-plate statistics from N / shard_size shard records);
+- ``open_store``: opening the store with every metadata column (``cellmorph inspect``) and
+  with the training columns (shared per node);
+- ``index``: ``build_index`` (grouped by well, oversampled);
+- ``train``: ``cellmorph train`` on 2 Ray workers, one epoch capped at ``--steps`` steps,
+  validation over the whole validation fold, then the end of the run (best.pt on the test
+  fold, both folds' per-image outputs, phenotypic activity); ``per_worker_peak_rss_mb`` is
+  the largest peak of a training worker (polled from ``/proc``);
+- ``report``: ``report.html`` of that run;
+- ``predict``: ``cellmorph predict`` over the whole store.
+
+Prints one JSON object::
+
+    {"images": N, "stages": {"<stage>": {"seconds": s, "peak_rss_mb": m, ...}},
+     "per_worker_peak_rss_mb": m, ...}
+
+Run: ``.venv/bin/python bench/scale.py --images 300000 [--work DIR] [--steps 200]``. The work
+folder keeps the store between runs of the same N (``--rebuild`` to build it again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's cellmorph
+
+from cellmorph import store as cstore  # noqa: E402
+
+JUMP = Path(__file__).resolve().parent / "jump_metadata"
+CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]  # the metadata's sources (a 5-channel convert)
+STORE_CHANNELS = ["DNA"]  # the pixels: 1 channel, to fit millions of images on this disk
+SIZE, SHARD, TEMPLATES = 16, 4096, 8
+NEGCON = "Metadata_JCP2022=JCP2022_033924"  # DMSO
+STAGES = ["convert_plan", "open_store", "index", "train", "report", "predict"]
+
+
+# --------------------------------------------------------------------------- real-shaped metadata
+
+
+def make_jump_metadata(src: Path, out: Path = JUMP, sites: int = 3_100_000) -> None:
+    """Write the bench's compact copy of the JUMP tables in ``src`` (the shared real-metadata
+    folder): a seeded random half of the plates (``sites`` sites), their wells and perturbation
+    ids as integers (``wells.npz.xz``), and the plates' source, batch, type and sites per well
+    (``plates.csv``). Kept small: every device call carries the repository."""
+    keys = ["Metadata_Source", "Metadata_Plate"]
+    wells = pd.read_csv(src / "well_2022-12-22_81fd6c6.csv.gz", dtype=str)
+    plates = pd.read_csv(src / "plate.csv.gz", dtype=str)
+    per = pd.read_csv(src / "cpg0016_site_count.csv", dtype={k: str for k in keys}).merge(
+        pd.read_csv(src / "cpg0016_well_count.csv", dtype={k: str for k in keys}), on=keys
+    )
+    per["sites"] = (per["n_sites"] / per["n_wells"]).round().clip(lower=1).astype(int)
+    wells = wells.merge(per[[*keys, "sites"]], on=keys)
+    total = wells.groupby("Metadata_Plate")["sites"].sum()
+    order = np.random.default_rng(0).permutation(total.index.to_numpy())
+    chosen = order[: int(np.searchsorted(total[order].cumsum().to_numpy(), sites)) + 1]
+    wells = wells[wells["Metadata_Plate"].isin(chosen)].sort_values(
+        ["Metadata_Plate", "Metadata_Well"]
+    )
+    table = (wells.drop_duplicates("Metadata_Plate")[[*keys, "sites"]]
+             .merge(plates, on=keys, how="left").reset_index(drop=True))  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    table[["Metadata_Source", "Metadata_Batch", "Metadata_Plate", "Metadata_PlateType",
+           "sites"]].to_csv(out / "plates.csv", index=False)  # fmt: skip
+    well = wells["Metadata_Well"]
+    jcp = pd.to_numeric(wells["Metadata_JCP2022"].str.removeprefix("JCP2022_"), errors="coerce")
+    buf = io.BytesIO()
+    np.savez(buf, plate=pd.factorize(wells["Metadata_Plate"], sort=True)[0].astype(np.int16),
+             well=((well.str[0].map(ord) - 65) * 48 + well.str[1:].astype(int) - 1).astype(np.int16),
+             jcp=jcp.fillna(-1).astype(np.int32))  # fmt: skip
+    (out / "wells.npz.xz").write_bytes(lzma.compress(buf.getvalue(), preset=9))
+
+
+def _jump_wells() -> pd.DataFrame:
+    """Every well of the bench's JUMP plates with its plate's source, batch, type and sites."""
+    plates = pd.read_csv(JUMP / "plates.csv", dtype=str)
+    arrays = np.load(io.BytesIO(lzma.decompress((JUMP / "wells.npz.xz").read_bytes())))
+    well, jcp = arrays["well"].astype(int), arrays["jcp"]
+    wells = plates.iloc[arrays["plate"]].reset_index(drop=True)
+    wells["sites"] = wells["sites"].astype(int)
+    wells["Metadata_Well"] = [f"{chr(65 + w // 48)}{w % 48 + 1:02d}" for w in well]
+    wells["Metadata_JCP2022"] = np.where(
+        jcp < 0, "JCP2022_UNKNOWN", np.char.add("JCP2022_", np.char.zfill(jcp.astype(str), 6))
+    )
+    return wells
+
+
+def jump_metadata(n: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` sites of real plates (seeded random order, all sources mixed), their real wells and
+    perturbations, each plate's sites per well; sorted by (plate, well, site) as a conversion
+    sorts them. Beyond the 3.1 M sites of the bench's plates, they repeat as ``<plate>-r2``..."""
+    wells = _jump_wells()
+    order = np.random.default_rng(seed).permutation(wells["Metadata_Plate"].unique())
+    rank = pd.Series(np.arange(len(order)), index=order)
+    wells = wells.assign(_rank=wells["Metadata_Plate"].map(rank)).sort_values(
+        ["_rank", "Metadata_Well"], kind="stable"
+    )
+    reps, total = wells["sites"].to_numpy(), int(wells["sites"].sum())
+    start = np.r_[0, np.cumsum(reps)[:-1]]  # each well's first site in one pass over the table
+    parts: list[pd.DataFrame] = []
+    for cycle in range(-(-n // total)):
+        need = n - sum(len(p) for p in parts)
+        used = int(np.searchsorted(start, need))  # the wells whose sites start before `need`
+        idx = np.repeat(np.arange(used), reps[:used])
+        part = wells.iloc[idx].reset_index(drop=True)
+        part["Metadata_Site"] = np.arange(len(idx)) - np.repeat(start[:used], reps[:used]) + 1
+        part["Metadata_Site"] = part["Metadata_Site"].astype(str)
+        if cycle:
+            part["Metadata_Plate"] = part["Metadata_Plate"] + f"-r{cycle + 1}"
+        parts.append(part.iloc[:need])
+    md = pd.concat(parts, ignore_index=True).drop(columns=["_rank", "sites"])
+    md = md.sort_values(cstore.KEYS, kind="stable").reset_index(drop=True)
+    return _with_sources(md)
+
+
+def _with_sources(md: pd.DataFrame) -> pd.DataFrame:
+    """The columns a conversion adds: one TIFF path per channel, as the gallery names them."""
+    cols = ["Metadata_Source", "Metadata_Batch", "Metadata_Plate", "Metadata_PlateType",
+            "Metadata_Well", "Metadata_Site", "Metadata_JCP2022"]  # fmt: skip
+    md = md[cols].copy()
+    row = md["Metadata_Well"].str[0].map(lambda c: f"{ord(c) - 64:02d}")
+    col = md["Metadata_Well"].str[1:]
+    folder = ("s3://cellpainting-gallery/cpg0016-jump/" + md["Metadata_Source"] + "/images/"
+              + md["Metadata_Batch"] + "/images/" + md["Metadata_Plate"]
+              + "__2022-01-01T00_00_00-Measurement1/Images/r" + row + "c" + col + "f"
+              + md["Metadata_Site"].str.zfill(2) + "p01-ch")  # fmt: skip
+    for i, ch in enumerate(CHANNELS, start=1):
+        md[f"source_{ch}"] = folder + f"{i}sk1fk1fl1.tiff"
+    return md
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def build_store(path: Path, md: pd.DataFrame) -> dict[str, Any]:
+    """Write the store: template shards through zarr, the rest copies of their files."""
+    t0 = time.perf_counter()
+    n = len(md)
+    if path.exists():
+        shutil.rmtree(path)
+    arr = cstore.create_images(path, n, STORE_CHANNELS, SIZE, "zstd", SHARD,
+                               {"label_column": "Metadata_JCP2022", "complete": False})  # fmt: skip
+    rng = np.random.default_rng(0)
+    n_shards = -(-n // SHARD)
+    templates: list[tuple[np.ndarray, list[str], list[int]]] = []
+    checksums: list[str] = []
+    crcs: list[int] = []
+    sums = []
+    groups = [cstore.group_key(p, f) for p, f in zip(
+        md["Metadata_Plate"], md["Metadata_JCP2022"] == NEGCON.split("=")[1])]  # fmt: skip
+    for s in range(n_shards):
+        start, stop = s * SHARD, min(n, (s + 1) * SHARD)
+        if s < TEMPLATES or stop - start < SHARD:  # written by zarr
+            block = rng.integers(100, 4000, (stop - start, 1, SIZE, SIZE), dtype=np.uint16)
+            arr[start:stop] = block
+            made = (block, [cstore.image_checksum(b) for b in block],
+                    cstore.shard_chunk_crcs(path, arr, s, stop - start))  # fmt: skip
+            if s < TEMPLATES:
+                templates.append(made)
+        else:  # a copy of a template shard's file
+            made = templates[s % TEMPLATES]
+            src = path / cstore.shard_key(arr, s % TEMPLATES)
+            dst = path / cstore.shard_key(arr, s)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        checksums += made[1]
+        crcs += made[2]
+        sums.append(cstore.sums_by_group(made[0], groups[start:stop]))
+    return _finish_store(path, md, checksums, crcs, sums, templates, t0)
+
+
+def _finish_store(path: Path, md: pd.DataFrame, checksums: list[str], crcs: list[int],
+                  sums: list, templates: list, t0: float) -> dict[str, Any]:  # fmt: skip
+    md = md.assign(**{cstore.CHECKSUM: checksums, cstore.CHUNK_CRC: crcs})
+    cstore.write_metadata(path, md)
+    per_plate = cstore.plate_stats_from_sums(sums, STORE_CHANNELS, SIZE * SIZE)
+    stats = cstore.channel_stats(templates[0][0][:256], STORE_CHANNELS)
+    for name, exact in cstore.pooled_stats(per_plate, STORE_CHANNELS).items():
+        stats[name].update(exact)
+    cstore.write_quarantine(path, [])
+    cstore.write_attrs(path, {"stats": stats, "plate_stats": per_plate, "negcon": NEGCON,
+                              "images": len(md), "quarantined": 0, "complete": True})  # fmt: skip
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return {"seconds": round(time.perf_counter() - t0, 1), "bytes": size,
+            "metadata_bytes": (path / cstore.METADATA).stat().st_size}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """The process's peak resident set (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+class WorkerWatch:
+    """Polls the peak RSS of the run's worker processes (events.jsonl names them)."""
+
+    def __init__(self, run: Path):
+        self.events, self.peaks = run / "events.jsonl", {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                lines = self.events.read_text().splitlines()
+            except FileNotFoundError:
+                continue
+            for line in lines:
+                for w in json.loads(line).get("workers", []):
+                    try:
+                        peak = peak_rss_mb(w["pid"])
+                    except OSError:  # the worker has ended
+                        continue
+                    self.peaks[w["rank"]] = max(self.peaks.get(w["rank"], 0.0), peak)
+
+    def result(self) -> dict[int, float]:
+        self.stop.set()
+        self.thread.join()
+        return self.peaks
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _config(work: Path, args: argparse.Namespace) -> Any:
+    from cellmorph.config import load_config
+
+    return load_config(None, [
+        "name=scale", f"run_root={work / 'runs'}", f"data.store={work / 'store.zarr'}",
+        f"data.label_column={args.label_column}", f"data.top_k={args.top_k}",
+        "loader.image_size=16", "loader.view_fraction=1.0", "loader.batch_size=64",
+        "loader.eval_batch_size=512", "loader.num_workers=0", "model.width_mult=0.35",
+        "train.epochs=1", f"train.max_steps_per_epoch={args.steps}", "train.log_every=50",
+        "ray.num_workers=2", "ray.cpus_per_worker=1",
+    ])  # fmt: skip
+
+
+def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Conversion's planning and statistics on N sites, header probes answered from memory."""
+    from cellmorph.config import ConvertConfig
+    from conversion import pack
+    from conversion.tables import SOURCES, Inputs
+
+    md = jump_metadata(args.images)
+    md["Metadata_Well"] = md["Metadata_Well"].astype(object)
+    sources = md[[f"source_{c}" for c in CHANNELS]].to_numpy()
+    md[SOURCES] = [[(p, 0) for p in paths] for paths in sources]
+    cfg = ConvertConfig(channels=CHANNELS, size=SIZE, shard_size=SHARD, negcon=NEGCON,
+                        label_column="Metadata_JCP2022")  # fmt: skip
+    t = {"tables_s": time.perf_counter()}
+    inputs = Inputs(md.drop(columns=[f"source_{c}" for c in CHANNELS]))
+
+    def answer(_fn: Any, chunks: list) -> Any:  # the probe of each TIFF header, without files
+        for chunk in chunks:
+            yield [(row, ([[p, 2_332_800, 1_700_000_000_000_000_000] for p, _ in src], "uint16"))
+                   for row, src, *_ in chunk]  # fmt: skip
+
+    sites = pack.probe_all(inputs, cfg, {}, answer)
+    t["probe_s"] = time.perf_counter()
+    sites["_key"] = pack.site_keys(sites)
+    inputs.sites = sites
+    fp = pack.fingerprint(sites, cfg, {})
+    t["fingerprint_s"] = time.perf_counter()
+    tasks = pack.shard_tasks(sites, str(work / "plan.zarr"), SHARD, fp, cfg, {})
+    t["tasks_s"] = time.perf_counter()
+    records = [_record(task) for task in tasks]
+    t["records_s"] = time.perf_counter()
+    metadata = pack.store_metadata(sites.assign(**{
+        f"source_{c}": sites[SOURCES].str[i].str[0] for i, c in enumerate(CHANNELS)}),
+        records, cfg)  # fmt: skip
+    quarantine = pack.quarantine_rows(inputs, {})
+    sample = np.zeros((cfg.stats_images, 1, SIZE, SIZE), np.uint16) + 100
+    pack.store_stats(records, sample, cfg.model_copy(update={"channels": ["DNA"]}))
+    t["finish_s"] = time.perf_counter()
+    steps = dict(zip(list(t)[1:], np.diff(list(t.values())).round(2).tolist()))
+    return {"sites": len(metadata), "shards": len(tasks), "quarantined": len(quarantine), **steps}
+
+
+def _record(task: Any) -> dict[str, Any]:
+    """What a shard writer records in the manifest (checksums, crcs, per-group sums)."""
+    n = len(task.sites)
+    sums = {g: {"n": 1, "sum": [1.0], "sumsq": [1.0], "log_sum": [1.0], "log_sumsq": [1.0]}
+            for g in dict.fromkeys(task.groups)}  # fmt: skip
+    return {"checksums": [f"{i:016x}" for i in range(n)], "chunk_crcs": list(range(n)),
+            "sums": sums}  # fmt: skip
+
+
+def stage_open_store(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    full = cstore.open_store(work / "store.zarr")
+    t1 = time.perf_counter()
+    all_mb = peak_rss_mb()
+    columns = len(full.metadata.columns)
+    del full
+    shared = cstore.open_store(work / "store.zarr", columns=[args.label_column])
+    return {"all_columns_s": round(t1 - t0, 2), "all_columns_peak_rss_mb": all_mb,
+            "columns": columns, "training_columns": len(shared.metadata.columns),
+            "training_columns_s": round(time.perf_counter() - t1, 2)}  # fmt: skip
+
+
+def stage_index(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from cellmorph.index import build_index
+
+    cfg = _config(work, args)
+    store = cstore.open_store(cfg.data.store, columns=[cfg.data.label_column])
+    t0 = time.perf_counter()
+    index = build_index(store.metadata, cfg.data, warn=False)
+    return {"build_index_s": round(time.perf_counter() - t0, 2), "classes": len(index.classes),
+            "train": len(index.train), "val": len(index.val), "test": len(index.test),
+            "train_order": len(index.train_order)}  # fmt: skip
+
+
+def stage_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from cellmorph.launch import run_ray_training
+
+    cfg = _config(work, args)
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    watch = WorkerWatch(cfg.run_dir)
+    run = run_ray_training(cfg, quiet=True)
+    peaks = watch.result()
+    epoch = run.history()[-1]
+    train_s = epoch["train_images"] / epoch["train_images_per_s"]
+    result = run.read_result()
+    ckpt_time = run.last_checkpoint.stat().st_mtime
+    return {"per_worker_peak_rss_mb": peaks, "epoch_s": round(epoch["seconds"], 1),
+            "train_steps_s": round(train_s, 1), "train_images": epoch["train_images"],
+            "validation_s": round(epoch["seconds"] - train_s, 1),
+            "val_images": epoch["n_images"], "test_images": result.get("n_images"),
+            "finish_s": round(run.result.stat().st_mtime - ckpt_time, 1),
+            "profiled": (result.get("profiling") or {}).get("sampled"),
+            "accuracy": epoch.get("accuracy")}  # fmt: skip
+
+
+def stage_report(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from cellmorph.report import build_report
+    from cellmorph.rundir import RunDir
+
+    page = build_report(RunDir(_config(work, args).run_dir))
+    return {"report_bytes": page.stat().st_size}
+
+
+def stage_predict(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from cellmorph.predict import predict
+    from cellmorph.rundir import RunDir
+
+    run = RunDir(_config(work, args).run_dir)
+    out = work / "predict"
+    shutil.rmtree(out, ignore_errors=True)
+    summary = predict(run.eval_checkpoint(), work / "store.zarr", out, device="cpu",
+                      loader_overrides={"num_workers": 0, "eval_batch_size": 512})  # fmt: skip
+    sizes = {p.name: p.stat().st_size for p in out.iterdir()}
+    return {"images": summary["images"], "wells": summary["wells"], "bytes": sizes,
+            "profiled": summary["profiling"].get("sampled")}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_stage(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one stage in a fresh process (its own peak RSS); returns its JSON."""
+    cmd = [sys.executable, __file__, "--stage", name, "--work", str(work.parent),
+           "--images", str(args.images), "--steps", str(args.steps),
+           "--label-column", args.label_column, "--top-k", str(args.top_k)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"failed": done.returncode, "stderr": done.stderr[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(name: str, work: Path, args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    out = globals()[f"stage_{name}"](work, args)
+    print(json.dumps({"seconds": round(time.perf_counter() - t0, 1),
+                      "peak_rss_mb": peak_rss_mb(), **out}, default=str))  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int)
+    p.add_argument("--work", type=Path, default=Path("data/scale"))
+    p.add_argument("--steps", type=int, default=200, help="training steps of the epoch")
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--label-column", default="Metadata_PlateType")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--make-metadata", type=Path, metavar="SRC",
+                   help="rewrite bench/jump_metadata/ from the JUMP tables in SRC")  # fmt: skip
+    args = p.parse_args()
+    if args.make_metadata:
+        make_jump_metadata(args.make_metadata)
+        return
+    work = args.work.resolve() / str(args.images)
+    if args.stage:
+        child(args.stage, work, args)
+        return
+    print(json.dumps(run_all(work, args)))
+
+
+def run_all(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    load = list(os.getloadavg())
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "store.zarr"
+    built = None
+    if args.rebuild or not (store / cstore.METADATA).is_file():
+        t = time.perf_counter()
+        md = jump_metadata(args.images)
+        built = {"metadata_s": round(time.perf_counter() - t, 1), **build_store(store, md)}
+        del md
+    stages = {name: run_stage(name, work, args) for name in args.stages.split(",")}
+    workers = (stages.get("train") or {}).get("per_worker_peak_rss_mb") or {}
+    return {"images": args.images, "stages": stages,
+            "per_worker_peak_rss_mb": max(workers.values()) if workers else None,
+            "build_store": built, "load_average_before": load,
+            "load_average_after": list(os.getloadavg()),
+            "machine": f"{os.cpu_count()} cores, torch threads {args.threads}",
+            "label_column": args.label_column, "steps": args.steps}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

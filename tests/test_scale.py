@@ -1,0 +1,122 @@
+"""What keeps memory bounded at millions of images: the metadata shared per node and read a row
+group at a time, sampled profiles and figures, vectorized conversion planning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_predict import make_store
+
+from cellmorph import store as cstore
+from cellmorph.sampling import (
+    PROFILE_MAX_WELLS,
+    PROFILE_NEGCON_WELLS,
+    PROFILE_PER_TREATMENT,
+    sample_wells,
+)
+
+
+@pytest.fixture
+def store_path(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setattr(cstore, "METADATA_ROW_GROUP", 7)  # many row groups in a small table
+    (tmp_path / "node-tmp").mkdir()  # this test's own node-wide cache folder
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "node-tmp"))  # for the processes it starts
+    return make_store(tmp_path / "store.zarr", plates=2, wells=4, sites=3)
+
+
+def _cache_files(tmp: Path) -> list[Path]:
+    return sorted((tmp / cstore.SHARED_CACHE).glob("*.arrow"))
+
+
+def test_projected_metadata_equals_the_full_table_and_is_memory_mapped(store_path, tmp_path):
+    full = cstore.open_store(store_path)
+    shared = cstore.open_store(store_path, columns=["Metadata_pert_iname", "no_such_column"])
+    wanted = [*cstore.KEYS, "Metadata_pert_iname", cstore.CHECKSUM, cstore.CHUNK_CRC]
+    assert sorted(shared.metadata.columns) == sorted(wanted)
+    pd.testing.assert_frame_equal(shared.metadata, full.metadata[list(shared.metadata.columns)])
+    (cache,) = _cache_files(tmp_path / "node-tmp")
+    maps = Path("/proc/self/maps").read_text()
+    assert str(cache) in maps  # the columns live in the mapped file, not in this process
+
+
+def test_processes_of_a_node_share_one_cache_file(store_path, tmp_path):
+    cstore.open_store(store_path, columns=["Metadata_pert_iname"])
+    (cache,) = _cache_files(tmp_path / "node-tmp")
+    inode = cache.stat().st_ino
+    code = ("import sys; from cellmorph.store import open_store; "
+            "s = open_store(sys.argv[1], columns=['Metadata_pert_iname']); "
+            "print(len(s.metadata))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code, str(store_path)], env=env, text=True,
+                         capture_output=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "24"
+    assert _cache_files(tmp_path / "node-tmp") == [cache] and cache.stat().st_ino == inode
+
+
+def test_an_unusable_temporary_folder_keeps_the_columns_in_memory(store_path, tmp_path,
+                                                                   monkeypatch, caplog):  # fmt: skip
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a-file"))  # cannot hold a folder
+    store = cstore.open_store(store_path, columns=["Metadata_pert_iname"])
+    assert len(store.metadata) == 24 and "metadata stays in this process" in caplog.text
+
+
+def test_a_damaged_cache_is_never_trusted_over_the_store(store_path, tmp_path):
+    """The cache is keyed by the store's metadata digest: a store converted again (another
+    digest) gets its own file, never the old one's rows."""
+    cstore.open_store(store_path, columns=[])
+    md = cstore.open_store(store_path).metadata.copy()
+    md["Metadata_Well"] = md["Metadata_Well"].str.replace("A", "B")
+    cstore.write_metadata(store_path, md)
+    again = cstore.open_store(store_path, columns=[])
+    assert set(again.metadata["Metadata_Well"].str[0]) == {"B"}
+    assert len(_cache_files(tmp_path / "node-tmp")) == 2
+
+
+def test_metadata_rows_stream_across_row_groups(store_path):
+    store = cstore.open_store(store_path, columns=[])
+    full = cstore.open_store(store_path).metadata
+    reader = store.metadata_rows(["Metadata_Well", "checksum"])
+    assert reader.file.metadata.num_row_groups == 4  # 24 rows in groups of 7
+    taken = [reader.take(rows) for rows in (np.array([0, 3, 6, 7]), np.array([13, 20, 23]))]
+    got = pd.concat([t.to_pandas() for t in taken], ignore_index=True)
+    expected = full.iloc[[0, 3, 6, 7, 13, 20, 23]][["Metadata_Well", "checksum"]]
+    pd.testing.assert_frame_equal(got, expected.reset_index(drop=True), check_dtype=False)
+    assert reader.take(np.zeros(0, np.int64)).num_rows == 0
+    with pytest.raises(cstore.StoreError, match="outside"):
+        reader.take(np.array([24]))
+
+
+def test_profile_sample_caps_treatments_controls_and_wells():
+    rng = np.random.default_rng(0)
+    treatment = np.array([f"t{i}" for i in rng.integers(0, 400, 20_000)], dtype=object)
+    treatment[:3000] = "DMSO"
+    treatment[3000:6000] = "poscon"  # a control in thousands of wells
+    negcon = treatment == "DMSO"
+    picked = sample_wells(treatment, negcon, seed=1)
+    assert len(picked) <= PROFILE_MAX_WELLS and (np.diff(picked) > 0).all()
+    counts = pd.Series(treatment[picked]).value_counts()
+    assert (
+        counts["DMSO"] <= PROFILE_NEGCON_WELLS
+        and counts.drop("DMSO").max() <= PROFILE_PER_TREATMENT
+    )
+    assert (counts.drop("DMSO") >= 2).mean() > 0.9  # treatments keep replicates to compare
+    np.testing.assert_array_equal(picked, sample_wells(treatment, negcon, seed=1))
+    small = np.array(["a", "a", "b", "b", "DMSO", "DMSO"])  # a small fold: every well
+    assert list(sample_wells(small, small == "DMSO", seed=1)) == list(range(6))
+
+
+def test_site_keys_match_the_row_by_row_keys():
+    from conversion.pack import site_key, site_keys
+
+    sites = pd.DataFrame({"Metadata_Plate": ["P1", "0001", "NA"], "Metadata_Well": ["A01"] * 3,
+                          "Metadata_Site": ["1", "2", "10"], "other": [1, 2, 3]})  # fmt: skip
+    assert list(site_keys(sites)) == [site_key(r) for _, r in sites.iterrows()]
