@@ -272,24 +272,24 @@ def _config(work: Path, args: argparse.Namespace) -> Any:
 def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Conversion's planning and statistics on N sites, header probes answered from memory."""
     from cellmorph.config import ConvertConfig
-    from conversion import pack
+    from conversion import pack, tiffs
     from conversion.tables import SOURCES, Inputs
 
     md = jump_metadata(args.images)
     md["Metadata_Well"] = md["Metadata_Well"].astype(object)
     sources = md[[f"source_{c}" for c in CHANNELS]].to_numpy()
-    md[SOURCES] = [[(p, 0) for p in paths] for paths in sources]
+    md[SOURCES] = [[(p, -1) for p in paths] for paths in sources]
     cfg = ConvertConfig(channels=CHANNELS, size=SIZE, shard_size=SHARD, negcon=NEGCON,
                         label_column="Metadata_JCP2022")  # fmt: skip
     t = {"tables_s": time.perf_counter()}
     inputs = Inputs(md.drop(columns=[f"source_{c}" for c in CHANNELS]))
 
-    def answer(_fn: Any, chunks: list) -> Any:  # the probe of each TIFF header, without files
-        for chunk in chunks:
-            yield [(row, ([[p, 2_332_800, 1_700_000_000_000_000_000] for p, _ in src], "uint16"))
-                   for row, src, *_ in chunk]  # fmt: skip
+    # The TIFF headers are answered from memory (one 1080 x 1080 uint16 plane per file); the
+    # rest of the probe (per-site checks, the stat digest) is conversion's own code.
+    header = tiffs.FileInfo(1, 1080, 1080, "uint16", 2_332_800, 1_700_000_000_000_000_000)
+    tiffs.probe_file = lambda path: header
 
-    sites = pack.probe_all(inputs, cfg, {}, answer)
+    sites = pack.probe_all(inputs, cfg, {}, pack.inline_map)
     t["probe_s"] = time.perf_counter()
     sites["_key"] = pack.site_keys(sites)
     inputs.sites = sites

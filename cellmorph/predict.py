@@ -175,9 +175,20 @@ class _WellTable:
         self.classes, self.dim = classes, dim
         self.tmp = atomic.temp_path(out / f"{WELLS_PARQUET}.part")
         self.writer: pq.ParquetWriter | None = None
+        self.buffer: list[tuple[np.ndarray, ...]] = []  # closed wells, OUTPUT_ROWS at a time
 
     def add(self, codes: np.ndarray, counts: np.ndarray, probs: np.ndarray,
             emb: np.ndarray) -> None:  # fmt: skip
+        self.buffer.append((codes, counts, probs, emb))
+        if sum(len(b[0]) for b in self.buffer) >= OUTPUT_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """One row group: a writer's footer grows with row groups x columns (1,280 here)."""
+        if not self.buffer:
+            return
+        codes, counts, probs, emb = (np.concatenate(c) for c in zip(*self.buffer))
+        self.buffer = []
         cols = {"_code": pa.array(codes, pa.int64()), "n_images": pa.array(counts, pa.int64()),
                 "pred_name": pa.array(np.asarray(self.classes, object)[probs.argmax(axis=1)],
                                       pa.string()),
@@ -197,7 +208,8 @@ class _WellTable:
             raise CellmorphError("no wells were predicted")
         n, writer = 0, None
         with atomic.atomic_path(path) as target:
-            for batch in pq.ParquetFile(self.tmp).iter_batches(batch_size=OUTPUT_ROWS):
+            wells = pq.ParquetFile(self.tmp, pre_buffer=False)  # not the whole file ahead
+            for batch in wells.iter_batches(batch_size=OUTPUT_ROWS):
                 codes = batch.column("_code").to_numpy()
                 info = constants.take(pa.array(position[codes]))
                 cols = dict(zip(info.column_names, info.columns))
@@ -211,11 +223,13 @@ class _WellTable:
         return n
 
     def close(self) -> None:
+        self._flush()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
 
     def abort(self) -> None:
+        self.buffer = []
         with contextlib.suppress(OSError):
             self.close()
         self.tmp.unlink(missing_ok=True)

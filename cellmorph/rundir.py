@@ -45,7 +45,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.store import STORE_ROW, MetadataRows
 
 # Rows per row group of the per-image outputs (what a writer or reader holds at a time).
-OUTPUT_ROWS = 16_384
+OUTPUT_ROWS = 8_192
 
 CHECKPOINTS = "checkpoints"
 
@@ -216,7 +216,8 @@ class RunDir:
         missing = [str(p) for p in parts if not p.is_file()]
         if missing:
             raise CellmorphError(f"{fold} outputs: rank part(s) {', '.join(missing)} missing")
-        files = [pq.ParquetFile(p) for p in parts]
+        # pre_buffer=False: by default pyarrow reads a whole file ahead of the batches asked for
+        files = [pq.ParquetFile(p, pre_buffer=False) for p in parts]
         n = sum(f.metadata.num_rows for f in files)
         dim = next((f.schema_arrow.field("embedding").type.list_size for f in files
                     if f.metadata.num_rows), 0)  # fmt: skip
@@ -228,9 +229,11 @@ class RunDir:
             for f in files:
                 for batch in f.iter_batches(batch_size=OUTPUT_ROWS):
                     table, emb = _prediction_table(batch, classes, metadata)
-                    emb_file.write(np.ascontiguousarray(emb, "<f4").tobytes())
+                    emb_file.write(np.ascontiguousarray(emb, "<f4"))
                     writer = writer or pq.ParquetWriter(preds, table.schema)
                     writer.write_table(table)
+                    del table, emb, batch
+                    pa.default_memory_pool().release_unused()  # a row group at a time, really
             if writer is None:  # an empty fold: a file with the columns, no rows
                 writer = pq.ParquetWriter(
                     preds, _prediction_table(None, classes, metadata)[0].schema
@@ -379,6 +382,8 @@ class OutputPart:
         })  # fmt: skip
         self.writer = self.writer or pq.ParquetWriter(self.tmp, table.schema)
         self.writer.write_table(table)
+        del table
+        pa.default_memory_pool().release_unused()  # else the pool keeps every buffer's pages
 
     def close(self) -> None:
         """Finish the part (an empty one when this rank had no images)."""

@@ -531,7 +531,8 @@ class MetadataRows:
 
     def __init__(self, store: Store, columns: Sequence[str] | None = None):
         self.names = list(columns) if columns is not None else store.metadata_columns()
-        self.file = pq.ParquetFile(store.metadata_file) if store.metadata_file else None
+        file = store.metadata_file
+        self.file = pq.ParquetFile(file, pre_buffer=False) if file else None
         if self.file is None:
             self.frame = pa.Table.from_pandas(store.metadata[self.names], preserve_index=False)
             return

@@ -21,6 +21,7 @@ absent, empty or a cellmorph store, and never holds an input.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -154,7 +155,8 @@ ProbeItem = tuple[int, list[Source], list[str], tuple[int, int] | None, int]
 
 
 def probe_chunk(chunk: list[ProbeItem]) -> list:
-    """Probe sites' headers: (row, (file stats, dtype)) on success, (row, reason) on failure."""
+    """Probe sites' headers: (row, (digest of the files' paths, sizes and mtimes, dtype)) on
+    success, (row, reason) on failure."""
     out = []
     for row, sources, names, illum_shape, size in chunk:
         try:
@@ -172,7 +174,7 @@ def probe_chunk(chunk: list[ProbeItem]) -> list:
                     f"({sources[0][0]}; it would be upsampled)"
                 )
             stats = [[p, i.size, i.mtime_ns] for p, i in infos.items()]
-            out.append((row, (stats, first.dtype)))
+            out.append((row, (digest(stats)[:16], first.dtype)))  # 16 characters, not a list
         except BadImage as e:
             out.append((row, str(e)))
     return out
@@ -229,8 +231,9 @@ def probe_all(inputs: Inputs, cfg: ConvertConfig, illum: dict, mapper: Mapper) -
     """Probe every site; move failures to quarantine; return survivors with a ``_stat`` column."""
     sites = inputs.sites
     shapes = {plate: _illum_shape(paths) for plate, paths in illum.items()}
+    channels = list(cfg.channels)  # one list for every site (millions of copies otherwise)
     items = [
-        (i, src, list(cfg.channels), shapes.get(plate), cfg.size)
+        (i, src, channels, shapes.get(plate), cfg.size)
         for i, (src, plate) in enumerate(zip(sites[SOURCES], sites[PLATE]))
     ]
     chunks = [items[i : i + PROBE_CHUNK] for i in range(0, len(items), PROBE_CHUNK)]
@@ -283,12 +286,12 @@ def site_keys(sites: pd.DataFrame) -> pd.Series:
 def fingerprint(sites: pd.DataFrame, cfg: ConvertConfig, illum: dict) -> str:
     """Identify the job: settings that change bytes, every site's metadata, files and stats."""
     settings = cfg.model_dump(mode="json", exclude={"workers"})
-    table = sites.drop(columns=[SOURCES]).astype(str)
-    rows = pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes()
+    columns = [c for c in sites.columns if c != SOURCES]
+    rows = hashlib.sha256()
+    for c in columns:  # a column at a time: millions of sites as text would not fit
+        rows.update(pd.util.hash_pandas_object(sites[c].astype(str), index=False).to_numpy())
     illum_stats = {p: Path(p).stat().st_mtime_ns for ps in illum.values() for p in ps}
-    return digest(
-        [cstore.FORMAT_VERSION, settings, list(table.columns), digest(rows.hex()), illum_stats]
-    )
+    return digest([cstore.FORMAT_VERSION, settings, columns, rows.hexdigest(), illum_stats])
 
 
 def shard_tasks(plan: pd.DataFrame, out: str, shard: int, fp: str, cfg: ConvertConfig,
@@ -297,7 +300,7 @@ def shard_tasks(plan: pd.DataFrame, out: str, shard: int, fp: str, cfg: ConvertC
     groups = platestats.group_keys(plan, PLATE, cfg.negcon)
     for index, start in enumerate(range(0, len(plan), shard)):
         part = plan.iloc[start : start + shard]
-        sites = [(list(s), illum.get(p, [])) for s, p in zip(part[SOURCES], part[PLATE])]
+        sites = [(s, illum.get(p, [])) for s, p in zip(part[SOURCES], part[PLATE])]
         key = digest([fp, start, list(part["_key"]), [s for s, _ in sites]])
         part_groups = groups[start : start + shard]
         tasks.append(ShardTask(out, index, start, key, cfg.size, sites, part_groups, owner))
