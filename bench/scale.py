@@ -28,6 +28,11 @@ Prints one JSON object::
     {"images": N, "stages": {"<stage>": {"seconds": s, "peak_rss_mb": m, ...}},
      "per_worker_peak_rss_mb": m, ...}
 
+``peak_rss_mb`` is the kernel's peak resident set (VmHWM): it counts the pages of shared
+libraries (~0.5 GB of torch and friends) and of memory-mapped files (the metadata columns a node
+shares) in every process; ``peak_anon_mb`` is the largest private memory (RssAnon, polled every
+0.2 s), what a process adds to its node.
+
 Run: ``.venv/bin/python bench/scale.py --images 300000 [--work DIR] [--steps 200]``. The work
 folder keeps the store between runs of the same N (``--rebuild`` to build it again).
 """
@@ -216,19 +221,53 @@ def _finish_store(path: Path, md: pd.DataFrame, checksums: list[str], crcs: list
 # --------------------------------------------------------------------------- measuring
 
 
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """The process's peak resident set (VmHWM), in MB."""
+def _status(pid: int | str, key: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
 
 
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """The process's peak resident set (VmHWM), in MB: shared library pages and memory-mapped
+    files (the shared metadata columns) included."""
+    return _status(pid, "VmHWM:")
+
+
+def anon_mb(pid: int | str = "self") -> float:
+    """The process's private memory now (RssAnon), in MB: what no other process shares."""
+    return _status(pid, "RssAnon:")
+
+
+class AnonPeak:
+    """The largest RssAnon of some processes, polled every 0.2 s."""
+
+    def __init__(self, pids: Any):
+        self.pids, self.peaks = pids, {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.2):
+            for key, pid in self.pids().items():
+                try:
+                    self.peaks[key] = max(self.peaks.get(key, 0.0), anon_mb(pid))
+                except OSError:  # ended
+                    continue
+
+    def result(self) -> dict[Any, float]:
+        self.stop.set()
+        self.thread.join()
+        return self.peaks
+
+
 class WorkerWatch:
-    """Polls the peak RSS of the run's worker processes (events.jsonl names them)."""
+    """Polls the peak RSS (and private memory) of the run's workers (events.jsonl names them)."""
 
     def __init__(self, run: Path):
-        self.events, self.peaks = run / "events.jsonl", {}
+        self.events, self.peaks, self.workers = run / "events.jsonl", {}, {}
+        self.anon = AnonPeak(lambda: dict(self.workers))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
@@ -241,16 +280,17 @@ class WorkerWatch:
                 continue
             for line in lines:
                 for w in json.loads(line).get("workers", []):
+                    self.workers[w["rank"]] = w["pid"]
                     try:
                         peak = peak_rss_mb(w["pid"])
                     except OSError:  # the worker has ended
                         continue
                     self.peaks[w["rank"]] = max(self.peaks.get(w["rank"], 0.0), peak)
 
-    def result(self) -> dict[int, float]:
+    def result(self) -> tuple[dict[int, float], dict[int, float]]:
         self.stop.set()
         self.thread.join()
-        return self.peaks
+        return self.peaks, self.anon.result()
 
 
 # --------------------------------------------------------------------------- stages
@@ -276,13 +316,15 @@ def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from conversion.tables import SOURCES, Inputs
 
     md = jump_metadata(args.images)
-    md["Metadata_Well"] = md["Metadata_Well"].astype(object)
-    sources = md[[f"source_{c}" for c in CHANNELS]].to_numpy()
-    md[SOURCES] = [[(p, -1) for p in paths] for paths in sources]
+    paths = [f"source_{c}" for c in CHANNELS]
+    # What a layout hands to planning: one list of (file, page) per site, no path columns.
+    md[SOURCES] = [[(p, -1) for p in site] for site in md[paths].to_numpy()]
+    md = md.drop(columns=paths)
     cfg = ConvertConfig(channels=CHANNELS, size=SIZE, shard_size=SHARD, negcon=NEGCON,
                         label_column="Metadata_JCP2022")  # fmt: skip
     t = {"tables_s": time.perf_counter()}
-    inputs = Inputs(md.drop(columns=[f"source_{c}" for c in CHANNELS]))
+    inputs = Inputs(md)
+    del md
 
     # The TIFF headers are answered from memory (one 1080 x 1080 uint16 plane per file); the
     # rest of the probe (per-site checks, the stat digest) is conversion's own code.
@@ -351,12 +393,13 @@ def stage_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     watch = WorkerWatch(cfg.run_dir)
     run = run_ray_training(cfg, quiet=True)
-    peaks = watch.result()
+    peaks, anon = watch.result()
     epoch = run.history()[-1]
     train_s = epoch["train_images"] / epoch["train_images_per_s"]
     result = run.read_result()
     ckpt_time = run.last_checkpoint.stat().st_mtime
-    return {"per_worker_peak_rss_mb": peaks, "epoch_s": round(epoch["seconds"], 1),
+    return {"per_worker_peak_rss_mb": peaks, "per_worker_peak_anon_mb": anon,
+            "epoch_s": round(epoch["seconds"], 1),
             "train_steps_s": round(train_s, 1), "train_images": epoch["train_images"],
             "validation_s": round(epoch["seconds"] - train_s, 1),
             "val_images": epoch["n_images"], "test_images": result.get("n_images"),
@@ -406,10 +449,12 @@ def child(name: str, work: Path, args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    anon = AnonPeak(lambda: {"self": os.getpid()})
     t0 = time.perf_counter()
     out = globals()[f"stage_{name}"](work, args)
-    print(json.dumps({"seconds": round(time.perf_counter() - t0, 1),
-                      "peak_rss_mb": peak_rss_mb(), **out}, default=str))  # fmt: skip
+    seconds = round(time.perf_counter() - t0, 1)
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+                      "peak_anon_mb": anon.result().get("self"), **out}, default=str))  # fmt: skip
 
 
 def main() -> None:
@@ -447,9 +492,12 @@ def run_all(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         built = {"metadata_s": round(time.perf_counter() - t, 1), **build_store(store, md)}
         del md
     stages = {name: run_stage(name, work, args) for name in args.stages.split(",")}
-    workers = (stages.get("train") or {}).get("per_worker_peak_rss_mb") or {}
+    train = stages.get("train") or {}
+    workers = train.get("per_worker_peak_rss_mb") or {}
+    anon = train.get("per_worker_peak_anon_mb") or {}
     return {"images": args.images, "stages": stages,
             "per_worker_peak_rss_mb": max(workers.values()) if workers else None,
+            "per_worker_peak_anon_mb": max(anon.values()) if anon else None,
             "build_store": built, "load_average_before": load,
             "load_average_after": list(os.getloadavg()),
             "machine": f"{os.cpu_count()} cores, torch threads {args.threads}",
