@@ -141,11 +141,11 @@ class LoaderConfig(Section):
     """Batches for training and evaluation: which loader, how big, which augmentations."""
 
     kind: Literal["torch", "dali"] = "torch"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1, description="per worker: the global batch is x workers")
     eval_batch_size: int = Field(128, ge=1)
     num_workers: int = Field(1, ge=0)
     image_size: int = Field(128, ge=8)
-    augment: list[AugmentOp] = ["hflip", "vflip", "rotate", "brightness_contrast"]
+    augment: list[AugmentOp] = ["hflip", "vflip", "rot90", "rotate", "brightness_contrast"]
     rotate_degrees: float = Field(10.0, ge=0.0, le=180.0)
     brightness: float = Field(0.1, ge=0.0, le=1.0)
     contrast: float = Field(0.1, ge=0.0, le=1.0)
@@ -191,7 +191,7 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(12, ge=1)
     min_steps: int = Field(
-        400, ge=0,
+        300, ge=0,
         description="small data: add epochs until the run takes at least this many optimizer "
         "steps (0, or train.max_steps_per_epoch set: exactly train.epochs)",
     )  # fmt: skip

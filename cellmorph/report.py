@@ -548,7 +548,28 @@ def _summary_section(run: Run) -> str:
     out = _table(["", ""], scalars, "kv") if scalars else "<p>data_summary.json is missing.</p>"
     warns = "".join(f"<li>{_esc(w)}</li>" for w in run.summary.get("warnings") or [])
     warns = f"<h3>Warnings</h3><ul class='notes'>{warns}</ul>" if warns else ""
-    return f"<h2>Data</h2>{warns}{out}{_quarantine_table(run)}"
+    return f"<h2>Data</h2>{warns}{_unvalidated(run)}{out}{_quarantine_table(run)}"
+
+
+UNVALIDATED = [
+    ("classes_single_well", "in a single well of the whole data: never scored on a new well"),
+    ("classes_single_plate", "on a single plate: never scored on a new plate"),
+    ("classes_without_val", "without validation images in this run"),
+    ("classes_without_test", "without test images in this run"),
+]
+
+
+def _unvalidated(run: Run) -> str:
+    """Name the classes whose scores a grouped or plate split cannot give (or did not here)."""
+    items = []
+    for key, what in UNVALIDATED:
+        names = run.summary.get(key) or []
+        if names:
+            shown = ", ".join(map(str, names[:30])) + (" ..." if len(names) > 30 else "")
+            items.append(f"<li><b>{len(names)} class(es) {_esc(what)}</b>: {_esc(shown)}</li>")
+    if not items:
+        return ""
+    return f"<h3>Classes that cannot be validated</h3><ul id='unvalidated'>{''.join(items)}</ul>"
 
 
 def _quarantine_table(run: Run) -> str:

@@ -176,6 +176,9 @@ def recalibrate_bn(model: nn.Module, loader: Loader | None, ctx: Context) -> Non
                 buf /= ctx.world_size
 
 
+TOO_FEW_STEPS = 200  # below this, a model trained from scratch stays near chance (measured)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How long and how fast: sized in optimizer steps, so small data still learns."""
@@ -193,11 +196,17 @@ class Schedule:
 
     def describe(self) -> str:
         added = f" (+{self.added_epochs} for train.min_steps)" if self.added_epochs else ""
-        return (
+        text = (
             f"schedule: {self.epochs} epochs{added} x {self.steps_per_epoch} steps = "
             f"{self.total} optimizer steps, global batch {self.global_batch}, peak lr "
             f"{self.lr:.2e}, warm-up {self.warmup} steps"
         )
+        if self.total < TOO_FEW_STEPS:
+            text += (
+                f"\nwarning: {self.total} optimizer steps are too few to learn from scratch; "
+                "raise train.epochs or train.min_steps (or lower loader.batch_size)"
+            )
+        return text
 
 
 def plan_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Schedule:
