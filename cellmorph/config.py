@@ -17,6 +17,7 @@ from cellmorph import atomic
 from cellmorph.augment import OP_NAMES
 from cellmorph.errors import CellmorphError
 from cellmorph.metrics import SCORE_MODES, score_mode, topk_name
+from cellmorph.remote import AnyPath, as_path
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -163,6 +164,12 @@ class LoaderConfig(Section):
     reader_threads: int = Field(2, ge=1, description="decode threads of the shard reader")
     prefetch: int = Field(2, ge=1, description="batches ahead per worker (torch) / queue (DALI)")
     dali_threads: int = Field(2, ge=1, description="DALI pipeline num_threads")
+    cache_dir: str | None = Field(
+        None,
+        description="a store at a URL (s3://): keep fetched shard bytes in this local folder, "
+        "so later epochs read local disk; None: fetch every epoch",
+    )
+    cache_gb: float = Field(50.0, gt=0.0, description="the most disk loader.cache_dir may use")
 
 
 class ModelConfig(Section):
@@ -271,8 +278,9 @@ class Config(Section):
         return score_mode(self.train.best_metric, self.eval.top_k) or "max"
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.run_root) / self.name
+    def run_dir(self) -> AnyPath:
+        """``<run_root>/<name>``: a local folder, or a prefix when run_root is a URL (s3://)."""
+        return as_path(self.run_root) / self.name
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

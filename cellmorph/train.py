@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -398,12 +397,12 @@ def finish(run: RunDir, t: Training, data: Data, cfg: Config, ctx: Context) -> d
 
 def fold_outputs(run: RunDir, data: Data, fold: str) -> FoldOutputs | None:
     """A fold's saved outputs (no intensity statistics), when only the files are left."""
-    if not run.predictions(fold).is_file():
+    frame = run.read_predictions(fold, columns=[STORE_ROW, "label"])
+    if frame is None:
         return None
-    frame = pd.read_parquet(run.predictions(fold), columns=[STORE_ROW, "label"])
     probs = np.zeros((len(frame), len(data.index.classes)), np.float32)
     rows = frame[STORE_ROW].to_numpy(np.int64)
-    return FoldOutputs(rows, probs, np.load(run.embeddings(fold)), frame["label"].to_numpy())
+    return FoldOutputs(rows, probs, run.read_embeddings(fold), frame["label"].to_numpy())
 
 
 def profile(out: FoldOutputs | None, data: Data, cfg: Config) -> dict[str, Any]:
@@ -499,9 +498,14 @@ def check_storage_shared(run: RunDir, ctx: Context) -> None:
         marker.unlink(missing_ok=True)
     if not all(seen):
         blind = [r for r, ok in enumerate(seen) if not ok]
+        if run.remote:
+            raise CellmorphError(
+                f"run_root: ranks {blind} cannot read rank 0's objects in {run.path}; give every "
+                "node the same endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)"
+            )
         raise CellmorphError(
             f"run_root: {run.path} is not shared between nodes (ranks {blind} cannot see rank "
-            "0's files); point run_root at a shared filesystem (NFS, Lustre, a mounted bucket)"
+            "0's files); point run_root at a shared filesystem (NFS, Lustre) or a bucket (s3://)"
         )
 
 
