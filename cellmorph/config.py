@@ -240,6 +240,18 @@ class EvalConfig(Section):
     sample_grid_per_class: int = Field(4, ge=0)
 
 
+class TrackingConfig(Section):
+    """Experiment tracking (MLflow); off unless ``mlflow_uri`` is set."""
+
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking server (http://host:5000); None: nothing is sent"
+    )
+    experiment: str = Field("cellmorph", min_length=1)
+    parent_run_id: str | None = Field(
+        None, description="set by a sweep: each trial is a child run of the sweep's run"
+    )
+
+
 class Config(Section):
     """The whole tree: one per run, written to ``runs/<name>/config.yaml``."""
 
@@ -255,6 +267,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _name_is_a_folder(self) -> Config:

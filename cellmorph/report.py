@@ -670,6 +670,10 @@ def make_figures(run: Run) -> list[tuple[Path, str]]:
 
 def build_report(run_dir: RunDir) -> Path:
     """Draw the figures and write ``report.html`` in the run directory; returns the page's path."""
+    from cellmorph.tracking import log_report
+
     run = load_run(run_dir)
     figures = make_figures(run)
-    return atomic.write_text(run_dir.report, render_html(run, figures))
+    page = atomic.write_text(run_dir.report, render_html(run, figures))
+    log_report(run_dir)  # into the run's MLflow run, when it has one
+    return page

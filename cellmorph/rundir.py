@@ -13,6 +13,7 @@
       val_embeddings.npy       its embeddings, same row order
       test_predictions.parquet, test_embeddings.npy   the same for the test fold
       events.jsonl             start / resume events (with the worker processes)
+      tracking.json            the MLflow run this run logs to (tracking.mlflow_uri)
       progress.json            the current epoch's step, for the launcher's progress bar
       checkpoints/             last.pt, best.pt, best-epochNNN.pt
       logs/                    rank 0's log, Ray's driver log
@@ -151,6 +152,11 @@ class RunDir:
         return self.path / "ray"
 
     @property
+    def tracking(self) -> AnyPath:
+        """The run's MLflow run (``tracking.mlflow_uri``): resumes log to the same one."""
+        return self.path / "tracking.json"
+
+    @property
     def placement_group(self) -> AnyPath:
         """The Train worker group's placement group id (a Tune sweep releases it)."""
         return self.path / ".ray_placement_group"
@@ -234,6 +240,9 @@ class RunDir:
         frame = pd.concat([frame, probs], axis=1)
         atomic.write_with(self.predictions(fold), lambda p: frame.to_parquet(p, index=False))
         save_npy(self.embeddings(fold), np.asarray(out.embeddings, dtype=np.float32))
+
+    def write_tracking(self, info: dict[str, Any]) -> None:
+        atomic.write_text(self.tracking, json.dumps(info, indent=2))
 
     def write_audit(self, audit: dict[str, Any]) -> None:
         atomic.write_text(self.audit, json.dumps(audit, indent=2))

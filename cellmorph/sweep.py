@@ -334,7 +334,14 @@ def run_sweep(sweep: SweepConfig, base: Config) -> AnyPath:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from cellmorph import tracking
+
     out, base, fit = prepare_sweep(sweep, base)
+    parent = tracking.start_sweep(
+        base, sweep.name, {k: d.model_dump() for k, d in sweep.space.items()}
+    )
+    if parent is not None:  # each trial's run is a child of the sweep's
+        base = trial_config(base, {"tracking.parent_run_id": parent}, base.name)
     trainable = tune.with_parameters(_trial, base=config_to_dict(base))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": sweep.trial_cpus}),
@@ -364,7 +371,9 @@ def run_sweep(sweep: SweepConfig, base: Config) -> AnyPath:
             raise CellmorphError(f"sweep {sweep.name}: every trial failed; first error: {first}")
         print(f"sweep {sweep.name}: {len(errors)} of {len(results)} trials failed: {first}")
     best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
-    return _write_best(out, base, best, results.get_dataframe(), sweep.metric)
+    written = _write_best(out, base, best, results.get_dataframe(), sweep.metric)
+    tracking.finish_sweep(base, parent, {sweep.metric: best.metrics.get(sweep.metric)})
+    return written
 
 
 def _one_line(error: BaseException) -> str:

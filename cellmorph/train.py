@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellmorph import atomic
+from cellmorph import atomic, tracking
 from cellmorph.checkpoint import (
     CheckpointSaver,
     check_compatible,
@@ -432,6 +432,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         summary = {**describe(data.store), **data.index.summary, "schedule": asdict(schedule)}
         run.create(config_to_dict(cfg), data.index.classes, cfg.data.label_column, summary)
         run.begin(start, workers)
+    tracker = tracking.start(cfg, run) if ctx.is_main else None  # None unless configured
     check_storage_shared(run, ctx)
     wrap(t, cfg.train, ctx)
     progress = StepProgress(run, schedule.epochs, enabled=ctx.is_main, console=ctx.console,
@@ -449,12 +450,17 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
             record["seconds"] = time.perf_counter() - t0
             end_epoch(run, saver, t, data, cfg, record, val)
             progress.end_epoch(record)
+            if tracker is not None:
+                tracker.log_epoch(record)
         ctx.barrier()
         if ctx.report is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
             ctx.report(scalars, run.last_checkpoint if ctx.is_main else None)
     ctx.barrier()
-    return finish(run, t, data, cfg, ctx)
+    result = finish(run, t, data, cfg, ctx)
+    if tracker is not None:
+        tracker.finish()
+    return result
 
 
 def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:

@@ -222,3 +222,18 @@ def bucket(s3_server, request: pytest.FixtureRequest) -> str:
 
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
     return s3_server.make_bucket(f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """``mlflow server`` with a file-store backend on a free port of 127.0.0.1: its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    exe = server_exe("mlflow")
+    argv = [str(exe), "server", "--backend-store-uri", str(root / "store"),
+            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1"]  # fmt: skip
+    server = ServerProcess(argv, f"http://127.0.0.1:{port}", root / "server.log",
+                           env={"MLFLOW_ALLOW_FILE_STORE": "true"}, ready_path="/health")  # fmt: skip
+    yield server.url
+    server.stop()
