@@ -214,7 +214,9 @@ def list_objects(url: str) -> list[tuple[str, int]]:
     out = []
     with errors(url):
         for batch in obstore.list(store, prefix=prefix or None):
-            out += [(m["path"][len(prefix) :], int(m["size"])) for m in batch]
+            # Keys ending in "/" are folder markers some writers (pyarrow) put: not files.
+            out += [(m["path"][len(prefix) :], int(m["size"])) for m in batch
+                    if not m["path"].endswith("/")]  # fmt: skip
     return out
 
 

@@ -228,13 +228,16 @@ def test_run_directory_in_a_bucket_trains_resumes_and_reports(
     store = f"{bucket}/store.zarr"
     for key, data in _local_files(tiny_plate).items():
         remote.write(f"{store}/{key}", data)
-    cfg = small_cfg("url", f"run_root={root}", f"data.store={store}", "train.epochs=1",
+    fast = ("train.max_steps_per_epoch=2", "train.bn_calibration_images=16")
+    cfg = small_cfg("url", f"run_root={root}", f"data.store={store}", "train.epochs=1", *fast,
                     "loader.cache_dir=" + str(tmp_path / "cache"))  # fmt: skip
     run = run_local(cfg)
     assert isinstance(run.path, URLPath) and str(run.path) == f"{root}/url"
     assert [r["epoch"] for r in run.history()] == [0] and run.last_checkpoint.is_file()
     # Submitted again with more epochs: resumes from the bucket's last.pt, each epoch once.
-    run = run_local(small_cfg("url", f"run_root={root}", f"data.store={store}", "train.epochs=2"))
+    run = run_local(
+        small_cfg("url", f"run_root={root}", f"data.store={store}", "train.epochs=2", *fast)
+    )
     assert [r["epoch"] for r in run.history()] == [0, 1]
     assert [e["event"] for e in run.read_events()] == ["start", "resume"]
     assert cli.main(["evaluate", str(run.path), "--report-only"]) == 0

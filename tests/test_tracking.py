@@ -8,6 +8,7 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.slow
+FAST = ("train.max_steps_per_epoch=2", "train.bn_calibration_images=16")
 
 
 def test_a_run_logs_params_epochs_and_artifacts_and_resumes_into_the_same_run(
@@ -19,7 +20,7 @@ def test_a_run_logs_params_epochs_and_artifacts_and_resumes_into_the_same_run(
     from cellmorph.rundir import RunDir
     from cellmorph.train import run_local
 
-    uri = ("tracking.mlflow_uri=" + mlflow_server, "tracking.experiment=cm-test")
+    uri = ("tracking.mlflow_uri=" + mlflow_server, "tracking.experiment=cm-test", *FAST)
     run = run_local(small_cfg("tracked", "train.epochs=1", *uri))
     run = run_local(small_cfg("tracked", "train.epochs=2", *uri))  # resumed: same MLflow run
     build_report(run)
@@ -45,7 +46,7 @@ def test_a_trial_is_a_child_of_its_sweep(mlflow_server, small_cfg) -> None:
     from cellmorph.train import run_local
 
     base = small_cfg("sweep-base", "train.epochs=1", f"tracking.mlflow_uri={mlflow_server}",
-                     "tracking.experiment=cm-sweep")  # fmt: skip
+                     "tracking.experiment=cm-sweep", *FAST)  # fmt: skip
     parent = tracking.start_sweep(base, "sweep", {"optim.lr": {"choice": [0.01]}})
     trial = trial_config(base, {"tracking.parent_run_id": parent, "optim.lr": 0.01}, "trial-1")
     run = run_local(trial)
