@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         "s3_vs_local": round(best["s3"] / best["local"], 3),
         "warm_cache_vs_local": round(best["s3_cache_warm"] / best["local"], 3),
         "cold_cache_vs_local": round(cold / best["local"], 3),
-        "fetched_after_warm_pass_bytes": cached.fetched_bytes,
+        "fetched_bytes_cold_and_warm_pass": cached.fetched_bytes,  # the warm pass adds 0
         "goals": {"s3_vs_local": 0.5, "warm_cache_vs_local": 0.9},
     }  # fmt: skip
 
