@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cellmorph import atomic
+from cellmorph import atomic, remote
 from cellmorph.checkpoint import Checkpoint, read_checkpoint
 from cellmorph.config import Config, LoaderConfig, validate
 from cellmorph.errors import CellmorphError
@@ -31,6 +32,7 @@ from cellmorph.loaders import build_loader
 from cellmorph.loaders.normalize import Normalization, for_inference, from_store
 from cellmorph.model import CellNet, build_model
 from cellmorph.profiling import intensity_features, negcon_mask, profiling_report
+from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.store import PLATE, STORE_ROW, WELL, Store, open_store, well_ids
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -187,7 +189,8 @@ def _well_constants(metadata: pd.DataFrame) -> pd.DataFrame:
 class PredictionWriter:
     """Appends per-image predictions (CSV) and embeddings (parquet) batch by batch."""
 
-    def __init__(self, out: Path, metadata: pd.DataFrame, classes: list[str], top_k: int, dim: int):
+    def __init__(self, out: AnyPath, metadata: pd.DataFrame, classes: list[str], top_k: int,
+                 dim: int):  # fmt: skip
         self.out, self.classes, self.top_k = out, classes, min(top_k, len(classes))
         self.meta = pa.Table.from_pandas(metadata, preserve_index=False)
         self.names = np.asarray(classes, dtype=object)
@@ -197,8 +200,13 @@ class PredictionWriter:
         self.parquet: pq.ParquetWriter | None = None
         self.dim = dim
         # Streamed under temporary names and renamed at the end: a predictions.csv that exists
-        # is a complete one.
-        self.tmp = {n: atomic.temp_path(out / n) for n in (PREDICTIONS_CSV, EMBEDDINGS_PARQUET)}
+        # is a complete one. Outputs for a bucket stream to local files, put there at the end.
+        names = (PREDICTIONS_CSV, EMBEDDINGS_PARQUET)
+        if isinstance(out, URLPath):
+            local = Path(tempfile.mkdtemp(prefix="cellmorph-predict-"))
+            self.tmp = {n: local / n for n in names}
+        else:
+            self.tmp = {n: atomic.temp_path(out / n) for n in names}
 
     def _base(self, rows: np.ndarray) -> pa.Table:
         table = self.meta.take(pa.array(rows))
@@ -234,7 +242,10 @@ class PredictionWriter:
         wells = self.wells.table(metadata, self.classes)
         atomic.write_with(self.out / WELLS_PARQUET, lambda p: wells.to_parquet(p, index=False))
         for name, tmp in self.tmp.items():
-            if tmp.exists():
+            if tmp.exists() and isinstance(self.out, URLPath):
+                remote.write(str(self.out / name), tmp)
+                tmp.unlink()
+            elif tmp.exists():
                 os.replace(tmp, self.out / name)
         return wells
 
@@ -327,13 +338,19 @@ def well_activity(sums: _WellSums, store: Store, label_column: str | None,
 def _check_out_outside(out: str | Path, store: Store) -> None:
     """Outputs never go into the store: it is a converted artefact, bound by its checksums."""
     root = store.path.resolve()
-    target = Path(out).resolve()
-    if target == root or root in target.parents:
+    target = as_path(out).resolve()
+    if type(root) is type(target) and (target == root or root in target.parents):
         raise CellmorphError(f"--out {out} is inside the store {store.path}; choose another folder")
 
 
-def _output_dir(out: str | Path) -> Path:
-    p = Path(out)
+def _output_dir(out: str | AnyPath) -> AnyPath:
+    p = as_path(out)
+    if isinstance(p, URLPath):
+        if p.is_file():
+            raise CellmorphError(
+                f"--out {p} is an object; give a prefix for the prediction outputs"
+            )
+        return p
     if p.exists() and not p.is_dir():
         raise CellmorphError(f"--out {p} is a file; give a folder for the prediction outputs")
     try:

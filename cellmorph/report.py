@@ -28,7 +28,7 @@ from cellmorph.errors import CellmorphError  # noqa: E402
 from cellmorph.loaders import ShardReader  # noqa: E402
 from cellmorph.metrics import topk_name  # noqa: E402
 from cellmorph.rundir import RunDir  # noqa: E402
-from cellmorph.store import QUARANTINE, open_store  # noqa: E402
+from cellmorph.store import QUARANTINE, open_store, read_file, read_quarantine  # noqa: E402
 
 # Additive colours for a composite, by channel name (Cell Painting's usual display colours).
 CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {
@@ -144,10 +144,8 @@ def load_run(run: RunDir) -> Run:
         audit=run.read_json(run.audit, required=False),
     )
     fold = _fold(loaded)
-    if run.predictions(fold).is_file():
-        loaded.predictions = pd.read_parquet(run.predictions(fold))
-    if run.embeddings(fold).is_file():
-        loaded.embeddings = np.load(run.embeddings(fold))
+    loaded.predictions = run.read_predictions(fold)
+    loaded.embeddings = run.read_embeddings(fold)
     return loaded
 
 
@@ -574,10 +572,10 @@ def _unvalidated(run: Run) -> str:
 
 def _quarantine_table(run: Run) -> str:
     store_path = (run.config.get("data") or {}).get("store")
-    q_path = Path(store_path) / QUARANTINE if store_path else None
-    if q_path is None or not q_path.is_file():
+    data = read_file(store_path, QUARANTINE) if store_path else None
+    if data is None:
         return ""
-    q = pd.read_csv(q_path)
+    q = read_quarantine(data, f"{store_path}/{QUARANTINE}")
     if q.empty:
         return "<p>No inputs were quarantined.</p>"
     reasons = q["reason"].astype(str).value_counts().head(20)
@@ -693,6 +691,10 @@ def make_figures(run: Run) -> list[tuple[Path, str]]:
 
 def build_report(run_dir: RunDir) -> Path:
     """Draw the figures and write ``report.html`` in the run directory; returns the page's path."""
+    from cellmorph.tracking import log_report
+
     run = load_run(run_dir)
     figures = make_figures(run)
-    return atomic.write_text(run_dir.report, render_html(run, figures))
+    page = atomic.write_text(run_dir.report, render_html(run, figures))
+    log_report(run_dir)  # into the run's MLflow run, when it has one
+    return page

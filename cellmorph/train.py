@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from cellmorph import atomic
+from cellmorph import atomic, tracking
 from cellmorph.checkpoint import (
     CheckpointSaver,
     check_compatible,
@@ -407,12 +406,12 @@ def finish(run: RunDir, t: Training, data: Data, cfg: Config, ctx: Context) -> d
 
 def fold_outputs(run: RunDir, data: Data, fold: str) -> FoldOutputs | None:
     """A fold's saved outputs (no intensity statistics), when only the files are left."""
-    if not run.predictions(fold).is_file():
+    frame = run.read_predictions(fold, columns=[STORE_ROW, "label"])
+    if frame is None:
         return None
-    frame = pd.read_parquet(run.predictions(fold), columns=[STORE_ROW, "label"])
     probs = np.zeros((len(frame), len(data.index.classes)), np.float32)
     rows = frame[STORE_ROW].to_numpy(np.int64)
-    return FoldOutputs(rows, probs, np.load(run.embeddings(fold)), frame["label"].to_numpy())
+    return FoldOutputs(rows, probs, run.read_embeddings(fold), frame["label"].to_numpy())
 
 
 def profile(out: FoldOutputs | None, data: Data, cfg: Config) -> dict[str, Any]:
@@ -442,6 +441,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         summary = {**describe(data.store), **data.index.summary, "schedule": asdict(schedule)}
         run.create(config_to_dict(cfg), data.index.classes, cfg.data.label_column, summary)
         run.begin(start, workers)
+    tracker = tracking.start(cfg, run) if ctx.is_main else None  # None unless configured
     check_storage_shared(run, ctx)
     wrap(t, cfg.train, ctx)
     progress = StepProgress(run, schedule.epochs, enabled=ctx.is_main, console=ctx.console,
@@ -459,12 +459,17 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
             record["seconds"] = time.perf_counter() - t0
             end_epoch(run, saver, t, data, cfg, record, val)
             progress.end_epoch(record)
+            if tracker is not None:
+                tracker.log_epoch(record)
         ctx.barrier()
         if ctx.report is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
             ctx.report(scalars, run.last_checkpoint if ctx.is_main else None)
     ctx.barrier()
-    return finish(run, t, data, cfg, ctx)
+    result = finish(run, t, data, cfg, ctx)
+    if tracker is not None:
+        tracker.finish()
+    return result
 
 
 def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
@@ -508,9 +513,14 @@ def check_storage_shared(run: RunDir, ctx: Context) -> None:
         marker.unlink(missing_ok=True)
     if not all(seen):
         blind = [r for r, ok in enumerate(seen) if not ok]
+        if run.remote:
+            raise CellmorphError(
+                f"run_root: ranks {blind} cannot read rank 0's objects in {run.path}; give every "
+                "node the same endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)"
+            )
         raise CellmorphError(
             f"run_root: {run.path} is not shared between nodes (ranks {blind} cannot see rank "
-            "0's files); point run_root at a shared filesystem (NFS, Lustre, a mounted bucket)"
+            "0's files); point run_root at a shared filesystem (NFS, Lustre) or a bucket (s3://)"
         )
 
 
