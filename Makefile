@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP_VERSION := 26.3
 
-.PHONY: venv demo test test-fast lint format bench gpu-kit browser clean
+SERVERS := .venv-servers
+SERVERS_STAMP := $(SERVERS)/.installed
+
+.PHONY: venv servers demo test test-fast lint format bench gpu-kit browser clean
 
 # The venv is rebuilt whenever the pins or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -17,10 +20,20 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
+# The servers the tests start as processes (an S3-compatible server, an MLflow tracking server),
+# in a venv of their own so that their pins never move the project's (requirements-servers.txt).
+$(SERVERS_STAMP): requirements-servers.txt
+	test -x $(SERVERS)/bin/python || $(PYTHON) -m venv $(SERVERS)
+	$(SERVERS)/bin/python -m pip install --quiet --upgrade pip==$(PIP_VERSION)
+	$(SERVERS)/bin/python -m pip install --quiet -r requirements-servers.txt
+	touch $(SERVERS_STAMP)
+
+servers: $(SERVERS_STAMP)
+
 demo: venv
 	$(VENV)/bin/cellmorph demo
 
-test: venv browser
+test: venv servers browser
 	$(PY) -m pytest -q
 
 test-fast: venv
@@ -39,6 +52,7 @@ bench: venv
 	$(PY) bench/loader.py
 	$(PY) bench/convert.py
 	$(PY) bench/train.py
+	$(PY) bench/objectstore.py
 
 # The GPU check kit (docs/gpu-kit.md): the cp312 wheels the lent GPU machine lacks, recompressed
 # and cut into parts of <= 60 MiB under .gpukit/, a SHA-256 manifest and .gpukit/RUNBOOK.md (the
@@ -48,7 +62,7 @@ gpu-kit: venv
 	$(PY) tools/gpu_kit.py build --preset $(GPU_KIT_PRESET)
 
 clean:
-	rm -rf $(VENV) runs data .pytest_cache
+	rm -rf $(VENV) $(SERVERS) runs data .pytest_cache
 
 # Headless Chromium for the report test (marker `browser`); without root or apt it is skipped.
 browser:

@@ -163,7 +163,9 @@ def plain_loop_images_per_s(store_path: Path, cfg: Config, steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--plates", type=int, default=2)
     p.add_argument("--rows", type=int, default=5)
     p.add_argument("--cols", type=int, default=9)
@@ -187,18 +189,28 @@ def main() -> None:
     ours = {k: result.get(k) for k in ("balanced_accuracy", "accuracy", "well_balanced_accuracy",
                                        "macro_f1")}  # fmt: skip
     out = {
-        "plate": {"plates": args.plates, "wells": args.rows * args.cols, "sites": args.sites,
-                  "images": len(open_store(store)) if args.work else None, "size": args.size},  # fmt: skip
+        "plate": {
+            "plates": args.plates,
+            "wells": args.rows * args.cols,
+            "sites": args.sites,
+            "images": len(open_store(store)) if args.work else None,
+            "size": args.size,
+        },  # fmt: skip
         "split": {"fold_scored": result["fold"], "test_images": result.get("n_images")},
         "budget_s": round(seconds, 1),
-        "cellmorph": {**ours, "epochs": len(history),
-                      "mean_map": ((result.get("profiling") or {}).get("embeddings") or {}).get("mean_map")},  # fmt: skip
+        "cellmorph": {
+            **ours,
+            "epochs": len(history),
+            "mean_map": ((result.get("profiling") or {}).get("embeddings") or {}).get("mean_map"),
+        },  # fmt: skip
         "study": study,
         "delta_balanced_accuracy": round(ours["balanced_accuracy"] - study["balanced_accuracy"], 4),
         "goal_met": ours["balanced_accuracy"] >= study["balanced_accuracy"] + 0.10,
-        "throughput": {"cellmorph_train_img_s": round(loader_rate, 1),
-                       "plain_in_memory_img_s": round(plain, 1),
-                       "ratio": round(loader_rate / plain, 3)},  # fmt: skip
+        "throughput": {
+            "cellmorph_train_img_s": round(loader_rate, 1),
+            "plain_in_memory_img_s": round(plain, 1),
+            "ratio": round(loader_rate / plain, 3),
+        },  # fmt: skip
         "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}",
     }
     print(json.dumps(out))

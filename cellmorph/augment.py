@@ -8,7 +8,7 @@ the torch/DALI parity tests possible.
 
 Two stages (the same for both loaders; see ``loaders/geometry.py`` for the sizes)::
 
-    store image -> resize to R -> [geometry ops: vflip, hflip, rotate] -> centre crop
+    store image -> resize to R -> [geometry ops: vflip, hflip, rot90, rotate] -> centre crop
                 -> normalize per channel -> [intensity ops: brightness_contrast]
 
 The torch side composes geometry ops as affine sampling matrices (one ``grid_sample`` per batch
@@ -92,6 +92,24 @@ def _flip_dali(key: str, horizontal: bool) -> Callable[[Any, dict[str, Any], int
     return add
 
 
+# ------------------------------------------------------------------------------------- rot90
+def _rot90_sample(n: int, channels: int, rng: np.random.Generator, cfg: LoaderConfig) -> Params:
+    return {"quarter": rng.integers(0, 4, n).astype(np.int32)}  # a field has no orientation
+
+
+def _rot90_matrix(v: Params) -> np.ndarray:
+    """Quarter turns, counter-clockwise as displayed: exact (pixel centres map onto centres)."""
+    return _rotate_matrix({"angle": 90.0 * v["quarter"].astype(np.float32)})
+
+
+def _rot90_dali(images: Any, args: dict[str, Any], crop: int, gpu: bool) -> Any:
+    from nvidia.dali import fn, types
+
+    # Nearest neighbour: a quarter turn moves pixel centres onto pixel centres, nothing blends.
+    angle = fn.cast(args["quarter"], dtype=types.FLOAT) * 90.0
+    return fn.rotate(images, angle=angle, keep_size=True, interp_type=types.INTERP_NN)
+
+
 # ------------------------------------------------------------------------------------ rotate
 def _rotate_sample(n: int, channels: int, rng: np.random.Generator, cfg: LoaderConfig) -> Params:
     d = cfg.rotate_degrees
@@ -148,6 +166,7 @@ OPS: dict[str, Op] = {
            _flip_dali("vflip", horizontal=False)),
         Op("hflip", "geometry", ("hflip",), _flip_sampler("hflip"), _flip_matrix("hflip", 0),
            _flip_dali("hflip", horizontal=True)),
+        Op("rot90", "geometry", ("quarter",), _rot90_sample, _rot90_matrix, _rot90_dali),
         Op("rotate", "geometry", ("angle",), _rotate_sample, _rotate_matrix, _rotate_dali),
         Op("brightness_contrast", "intensity", ("contrast", "brightness"), _bc_sample, _bc_torch,
            _bc_dali),
@@ -186,7 +205,7 @@ def dali_arrays(params: BatchParams, names: list[str]) -> list[np.ndarray]:
     out = []
     for f in dali_fields(names):
         v = params.values[f]
-        if v.dtype == bool:
+        if v.dtype == bool or v.dtype.kind == "i":
             out.append(v.astype(np.int32))
         elif v.ndim == 2:
             out.append(np.ascontiguousarray(v[:, :, None, None], dtype=np.float32))

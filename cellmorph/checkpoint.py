@@ -12,7 +12,6 @@ import io
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,12 +20,13 @@ import torch
 from cellmorph import atomic
 from cellmorph.config import Config, validate
 from cellmorph.errors import CellmorphError
+from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.rundir import RunDir
 
 REQUIRED_KEYS = ("model", "config", "classes", "channels")
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+def save_checkpoint(state: dict[str, Any], path: AnyPath) -> None:
     """Write to a temporary file and rename it, so a crash never leaves half a checkpoint.
 
     Serialized in memory first: torch reports a full disk as an opaque RuntimeError, a plain
@@ -37,13 +37,15 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic.write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A cellmorph checkpoint (tensors and plain Python values only: no pickled code)."""
-    p = Path(path)
+def load_checkpoint(path: str | AnyPath) -> dict[str, Any]:
+    """A cellmorph checkpoint (tensors and plain Python values only: no pickled code); a local
+    path or an object-store URL."""
+    p = as_path(path)
     if not p.is_file():
         raise CellmorphError(f"checkpoint not found: {p}")
+    source = io.BytesIO(p.read_bytes()) if isinstance(p, URLPath) else p
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for foreign or corrupt files
         raise CellmorphError(f"{p}: not a readable cellmorph checkpoint ({e})") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
@@ -56,7 +58,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 class Checkpoint:
     """A checkpoint read for inference: its config validated like any other config."""
 
-    path: Path
+    path: AnyPath
     state: dict[str, Any]
     config: Config
     classes: list[str]
@@ -72,17 +74,17 @@ class Checkpoint:
         return self.state.get("epoch")
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | AnyPath) -> Checkpoint:
     """:func:`load_checkpoint` plus its config parsed by the config model (a bad one is a
     one-line error naming the key)."""
-    p = Path(path)
+    p = as_path(path)
     state = load_checkpoint(p)
     cfg = validate(Config, state["config"], f"{p}: checkpoint config")
     return Checkpoint(p, state, cfg, [str(c) for c in state["classes"]], list(state["channels"]))
 
 
 def check_compatible(ckpt: dict[str, Any], classes: list[str], channels: list[str],
-                     model_config: dict[str, Any], src: Path,
+                     model_config: dict[str, Any], src: AnyPath,
                      store_digest: str | None = None) -> None:  # fmt: skip
     """Refuse to resume across a change of classes, channels, model shape or store content."""
     if list(ckpt.get("channels", [])) != list(channels):
@@ -106,7 +108,7 @@ def check_compatible(ckpt: dict[str, Any], classes: list[str], channels: list[st
     check_same_store(ckpt, store_digest, src)
 
 
-def check_same_store(ckpt: dict[str, Any], store_digest: str | None, src: Path) -> None:
+def check_same_store(ckpt: dict[str, Any], store_digest: str | None, src: AnyPath) -> None:
     """The store must be the one the checkpoint was trained on (its ``metadata_digest``): a
     re-converted store moves images between rows and folds, so resumed training or a re-run
     evaluation would mix two datasets. Checkpoints without a digest are not checked."""

@@ -100,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cellmorph.report import build_report
     from cellmorph.rundir import RunDir
 
-    run = RunDir(Path(args.run_dir)).require()
+    run = RunDir(args.run_dir).require()
     if not args.report_only:
         from cellmorph.train import evaluate_run
 
@@ -121,10 +121,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from cellmorph.rundir import RunDir
 
     cfg = resolve_paths(load_config(args.config, args.overrides))
-    reuse = RunDir(Path(args.reuse_run)).require() if args.reuse_run else None
+    reuse = RunDir(args.reuse_run).require() if args.reuse_run else None
     result = audit(cfg, reuse_default_run=reuse)
     print(format_table(result))
-    print(f"report: {build_report(RunDir(Path(result['protocols'][1]['run_dir'])))}")
+    print(f"report: {build_report(RunDir(result['protocols'][1]['run_dir']))}")
     return 0
 
 

@@ -17,6 +17,7 @@ from cellmorph import atomic
 from cellmorph.augment import OP_NAMES
 from cellmorph.errors import CellmorphError
 from cellmorph.metrics import SCORE_MODES, score_mode, topk_name
+from cellmorph.remote import AnyPath, as_path
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -141,11 +142,11 @@ class LoaderConfig(Section):
     """Batches for training and evaluation: which loader, how big, which augmentations."""
 
     kind: Literal["torch", "dali"] = "torch"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1, description="per worker: the global batch is x workers")
     eval_batch_size: int = Field(128, ge=1)
     num_workers: int = Field(1, ge=0)
     image_size: int = Field(128, ge=8)
-    augment: list[AugmentOp] = ["hflip", "vflip", "rotate", "brightness_contrast"]
+    augment: list[AugmentOp] = ["hflip", "vflip", "rot90", "rotate", "brightness_contrast"]
     rotate_degrees: float = Field(10.0, ge=0.0, le=180.0)
     brightness: float = Field(0.1, ge=0.0, le=1.0)
     contrast: float = Field(0.1, ge=0.0, le=1.0)
@@ -163,6 +164,12 @@ class LoaderConfig(Section):
     reader_threads: int = Field(2, ge=1, description="decode threads of the shard reader")
     prefetch: int = Field(2, ge=1, description="batches ahead per worker (torch) / queue (DALI)")
     dali_threads: int = Field(2, ge=1, description="DALI pipeline num_threads")
+    cache_dir: str | None = Field(
+        None,
+        description="a store at a URL (s3://): keep fetched shard bytes in this local folder, "
+        "so later epochs read local disk; None: fetch every epoch",
+    )
+    cache_gb: float = Field(50.0, gt=0.0, description="the most disk loader.cache_dir may use")
 
 
 class ModelConfig(Section):
@@ -191,7 +198,7 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(12, ge=1)
     min_steps: int = Field(
-        400, ge=0,
+        300, ge=0,
         description="small data: add epochs until the run takes at least this many optimizer "
         "steps (0, or train.max_steps_per_epoch set: exactly train.epochs)",
     )  # fmt: skip
@@ -233,6 +240,18 @@ class EvalConfig(Section):
     sample_grid_per_class: int = Field(4, ge=0)
 
 
+class TrackingConfig(Section):
+    """Experiment tracking (MLflow); off unless ``mlflow_uri`` is set."""
+
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking server (http://host:5000); None: nothing is sent"
+    )
+    experiment: str = Field("cellmorph", min_length=1)
+    parent_run_id: str | None = Field(
+        None, description="set by a sweep: each trial is a child run of the sweep's run"
+    )
+
+
 class Config(Section):
     """The whole tree: one per run, written to ``runs/<name>/config.yaml``."""
 
@@ -248,6 +267,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _name_is_a_folder(self) -> Config:
@@ -271,8 +291,9 @@ class Config(Section):
         return score_mode(self.train.best_metric, self.eval.top_k) or "max"
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.run_root) / self.name
+    def run_dir(self) -> AnyPath:
+        """``<run_root>/<name>``: a local folder, or a prefix when run_root is a URL (s3://)."""
+        return as_path(self.run_root) / self.name
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ directory's files, and one line for a mistake. Ray's own driver log and every ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,14 +24,15 @@ from typing import Any
 from cellmorph import atomic
 from cellmorph.config import Config, RayConfig, config_from_dict, config_to_dict
 from cellmorph.errors import CellmorphError, fault_message, one_line
+from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.rundir import RunDir
 
 
 def resolve_paths(cfg: Config) -> Config:
     """A copy of ``cfg`` with absolute paths: Ray workers do not share the driver's cwd."""
     raw = config_to_dict(cfg)
-    raw["run_root"] = str(Path(cfg.run_root).expanduser().resolve())
-    raw["data"]["store"] = str(Path(cfg.data.store).expanduser().resolve())
+    raw["run_root"] = str(as_path(cfg.run_root).expanduser().resolve())  # URLs stay as given
+    raw["data"]["store"] = str(as_path(cfg.data.store).expanduser().resolve())
     if cfg.model.pretrained:
         raw["model"]["pretrained"] = str(Path(cfg.model.pretrained).expanduser().resolve())
     return config_from_dict(raw)
@@ -51,7 +53,7 @@ def check_upload_paths(cfg: Config) -> None:
     if cfg.model.pretrained:
         paths["model.pretrained"] = cfg.model.pretrained
     for key, value in paths.items():
-        if not Path(value).expanduser().is_absolute():
+        if not as_path(value).expanduser().is_absolute():
             raise CellmorphError(
                 f"{key}: {value!r} is a relative path, and this job runs in Ray's copy of the "
                 f"uploaded working dir ({Path.cwd()}), which leaves out data/ and runs/: pass an "
@@ -70,8 +72,31 @@ def preflight(cfg: Config, *, warn: bool = True) -> None:
         raise CellmorphError(f"model.pretrained: no such file {cfg.model.pretrained}")
 
 
-def log_ray_to(log_dir: Path) -> Path:
+def local_log_dir(log_dir: AnyPath) -> Path:
+    """Where a process writes a log file for ``log_dir``: itself, or for a run in an object
+    store a local folder whose files :func:`upload_logs` puts there at the end."""
+    if not isinstance(log_dir, URLPath):
+        return Path(log_dir)
+    import hashlib
+
+    tag = hashlib.blake2b(log_dir.url.encode(), digest_size=6).hexdigest()
+    return Path(tempfile.gettempdir()) / f"cellmorph-logs-{tag}"
+
+
+def upload_logs(log_dir: AnyPath) -> None:
+    """Put the local log files of a run in an object store into its ``logs/`` (best effort: a
+    log must never fail the run it describes)."""
+    local = local_log_dir(log_dir)
+    if local == log_dir or not local.is_dir():
+        return
+    for f in local.iterdir():
+        with contextlib.suppress(Exception):
+            atomic.write_bytes(log_dir / f.name, f.read_bytes())
+
+
+def log_ray_to(log_dir: AnyPath) -> Path:
     """Send Ray's driver-side log records to ``log_dir/ray-driver.log`` instead of the terminal."""
+    log_dir = local_log_dir(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "ray-driver.log"
     logger = logging.getLogger("ray")
@@ -87,7 +112,7 @@ def log_ray_to(log_dir: Path) -> Path:
     return path
 
 
-def init_ray(cfg: RayConfig, log_dir: Path) -> None:
+def init_ray(cfg: RayConfig, log_dir: AnyPath) -> None:
     """Connect to ``ray.address`` (or start a local instance bound to 127.0.0.1)."""
     import ray
 
@@ -141,12 +166,15 @@ def ray_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         _record_placement_group(run)
 
-    def report(metrics: dict[str, Any], ckpt: Path | None) -> None:
+    def report(metrics: dict[str, Any], ckpt: AnyPath | None) -> None:
         if ckpt is None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            shutil.copy2(ckpt, Path(d) / "checkpoint.pt")
+            if isinstance(ckpt, URLPath):  # Ray puts it into storage_path (the bucket) again
+                (Path(d) / "checkpoint.pt").write_bytes(ckpt.read_bytes())
+            else:
+                shutil.copy2(ckpt, Path(d) / "checkpoint.pt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     ctx = Context(
@@ -203,6 +231,8 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=RunDir(cfg.run_dir).ray_storage.name,
+            # A URL (s3://) is written through pyarrow's filesystem, which reads the same
+            # AWS_ENDPOINT_URL / AWS_* variables as cellmorph's own object-store client.
             storage_path=str(RunDir(cfg.run_dir).path),
             failure_config=FailureConfig(
                 max_failures=r.max_failures, controller_failure_limit=controller_failure_limit
@@ -234,6 +264,8 @@ def run_ray_training(cfg: Config, *, quiet: bool = False) -> RunDir:
         except Exception as e:
             raise_user_error(e, run)
             raise
+        finally:
+            upload_logs(run.logs)
     # Outside Tune, Train released its placement group itself; the record is only for sweeps.
     run.placement_group.unlink(missing_ok=True)
     return run

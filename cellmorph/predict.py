@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cellmorph import atomic
+from cellmorph import atomic, remote
 from cellmorph.checkpoint import Checkpoint, read_checkpoint
 from cellmorph.config import LoaderConfig, validate
 from cellmorph.errors import CellmorphError
@@ -34,6 +35,7 @@ from cellmorph.loaders.normalize import Normalization, for_inference, from_store
 from cellmorph.metrics import WellSums
 from cellmorph.model import CellNet, build_model
 from cellmorph.profiling import NEGCON_FLAG, activity_report, intensity_features, negcon_mask
+from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.rundir import OUTPUT_ROWS
 from cellmorph.sampling import PROFILE_SAMPLE, sample_wells
 from cellmorph.store import PLATE, STORE_ROW, WELL, Store, open_store, well_ids
@@ -171,9 +173,9 @@ class _WellTable:
     """Closed wells (mean probabilities and embeddings) streamed to a temporary parquet file;
     :meth:`finish` adds their constant metadata and writes ``wells.parquet``."""
 
-    def __init__(self, out: Path, classes: list[str], dim: int):
+    def __init__(self, tmp: Path, classes: list[str], dim: int):
         self.classes, self.dim = classes, dim
-        self.tmp = atomic.temp_path(out / f"{WELLS_PARQUET}.part")
+        self.tmp = tmp
         self.writer: pq.ParquetWriter | None = None
         self.buffer: list[tuple[np.ndarray, ...]] = []  # closed wells, OUTPUT_ROWS at a time
 
@@ -239,7 +241,7 @@ class PredictionWriter:
     """Appends per-image predictions (CSV) and embeddings (parquet) batch by batch, closes
     each well once all its images were written, and keeps the profiles of ``profiled`` wells."""
 
-    def __init__(self, out: Path, store: Store, classes: list[str], top_k: int, dim: int,
+    def __init__(self, out: AnyPath, store: Store, classes: list[str], top_k: int, dim: int,
                  profiled: np.ndarray | None = None):  # fmt: skip
         self.out, self.classes, self.top_k = out, classes, min(top_k, len(classes))
         self.store = store
@@ -253,15 +255,20 @@ class PredictionWriter:
         self.closed: list[tuple[np.ndarray, ...]] = []  # profiled wells' (code, n, emb, feat)
         self.constants = _Constants(self.meta.names, n_wells)
         self.first = np.full(n_wells, -1, np.int64)  # a store row of each well
-        self.wells = _WellTable(out, classes, dim)
         self.seen = np.zeros(len(self.codes), dtype=bool)
         self.csv: pacsv.CSVWriter | None = None
         self.parquet: pq.ParquetWriter | None = None
         self.dim = dim
         self.buffer: list[pa.Table] = []
         # Streamed under temporary names and renamed at the end: a predictions.csv that exists
-        # is a complete one.
-        self.tmp = {n: atomic.temp_path(out / n) for n in (PREDICTIONS_CSV, EMBEDDINGS_PARQUET)}
+        # is a complete one. Outputs for a bucket stream to local files, put there at the end.
+        names = (PREDICTIONS_CSV, EMBEDDINGS_PARQUET, f"{WELLS_PARQUET}.part")
+        if isinstance(out, URLPath):
+            local = Path(tempfile.mkdtemp(prefix="cellmorph-predict-"))
+            self.tmp = {n: local / n for n in names}
+        else:
+            self.tmp = {n: atomic.temp_path(out / n) for n in names}
+        self.wells = _WellTable(self.tmp.pop(names[2]), classes, dim)
 
     def write(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray) -> int:
         keep = ~self.seen[rows]  # an eval loader may pad its last batch by repeating rows
@@ -328,7 +335,10 @@ class PredictionWriter:
         position[order] = np.arange(len(order))
         n = self.wells.finish(self.out / WELLS_PARQUET, constants, position)
         for name, tmp in self.tmp.items():
-            if tmp.exists():
+            if tmp.exists() and isinstance(self.out, URLPath):
+                remote.write(str(self.out / name), tmp)
+                tmp.unlink()
+            elif tmp.exists():
                 os.replace(tmp, self.out / name)
         return n
 
@@ -464,13 +474,19 @@ def profile_wells(store: Store, rows: np.ndarray, emb: np.ndarray, feats: np.nda
 def _check_out_outside(out: str | Path, store: Store) -> None:
     """Outputs never go into the store: it is a converted artefact, bound by its checksums."""
     root = store.path.resolve()
-    target = Path(out).resolve()
-    if target == root or root in target.parents:
+    target = as_path(out).resolve()
+    if type(root) is type(target) and (target == root or root in target.parents):
         raise CellmorphError(f"--out {out} is inside the store {store.path}; choose another folder")
 
 
-def _output_dir(out: str | Path) -> Path:
-    p = Path(out)
+def _output_dir(out: str | AnyPath) -> AnyPath:
+    p = as_path(out)
+    if isinstance(p, URLPath):
+        if p.is_file():
+            raise CellmorphError(
+                f"--out {p} is an object; give a prefix for the prediction outputs"
+            )
+        return p
     if p.exists() and not p.is_dir():
         raise CellmorphError(f"--out {p} is a file; give a folder for the prediction outputs")
     try:

@@ -29,7 +29,7 @@ from cellmorph.loaders import ShardReader  # noqa: E402
 from cellmorph.metrics import topk_name  # noqa: E402
 from cellmorph.rundir import RunDir  # noqa: E402
 from cellmorph.sampling import stratified_sample  # noqa: E402
-from cellmorph.store import QUARANTINE, STORE_ROW, open_store  # noqa: E402
+from cellmorph.store import QUARANTINE, STORE_ROW, open_store, read_file, read_quarantine  # noqa: E402
 
 # Additive colours for a composite, by channel name (Cell Painting's usual display colours).
 CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {
@@ -147,10 +147,8 @@ def load_run(run: RunDir) -> Run:
     fold = _fold(loaded)
     # Only what the figures use: the labels, and the embeddings memory-mapped (the t-SNE reads
     # its sample's rows), so a fold of 600,000 images costs megabytes, not gigabytes.
-    if run.predictions(fold).is_file():
-        loaded.predictions = pd.read_parquet(run.predictions(fold), columns=[STORE_ROW, "label"])
-    if run.embeddings(fold).is_file():
-        loaded.embeddings = np.load(run.embeddings(fold), mmap_mode="r")
+    loaded.predictions = run.read_predictions(fold, columns=[STORE_ROW, "label"])
+    loaded.embeddings = run.read_embeddings(fold)
     return loaded
 
 
@@ -539,15 +537,36 @@ def _summary_section(run: Run) -> str:
     out = _table(["", ""], scalars, "kv") if scalars else "<p>data_summary.json is missing.</p>"
     warns = "".join(f"<li>{_esc(w)}</li>" for w in run.summary.get("warnings") or [])
     warns = f"<h3>Warnings</h3><ul class='notes'>{warns}</ul>" if warns else ""
-    return f"<h2>Data</h2>{warns}{out}{_quarantine_table(run)}"
+    return f"<h2>Data</h2>{warns}{_unvalidated(run)}{out}{_quarantine_table(run)}"
+
+
+UNVALIDATED = [
+    ("classes_single_well", "in a single well of the whole data: never scored on a new well"),
+    ("classes_single_plate", "on a single plate: never scored on a new plate"),
+    ("classes_without_val", "without validation images in this run"),
+    ("classes_without_test", "without test images in this run"),
+]
+
+
+def _unvalidated(run: Run) -> str:
+    """Name the classes whose scores a grouped or plate split cannot give (or did not here)."""
+    items = []
+    for key, what in UNVALIDATED:
+        names = run.summary.get(key) or []
+        if names:
+            shown = ", ".join(map(str, names[:30])) + (" ..." if len(names) > 30 else "")
+            items.append(f"<li><b>{len(names)} class(es) {_esc(what)}</b>: {_esc(shown)}</li>")
+    if not items:
+        return ""
+    return f"<h3>Classes that cannot be validated</h3><ul id='unvalidated'>{''.join(items)}</ul>"
 
 
 def _quarantine_table(run: Run) -> str:
     store_path = (run.config.get("data") or {}).get("store")
-    q_path = Path(store_path) / QUARANTINE if store_path else None
-    if q_path is None or not q_path.is_file():
+    data = read_file(store_path, QUARANTINE) if store_path else None
+    if data is None:
         return ""
-    q = pd.read_csv(q_path)
+    q = read_quarantine(data, f"{store_path}/{QUARANTINE}")
     if q.empty:
         return "<p>No inputs were quarantined.</p>"
     reasons = q["reason"].astype(str).value_counts().head(20)
@@ -663,6 +682,10 @@ def make_figures(run: Run) -> list[tuple[Path, str]]:
 
 def build_report(run_dir: RunDir) -> Path:
     """Draw the figures and write ``report.html`` in the run directory; returns the page's path."""
+    from cellmorph.tracking import log_report
+
     run = load_run(run_dir)
     figures = make_figures(run)
-    return atomic.write_text(run_dir.report, render_html(run, figures))
+    page = atomic.write_text(run_dir.report, render_html(run, figures))
+    log_report(run_dir)  # into the run's MLflow run, when it has one
+    return page

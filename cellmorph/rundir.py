@@ -15,6 +15,7 @@
       test_predictions.parquet, test_embeddings.npy   the same for the test fold
       .<fold>_outputs/         each rank's part of a fold's outputs while they are merged
       events.jsonl             start / resume events (with the worker processes)
+      tracking.json            the MLflow run this run logs to (tracking.mlflow_uri)
       progress.json            the current epoch's step, for the launcher's progress bar
       checkpoints/             last.pt, best.pt, best-epochNNN.pt
       logs/                    rank 0's log, Ray's driver log
@@ -23,25 +24,33 @@
 
 Rank 0 writes; every write is atomic (:mod:`cellmorph.atomic`). Readers (report, predict,
 audit, sweep, demo) go through the same class, so a renamed file changes in one place.
+
+The folder is a local path or an object-store URL (``run_root: s3://bucket/runs``): paths are
+``pathlib.Path`` or :class:`cellmorph.remote.URLPath`, which answer the same calls.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from cellmorph import atomic
+from cellmorph import atomic, remote
 from cellmorph.errors import CellmorphError
+from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.store import STORE_ROW, MetadataRows
 
 # Rows per row group of the per-image outputs (what a writer or reader holds at a time).
@@ -55,9 +64,17 @@ FOLD_NAMES = {"val": "validation", "test": "test"}
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths and reads/writes of one run directory."""
+    """Paths and reads/writes of one run directory (a local folder or an object-store URL)."""
 
-    path: Path
+    path: AnyPath
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", as_path(self.path))
+
+    @property
+    def remote(self) -> bool:
+        """True when the run lives in an object store (no local temporary files, no links)."""
+        return isinstance(self.path, URLPath)
 
     # ------------------------------------------------------------------------------ layout
     @property
@@ -65,81 +82,86 @@ class RunDir:
         return self.path.name
 
     @property
-    def config(self) -> Path:
+    def config(self) -> AnyPath:
         return self.path / "config.yaml"
 
     @property
-    def classes(self) -> Path:
+    def classes(self) -> AnyPath:
         return self.path / "classes.json"
 
     @property
-    def data_summary(self) -> Path:
+    def data_summary(self) -> AnyPath:
         return self.path / "data_summary.json"
 
     @property
-    def metrics_log(self) -> Path:
+    def metrics_log(self) -> AnyPath:
         return self.path / "metrics.jsonl"
 
     @property
-    def result(self) -> Path:
+    def result(self) -> AnyPath:
         return self.path / "metrics.json"
 
-    def predictions(self, fold: str = "val") -> Path:
+    def predictions(self, fold: str = "val") -> AnyPath:
         return self.path / f"{fold}_predictions.parquet"
 
-    def embeddings(self, fold: str = "val") -> Path:
+    def embeddings(self, fold: str = "val") -> AnyPath:
         return self.path / f"{fold}_embeddings.npy"
 
-    def output_part(self, fold: str, rank: int) -> Path:
+    def output_part(self, fold: str, rank: int) -> AnyPath:
         """One rank's per-image outputs of a fold, before :meth:`write_outputs` merges them."""
         return self.path / f".{fold}_outputs" / f"rank{rank:05d}.parquet"
 
     @property
-    def events(self) -> Path:
+    def events(self) -> AnyPath:
         return self.path / "events.jsonl"
 
     @property
-    def progress(self) -> Path:
+    def progress(self) -> AnyPath:
         return self.path / "progress.json"
 
     @property
-    def checkpoints(self) -> Path:
+    def checkpoints(self) -> AnyPath:
         return self.path / CHECKPOINTS
 
     @property
-    def last_checkpoint(self) -> Path:
+    def last_checkpoint(self) -> AnyPath:
         return self.checkpoints / "last.pt"
 
     @property
-    def best_checkpoint(self) -> Path:
+    def best_checkpoint(self) -> AnyPath:
         return self.checkpoints / "best.pt"
 
-    def epoch_checkpoint(self, epoch: int) -> Path:
+    def epoch_checkpoint(self, epoch: int) -> AnyPath:
         return self.checkpoints / f"best-epoch{epoch:03d}.pt"
 
     @property
-    def logs(self) -> Path:
+    def logs(self) -> AnyPath:
         return self.path / "logs"
 
     @property
-    def audit(self) -> Path:
+    def audit(self) -> AnyPath:
         return self.path / "audit.json"
 
     @property
-    def report(self) -> Path:
+    def report(self) -> AnyPath:
         return self.path / "report.html"
 
     @property
-    def figures(self) -> Path:
+    def figures(self) -> AnyPath:
         return self.path / "figures"
 
     @property
-    def ray_storage(self) -> Path:
+    def ray_storage(self) -> AnyPath:
         """Ray Train's ``storage_path`` for this run."""
         return self.path / "ray"
 
     @property
-    def placement_group(self) -> Path:
+    def tracking(self) -> AnyPath:
+        """The run's MLflow run (``tracking.mlflow_uri``): resumes log to the same one."""
+        return self.path / "tracking.json"
+
+    @property
+    def placement_group(self) -> AnyPath:
         """The Train worker group's placement group id (a Tune sweep releases it)."""
         return self.path / ".ray_placement_group"
 
@@ -216,6 +238,17 @@ class RunDir:
         missing = [str(p) for p in parts if not p.is_file()]
         if missing:
             raise CellmorphError(f"{fold} outputs: rank part(s) {', '.join(missing)} missing")
+        with contextlib.ExitStack() as stack:  # an object store's parts: local copies
+            local = [stack.enter_context(remote.local_copy(p)) for p in parts]
+            n = self._merge_parts(fold, local, classes, metadata)
+        if self.remote:
+            remote.delete_tree(str(parts[0].parent))
+        else:
+            shutil.rmtree(parts[0].parent, ignore_errors=True)
+        return n
+
+    def _merge_parts(self, fold: str, parts: list[Path], classes: list[str],
+                     metadata: MetadataRows) -> int:  # fmt: skip
         # pre_buffer=False: by default pyarrow reads a whole file ahead of the batches asked for
         files = [pq.ParquetFile(p, pre_buffer=False) for p in parts]
         n = sum(f.metadata.num_rows for f in files)
@@ -239,8 +272,10 @@ class RunDir:
                     preds, _prediction_table(None, classes, metadata)[0].schema
                 )
             writer.close()
-        shutil.rmtree(parts[0].parent, ignore_errors=True)
         return n
+
+    def write_tracking(self, info: dict[str, Any]) -> None:
+        atomic.write_text(self.tracking, json.dumps(info, indent=2))
 
     def write_audit(self, audit: dict[str, Any]) -> None:
         atomic.write_text(self.audit, json.dumps(audit, indent=2))
@@ -260,7 +295,7 @@ class RunDir:
         except yaml.YAMLError as e:
             raise CellmorphError(f"{self.config}: not valid YAML ({e})") from None
 
-    def read_json(self, path: Path, required: bool = True) -> Any:
+    def read_json(self, path: AnyPath, required: bool = True) -> Any:
         if not path.is_file():
             if required:
                 raise CellmorphError(f"{path} is missing (is this a finished cellmorph run?)")
@@ -289,7 +324,7 @@ class RunDir:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def _jsonl(self, path: Path) -> list[dict[str, Any]]:
+    def _jsonl(self, path: AnyPath) -> list[dict[str, Any]]:
         if not path.is_file():
             return []
         text = path.read_text()
@@ -301,7 +336,23 @@ class RunDir:
         except json.JSONDecodeError as e:
             raise CellmorphError(f"{path}: a line is not valid JSON ({e})") from None
 
-    def eval_checkpoint(self) -> Path:
+    def read_predictions(self, fold: str = "val",
+                         columns: list[str] | None = None) -> pd.DataFrame | None:  # fmt: skip
+        """``<fold>_predictions.parquet``, or None when it was not written."""
+        p = self.predictions(fold)
+        if not p.is_file():
+            return None
+        return pd.read_parquet(_readable(p), columns=columns)
+
+    def read_embeddings(self, fold: str = "val") -> np.ndarray | None:
+        """``<fold>_embeddings.npy``, or None when it was not written; a local file is
+        memory-mapped (a reader of a sample of rows never holds the whole array)."""
+        p = self.embeddings(fold)
+        if not p.is_file():
+            return None
+        return np.load(p, mmap_mode="r") if isinstance(p, Path) else np.load(_readable(p))
+
+    def eval_checkpoint(self) -> AnyPath:
         """The checkpoint that evaluation and prediction use: best, else last."""
         for p in (self.best_checkpoint, self.last_checkpoint):
             if p.is_file():
@@ -309,11 +360,16 @@ class RunDir:
         raise CellmorphError(f"{self.checkpoints}: neither best.pt nor last.pt exists")
 
 
-def run_dir(run_root: str | Path, name: str) -> RunDir:
-    return RunDir(Path(run_root) / name)
+def run_dir(run_root: str | AnyPath, name: str) -> RunDir:
+    return RunDir(as_path(run_root) / name)
 
 
-def save_npy(path: Path, array: np.ndarray) -> None:
+def _readable(path: AnyPath) -> Any:
+    """What pandas and numpy read: the local path, or the object's bytes in memory."""
+    return io.BytesIO(path.read_bytes()) if isinstance(path, URLPath) else path
+
+
+def save_npy(path: AnyPath, array: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
             np.save(f, array)
@@ -328,14 +384,14 @@ class LabelEncoding(NamedTuple):
     classes: list[str]
 
 
-def save_label_encoding(encoding: LabelEncoding, path: str | Path) -> Path:
+def save_label_encoding(encoding: LabelEncoding, path: str | AnyPath) -> AnyPath:
     payload = {"label_column": encoding.label_column, "classes": list(encoding.classes)}
     return atomic.write_text(path, json.dumps(payload, indent=1))
 
 
-def load_label_encoding(path: str | Path) -> LabelEncoding:
+def load_label_encoding(path: str | AnyPath) -> LabelEncoding:
     """Read ``classes.json``; a missing file or key is a CellmorphError naming it."""
-    p = Path(path)
+    p = as_path(path)
     if not p.is_file():
         raise CellmorphError(f"{p}: label encoding not found")
     try:
@@ -356,10 +412,13 @@ class OutputPart:
     streamed to parquet in row groups of :data:`OUTPUT_ROWS`; whole or absent (temporary name,
     renamed by :meth:`close`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: AnyPath):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = atomic.temp_path(path)
+        if isinstance(path, URLPath):  # written locally, put whole by close()
+            self.tmp = Path(tempfile.mkdtemp(prefix="cellmorph-part-")) / path.name
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = atomic.temp_path(path)
         self.writer: pq.ParquetWriter | None = None
         self.buffer: list[tuple[np.ndarray, ...]] = []
         self.buffered = 0
@@ -393,12 +452,18 @@ class OutputPart:
             self.write(np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty)
             self._flush()
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        if isinstance(self.path, URLPath):
+            remote.write(self.path.url, self.tmp)
+            shutil.rmtree(self.tmp.parent, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.close()
         self.tmp.unlink(missing_ok=True)
+        if isinstance(self.path, URLPath):
+            shutil.rmtree(self.tmp.parent, ignore_errors=True)
 
 
 def _fixed_lists(values: np.ndarray) -> pa.FixedSizeListArray:

@@ -17,6 +17,10 @@ and every chunk carries its own crc32c. Readers hold one *generation* of the fol
 directory descriptor, :class:`StoreFolder`), so a store swapped in by ``convert --overwrite`` is
 never mixed with the one they started on.
 
+A store is named by a local path or an object-store URL (``s3://bucket/plates.zarr``, through
+:mod:`cellmorph.remote`); a URL store is read through :class:`RemoteFolder`, which has no
+directory to hold: its generation is checked instead (see :func:`open_store`).
+
 Only this module knows the layout; writers and readers go through it (the bytes of one shard
 file: :mod:`cellmorph.shardfile`).
 """
@@ -46,8 +50,9 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from cellmorph import atomic
+from cellmorph import atomic, remote
 from cellmorph.errors import CellmorphError
+from cellmorph.remote import AnyPath, URLPath, is_url
 from cellmorph.shardfile import StoreDamage, chunk_crcs, layout_of, shard_key
 
 # 2: a crc32c after every chunk, every chunk written, metadata bound by a digest in the attrs.
@@ -92,8 +97,18 @@ def compressor_for(codec: str) -> Any:
     raise StoreError(f"unknown codec {codec!r} (expected zstd or lz4)")
 
 
+def zarr_store(path: str | AnyPath, read_only: bool = False) -> Any:
+    """What zarr opens for ``path``: the local folder's path, or an obstore-backed store for a
+    URL (ranged reads, retries; the same client the fast reader uses)."""
+    if not is_url(path):
+        return str(path).removeprefix("file://")
+    from zarr.storage import ObjectStore
+
+    return ObjectStore(remote.store_at(str(path)), read_only=read_only)
+
+
 def create_images(
-    path: str | Path,
+    path: str | AnyPath,
     n: int,
     channels: list[str],
     size: int,
@@ -109,7 +124,7 @@ def create_images(
     """
     if n <= 0:
         raise StoreError(f"{path}: cannot create a store with {n} images")
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group = zarr.open_group(zarr_store(path), mode="w", zarr_format=3)
     shard = max(1, min(shard_size, n))
     arr = group.create_array(
         IMAGES,
@@ -135,30 +150,66 @@ def create_images(
     return arr.with_config({"write_empty_chunks": True})
 
 
-def open_images(path: str | Path) -> zarr.Array:
+def open_images(path: str | AnyPath) -> zarr.Array:
     """The ``images`` array of a store being written. Every chunk is written, an all-zero
     image too: a hole in a shard is then always damage, never a black image."""
-    arr = zarr.open_array(store=str(path), path=IMAGES, mode="r+", zarr_format=3)
+    arr = zarr.open_array(store=zarr_store(path), path=IMAGES, mode="r+", zarr_format=3)
     return arr.with_config({"write_empty_chunks": True})
 
 
-def write_file(path: str | Path, name: str, write: Any) -> None:
+def write_file(path: str | AnyPath, name: str, write: Any) -> None:
     """Write ``<store>/<name>`` atomically with ``write(target)``: a temporary file + rename
-    locally, one fsspec put for URLs (``s3://``...), where a put is already all-or-nothing."""
-    if "://" in str(path):
-        import io
-
-        import fsspec
-
+    locally, one put for URLs (``s3://``...), where a put is already all-or-nothing."""
+    if is_url(path):
         buf = io.BytesIO()
         write(buf)
-        with fsspec.open(f"{str(path).rstrip('/')}/{name}", "wb") as f:
-            f.write(buf.getvalue())
+        remote.write(f"{str(path).rstrip('/')}/{name}", buf.getvalue())
         return
-    atomic.write_with(Path(path) / name, write)
+    atomic.write_with(Path(str(path).removeprefix("file://")) / name, write)
 
 
-def write_bytes(path: str | Path, name: str, data: bytes) -> None:
+def read_file(path: str | AnyPath, name: str) -> bytes | None:
+    """The bytes of ``<store>/<name>``, or None when there is no such file."""
+    target = f"{str(path).rstrip('/')}/{name}"
+    try:
+        return remote.read(target) if is_url(path) else Path(target).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def path_kind(path: str | AnyPath) -> str:
+    """``absent``, ``file`` or ``folder`` (a URL prefix holding objects is a folder)."""
+    if is_url(path):
+        p = URLPath(str(path))
+        return "file" if p.is_file() else "folder" if p.is_dir() else "absent"
+    p = Path(str(path).removeprefix("file://"))
+    return "folder" if p.is_dir() else "file" if p.exists() else "absent"
+
+
+def folder_names(path: str | AnyPath) -> set[str]:
+    """The names directly inside a folder (or URL prefix)."""
+    if is_url(path):
+        return remote.children(str(path))
+    return set(os.listdir(str(path).removeprefix("file://")))
+
+
+def remove_folder(path: str | AnyPath) -> None:
+    """Delete a folder (or every object under a URL prefix) and everything in it."""
+    if is_url(path):
+        remote.delete_tree(str(path))
+        return
+    import shutil
+
+    shutil.rmtree(str(path).removeprefix("file://"))
+
+
+def make_folder(path: str | AnyPath) -> None:
+    """Create a local folder (a URL prefix needs nothing)."""
+    if not is_url(path):
+        Path(str(path).removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(path: str | AnyPath, name: str, data: bytes) -> None:
     """Write ``<store>/<name>`` (any file the store keeps beside its arrays) atomically."""
     write_file(path, name, lambda f: _put(f, data))
 
@@ -170,12 +221,18 @@ def _put(target: Any, data: bytes) -> None:
         Path(target).write_bytes(data)
 
 
-def discard_shard(path: str | Path, images: zarr.Array, index: int) -> None:
+def discard_shard(path: str | AnyPath, images: zarr.Array, index: int) -> None:
     """Delete shard file ``index`` of ``images`` before it is rewritten whole.
 
     A writer killed mid-write can leave a torn shard file; zarr reads an existing shard before
-    writing into it, so the rewrite would fail on the torn one instead of replacing it.
+    writing into it, so the rewrite would fail on the torn one instead of replacing it. (An
+    object-store put is never torn, but an earlier job's shard may hold other rows.)
     """
+    if is_url(path):
+        target = f"{str(path).rstrip('/')}/{shard_key(images, index)}"
+        if remote.size(target) is not None:
+            remote.delete(target)
+        return
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(str(path))
@@ -187,17 +244,16 @@ def discard_shard(path: str | Path, images: zarr.Array, index: int) -> None:
         fs.rm(stale)
 
 
-def shard_chunk_crcs(path: str | Path, images: zarr.Array, index: int, rows: int) -> list[int]:
+def shard_chunk_crcs(path: str | AnyPath, images: zarr.Array, index: int, rows: int) -> list[int]:
     """Read shard file ``index`` back and return the crc32c of its first ``rows`` chunks, each
     checked: what the writer records for metadata.parquet right after writing the shard."""
-    import fsspec
-
     layout = layout_of(images)
     if layout is None or not layout.chunk_crc:
         raise StoreError(f"{path}: images array is not in cellmorph format {FORMAT_VERSION}")
     key = shard_key(images, index)
-    fs, root = fsspec.core.url_to_fs(str(path))
-    data = fs.cat_file(f"{root.rstrip('/')}/{key}")
+    data = read_file(path, key)
+    if data is None:
+        raise StoreDamage(f"{path}/{key}: the shard just written is missing")
     return chunk_crcs(data, layout, rows, f"{path}/{key}")
 
 
@@ -226,12 +282,12 @@ def _file_blocks(f: IO[bytes], size: int = 8 << 20) -> Iterator[bytes]:
         yield block
 
 
-def write_attrs(path: str | Path, attrs: dict[str, Any]) -> None:
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+def write_attrs(path: str | AnyPath, attrs: dict[str, Any]) -> None:
+    group = zarr.open_group(zarr_store(path), mode="r+", zarr_format=3)
     group.attrs.update(attrs)
 
 
-def write_metadata(path: str | Path, metadata: pd.DataFrame) -> None:
+def write_metadata(path: str | AnyPath, metadata: pd.DataFrame) -> None:
     """Write ``metadata.parquet`` atomically (row i describes images[i]) and bind it to the
     store with ``attrs.metadata_digest``; call it once the images are written.
 
@@ -242,7 +298,7 @@ def write_metadata(path: str | Path, metadata: pd.DataFrame) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
     if missing:
         raise StoreError(f"{path}: metadata lacks required column(s) {', '.join(missing)}")
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    group = zarr.open_group(zarr_store(path), mode="r+", zarr_format=3)
     images = group[IMAGES]
     if len(metadata) != images.shape[0]:
         raise StoreError(f"{path}: {len(metadata)} metadata rows for {images.shape[0]} images")
@@ -258,7 +314,7 @@ def write_metadata(path: str | Path, metadata: pd.DataFrame) -> None:
     group.attrs.update({DIGEST: metadata_digest(data, channels, tuple(images.shape))})
 
 
-def _read_chunk_crcs(path: str | Path, images: zarr.Array) -> list[int]:
+def _read_chunk_crcs(path: str | AnyPath, images: zarr.Array) -> list[int]:
     rows = int(images.shards[0])
     n = int(images.shape[0])
     return [
@@ -268,7 +324,7 @@ def _read_chunk_crcs(path: str | Path, images: zarr.Array) -> list[int]:
     ]
 
 
-def write_quarantine(path: str | Path, rows: list[dict[str, Any]]) -> None:
+def write_quarantine(path: str | AnyPath, rows: list[dict[str, Any]]) -> None:
     df = pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
     write_file(path, QUARANTINE, lambda f: df.to_csv(f, index=False))
 
@@ -443,6 +499,9 @@ class StoreFolder:
         except FileNotFoundError:
             raise self.missing(name) from None
 
+    def names(self) -> set[str]:
+        return set(os.listdir(self.fd))
+
     def replaced(self) -> bool:
         """True when this generation's folder was deleted (or swapped out and deleted)."""
         return os.fstat(self.fd).st_nlink == 0
@@ -476,6 +535,63 @@ class StoreFolder:
             self.close()
 
 
+class RemoteFolder:
+    """One generation of a store in an object store, held for reading.
+
+    An object store has no folder to hold open and no lock: the generation read at open is
+    the one this reader keeps to. A store converted again at the same URL has another
+    ``generation``; a chunk then fails the crc32c recorded in the metadata this reader
+    loaded, and the reader says the store was replaced (:meth:`missing`, the loaders).
+    """
+
+    def __init__(self, url: str | URLPath):
+        self.path = URLPath(str(url))
+        self.url = self.path.url
+        self.generation: str | None = None
+
+    def read(self, name: str) -> bytes:
+        try:
+            return remote.read(f"{self.url}/{name}")
+        except remote.RemoteMissing:
+            raise self.missing(name) from None
+
+    def names(self) -> set[str]:
+        names = remote.children(self.url)
+        if not names:
+            raise StoreError(f"{self.url}: no such store (no objects under this prefix)")
+        return names
+
+    def attrs(self) -> dict[str, Any]:
+        try:
+            attrs = dict(json.loads(self.read("zarr.json")).get("attributes") or {})
+        except StoreError:
+            raise
+        except (ValueError, AttributeError):
+            raise StoreError(f"{self.url}/zarr.json is not valid zarr metadata") from None
+        if self.generation is None:
+            self.generation = attrs.get(GENERATION)
+        return attrs
+
+    def replaced(self) -> bool:
+        """True when the URL now holds another generation (or nothing)."""
+        data = read_file(self.url, "zarr.json")
+        if data is None:
+            return True
+        current = (json.loads(data).get("attributes") or {}).get(GENERATION)
+        return self.generation is not None and current != self.generation
+
+    def missing(self, name: str) -> StoreError:
+        if self.replaced():
+            return StoreError(
+                f"{self.url} was replaced or deleted while this process was reading it "
+                "(convert --overwrite?); start again to read the new store"
+            )
+        return StoreDamage(f"{self.url}: {name} is missing (damaged store: convert again with --overwrite)")  # fmt: skip
+
+    def close(self) -> None:
+        """Nothing is held open."""
+
+
 @dataclass(frozen=True)
 class Store:
     """A read-only view of a finished store (one generation of its folder).
@@ -484,13 +600,17 @@ class Store:
     :meth:`metadata_rows` streams any columns of chosen rows from the verified file.
     """
 
-    path: Path
+    path: AnyPath
     images: zarr.Array
     metadata: pd.DataFrame
     attrs: dict[str, Any]
     quarantine: pd.DataFrame = field(repr=False)
-    folder: StoreFolder | None = field(default=None, repr=False, compare=False)
+    folder: StoreFolder | RemoteFolder | None = field(default=None, repr=False, compare=False)
     metadata_file: IO[bytes] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.folder, RemoteFolder)
 
     @property
     def channels(self) -> list[str]:
@@ -560,7 +680,7 @@ class MetadataRows:
         return pa.concat_tables(parts)
 
 
-def open_store(path: str | Path, columns: Sequence[str] | None = None) -> Store:
+def open_store(path: str | AnyPath, columns: Sequence[str] | None = None) -> Store:
     """Open a finished store for reading: format version, attributes, the metadata's digest
     and row count are checked; the returned view stays on this generation of the folder.
 
@@ -568,10 +688,14 @@ def open_store(path: str | Path, columns: Sequence[str] | None = None) -> Store:
     (keys, checksums, the negative-control column); absent ones are skipped. Those columns are
     shared by the processes of a node (a memory-mapped Arrow file in the temporary folder),
     so N training workers hold one copy. None loads every column into this process.
+    ``path`` may be an object-store URL (``s3://bucket/plates.zarr``).
     """
-    folder = StoreFolder(path)
+    if is_url(path):
+        folder: StoreFolder | RemoteFolder = RemoteFolder(str(path))
+    else:
+        folder = StoreFolder(str(path).removeprefix("file://"))
     p = folder.path
-    names = set(os.listdir(folder.fd))
+    names = folder.names()
     if "zarr.json" not in names:
         raise StoreError(f"{p}: not a zarr store (no zarr.json)")
     attrs = folder.attrs()
@@ -580,14 +704,17 @@ def open_store(path: str | Path, columns: Sequence[str] | None = None) -> Store:
     _check_attrs(p, attrs, images.shape)
     if METADATA not in names:
         raise StoreError(f"{p}: missing {METADATA}")
-    file = os.fdopen(folder.open_fd(METADATA), "rb")
+    if isinstance(folder, RemoteFolder):
+        file: IO[bytes] = io.BytesIO(folder.read(METADATA))
+    else:
+        file = os.fdopen(folder.open_fd(METADATA), "rb")
     metadata = _read_metadata(p, file, attrs, tuple(images.shape), columns)
     q = folder.read(QUARANTINE) if QUARANTINE in names else None
     quarantine = read_quarantine(q, f"{p}/{QUARANTINE}")
     return Store(p, images, metadata, attrs, quarantine, folder, file)
 
 
-def _check_format(p: Path, attrs: dict[str, Any]) -> None:
+def _check_format(p: AnyPath, attrs: dict[str, Any]) -> None:
     version = attrs.get("cellmorph_format")
     if version is None:
         raise StoreError(f"{p}: a zarr group but not a cellmorph store (no attrs.cellmorph_format)")
@@ -605,10 +732,12 @@ def _check_format(p: Path, attrs: dict[str, Any]) -> None:
         raise StoreError(f"{p}: conversion has not finished (rerun the same convert command)")
 
 
-def _open_images(p: Path, attrs: dict[str, Any]) -> zarr.Array:
+def _open_images(p: AnyPath, attrs: dict[str, Any]) -> zarr.Array:
     try:
-        group = zarr.open_group(str(p), mode="r", zarr_format=3)
+        group = zarr.open_group(zarr_store(p, read_only=True), mode="r", zarr_format=3)
         images = group[IMAGES] if IMAGES in group else None  # noqa: SIM401 (no Group.get)
+    except remote.RemoteError:
+        raise
     except Exception as e:  # zarr raises several types for unreadable groups
         raise StoreError(f"{p}: cannot open zarr group ({e})") from None
     if images is None:
@@ -618,7 +747,7 @@ def _open_images(p: Path, attrs: dict[str, Any]) -> zarr.Array:
     return images
 
 
-def _check_attrs(p: Path, attrs: dict[str, Any], shape: tuple[int, ...]) -> None:
+def _check_attrs(p: AnyPath, attrs: dict[str, Any], shape: tuple[int, ...]) -> None:
     """The attributes every reader relies on, checked against the array (edited by hand?)."""
     ch = attrs.get("channels")
     if not isinstance(ch, list) or not all(isinstance(c, str) and c.strip() for c in ch):
@@ -632,7 +761,7 @@ def _check_attrs(p: Path, attrs: dict[str, Any], shape: tuple[int, ...]) -> None
         raise StoreError(f"{p}: images has shape {shape}, expected (N, C, H, W)")
 
 
-def _read_metadata(p: Path, file: IO[bytes], attrs: dict[str, Any], shape: tuple[int, ...],
+def _read_metadata(p: AnyPath, file: IO[bytes], attrs: dict[str, Any], shape: tuple[int, ...],
                    columns: Sequence[str] | None) -> pd.DataFrame:  # fmt: skip
     if attrs.get(DIGEST) != _digest_blocks(_file_blocks(file), attrs["channels"], shape):
         raise StoreError(

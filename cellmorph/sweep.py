@@ -33,6 +33,7 @@ from cellmorph.config import (
     validate,
 )
 from cellmorph.errors import CellmorphError
+from cellmorph.remote import AnyPath, as_path
 from cellmorph.rundir import RunDir
 
 
@@ -275,7 +276,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     trainer.fit()
 
 
-def _release_callback(run_root: Path) -> Any:
+def _release_callback(run_root: AnyPath) -> Any:
     """A Tune callback that removes a finished trial's leftover Train placement group."""
     from ray.tune import Callback
     from ray.util import placement_group_table, remove_placement_group
@@ -302,7 +303,7 @@ def _release_callback(run_root: Path) -> Any:
     return ReleaseTrainResources()
 
 
-def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[Path, Config, TrialFit]:
+def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[AnyPath, Config, TrialFit]:
     """Check paths and data, connect to Ray and fit the trials to the cluster.
 
     Returns the sweep's folder, the base config every trial starts from (absolute paths, trial
@@ -311,7 +312,7 @@ def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[Path, Config, Trial
     from cellmorph.launch import check_upload_paths, init_ray, preflight, resolve_paths
 
     check_upload_paths(base)
-    out = Path(base.run_root).expanduser().resolve() / sweep.name
+    out = as_path(base.run_root).expanduser().resolve() / sweep.name
     base = resolve_paths(trial_config(base, {"run_root": str(out / "trials")}, base.name))
     preflight(base)
     init_ray(base.ray, out / "logs")
@@ -328,12 +329,19 @@ def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[Path, Config, Trial
     return out, base, fit
 
 
-def run_sweep(sweep: SweepConfig, base: Config) -> Path:
+def run_sweep(sweep: SweepConfig, base: Config) -> AnyPath:
     """Run the sweep; writes ``best_config.yaml``, ``best.pt`` and ``results.csv``; returns its dir."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from cellmorph import tracking
+
     out, base, fit = prepare_sweep(sweep, base)
+    parent = tracking.start_sweep(
+        base, sweep.name, {k: d.model_dump() for k, d in sweep.space.items()}
+    )
+    if parent is not None:  # each trial's run is a child of the sweep's
+        base = trial_config(base, {"tracking.parent_run_id": parent}, base.name)
     trainable = tune.with_parameters(_trial, base=config_to_dict(base))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": sweep.trial_cpus}),
@@ -352,7 +360,7 @@ def run_sweep(sweep: SweepConfig, base: Config) -> Path:
         run_config=tune.RunConfig(
             name="tune",
             storage_path=str(out),
-            callbacks=[_release_callback(Path(base.run_root))],
+            callbacks=[_release_callback(as_path(base.run_root))],
         ),
     )
     results = tuner.fit()
@@ -363,7 +371,9 @@ def run_sweep(sweep: SweepConfig, base: Config) -> Path:
             raise CellmorphError(f"sweep {sweep.name}: every trial failed; first error: {first}")
         print(f"sweep {sweep.name}: {len(errors)} of {len(results)} trials failed: {first}")
     best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
-    return _write_best(out, base, best, results.get_dataframe(), sweep.metric)
+    written = _write_best(out, base, best, results.get_dataframe(), sweep.metric)
+    tracking.finish_sweep(base, parent, {sweep.metric: best.metrics.get(sweep.metric)})
+    return written
 
 
 def _one_line(error: BaseException) -> str:
@@ -375,7 +385,7 @@ def _one_line(error: BaseException) -> str:
     return (text.splitlines() or [type(error).__name__])[0]
 
 
-def _write_best(out: Path, base: Config, best: Any, table: Any, sweep_metric: str) -> Path:
+def _write_best(out: AnyPath, base: Config, best: Any, table: Any, sweep_metric: str) -> Path:
     params = dict(best.config)
     cfg = trial_config(base, params, f"trial-{best.metrics['trial_id']}")
     run_dir = cfg.run_dir

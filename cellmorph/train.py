@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellmorph import atomic
+from cellmorph import atomic, tracking
 from cellmorph.checkpoint import (
     CheckpointSaver,
     check_compatible,
@@ -191,6 +191,9 @@ def recalibrate_bn(model: nn.Module, loader: Loader | None, ctx: Context) -> Non
                 buf /= ctx.world_size
 
 
+TOO_FEW_STEPS = 200  # below this, a model trained from scratch stays near chance (measured)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How long and how fast: sized in optimizer steps, so small data still learns."""
@@ -208,11 +211,17 @@ class Schedule:
 
     def describe(self) -> str:
         added = f" (+{self.added_epochs} for train.min_steps)" if self.added_epochs else ""
-        return (
+        text = (
             f"schedule: {self.epochs} epochs{added} x {self.steps_per_epoch} steps = "
             f"{self.total} optimizer steps, global batch {self.global_batch}, peak lr "
             f"{self.lr:.2e}, warm-up {self.warmup} steps"
         )
+        if self.total < TOO_FEW_STEPS:
+            text += (
+                f"\nwarning: {self.total} optimizer steps are too few to learn from scratch; "
+                "raise train.epochs or train.min_steps (or lower loader.batch_size)"
+            )
+        return text
 
 
 def plan_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Schedule:
@@ -561,6 +570,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         summary = {**describe(data.store), **data.index.summary, "schedule": asdict(schedule)}
         run.create(config_to_dict(cfg), data.index.classes, cfg.data.label_column, summary)
         run.begin(start, workers)
+    tracker = tracking.start(cfg, run) if ctx.is_main else None  # None unless configured
     check_storage_shared(run, ctx)
     wrap(t, cfg.train, ctx)
     progress = StepProgress(run, schedule.epochs, enabled=ctx.is_main, console=ctx.console,
@@ -578,12 +588,17 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
             record["seconds"] = time.perf_counter() - t0
             end_epoch(run, saver, t, data, cfg, record, val)
             progress.end_epoch(record)
+            if tracker is not None:
+                tracker.log_epoch(record)
         ctx.barrier()
         if ctx.report is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
             ctx.report(scalars, run.last_checkpoint if ctx.is_main else None)
     ctx.barrier()
-    return finish(run, t, data, cfg, ctx)
+    result = finish(run, t, data, cfg, ctx)
+    if tracker is not None:
+        tracker.finish()
+    return result
 
 
 def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
@@ -624,9 +639,14 @@ def check_storage_shared(run: RunDir, ctx: Context) -> None:
         marker.unlink(missing_ok=True)
     if not all(seen):
         blind = [r for r, ok in enumerate(seen) if not ok]
+        if run.remote:
+            raise CellmorphError(
+                f"run_root: ranks {blind} cannot read rank 0's objects in {run.path}; give every "
+                "node the same endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)"
+            )
         raise CellmorphError(
             f"run_root: {run.path} is not shared between nodes (ranks {blind} cannot see rank "
-            "0's files); point run_root at a shared filesystem (NFS, Lustre, a mounted bucket)"
+            "0's files); point run_root at a shared filesystem (NFS, Lustre) or a bucket (s3://)"
         )
 
 

@@ -7,7 +7,7 @@ Kept in ``<store>/.convert/`` (zarr ignores it) as small JSON files, each writte
   with the hash of the sites it holds and their checksums (so a shifted plan invalidates it);
 - ``bad.json``: sites whose pixels failed to decode while packing (they leave the plan).
 
-Paths may be local or any fsspec URL (the store itself goes through zarr).
+Paths may be local or an object-store URL (through :mod:`cellmorph.store`'s file helpers).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
-
-import fsspec
 
 from cellmorph import store as cstore
 
@@ -34,17 +32,12 @@ class Manifest:
 
     def __init__(self, out: str) -> None:
         self.out = str(out)
-        self.fs, root = fsspec.core.url_to_fs(self.out)
-        self.root = f"{root.rstrip('/')}/{DIRNAME}"
-
-    def _path(self, name: str) -> str:
-        return f"{self.root}/{name}"
 
     def _read(self, name: str) -> Any | None:
         try:
-            with self.fs.open(self._path(name), "rb") as f:
-                return json.loads(f.read())
-        except (FileNotFoundError, ValueError):  # a damaged record counts as none: redo it
+            data = cstore.read_file(self.out, f"{DIRNAME}/{name}")
+            return None if data is None else json.loads(data)
+        except (NotADirectoryError, ValueError):  # a damaged record counts as none: redo it
             return None
 
     def _write(self, name: str, obj: Any) -> None:

@@ -32,7 +32,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
-import fsspec
 import numpy as np
 import pandas as pd
 import zarr
@@ -324,16 +323,16 @@ def _attrs(inputs: Inputs, cfg: ConvertConfig) -> dict[str, Any]:
 def out_kind(out: str) -> str:
     """What ``--out`` holds: absent, empty, store (a finished cellmorph store), started (a
     conversion that has not finished, or a store of another format), file, or other."""
-    fs, root = fsspec.core.url_to_fs(out)
-    if not fs.exists(root):
-        return "absent"
-    if fs.isfile(root):
-        return "file"
-    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    kind = cstore.path_kind(out)
+    if kind != "folder":
+        return kind
+    names = cstore.folder_names(out)
     if not names - {cstore.QUARANTINE}:  # empty, or what a stop with no valid sites left
         return "empty"
     try:
-        attrs = dict(zarr.open_group(store=out, mode="r", zarr_format=3).attrs)
+        attrs = dict(
+            zarr.open_group(store=cstore.zarr_store(out, True), mode="r", zarr_format=3).attrs
+        )
     except Exception:  # anything unreadable as a zarr group is not ours to delete
         attrs = {}
     if "cellmorph_format" not in attrs:
@@ -346,7 +345,9 @@ def older_format(out: str | Path) -> bool:
     """True when ``out`` holds a store of an earlier cellmorph format (readers refuse it)."""
     out = str(out).removeprefix("file://")
     try:
-        attrs = dict(zarr.open_group(store=out, mode="r", zarr_format=3).attrs)
+        attrs = dict(
+            zarr.open_group(store=cstore.zarr_store(out, True), mode="r", zarr_format=3).attrs
+        )
     except Exception:  # absent or unreadable: nothing of ours to upgrade
         return False
     version = attrs.get("cellmorph_format")
@@ -420,9 +421,8 @@ def prepare(out: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig, overw
 
 
 def _create(target: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig) -> None:
-    fs, root = fsspec.core.url_to_fs(target)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    if cstore.path_kind(target) != "absent":
+        cstore.remove_folder(target)
     cstore.create_images(
         target, n, list(cfg.channels), cfg.size, cfg.codec, cfg.shard_size, _attrs(inputs, cfg)
     )
@@ -435,7 +435,9 @@ def _current_plan(sites: pd.DataFrame, bad: dict[str, str]) -> pd.DataFrame:
 
 def _fit_array(out: str, n: int) -> int:
     """Resize ``images`` to the plan's length; returns the shard length."""
-    arr = zarr.open_array(store=out, path=cstore.IMAGES, mode="r+", zarr_format=3)
+    arr = zarr.open_array(
+        store=cstore.zarr_store(out), path=cstore.IMAGES, mode="r+", zarr_format=3
+    )
     if n == 0:
         raise CellmorphError(f"{out}: every site failed to decode (see quarantine reasons)")
     if arr.shape[0] != n:
@@ -474,7 +476,8 @@ def pack_all(sites: pd.DataFrame, out: str, fp: str, cfg: ConvertConfig, illum: 
 def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> None:
     """Write metadata, quarantine and statistics, then mark the store complete (last)."""
     manifest = Manifest(out)
-    arr = zarr.open_array(store=out, path=cstore.IMAGES, mode="r", zarr_format=3)
+    arr = zarr.open_array(store=cstore.zarr_store(out, True), path=cstore.IMAGES, mode="r",
+                          zarr_format=3)  # fmt: skip
     shard = int(arr.shards[0])
     records = [manifest.shard(i // shard) for i in range(0, len(plan), shard)]
     quarantine = quarantine_rows(inputs, manifest.bad())
@@ -573,7 +576,7 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
         phases.update(pack_s=t2 - t1, finish_s=time.perf_counter() - t2)
     replaced = ownership.swap_in(Path(target), Path(out)) if target != out else None
     unfinished = owner is not None and ownership.staging(out).exists()
-    group = zarr.open_group(store=out, mode="r", zarr_format=3)
+    group = zarr.open_group(store=cstore.zarr_store(out, True), mode="r", zarr_format=3)
     return {
         "store": out,
         "images": int(group.attrs["images"]),
@@ -590,17 +593,15 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
 
 def stored_reasons(out: str, top: int = 5) -> list[dict[str, Any]]:
     """The most frequent kinds of reason in a store's quarantine.csv, with counts and fixes."""
-    with fsspec.open(f"{out.rstrip('/')}/{cstore.QUARANTINE}", "rb") as f:
-        table = pd.read_csv(f, keep_default_na=False, dtype=str)
+    table = cstore.read_quarantine(cstore.read_file(out, cstore.QUARANTINE))
     return summarize_reasons(table["reason"], top)
 
 
 def _stop_all_quarantined(out: str, inputs: Inputs) -> None:
     """Write quarantine.csv (no store), then stop with the reasons and the options that fix them."""
-    fs, root = fsspec.core.url_to_fs(out)
-    present = {Path(p).name for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
+    present = cstore.folder_names(out) if cstore.path_kind(out) == "folder" else set()
     if present - {cstore.QUARANTINE}:  # never touch what is already there (another store?)
         raise no_valid_sites(inputs.quarantine, None)
-    fs.makedirs(root, exist_ok=True)
+    cstore.make_folder(out)
     cstore.write_quarantine(out, inputs.quarantine)
     raise no_valid_sites(inputs.quarantine, f"{out}/{cstore.QUARANTINE}")

@@ -107,3 +107,133 @@ def logged_epochs(run_dir: Path) -> list[int]:
 @pytest.fixture
 def epochs_of():
     return logged_epochs
+
+
+# --------------------------------------------------------------------------- servers as processes
+# A real S3-compatible server (moto's standalone server) and an MLflow tracking server, from
+# their own pinned venv (`make servers`, requirements-servers.txt), each started on a free port
+# of 127.0.0.1 and ended by its process id.
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS_BIN = Path(os.environ.get("CELLMORPH_SERVERS_VENV", ROOT / ".venv-servers")) / "bin"
+# A secret no output may contain (tests/test_objectstore_e2e.py greps for it).
+TEST_SECRET = "cellmorph-test-secret-7f3a9c1e5b"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_exe(name: str) -> Path:
+    exe = SERVERS_BIN / name
+    if not exe.exists():
+        pytest.skip(f"{exe} is missing: run `make servers` (requirements-servers.txt)")
+    return exe
+
+
+class ServerProcess:
+    """A server started in its own session; stopped by its process id (and its group's)."""
+
+    def __init__(self, argv: list[str], url: str, log: Path, env: dict | None = None,
+                 ready_path: str = "/", timeout: float = 90):  # fmt: skip
+        import subprocess
+        import time
+        import urllib.error
+        import urllib.request
+
+        self.url, self.log = url, log
+        self.proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, **(env or {})})  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url + ready_path, timeout=2)
+                return
+            except urllib.error.HTTPError:  # it answers (an error for an unsigned probe)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"{argv[0]} did not start: {log.read_text()[-2000:]}"
+                    ) from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # the group this server leads
+                self.proc.wait(timeout=20)
+            except Exception:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+
+
+class S3Server(ServerProcess):
+    """moto's standalone S3 server; buckets made with a plain PUT (moto needs no signature)."""
+
+    def make_bucket(self, name: str) -> str:
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/{name}", method="PUT"))
+        return f"s3://{name}"
+
+
+def start_s3_server(tmp: Path, env: dict | None = None) -> S3Server:
+    port = free_port()
+    exe = server_exe("moto_server")
+    return S3Server([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                    f"http://127.0.0.1:{port}", tmp / f"moto-{port}.log", env)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """One S3 server for the session; the standard AWS variables point this process (and the
+    processes it starts) at it, with a secret key that no output may contain."""
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    env = {
+        "AWS_ENDPOINT_URL": server.url,
+        "AWS_ACCESS_KEY_ID": "cellmorph-test-key",
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket for one test: ``s3://<name>``."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return s3_server.make_bucket(f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """``mlflow server`` with a file-store backend on a free port of 127.0.0.1: its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    exe = server_exe("mlflow")
+    argv = [str(exe), "server", "--backend-store-uri", str(root / "store"),
+            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1"]  # fmt: skip
+    server = ServerProcess(argv, f"http://127.0.0.1:{port}", root / "server.log",
+                           env={"MLFLOW_ALLOW_FILE_STORE": "true"}, ready_path="/health")  # fmt: skip
+    yield server.url
+    server.stop()

@@ -234,16 +234,3 @@ def test_cli_convert_inspect_and_one_line_error(plate: Path, tmp_path: Path, cap
     )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "FileName_OrigFoo" in err and "Traceback" not in err
-
-
-def test_url_store_through_fsspec(plate: Path, tmp_path: Path) -> None:
-    import zarr
-
-    url = f"memory://cm-{tmp_path.name}/s.zarr"
-    cfg = ConvertConfig(load_data=str(plate), size=16, shard_size=5, workers=1)
-    assert convert(cfg, url)["images"] == 12
-    assert convert(cfg, url)["nothing_to_do"]
-    convert(cfg, tmp_path / "local.zarr")
-    local = open_store(tmp_path / "local.zarr")
-    assert np.array_equal(zarr.open_group(url, mode="r")["images"][:], local.images[:])
-    pd.testing.assert_frame_equal(pd.read_parquet(f"{url}/metadata.parquet"), local.metadata)

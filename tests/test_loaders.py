@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the 
 
 N, SHARD = 50, 16
 CPU = torch.device("cpu")
-ALL_OPS = ["hflip", "vflip", "rotate", "brightness_contrast"]
+ALL_OPS = ["hflip", "vflip", "rot90", "rotate", "brightness_contrast"]
 
 
 def make_store(path: Path, pixels: np.ndarray, codec: str = "zstd") -> st.Store:
@@ -89,7 +89,7 @@ def _epoch(loader, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, tor
 
 
 @pytest.mark.parametrize("kind", ["torch", "dali"])
-@pytest.mark.parametrize("augment", [[], ["hflip", "vflip", "rotate"]])
+@pytest.mark.parametrize("augment", [[], ["hflip", "vflip", "rot90", "rotate"]])
 def test_pixels_labels_and_rows_agree(coded, kind, augment):
     cfg = _cfg(kind=kind, augment=augment, rotate_degrees=15, num_workers=1)
     rows = np.arange(3, N)

@@ -43,7 +43,7 @@ RUN_BY = {"ray-cluster": "test_ray_cluster_commands_run_as_written"}
 FENCE = re.compile(r"^```(\w*)\s*$")
 MARK = re.compile(r"^<!-- shell: (\w+)(?: ([\w-]+))? -->$")
 # Programs a block may call besides the project's commands (checked by what they are for).
-OTHER_PROGRAMS = {"source", "export", "ray", "aws", "nvidia-smi", "nproc", "cat"}
+OTHER_PROGRAMS = {"source", "export", "ray", "aws", "nvidia-smi", "nproc", "cat", "bash"}
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ def test_schedule_is_sized_in_optimizer_steps():
     )
     s = plan_schedule(exact, batches_per_epoch=4, world_size=1)
     assert s.epochs == exact.train.epochs and s.warmup == 12  # a quarter of 48 steps at most
+    assert "too few to learn" in s.describe() and "too few" not in big.describe()
     assert s.lr == pytest.approx(exact.optim.lr * exact.loader.batch_size / 256)
 
 

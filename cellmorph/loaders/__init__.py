@@ -72,7 +72,8 @@ def build_loader(
     norm = norm or from_store(store, cfg)
     rownorm = RowNorm(norm, norm.row_groups(store))
     geom = geometry(int(store.shape[-1]), cfg)
-    reader = ShardReader(store, threads=cfg.reader_threads)
+    reader = ShardReader(store, threads=cfg.reader_threads, cache_dir=cfg.cache_dir,
+                         cache_bytes=int(cfg.cache_gb * 2**30))  # fmt: skip
     source = BatchSource(
         reader, rows, cfg, train=train, seed=seed, rank=rank, world_size=world_size
     )

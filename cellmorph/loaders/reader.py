@@ -13,6 +13,11 @@ crc recorded in ``metadata.parquet``). A missing shard file, a hole in a shard, 
 file or a failed check stops with :class:`cellmorph.shardfile.StoreDamage` naming the file and
 row, never a zero image. Files are opened through the store's folder descriptor, so a store
 swapped in by ``convert --overwrite`` is never mixed with the one this reader started on.
+
+A store at a URL (``s3://...``) is read the same way over the network: each shard's index once
+(one suffix request, which also gives the file's size), then, per batch, one concurrent
+ranged request per shard for the chunks it needs. With ``cache_dir`` the fetched ranges are
+kept on local disk (:mod:`cellmorph.loaders.cache`) and later epochs read them from there.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import zarr
 
 from cellmorph.errors import CellmorphError
+from cellmorph.loaders.cache import ShardCache
 from cellmorph.shardfile import (
     EMPTY,
     StoreDamage,
@@ -38,10 +44,12 @@ from cellmorph.shardfile import (
     parse_index,
     shard_key,
 )
-from cellmorph.store import GENERATION, Store, StoreError, StoreFolder
+from cellmorph.store import GENERATION, RemoteFolder, Store, StoreError, StoreFolder, zarr_store
 
 # Chunks closer than this in a shard file are read with one pread (one syscall beats two).
 _MERGE_GAP = 256 * 1024
+# A URL store: concurrent requests per process (they wait on the network, not the CPU).
+REMOTE_THREADS = 16
 
 
 def _local_root(arr: zarr.Array) -> str | None:
@@ -58,8 +66,10 @@ class ShardReader:
     the folder by path and refuse a different generation of the store).
     """
 
-    def __init__(self, store: Store | zarr.Array, threads: int = 2):
+    def __init__(self, store: Store | zarr.Array, threads: int = 2, cache_dir: str | None = None,
+                 cache_bytes: int = 0):  # fmt: skip
         self.threads = max(1, int(threads))
+        self.cache_dir, self.cache_bytes = cache_dir, int(cache_bytes)
         if isinstance(store, Store):
             self._arr, self._folder = store.images, store.folder
             self._expected: np.ndarray | None = store.chunk_crcs()
@@ -74,35 +84,46 @@ class ShardReader:
         self._init_process_state()
 
     # ----------------------------------------------------------------- pickling / fork safety
+    @property
+    def remote(self) -> bool:
+        return isinstance(self._folder, RemoteFolder)
+
     def _init_process_state(self) -> None:
         self._pid = os.getpid()
         self._pool: ThreadPoolExecutor | None = None
         self._fds: dict[int, int] = {}
         self._indexes: dict[int, np.ndarray] = {}
+        self._sizes: dict[int, int] = {}  # remote shard file sizes
         self._lock = threading.Lock()
         self._codec = numcodecs.get_codec(dict(self._layout.codec)) if self._layout else None
+        self._cache: ShardCache | None = None
+        self.fetched_bytes = 0  # from the object store, in this process
 
     def __getstate__(self) -> dict[str, Any]:
         if self._folder is None:
             return {"arr": self._arr, "threads": self.threads}
         generation = self._folder.attrs().get(GENERATION) if self._expected is not None else None
         return {"root": str(self._folder.path), "path": self._arr.path, "threads": self.threads,
-                "expected": self._expected, "generation": generation}  # fmt: skip
+                "expected": self._expected, "generation": generation, "remote": self.remote,
+                "cache": (self.cache_dir, self.cache_bytes)}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.threads = state["threads"]
+        self.cache_dir, self.cache_bytes = state.get("cache", (None, 0))
         if "arr" in state:
             self._arr, self._folder, self._expected = state["arr"], None, None
             self._layout = None
         else:
-            self._folder = StoreFolder(state["root"])
+            root = state["root"]
+            self._folder = RemoteFolder(root) if state.get("remote") else StoreFolder(root)
             generation = state["generation"]
             if generation is not None and generation != self._folder.attrs().get(GENERATION):
                 raise StoreError(
-                    f"{state['root']} was replaced (convert --overwrite?) after this process "
+                    f"{root} was replaced (convert --overwrite?) after this process "
                     "started reading it; start again to read the new store"
                 )
-            self._arr = zarr.open_array(store=state["root"], path=state["path"] or None, mode="r")
+            self._arr = zarr.open_array(store=zarr_store(root, read_only=True),
+                                        path=state["path"] or None, mode="r")  # fmt: skip
             self._expected = state["expected"]
             self._layout = layout_of(self._arr)
         self._init_process_state()
@@ -119,6 +140,8 @@ class ShardReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._cache is not None:
+            self._cache.close()
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
@@ -172,11 +195,8 @@ class ShardReader:
         for r in rows.tolist():
             shard = r // self._layout.shard_rows
             off, n = self._entry(shard, r)
-            raw = os.pread(self._fd(shard), n, off)
-            if len(raw) != n:
-                raise StoreDamage(
-                    f"{self._where(shard, r)}: shard file shorter than its index says"
-                )
+            chunk = [(off, n, 0, r)]
+            raw = self._bytes(shard, off, off + n, chunk)
             out.append(bytes(self._payload(memoryview(raw), shard, r)))
         return out
 
@@ -218,6 +238,9 @@ class ShardReader:
     def _index(self, shard: int) -> np.ndarray:
         """``(shard_rows, 2)`` uint64 (offset, nbytes), checked once per process."""
         if shard not in self._indexes:
+            if self.remote:
+                self._indexes[shard] = self._remote_index(shard)
+                return self._indexes[shard]
             fd = self._fd(shard)
             size = os.fstat(fd).st_size
             start, n = index_range(self._layout, size)
@@ -237,6 +260,9 @@ class ShardReader:
 
     def _read_fast(self, uniq: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
         tasks = self._plan(uniq, dest)
+        if self.remote:
+            self._read_remote(tasks, out)
+            return
         if self.threads == 1 or len(tasks) == 1:
             for t in tasks:
                 self._run_task(*t, out)
@@ -281,6 +307,10 @@ class ShardReader:
         buf = memoryview(os.pread(self._fd(shard), end - start, start))
         if len(buf) != end - start:
             raise StoreDamage(f"{self._where(shard)}: shard file shorter than its index says")
+        self._decode(shard, start, buf, chunks, out)
+
+    def _decode(self, shard: int, start: int, buf: memoryview, chunks: list,
+                out: np.ndarray) -> None:  # fmt: skip
         for off, n, d, row in chunks:
             payload = self._payload(buf[off - start : off - start + n], shard, row)
             try:
@@ -289,3 +319,130 @@ class ShardReader:
                 raise StoreDamage(
                     f"{self._where(shard, row)}: chunk does not decode ({e})"
                 ) from None
+
+    # ------------------------------------------------------------------- a store at a URL
+    def _url(self, shard: int) -> str:
+        return f"{self._folder.url}/{shard_key(self._arr, shard)}"  # type: ignore[union-attr]
+
+    def _cache_get(self) -> ShardCache | None:
+        if self._cache is None and self.cache_dir and self.cache_bytes > 0:
+            generation = self._folder.generation or "unknown"  # type: ignore[union-attr]
+            self._cache = ShardCache(self.cache_dir, generation, self.cache_bytes)
+        return self._cache
+
+    def _remote_index(self, shard: int) -> np.ndarray:
+        """The shard's index from the cache, else one suffix request (which gives the size)."""
+        key, n, where = shard_key(self._arr, shard), self._layout.index_nbytes, self._where(shard)
+        cache = self._cache_get()
+        size = cache.size(key) if cache else None
+        if size is not None:
+            start, _ = index_range(self._layout, size)
+            raw = cache.read(key, start, start + n) if size >= n else None
+            if raw is not None:
+                with contextlib.suppress(StoreDamage):  # not (fully) cached yet: fetch it
+                    index = parse_index(raw, self._layout, size, where)
+                    self._sizes[shard] = size
+                    return index
+        raw, size = self._fetch_index(shard, n)
+        self._sizes[shard] = size
+        start, _ = index_range(self._layout, size)
+        index = parse_index(raw, self._layout, size, where)
+        if cache:
+            cache.write(key, size, start, raw)
+        return index
+
+    def _fetch_index(self, shard: int, n: int) -> tuple[bytes, int]:
+        from cellmorph import remote
+
+        url = self._url(shard)
+        try:
+            if self._layout.index_at_end:
+                return remote.read_suffix(url, n)
+            size = remote.size(url)
+            if size is None:
+                raise remote.RemoteMissing(url)
+            return remote.read_ranges(url, [0], [min(n, size)])[0], size
+        except remote.RemoteMissing:
+            raise self._folder.missing(shard_key(self._arr, shard)) from None  # type: ignore[union-attr]
+
+    def _fetch(self, shard: int, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Ranges of one shard file from the object store (concurrent), kept in the cache."""
+        from cellmorph import remote
+
+        try:
+            got = remote.read_ranges(
+                self._url(shard), [a for a, _ in ranges], [b for _, b in ranges]
+            )
+        except remote.RemoteMissing:
+            raise self._folder.missing(shard_key(self._arr, shard)) from None  # type: ignore[union-attr]
+        self.fetched_bytes += sum(len(g) for g in got)
+        cache = self._cache_get()
+        if cache:
+            key = shard_key(self._arr, shard)
+            for (a, _), data in zip(ranges, got):
+                cache.write(key, self._sizes[shard], a, data)
+        return got
+
+    def _bytes(self, shard: int, start: int, end: int, chunks: list) -> bytes:
+        """``[start, end)`` of a shard file, whose ``chunks`` are checked (raw reads)."""
+        if not self.remote:
+            raw = os.pread(self._fd(shard), end - start, start)
+            if len(raw) != end - start:
+                raise StoreDamage(f"{self._where(shard)}: shard file shorter than its index says")
+            return raw
+        self._index(shard)
+        cache = self._cache_get()
+        cached = cache.read(shard_key(self._arr, shard), start, end) if cache else None
+        if cached is not None and self._sound(shard, start, cached, chunks):
+            return cached
+        return self._fetch(shard, [(start, end)])[0]
+
+    def _sound(self, shard: int, start: int, buf: bytes, chunks: list) -> bool:
+        """Whether cached bytes hold every chunk intact (else they are fetched again)."""
+        view = memoryview(buf)
+        try:
+            for off, n, _d, row in chunks:
+                self._payload(view[off - start : off - start + n], shard, row)
+        except StoreDamage:
+            return False
+        return True
+
+    def _read_remote(self, tasks: list[tuple], out: np.ndarray) -> None:
+        """Cached ranges from local disk; the rest with one concurrent request per shard;
+        then every chunk checked and decoded in threads."""
+        for shard in {t[0] for t in tasks}:
+            self._index(shard)
+        cache = self._cache_get()
+        bufs: list[bytes | None] = [None] * len(tasks)
+        if cache:
+            for i, (shard, start, end, chunks) in enumerate(tasks):
+                got = cache.read(shard_key(self._arr, shard), start, end)
+                if got is not None and self._sound(shard, start, got, chunks):
+                    bufs[i] = got
+        missing: dict[int, list[int]] = {}
+        for i, t in enumerate(tasks):
+            if bufs[i] is None:
+                missing.setdefault(t[0], []).append(i)
+        pool = self._remote_pool()
+        futures = {
+            shard: pool.submit(self._fetch, shard, [(tasks[i][1], tasks[i][2]) for i in idx])
+            for shard, idx in missing.items()
+        }
+        for shard, fut in futures.items():
+            for i, data in zip(missing[shard], fut.result()):
+                bufs[i] = data
+        jobs = [pool.submit(self._decode, t[0], t[1], memoryview(b), t[3], out)
+                for t, b in zip(tasks, bufs)]  # fmt: skip
+        try:
+            for f in jobs:
+                f.result()
+        except StoreDamage:
+            if self._folder.replaced():  # type: ignore[union-attr]  # converted again meanwhile
+                raise self._folder.missing("images") from None  # type: ignore[union-attr]
+            raise
+
+    def _remote_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max(self.threads, REMOTE_THREADS),
+                                            thread_name_prefix="shard-fetch")  # fmt: skip
+        return self._pool
