@@ -89,9 +89,14 @@ class ProcessMapper:
         ctx = get_context("forkserver")
         # Workers fork from a server that already imported the packing code: fast start.
         ctx.set_forkserver_preload(["conversion.pack"])
-        # Workers are the forkserver's children; each ends when this process ends.
+        # Workers are the forkserver's children; each ends when this process ends, and each
+        # takes this process's environment as it is now: the forkserver keeps the one it
+        # started with, which may predate the credentials or endpoint set since.
         self.pool = ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=ownership.die_with, initargs=(os.getpid(),)
+            workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(os.getpid(), dict(os.environ)),
         )
 
     def __call__(self, fn: Callable[[T], R], tasks: list[T]) -> Iterator[R]:
@@ -105,6 +110,12 @@ class ProcessMapper:
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
+
+
+def _init_worker(parent: int, environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
+    ownership.die_with(parent)
 
 
 @functools.lru_cache(maxsize=64)

@@ -100,3 +100,23 @@ def test_sigkill_then_rerun_equals_uninterrupted_and_finished_is_noop(tmp_path: 
     stdout, _ = again.communicate(timeout=120)
     assert again.returncode == 0 and stdout.startswith("nothing to do")
     assert _files(out) == before
+
+
+def test_pool_workers_see_the_environment_as_it_is_when_the_pool_starts(monkeypatch) -> None:
+    """The forkserver keeps the environment it started with; credentials or an endpoint set
+    after it started (a notebook, a test fixture) must still reach the workers."""
+    import os
+
+    from conversion.pack import ProcessMapper
+
+    first = ProcessMapper(1)  # starts the forkserver, if this process has none yet
+    assert list(first(os.getenv, ["CELLMORPH_TEST_LATE_VAR"])) == [None]
+    first.close()
+    monkeypatch.setenv("CELLMORPH_TEST_LATE_VAR", "set-after-the-forkserver")
+    later = ProcessMapper(2)
+    try:
+        assert set(later(os.getenv, ["CELLMORPH_TEST_LATE_VAR"] * 2)) == {
+            "set-after-the-forkserver"
+        }
+    finally:
+        later.close()
