@@ -21,6 +21,7 @@ from cellmorph.rundir import RunDir
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
     """``epoch 3/20  loss 1.912  val balanced acc 0.412 (chance 0.111)  acc 0.450 ...  eta 1m05s``."""
+    epochs = int(record.get("epochs", epochs))  # the planned run (train.min_steps adds epochs)
     parts = [f"epoch {int(record['epoch']) + 1}/{epochs}"]
     if "train_loss" in record:
         parts.append(f"loss {record['train_loss']:.3f}")
@@ -91,7 +92,7 @@ class StepProgress:
         """Called at the log interval (it costs a host synchronisation for ``loss``)."""
         if not self.enabled:
             return
-        info = {"epoch": epoch, "step": step, "steps": steps, "loss": loss,
+        info = {"epoch": epoch, "epochs": self.epochs, "step": step, "steps": steps, "loss": loss,
                 "images_per_s": images_per_s, "time": time.time()}  # fmt: skip
         if self._bar is not None:
             self._bar.n = step
@@ -170,10 +171,11 @@ class RunWatcher:
     def _draw(self, p: dict[str, Any] | None) -> None:
         if not p or int(p["epoch"]) in self._seen:
             return
-        if self._tqdm is None or self._tqdm.desc != f"epoch {int(p['epoch']) + 1}/{self.epochs}":
+        desc = f"epoch {int(p['epoch']) + 1}/{int(p.get('epochs', self.epochs))}"
+        if self._tqdm is None or self._tqdm.desc != desc:
             self._close_bar()
-            self._tqdm = tqdm(total=int(p["steps"]), desc=f"epoch {int(p['epoch']) + 1}/{self.epochs}",
-                              unit="step", leave=False, dynamic_ncols=True)  # fmt: skip
+            self._tqdm = tqdm(total=int(p["steps"]), desc=desc, unit="step", leave=False,
+                              dynamic_ncols=True)  # fmt: skip
         self._tqdm.n = int(p["step"])
         self._tqdm.set_postfix(loss=f"{p['loss']:.3f}", img_s=f"{p['images_per_s']:.0f}")
 

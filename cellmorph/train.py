@@ -583,7 +583,8 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
                                 cfg.optim.grad_clip, progress)  # fmt: skip
         recalibrate_bn(t.model, data.calibration_loader, ctx)
         val = evaluate(t.net, data.val_loader, data.index.val, data, ctx, cfg.eval.top_k)
-        record: dict[str, Any] = {"epoch": epoch, "world_size": ctx.world_size, **stats}
+        record: dict[str, Any] = {"epoch": epoch, "epochs": schedule.epochs,
+                                  "world_size": ctx.world_size, **stats}  # fmt: skip
         if ctx.is_main:
             record["seconds"] = time.perf_counter() - t0
             end_epoch(run, saver, t, data, cfg, record, val)

@@ -148,6 +148,16 @@ def test_schedule_is_sized_in_optimizer_steps():
     assert s.lr == pytest.approx(exact.optim.lr * exact.loader.batch_size / 256)
 
 
+def test_progress_lines_count_the_planned_epochs_not_train_epochs():
+    """train.min_steps can add epochs; the launcher's lines and ETA follow the planned run."""
+    from cellmorph.progress import epoch_line
+
+    record = {"epoch": 0, "epochs": 25, "train_loss": 2.2, "seconds": 20.0}
+    line = epoch_line(record, epochs=12)  # 12: what the launcher's config says
+    assert line.startswith("epoch 1/25") and "eta 8m00s" in line
+    assert epoch_line({"epoch": 2}, epochs=12).startswith("epoch 3/12")  # older logs
+
+
 def test_precise_bn_recomputes_statistics_with_current_weights():
     from torch import nn
 
