@@ -28,7 +28,7 @@ def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     print(f"      {summary['images']} images, {summary['quarantined']} quarantined")
     cfg = resolve_paths(cfg)
     print(f"[3/{steps}] train {cfg.name}: Ray Train, {cfg.ray.num_workers} workers, "
-          f"{cfg.train.epochs} epochs")  # fmt: skip
+          f"{cfg.train.epochs} epochs or more (train.min_steps={cfg.train.min_steps})")  # fmt: skip
     run = run_ray_training(cfg)
     if audit:
         print(f"[4/{steps}] leakage audit: the original study's protocol on the same data")
