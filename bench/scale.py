@@ -10,9 +10,10 @@ store helpers: 8 shards of random pixels through zarr, the other shards copies o
 
 Then it runs each stage in a fresh process and records its wall time and peak RSS:
 
-- ``convert_plan``: conversion's planning and statistics on N synthetic sites (header probes
-  answered without files, site keys, the plan's fingerprint, shard tasks, metadata.parquet's
-  table, the quarantine list, the per-plate statistics from N / shard_size shard records);
+- ``convert_plan``: conversion's driver on N sites, from a LoadData CSV of them (the layout's
+  reading and checks, header probes answered without files, site keys, the plan's
+  fingerprint, every shard's task, then the finish: metadata.parquet written from the
+  N / shard_size shard records, the quarantine list, the per-plate statistics);
 - ``open_store``: opening the store with every metadata column (``cellmorph inspect``) and
   with the training columns (shared per node);
 - ``index``: ``build_index`` (grouped by well, oversampled);
@@ -54,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's cellmorph
@@ -65,6 +67,8 @@ CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]  # the metadata's sources (a 5-ch
 STORE_CHANNELS = ["DNA"]  # the pixels: 1 channel, to fit millions of images on this disk
 SIZE, SHARD, TEMPLATES = 16, 4096, 8
 NEGCON = "Metadata_JCP2022=JCP2022_033924"  # DMSO
+GALLERY = "s3://cellpainting-gallery/"
+LOAD_DATA = "load_data.csv"  # the sites as conversion reads them (convert_plan's input)
 STAGES = ["convert_plan", "open_store", "index", "train", "report", "predict"]
 
 
@@ -153,7 +157,7 @@ def _with_sources(md: pd.DataFrame) -> pd.DataFrame:
     md = md[cols].copy()
     row = md["Metadata_Well"].str[0].map(lambda c: f"{ord(c) - 64:02d}")
     col = md["Metadata_Well"].str[1:]
-    folder = ("s3://cellpainting-gallery/cpg0016-jump/" + md["Metadata_Source"] + "/images/"
+    folder = (GALLERY + "cpg0016-jump/" + md["Metadata_Source"] + "/images/"
               + md["Metadata_Batch"] + "/images/" + md["Metadata_Plate"]
               + "__2022-01-01T00_00_00-Measurement1/Images/r" + row + "c" + col + "f"
               + md["Metadata_Site"].str.zfill(2) + "p01-ch")  # fmt: skip
@@ -310,21 +314,19 @@ def _config(work: Path, args: argparse.Namespace) -> Any:
 
 
 def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Conversion's planning and statistics on N sites, header probes answered from memory."""
+    """Conversion's planning, statistics and metadata on N sites: its own code end to end,
+    with the TIFF headers answered from memory and each shard's record written as a writer
+    would (no pixels are packed)."""
     from cellmorph.config import ConvertConfig
-    from conversion import pack, tiffs
-    from conversion.tables import SOURCES, Inputs
+    from conversion import layouts, pack, tiffs
+    from conversion.manifest import Manifest
 
-    md = jump_metadata(args.images)
-    paths = [f"source_{c}" for c in CHANNELS]
-    # What a layout hands to planning: one list of (file, page) per site, no path columns.
-    md[SOURCES] = [[(p, -1) for p in site] for site in md[paths].to_numpy()]
-    md = md.drop(columns=paths)
-    cfg = ConvertConfig(channels=CHANNELS, size=SIZE, shard_size=SHARD, negcon=NEGCON,
-                        label_column="Metadata_JCP2022")  # fmt: skip
-    t = {"tables_s": time.perf_counter()}
-    inputs = Inputs(md)
-    del md
+    cfg = ConvertConfig(load_data=str(work / LOAD_DATA), channels=CHANNELS, size=SIZE,
+                        shard_size=SHARD, negcon=NEGCON, label_column="Metadata_JCP2022",
+                        stats_images=64)  # fmt: skip
+    t = {"start": time.perf_counter()}
+    inputs = layouts.load_inputs(cfg)  # the LoadData layout: read, join paths, check keys
+    t["read_s"] = time.perf_counter()
 
     # The TIFF headers are answered from memory (one 1080 x 1080 uint16 plane per file); the
     # rest of the probe (per-site checks, the stat digest) is conversion's own code.
@@ -337,28 +339,47 @@ def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     inputs.sites = sites
     fp = pack.fingerprint(sites, cfg, {})
     t["fingerprint_s"] = time.perf_counter()
-    tasks = pack.shard_tasks(sites, str(work / "plan.zarr"), SHARD, fp, cfg, {})
+    out = str(work / "plan.zarr")
+    shutil.rmtree(out, ignore_errors=True)
+    state, _ = pack.prepare(out, fp, len(sites), inputs, cfg, False, None)
+    manifest, shards = Manifest(out), 0
+    for task in pack.shard_tasks(sites, out, SHARD, fp, cfg, {}, inputs.pages):
+        manifest.write_shard(task.index, _record(task))  # what its writer records
+        shards += 1
     t["tasks_s"] = time.perf_counter()
-    records = [_record(task) for task in tasks]
-    t["records_s"] = time.perf_counter()
-    metadata = pack.store_metadata(sites.assign(**{
-        f"source_{c}": sites[SOURCES].str[i].str[0] for i, c in enumerate(CHANNELS)}),
-        records, cfg)  # fmt: skip
-    quarantine = pack.quarantine_rows(inputs, {})
-    sample = np.zeros((cfg.stats_images, 1, SIZE, SIZE), np.uint16) + 100
-    pack.store_stats(records, sample, cfg.model_copy(update={"channels": ["DNA"]}))
+    pack.finish(out, sites, inputs, cfg)  # metadata.parquet, quarantine, statistics
     t["finish_s"] = time.perf_counter()
     steps = dict(zip(list(t)[1:], np.diff(list(t.values())).round(2).tolist()))
-    return {"sites": len(metadata), "shards": len(tasks), "quarantined": len(quarantine), **steps}
+    written = pq.ParquetFile(Path(out) / cstore.METADATA).metadata.num_rows
+    shutil.rmtree(out, ignore_errors=True)
+    return {"sites": written, "shards": shards, "quarantined": len(inputs.quarantine),
+            "state": state, **steps}  # fmt: skip
+
+
+def write_load_data(md: pd.DataFrame, path: Path) -> None:
+    """The sites as a CellProfiler LoadData CSV (PathName/FileName per channel), paths on a
+    local mount of the gallery."""
+    table = md.drop(columns=[f"source_{c}" for c in CHANNELS])
+    for c in CHANNELS:
+        parts = (
+            md[f"source_{c}"]
+            .str.replace(GALLERY, "/data/cellpainting-gallery/")
+            .str.rpartition("/")
+        )
+        table[f"PathName_Orig{c}"], table[f"FileName_Orig{c}"] = parts[0], parts[2]
+    tmp = path.with_suffix(".tmp")
+    table.to_csv(tmp, index=False, chunksize=200_000)
+    os.replace(tmp, path)
 
 
 def _record(task: Any) -> dict[str, Any]:
     """What a shard writer records in the manifest (checksums, crcs, per-group sums)."""
     n = len(task.sites)
-    sums = {g: {"n": 1, "sum": [1.0], "sumsq": [1.0], "log_sum": [1.0], "log_sumsq": [1.0]}
+    sums = {g: {"n": 1, "sum": [1.0] * len(CHANNELS), "sumsq": [1.0] * len(CHANNELS),
+                "log_sum": [1.0] * len(CHANNELS), "log_sumsq": [1.0] * len(CHANNELS)}
             for g in dict.fromkeys(task.groups)}  # fmt: skip
-    return {"checksums": [f"{i:016x}" for i in range(n)], "chunk_crcs": list(range(n)),
-            "sums": sums}  # fmt: skip
+    return {"key": task.key, "start": task.start, "checksums": [f"{i:016x}" for i in range(n)],
+            "chunk_crcs": list(range(n)), "sums": sums}  # fmt: skip
 
 
 def stage_open_store(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -486,10 +507,13 @@ def run_all(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     store = work / "store.zarr"
     built = None
-    if args.rebuild or not (store / cstore.METADATA).is_file():
+    if args.rebuild or not (store / cstore.METADATA).is_file() or not (work / LOAD_DATA).is_file():
         t = time.perf_counter()
         md = jump_metadata(args.images)
         built = {"metadata_s": round(time.perf_counter() - t, 1), **build_store(store, md)}
+        t = time.perf_counter()
+        write_load_data(md, work / LOAD_DATA)
+        built["load_data_s"] = round(time.perf_counter() - t, 1)
         del md
     stages = {name: run_stage(name, work, args) for name in args.stages.split(",")}
     train = stages.get("train") or {}

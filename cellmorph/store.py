@@ -37,7 +37,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -287,31 +287,63 @@ def write_attrs(path: str | AnyPath, attrs: dict[str, Any]) -> None:
     group.attrs.update(attrs)
 
 
-def write_metadata(path: str | AnyPath, metadata: pd.DataFrame) -> None:
+def write_metadata(path: str | AnyPath, metadata: pd.DataFrame | Iterable[pd.DataFrame]) -> None:
     """Write ``metadata.parquet`` atomically (row i describes images[i]) and bind it to the
     store with ``attrs.metadata_digest``; call it once the images are written.
 
-    Without a ``chunk_crc32c`` column (stores written outside conversion), the crcs are read
-    from the shard files as they are now; conversion passes the ones it read back right after
-    writing each shard, so damage after that is caught.
+    ``metadata`` is one table, or consecutive parts of it (conversion streams one per shard, so
+    that millions of rows are never one table in memory). Without a ``chunk_crc32c`` column
+    (stores written outside conversion: one table), the crcs are read from the shard files as
+    they are now; conversion passes the ones it read back right after writing each shard, so
+    damage after that is caught.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
-    if missing:
-        raise StoreError(f"{path}: metadata lacks required column(s) {', '.join(missing)}")
     group = zarr.open_group(zarr_store(path), mode="r+", zarr_format=3)
     images = group[IMAGES]
-    if len(metadata) != images.shape[0]:
-        raise StoreError(f"{path}: {len(metadata)} metadata rows for {images.shape[0]} images")
-    table = metadata.reset_index(drop=True)
-    if CHUNK_CRC not in table.columns:
-        table[CHUNK_CRC] = _read_chunk_crcs(path, images)
-    table[CHUNK_CRC] = table[CHUNK_CRC].astype(np.uint32)
+    if isinstance(metadata, pd.DataFrame):
+        metadata = metadata.reset_index(drop=True)
+        if CHUNK_CRC not in metadata.columns and set(REQUIRED_COLUMNS) <= set(metadata.columns):
+            metadata[CHUNK_CRC] = _read_chunk_crcs(path, images)
+        metadata = [metadata]
     buf = io.BytesIO()
-    table.to_parquet(buf, index=False, row_group_size=METADATA_ROW_GROUP)
-    data = buf.getvalue()
+    rows = _write_parts(path, metadata, buf)
+    if rows != images.shape[0]:
+        raise StoreError(f"{path}: {rows} metadata rows for {images.shape[0]} images")
+    data = buf.getbuffer()
     write_bytes(path, METADATA, data)
     channels = list(group.attrs["channels"])
     group.attrs.update({DIGEST: metadata_digest(data, channels, tuple(images.shape))})
+
+
+def _missing_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in [*REQUIRED_COLUMNS, CHUNK_CRC] if c not in table.columns]
+
+
+def _write_parts(path: str | AnyPath, parts: Iterable[pd.DataFrame], buf: IO[bytes]) -> int:
+    """Parquet of the parts, in row groups of ``METADATA_ROW_GROUP``; returns the row count."""
+    writer: pq.ParquetWriter | None = None
+    pending: list[pa.Table] = []
+    rows = 0
+    for part in parts:
+        missing = _missing_columns(part)
+        if missing:
+            raise StoreError(f"{path}: metadata lacks required column(s) {', '.join(missing)}")
+        part = part.reset_index(drop=True).assign(
+            **{CHUNK_CRC: part[CHUNK_CRC].to_numpy().astype(np.uint32)}
+        )
+        table = pa.Table.from_pandas(part, preserve_index=False)
+        if writer is None:
+            writer = pq.ParquetWriter(buf, table.schema)
+        pending.append(table.cast(writer.schema))  # one schema for every part
+        rows += len(part)
+        if sum(len(t) for t in pending) >= METADATA_ROW_GROUP:
+            writer.write_table(pa.concat_tables(pending), row_group_size=METADATA_ROW_GROUP)
+            pending = []
+    if writer is None:
+        raise StoreError(f"{path}: no metadata rows to write")
+    if pending:
+        writer.write_table(pa.concat_tables(pending), row_group_size=METADATA_ROW_GROUP)
+    writer.close()
+    return rows
 
 
 def _read_chunk_crcs(path: str | AnyPath, images: zarr.Array) -> list[int]:

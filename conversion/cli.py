@@ -131,8 +131,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    st = cstore.open_store(args.store)
+    # Only the columns it reports on: every column of millions of rows (five file paths a
+    # site) would take GBs.
+    st = cstore.open_store(args.store, columns=[args.label_column] if args.label_column else [])
     label = args.label_column or st.attrs.get("label_column")
+    if label and label not in st.metadata.columns:
+        st = cstore.open_store(args.store, columns=[label])
     print(cstore.dumps(cstore.describe(st, label)))
     if args.verify:
         verify(st)

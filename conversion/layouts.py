@@ -1,9 +1,9 @@
 """Input layouts: turn a LoadData CSV, or a folder of TIFFs plus a metadata CSV, into sites.
 
 Both layouts produce the same :class:`Inputs`: one row per site with ``Metadata_Plate``,
-``Metadata_Well``, ``Metadata_Site``, the metadata/label columns, one ``source_<Ch>`` column per
-requested channel (in the requested order) and an internal ``_sources`` column of
-``(path, channel index)`` pairs. Labels may then be joined from JUMP plate maps
+``Metadata_Well``, ``Metadata_Site``, the metadata/label columns, and each requested channel's
+file as internal folder and name columns (:func:`conversion.tables.set_sources`), with the page
+of the file that holds each channel in ``Inputs.pages``. Labels may then be joined from JUMP plate maps
 (:mod:`conversion.platemaps`). Structural problems (a missing column, an unknown channel, an
 empty input, impossible settings) raise :class:`CellmorphError`; per-site problems (bad keys, no
 label, duplicates, unmatched files) become quarantine rows.
@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cellmorph.config import ConvertConfig
@@ -24,12 +25,14 @@ from cellmorph.store import PLATE, SITE, WELL
 from conversion.platemaps import annotate
 from conversion.tables import (
     KEYS,
-    SOURCES,
     Inputs,
+    compact_text,
     drop_rows,
     quarantine_row,
     read_csv,
     require_columns,
+    set_sources,
+    split_paths,
 )
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -116,7 +119,9 @@ def _rewrite(path: str, replacements: list[str]) -> str:
     return path
 
 
-def _loaddata_sources(df: pd.DataFrame, cfg: ConvertConfig, base: Path) -> pd.Series:
+def _loaddata_paths(df: pd.DataFrame, cfg: ConvertConfig, base: Path) -> dict[str, tuple]:
+    """Each channel's file per row, as ``PathName_Orig<Ch>/FileName_Orig<Ch>`` (relative to the
+    CSV's folder, after ``path_replace``)."""
     available = sorted(
         c[len("FileName_Orig") :] for c in df.columns if c.startswith("FileName_Orig")
     )
@@ -128,15 +133,32 @@ def _loaddata_sources(df: pd.DataFrame, cfg: ConvertConfig, base: Path) -> pd.Se
             )
         require_columns(df, [f"PathName_Orig{ch}"], "LoadData CSV")
 
-    def site_sources(row: pd.Series) -> list[tuple[str, int]]:
-        out = []
-        for ch in cfg.channels:
-            folder = _rewrite(str(row[f"PathName_Orig{ch}"]), cfg.path_replace)
-            p = Path(folder) / str(row[f"FileName_Orig{ch}"])
-            out.append((str(p if p.is_absolute() else (base / p)), -1))
-        return out
+    paths = {}
+    for ch in cfg.channels:
+        folders = df[f"PathName_Orig{ch}"]
+        names = df[f"FileName_Orig{ch}"].astype("str")
+        # A few folders per plate: resolve each once; a plain file name then only follows it.
+        prefix = {f: _folder_prefix(str(f), cfg, base) for f in folders.unique()}
+        dirs = folders.astype(object).map(prefix).to_numpy(dtype=object)
+        files = names.to_numpy(dtype=object)
+        odd = (names.str.contains("/", regex=False) | names.isin(["", ".", ".."])).to_numpy()
+        if odd.any():  # Path semantics for names that hold folders (or none)
+            full = [_site_path(str(f), n, cfg, base) for f, n in zip(folders[odd], names[odd])]
+            dirs[odd], files[odd] = split_paths(pd.Series(full, dtype="str"))
+        paths[ch] = (dirs, files)
+    return paths
 
-    return df.apply(site_sources, axis=1)
+
+def _site_path(folder: str, name: str, cfg: ConvertConfig, base: Path) -> str:
+    p = Path(_rewrite(folder, cfg.path_replace)) / name
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _folder_prefix(folder: str, cfg: ConvertConfig, base: Path) -> str:
+    """What :func:`_site_path` puts before a plain file name: the resolved folder and "/"."""
+    p = Path(_rewrite(folder, cfg.path_replace))
+    resolved = str(p if p.is_absolute() else (base / p))
+    return "" if resolved == "." else resolved.rstrip("/") + "/"
 
 
 def _join(df: pd.DataFrame, cfg: ConvertConfig) -> tuple[pd.DataFrame, pd.Series]:
@@ -169,15 +191,25 @@ def _join(df: pd.DataFrame, cfg: ConvertConfig) -> tuple[pd.DataFrame, pd.Series
 def load_loaddata(cfg: ConvertConfig) -> Inputs:
     """The CellProfiler LoadData layout: one row per site, one file per channel."""
     path = Path(cfg.load_data or "")
-    df = read_csv(path, "LoadData CSV", strings=[cfg.label_column, *cfg.join_on])
-    require_columns(df, KEYS, f"LoadData CSV {path}")
-    df[SOURCES] = _loaddata_sources(df, cfg, path.parent) if len(df) else []
+
+    def compact(block: pd.DataFrame) -> pd.DataFrame:  # a block of rows: paths become columns
+        require_columns(block, KEYS, f"LoadData CSV {path}")
+        set_sources(block, cfg.channels, _loaddata_paths(block, cfg, path.parent))
+        compact_text(block, [c for c in block.columns if c.startswith("Metadata_")])
+        return block.drop(
+            columns=[c for c in block.columns if c.startswith(("FileName_", "PathName_"))]
+        )
+
+    # PathName_* as categories: a few folders shared by millions of rows.
+    df = read_csv(path, "LoadData CSV", strings=[cfg.label_column, *cfg.join_on],
+                  categories=lambda c: c.startswith("PathName_"), block=compact)  # fmt: skip
     ambiguous = None
     if cfg.join:
         df, ambiguous = _join(df, cfg)
-    df = df.drop(columns=[c for c in df.columns if c.startswith(("FileName_", "PathName_"))])
     inputs = Inputs(
-        df, description={"layout": "loaddata", "load_data": str(path), "join": cfg.join}
+        df,
+        description={"layout": "loaddata", "load_data": str(path), "join": cfg.join},
+        pages=[-1] * len(cfg.channels),
     )
     if ambiguous is not None and ambiguous.any():
         for _, row in df.loc[ambiguous].iterrows():
@@ -252,11 +284,16 @@ def load_folder(cfg: ConvertConfig) -> Inputs:
     ids = column_ids(df[cfg.id_column], pattern)
     dup_ids = ids.duplicated(keep=False)
     path_of = ids.map(files)
-    inputs = Inputs(
-        df, quarantine, {"layout": "folder", "images": str(folder), "metadata": cfg.metadata}
-    )
     positions = [file_channels.index(c) for c in cfg.channels]
-    df[SOURCES] = [[(str(p), i) for i in positions] if isinstance(p, Path) else [] for p in path_of]
+    inputs = Inputs(
+        df,
+        quarantine,
+        {"layout": "folder", "images": str(folder), "metadata": cfg.metadata},
+        pages=positions,
+    )
+    # One file holds every channel of a site; a row without a file has no path ("").
+    site_files = path_of.map(lambda p: str(p) if isinstance(p, Path) else "")
+    set_sources(df, cfg.channels, dict.fromkeys(cfg.channels, site_files))
     if SITE not in df.columns:
         # Sites numbered within each well in identifier order, so reruns number them the same.
         df[SITE] = df.assign(_id=ids).groupby(KEYS[:2])["_id"].rank(method="first").astype(int)
@@ -323,8 +360,6 @@ def load_inputs(cfg: ConvertConfig) -> Inputs:
         annotate(inputs, cfg)
     _check_labels(inputs, cfg)
     _check_duplicates(inputs)
-    for i, ch in enumerate(cfg.channels):
-        inputs.sites[f"source_{ch}"] = [s[i][0] for s in inputs.sites[SOURCES]]
     inputs.description["channels"] = list(cfg.channels)
     return inputs
 
@@ -332,14 +367,17 @@ def load_inputs(cfg: ConvertConfig) -> Inputs:
 _WHOLE = re.compile(r"\d+(\.0*)?")
 
 
-def _key_problem(plate: str, well: str, site: str) -> str:
-    if not plate:
-        return "empty Metadata_Plate"
-    if not well:
-        return "empty Metadata_Well"
-    if not site:
-        return "empty Metadata_Site"
-    return "" if _WHOLE.fullmatch(site) else f"Metadata_Site {site!r} is not a whole number"
+def _key_problems(plate: pd.Series, well: pd.Series, site: pd.Series) -> pd.Series:
+    """Per row, what is wrong with its keys ("" when nothing), vectorized: millions of rows."""
+    whole = site.str.fullmatch(_WHOLE.pattern).fillna(False).to_numpy(dtype=bool)
+    reasons = np.select(
+        [(plate == "").to_numpy(), (well == "").to_numpy(), (site == "").to_numpy(), ~whole],
+        ["empty Metadata_Plate", "empty Metadata_Well", "empty Metadata_Site", "site"],
+        "",
+    ).astype(object)
+    for i in np.flatnonzero(reasons == "site"):  # the value in the message: a few rows
+        reasons[i] = f"Metadata_Site {site.iloc[i]!r} is not a whole number"
+    return pd.Series(reasons, index=plate.index, dtype=object)
 
 
 def _check_keys(inputs: Inputs) -> None:
@@ -347,14 +385,10 @@ def _check_keys(inputs: Inputs) -> None:
     sites = inputs.sites
     for col in KEYS:
         sites[col] = sites[col].astype(str).str.strip() if len(sites) else sites[col].astype(str)
-    reasons = pd.Series(
-        [_key_problem(*keys) for keys in zip(*(sites[c] for c in KEYS))],
-        index=sites.index,
-        dtype=object,
-    )
+    reasons = _key_problems(*(sites[c] for c in KEYS))
     drop_rows(inputs, reasons != "", reasons)
     site = inputs.sites[SITE]
-    inputs.sites[SITE] = site.map(lambda v: int(v.split(".")[0])).astype("int64")
+    inputs.sites[SITE] = site.str.partition(".")[0].astype("int64") if len(site) else site
 
 
 def _check_labels(inputs: Inputs, cfg: ConvertConfig) -> None:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import zarr
 from tqdm import tqdm
 
@@ -45,14 +47,26 @@ from conversion import ownership, platestats
 from conversion.layouts import check_settings, load_inputs, no_valid_sites, summarize_reasons
 from conversion.manifest import Manifest, digest
 from conversion.ownership import Owner
-from conversion.tables import KEYS, SOURCES, Inputs, quarantine_row
+from conversion.tables import (
+    DIR,
+    KEYS,
+    Inputs,
+    as_text,
+    quarantine_row,
+    site_paths,
+    site_sources,
+)
 from conversion.tiffs import BadImage, Source, apply_illum, probe_site, read_site, resize
 
 T = TypeVar("T")
 R = TypeVar("R")
-# map_unordered(fn, tasks) -> results as they finish (inline, process pool, or Ray).
-Mapper = Callable[[Callable[[T], R], list[T]], Iterator[R]]
+# map_unordered(fn, tasks) -> results as they finish (inline, process pool, or Ray). Tasks come
+# from an iterator and a mapper keeps only a few in flight: a task carries its sites' paths, and
+# all of them at once would be the whole plan as Python objects (GBs at millions of sites).
+Mapper = Callable[[Callable[[T], R], Iterable[T]], Iterator[R]]
 PROBE_CHUNK = 64
+HASH_ROWS = 1 << 18
+IN_FLIGHT_PER_WORKER = 4
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,7 @@ class ShardResult:
     abandoned: bool = False  # another run owns the store now: nothing was written
 
 
-def inline_map(fn: Callable[[T], R], tasks: list[T]) -> Iterator[R]:
+def inline_map(fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
     """Run tasks one after another in this process."""
     return (fn(t) for t in tasks)
 
@@ -92,6 +106,7 @@ class ProcessMapper:
         # Workers are the forkserver's children; each ends when this process ends, and each
         # takes this process's environment as it is now: the forkserver keeps the one it
         # started with, which may predate the credentials or endpoint set since.
+        self.window = workers * IN_FLIGHT_PER_WORKER
         self.pool = ProcessPoolExecutor(
             workers,
             mp_context=ctx,
@@ -99,13 +114,20 @@ class ProcessMapper:
             initargs=(os.getpid(), dict(os.environ)),
         )
 
-    def __call__(self, fn: Callable[[T], R], tasks: list[T]) -> Iterator[R]:
-        futures = [self.pool.submit(fn, t) for t in tasks]
+    def __call__(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
+        todo = iter(tasks)
+        running: set[Future] = set()
         try:
-            for fut in as_completed(futures):
-                yield fut.result()
+            while True:
+                running.update(self.pool.submit(fn, t) for t in itertools.islice(
+                    todo, self.window - len(running)))  # fmt: skip
+                if not running:
+                    return
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
         finally:
-            for fut in futures:
+            for fut in running:
                 fut.cancel()
 
     def close(self) -> None:
@@ -240,47 +262,70 @@ def _illum_shape(paths: list[str]) -> tuple[int, int]:
 def probe_all(inputs: Inputs, cfg: ConvertConfig, illum: dict, mapper: Mapper) -> pd.DataFrame:
     """Probe every site; move failures to quarantine; return survivors with a ``_stat`` column."""
     sites = inputs.sites
-    shapes = {plate: _illum_shape(paths) for plate, paths in illum.items()}
-    channels = list(cfg.channels)  # one list for every site (millions of copies otherwise)
-    items = [
-        (i, src, channels, shapes.get(plate), cfg.size)
-        for i, (src, plate) in enumerate(zip(sites[SOURCES], sites[PLATE]))
-    ]
-    chunks = [items[i : i + PROBE_CHUNK] for i in range(0, len(items), PROBE_CHUNK)]
-    results: dict[int, Any] = {}
-    with tqdm(total=len(items), unit="site", desc="check TIFFs", leave=False) as bar:
+    n = len(sites)
+    stat = np.zeros(n, dtype="S16")  # per site: 16 bytes, not a Python string and tuple
+    dtype_code = np.full(n, -1, dtype=np.int8)
+    dtypes: dict[str, int] = {}
+    failures: dict[int, str] = {}
+    shapes = {plate: _illum_shape(paths) for plate, paths in illum.items()}  # stop before probing
+    chunks = _probe_chunks(sites, inputs.pages, cfg, shapes)
+    with tqdm(total=n, unit="site", desc="check TIFFs", leave=False) as bar:
         for res in mapper(probe_chunk, chunks):
-            results.update(res)
+            for row, result in res:
+                if isinstance(result, str):
+                    failures[row] = result
+                else:
+                    stat[row] = result[0].encode()
+                    dtype_code[row] = dtypes.setdefault(result[1], len(dtypes))
             bar.update(len(res))
-    _mixed_bit_depths(results)
-    ok = np.array([not isinstance(results[i], str) for i in range(len(items))], dtype=bool)
-    for i in np.flatnonzero(~ok):
-        inputs.quarantine.append(quarantine_row(sites.iloc[i], results[i]))
+    failures.update(_mixed_bit_depths(dtype_code, dtypes))
+    ok = np.ones(n, dtype=bool)
+    ok[list(failures)] = False
+    for i in sorted(failures):
+        inputs.quarantine.append(quarantine_row(sites.iloc[i], failures[i]))
     survivors = sites.loc[ok].copy()
-    survivors["_stat"] = [results[i][0] for i in np.flatnonzero(ok)]
-    return survivors.sort_values(KEYS, kind="mergesort").reset_index(drop=True)
+    survivors["_stat"] = pd.array(stat[ok].astype(str), dtype="str")
+    survivors = survivors.sort_values(KEYS, kind="mergesort").reset_index(drop=True)
+    pa.default_memory_pool().release_unused()  # the copies' text buffers: back to the system
+    return survivors
 
 
-def _mixed_bit_depths(results: dict[int, Any]) -> None:
-    """Sites of a pixel type other than the common one become failures (in place).
+def _probe_chunks(sites: pd.DataFrame, pages: list[int], cfg: ConvertConfig,
+                  shapes: dict[str, tuple[int, int]]) -> Iterator[list[ProbeItem]]:  # fmt: skip
+    """The probe's work items, ``PROBE_CHUNK`` sites each, built a block of rows at a time."""
+    channels = list(cfg.channels)  # one list for every site (millions of copies otherwise)
+    block = PROBE_CHUNK * 64
+    for start in range(0, len(sites), block):
+        part = sites.iloc[start : start + block]
+        items = [
+            (start + i, src, channels, shapes.get(plate), cfg.size)
+            for i, (src, plate) in enumerate(
+                zip(site_sources(part, channels, pages), part[PLATE].astype(str))
+            )
+        ]
+        yield from (items[i : i + PROBE_CHUNK] for i in range(0, len(items), PROBE_CHUNK))
+
+
+def _mixed_bit_depths(codes: np.ndarray, dtypes: dict[str, int]) -> dict[int, str]:
+    """Failures for the sites of a pixel type other than the common one.
 
     8-bit sites among 16-bit ones would be stored unscaled next to them (max 255 vs ~3,400),
     so their cells would look black; the majority type wins (16-bit on a tie).
     """
-    dtypes = pd.Series(
-        {i: r[1] for i, r in results.items() if not isinstance(r, str)}, dtype=object
-    )
-    counts = dtypes.value_counts()
-    if len(counts) < 2:
-        return
+    if len(dtypes) < 2:
+        return {}
+    names = sorted(dtypes, key=dtypes.get)
+    counts = np.bincount(codes[codes >= 0], minlength=len(names))
     top = counts.max()
-    keep = "uint16" if counts.get("uint16", 0) == top else str(counts.idxmax())
-    for i, dtype in dtypes.items():
-        if dtype != keep:
-            results[i] = (
-                f"{dtype} TIFFs among {keep} sites ({counts[keep]} of {len(dtypes)} sites are "
-                f"{keep}): their pixel scale differs"
-            )
+    keep = "uint16" if counts[dtypes.get("uint16", 0)] == top and "uint16" in dtypes else None
+    if keep is None:
+        keep = max(names, key=lambda d: (counts[dtypes[d]], -dtypes[d]))
+    total = int(counts.sum())
+    return {
+        int(i): f"{names[codes[i]]} TIFFs among {keep} sites ({counts[dtypes[keep]]} of {total} "
+        f"sites are {keep}): their pixel scale differs"
+        for i in np.flatnonzero((codes >= 0) & (codes != dtypes[keep]))
+    }
 
 
 def site_key(row: pd.Series) -> str:
@@ -290,31 +335,51 @@ def site_key(row: pd.Series) -> str:
 def site_keys(sites: pd.DataFrame) -> pd.Series:
     """``plate/well/site`` of every site (:func:`site_key`, vectorized: millions of sites)."""
     plate, well, site = (sites[c].astype(str) for c in KEYS)
-    return (plate + "/" + well + "/" + site).astype(object)
+    return (plate + "/" + well + "/" + site).astype("str")  # Arrow text: ~30 bytes a site, not ~80
 
 
 def fingerprint(sites: pd.DataFrame, cfg: ConvertConfig, illum: dict) -> str:
     """Identify the job: settings that change bytes, every site's metadata, files and stats."""
     settings = cfg.model_dump(mode="json", exclude={"workers"})
-    columns = [c for c in sites.columns if c != SOURCES]
+    columns = list(sites.columns)
     rows = hashlib.sha256()
-    for c in columns:  # a column at a time: millions of sites as text would not fit
-        rows.update(pd.util.hash_pandas_object(sites[c].astype(str), index=False).to_numpy())
+    for c in columns:  # a column and a block of rows at a time: millions of sites as text
+        for start in range(0, len(sites), HASH_ROWS):  # would not fit
+            part = sites[c].iloc[start : start + HASH_ROWS]
+            if not isinstance(part.dtype, pd.CategoricalDtype):  # these hash their categories
+                part = part.astype(str)  # (the same hashes as their values, without the text)
+            rows.update(pd.util.hash_pandas_object(part, index=False).to_numpy())
     illum_stats = {p: Path(p).stat().st_mtime_ns for ps in illum.values() for p in ps}
     return digest([cstore.FORMAT_VERSION, settings, columns, rows.hexdigest(), illum_stats])
 
 
-def shard_tasks(plan: pd.DataFrame, out: str, shard: int, fp: str, cfg: ConvertConfig,
-                illum: dict, owner: Owner | None = None) -> list[ShardTask]:  # fmt: skip
-    tasks = []
-    groups = platestats.group_keys(plan, PLATE, cfg.negcon)
+def _shard_key(part: pd.DataFrame, sources: list[list], fp: str, start: int) -> str:
+    """What a shard's record must carry to count as done: its rows' keys and files."""
+    return digest([fp, start, part["_key"].tolist(), sources])
+
+
+def shard_keys(plan: pd.DataFrame, shard: int, fp: str, cfg: ConvertConfig,
+               pages: list[int]) -> Iterator[tuple[int, int, int, str]]:  # fmt: skip
+    """``(index, start, rows, key)`` of every shard of the plan."""
     for index, start in enumerate(range(0, len(plan), shard)):
         part = plan.iloc[start : start + shard]
-        sites = [(s, illum.get(p, [])) for s, p in zip(part[SOURCES], part[PLATE])]
-        key = digest([fp, start, list(part["_key"]), [s for s, _ in sites]])
-        part_groups = groups[start : start + shard]
-        tasks.append(ShardTask(out, index, start, key, cfg.size, sites, part_groups, owner))
-    return tasks
+        sources = site_sources(part, cfg.channels, pages)
+        yield index, start, len(part), _shard_key(part, sources, fp, start)
+
+
+def shard_tasks(plan: pd.DataFrame, out: str, shard: int, fp: str, cfg: ConvertConfig,
+                illum: dict, pages: list[int], owner: Owner | None = None,
+                only: Iterable[int] | None = None) -> Iterator[ShardTask]:  # fmt: skip
+    """The shards' tasks in order (``only``: these shards), each built when it is asked for."""
+    indices = range(-(-len(plan) // shard)) if only is None else sorted(only)
+    for index in indices:
+        start = index * shard
+        part = plan.iloc[start : start + shard]
+        sources = site_sources(part, cfg.channels, pages)
+        sites = [(s, illum.get(p, [])) for s, p in zip(sources, part[PLATE].astype(str))]
+        groups = platestats.group_keys(part, PLATE, cfg.negcon)
+        key = _shard_key(part, sources, fp, start)
+        yield ShardTask(out, index, start, key, cfg.size, sites, groups, owner)
 
 
 def _attrs(inputs: Inputs, cfg: ConvertConfig) -> dict[str, Any]:
@@ -395,8 +460,9 @@ def input_paths(cfg: ConvertConfig, sites: pd.DataFrame | None = None) -> list[s
              cfg.barcode_platemap, cfg.platemap_dir, *(cfg.external_metadata or [])]  # fmt: skip
     folders: list[str] = []
     if sites is not None and len(sites):
-        files = sites[SOURCES].explode().str[0]  # one row per (site, channel) file
-        folders = sorted(files.str.rpartition("/")[0].replace("", ".").unique())
+        dirs = {d for c in sites.columns if c.startswith(DIR)
+                for d in sites[c].astype("category").cat.categories}  # fmt: skip
+        folders = sorted({os.path.dirname(d + "x") or "." for d in dirs})
     return [str(p) for p in named if p] + folders
 
 
@@ -457,7 +523,8 @@ def _fit_array(out: str, n: int) -> int:
 
 
 def pack_all(sites: pd.DataFrame, out: str, fp: str, cfg: ConvertConfig, illum: dict,
-             mapper: Mapper, owner: Owner | None = None) -> tuple[pd.DataFrame, int]:  # fmt: skip
+             pages: list[int], mapper: Mapper,
+             owner: Owner | None = None) -> tuple[pd.DataFrame, int]:  # fmt: skip
     """Pack every shard not yet recorded; repeat while decode failures reshape the plan."""
     manifest = Manifest(out)
     written = 0
@@ -465,20 +532,25 @@ def pack_all(sites: pd.DataFrame, out: str, fp: str, cfg: ConvertConfig, illum: 
         bad = manifest.bad()
         plan = _current_plan(sites, bad)
         shard = _fit_array(out, len(plan))
-        tasks = shard_tasks(plan, out, shard, fp, cfg, illum, owner)
-        pending = [t for t in tasks if (manifest.shard(t.index) or {}).get("key") != t.key]
-        done_images = len(plan) - sum(len(t.sites) for t in pending)
+        spans = {  # the shards not recorded with this plan's content: (start, rows)
+            index: (start, rows)
+            for index, start, rows, key in shard_keys(plan, shard, fp, cfg, pages)
+            if (manifest.shard(index) or {}).get("key") != key
+        }
+        done_images = len(plan) - sum(rows for _, rows in spans.values())
+        tasks = shard_tasks(plan, out, shard, fp, cfg, illum, pages, owner, only=spans)
         new_bad = {}
         with tqdm(
             total=len(plan), initial=done_images, unit="img", desc="convert", smoothing=0.1
         ) as bar:
-            for res in mapper(pack_shard, pending):
+            for res in mapper(pack_shard, tasks):
                 if res.abandoned:  # cannot happen while we hold the lock; never write past it
                     raise CellmorphError(f"{out}: another convert took over this store")
-                bar.update(len(tasks[res.index].sites))
+                start, rows = spans[res.index]
+                bar.update(rows)
                 written += res.count
                 for row, reason in res.failures.items():
-                    new_bad[plan.at[tasks[res.index].start + row, "_key"]] = reason
+                    new_bad[plan.at[start + row, "_key"]] = reason
         if not new_bad:
             return plan, written
         manifest.write_bad({**bad, **new_bad})
@@ -490,28 +562,34 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
     arr = zarr.open_array(store=cstore.zarr_store(out, True), path=cstore.IMAGES, mode="r",
                           zarr_format=3)  # fmt: skip
     shard = int(arr.shards[0])
-    records = [manifest.shard(i // shard) for i in range(0, len(plan), shard)]
+    sums: list[dict[str, Any]] = []
+
+    def parts() -> Iterator[pd.DataFrame]:  # one shard's rows at a time
+        for start in range(0, len(plan), shard):
+            record = manifest.shard(start // shard)
+            if record is None:  # cannot happen after pack_all; never write rows without one
+                raise CellmorphError(f"{out}: shard {start // shard} has no record; convert again")
+            sums.append(record["sums"])
+            yield store_metadata(plan.iloc[start : start + shard], record, cfg)
+
     quarantine = quarantine_rows(inputs, manifest.bad())
-    cstore.write_metadata(out, store_metadata(plan, records, cfg))
+    cstore.write_metadata(out, parts())
     cstore.write_quarantine(out, quarantine)
     rows = np.unique(np.linspace(0, len(plan) - 1, min(len(plan), cfg.stats_images)).astype(int))
-    attrs = store_stats(records, np.stack([arr[int(i)] for i in rows]), cfg)
+    attrs = store_stats(sums, np.stack([arr[int(i)] for i in rows]), cfg)
     cstore.write_attrs(
         out, {**attrs, "images": len(plan), "quarantined": len(quarantine), "complete": True}
     )
 
 
-def store_metadata(plan: pd.DataFrame, records: list[dict[str, Any]],
-                   cfg: ConvertConfig) -> pd.DataFrame:  # fmt: skip
-    """metadata.parquet's table: the plan's keys, metadata and sources, and each image's
-    checksum and chunk crc from the shards' records (in row order)."""
+def store_metadata(part: pd.DataFrame, record: dict[str, Any], cfg: ConvertConfig) -> pd.DataFrame:
+    """metadata.parquet's rows for one shard: the plan's keys, metadata and sources, and each
+    image's checksum and chunk crc from the shard's record."""
     sources = [f"source_{ch}" for ch in cfg.channels]
-    other = [c for c in plan.columns if c not in KEYS + sources and not c.startswith("_")]
-    return plan[KEYS + other + sources].assign(
-        **{
-            cstore.CHECKSUM: [c for r in records for c in r["checksums"]],
-            cstore.CHUNK_CRC: [c for r in records for c in r["chunk_crcs"]],
-        }
+    other = [c for c in part.columns if c not in KEYS + sources and not c.startswith("_")]
+    paths = dict(zip(sources, site_paths(part, cfg.channels)))
+    return as_text(part[KEYS + other]).assign(
+        **paths, **{cstore.CHECKSUM: record["checksums"], cstore.CHUNK_CRC: record["chunk_crcs"]}
     )
 
 
@@ -523,12 +601,12 @@ def quarantine_rows(inputs: Inputs, bad: dict[str, str]) -> list[dict[str, Any]]
     ]
 
 
-def store_stats(records: list[dict[str, Any]], sample: np.ndarray,
+def store_stats(sums: list[dict[str, Any]], sample: np.ndarray,
                 cfg: ConvertConfig) -> dict[str, Any]:  # fmt: skip
-    """``stats`` (mean and std over every image from the shards' sums, percentiles from the
+    """``stats`` (mean and std over every image from the shards' ``sums``, percentiles from the
     ``sample``), ``plate_stats`` and ``negcon`` attrs."""
     channels = list(cfg.channels)
-    per_plate = cstore.plate_stats_from_sums([r["sums"] for r in records], channels, cfg.size**2)
+    per_plate = cstore.plate_stats_from_sums(sums, channels, cfg.size**2)
     stats = cstore.channel_stats(sample, channels)
     for name, exact in cstore.pooled_stats(per_plate, channels).items():
         stats[name].update(exact)
@@ -581,7 +659,7 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
     written = 0
     if state != "done":
         t1 = time.perf_counter()
-        plan, written = pack_all(sites, target, fp, cfg, illum, run, owner)
+        plan, written = pack_all(sites, target, fp, cfg, illum, inputs.pages, run, owner)
         t2 = time.perf_counter()
         finish(target, plan, inputs, cfg)
         phases.update(pack_s=t2 - t1, finish_s=time.perf_counter() - t2)

@@ -32,7 +32,7 @@ import pandas as pd
 from cellmorph import store
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
-from conversion.tables import Inputs, drop_rows, read_csv, require_columns
+from conversion.tables import Inputs, compact_text, drop_rows, read_csv, require_columns
 
 PREFIX = "Metadata_"
 BARCODE, MAP_NAME = "Assay_Plate_Barcode", "Plate_Map_Name"
@@ -181,6 +181,7 @@ def annotate(inputs: Inputs, cfg: ConvertConfig) -> None:
         for p in merged.loc[unmapped_plate, store.PLATE]
     ]
     inputs.sites = merged.drop(columns=["_map", "_well", "_reason"])
+    compact_text(inputs.sites, joined)  # a well's labels repeat in each of its sites
     drop_rows(inputs, reasons != "", reasons)
     inputs.description["labels"] = {
         "barcode_platemap": str(barcodes_path),

@@ -9,8 +9,9 @@ fsspec stores accept (``s3://bucket/store.zarr``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from cellmorph.errors import run_main
@@ -20,15 +21,23 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def ray_map(fn: Callable[[T], R], tasks: list[T]) -> Iterator[R]:
-    """Run each task as a Ray task (one CPU each); yield results as they finish."""
+def ray_map(fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
+    """Run each task as a Ray task (one CPU each); yield results as they finish.
+
+    A few tasks per cluster CPU are in flight at a time: each carries its sites' paths, and
+    submitting every shard at once would hold the whole plan in the object store."""
     import ray
 
+    from conversion.pack import IN_FLIGHT_PER_WORKER
+
     remote = ray.remote(num_cpus=1, max_retries=3)(fn)
-    pending = [remote.remote(t) for t in tasks]
+    window = max(1, int(ray.cluster_resources().get("CPU", 1))) * IN_FLIGHT_PER_WORKER
+    todo = iter(tasks)
+    pending = [remote.remote(t) for t in itertools.islice(todo, window)]
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
+            pending += [remote.remote(t) for t in itertools.islice(todo, 1)]
             yield ray.get(done[0])
     finally:
         for ref in pending:

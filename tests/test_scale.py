@@ -120,3 +120,87 @@ def test_site_keys_match_the_row_by_row_keys():
     sites = pd.DataFrame({"Metadata_Plate": ["P1", "0001", "NA"], "Metadata_Well": ["A01"] * 3,
                           "Metadata_Site": ["1", "2", "10"], "other": [1, 2, 3]})  # fmt: skip
     assert list(site_keys(sites)) == [site_key(r) for _, r in sites.iterrows()]
+
+
+# ---------------------------------------------------------------- conversion planning at scale
+
+
+def test_sites_hold_their_files_as_compact_columns_and_blocks_read_the_same(tmp_path, monkeypatch):
+    """No Python object per site: each channel's file is a folder category and an Arrow name;
+    a LoadData CSV read a few rows at a time gives the same sites, and the same store."""
+    from test_convert_fixtures import make_loaddata
+
+    from cellmorph.config import ConvertConfig
+    from conversion import tables
+    from conversion.layouts import load_inputs
+    from conversion.pack import convert
+
+    csv = make_loaddata(tmp_path / "in", plates=2, wells=3, sites=2, size=40)
+    cfg = ConvertConfig(load_data=str(csv), size=32, shard_size=4, workers=1)
+    whole = load_inputs(cfg).sites
+    assert not any(whole[c].dtype == object for c in whole.columns)
+    for ch in cfg.channels:
+        assert isinstance(whole[tables.DIR + ch].dtype, pd.CategoricalDtype)
+        assert len(whole[tables.DIR + ch].cat.categories) == 1  # one folder: one category
+    convert(cfg, tmp_path / "one.zarr")
+
+    monkeypatch.setattr(tables, "BLOCK_ROWS", 5)  # 12 rows: blocks of 5, 5 and 2
+    blocks = load_inputs(cfg).sites
+    pd.testing.assert_frame_equal(blocks, whole)
+    convert(cfg, tmp_path / "blocks.zarr")
+    one, many = (cstore.open_store(tmp_path / n).metadata for n in ("one.zarr", "blocks.zarr"))
+    pd.testing.assert_frame_equal(many, one)
+    assert one["source_DNA"].str.startswith(str(csv.parent)).all()
+    label = cfg.label_column  # repeats in every site of a treatment: codes while planning,
+    assert isinstance(whole[label].dtype, pd.CategoricalDtype)  # text in the store
+    assert not any(isinstance(t, pd.CategoricalDtype) for t in one.dtypes)
+    assert pd.api.types.is_string_dtype(one[label])
+
+
+def test_loaddata_paths_follow_path_semantics_for_odd_names(tmp_path):
+    """Plain names are joined to their resolved folder without a Path per row; names holding
+    folders, absolute names and empty folders get exactly what ``Path`` gives."""
+    from cellmorph.config import ConvertConfig
+    from conversion.layouts import _loaddata_paths, _site_path
+    from conversion.tables import set_sources, site_paths
+
+    folders = ["/data/P1/", "rel/dir", ".", "", "/old/P2", "/data/P1/", "/"]
+    names = ["a.tif", "b.tif", "c.tif", "d.tif", "sub/e.tif", "/abs/f.tif", "g.tif"]
+    df = pd.DataFrame({"PathName_OrigDNA": pd.Categorical(folders), "FileName_OrigDNA": names})
+    cfg = ConvertConfig(load_data="x.csv", channels=["DNA"], path_replace=["/old=/new"])
+    base = tmp_path / "csvdir"
+    set_sources(df, ["DNA"], _loaddata_paths(df, cfg, base))
+    expected = [_site_path(f, n, cfg, base) for f, n in zip(folders, names)]
+    assert list(site_paths(df, ["DNA"])[0]) == expected
+    assert expected[4] == "/new/P2/sub/e.tif" and expected[5] == "/abs/f.tif"
+
+
+def test_process_pool_keeps_only_a_few_tasks_in_flight():
+    """Tasks are drawn from their iterator as workers free up, not all submitted at once (each
+    carries its sites' paths)."""
+    from conversion.pack import ProcessMapper
+
+    drawn: list[int] = []
+
+    def tasks():
+        for i in range(200):
+            drawn.append(i)
+            yield i
+
+    mapper = ProcessMapper(1)
+    try:
+        results = mapper(abs, tasks())
+        first = next(results)
+        assert len(drawn) <= mapper.window + 1
+        assert sorted([first, *results]) == list(range(200)) and len(drawn) == 200
+    finally:
+        mapper.close()
+
+
+def test_metadata_written_in_parts_equals_one_table(tmp_path):
+    store = make_store(tmp_path / "s.zarr", plates=2, wells=4, sites=3)
+    table = cstore.open_store(store).metadata
+    cstore.write_metadata(store, [table.iloc[i : i + 5] for i in range(0, len(table), 5)])
+    pd.testing.assert_frame_equal(cstore.open_store(store).metadata, table)
+    with pytest.raises(cstore.StoreError, match="23 metadata rows for 24 images"):
+        cstore.write_metadata(store, [table.iloc[:10], table.iloc[10:23]])
