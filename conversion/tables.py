@@ -165,8 +165,10 @@ def _concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
     if not parts:
         raise pd.errors.EmptyDataError
     columns = list(parts[0].columns)
-    categorical = [c for c in columns if isinstance(parts[0][c].dtype, pd.CategoricalDtype)]
-    whole = {c: union_categoricals([p[c] for p in parts]) for c in categorical}
+    categorical = [
+        c for c in columns if any(isinstance(p[c].dtype, pd.CategoricalDtype) for p in parts)
+    ]  # a column is categorical if any block made it so (blocks decide alone)
+    whole = {c: union_categoricals([p[c].astype("category") for p in parts]) for c in categorical}
     df = pd.concat([p.drop(columns=categorical) for p in parts], ignore_index=True)
     for c in categorical:
         df[c] = whole[c]

@@ -204,3 +204,22 @@ def test_metadata_written_in_parts_equals_one_table(tmp_path):
     pd.testing.assert_frame_equal(cstore.open_store(store).metadata, table)
     with pytest.raises(cstore.StoreError, match="23 metadata rows for 24 images"):
         cstore.write_metadata(store, [table.iloc[:10], table.iloc[10:23]])
+
+
+def test_blocks_that_compact_a_column_differently_still_concatenate(tmp_path, monkeypatch):
+    from conversion import tables
+
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"Metadata_x": ["a"] * 4 + ["u", "v", "w", "z"], "n": range(8)}).to_csv(
+        csv, index=False
+    )
+    monkeypatch.setattr(tables, "BLOCK_ROWS", 4)  # block 1 repeats "a", block 2 is all distinct
+
+    def block(df: pd.DataFrame) -> pd.DataFrame:
+        tables.compact_text(df, ["Metadata_x"])
+        return df
+
+    got = tables.read_csv(csv, "table", block=block)
+    assert isinstance(got["Metadata_x"].dtype, pd.CategoricalDtype)
+    assert list(got["Metadata_x"]) == ["a"] * 4 + ["u", "v", "w", "z"]
+    assert list(got["n"]) == list(range(8))
