@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP_VERSION := 26.3
+# Large wheels (DALI is 424 MB) survive a dropped connection: pip resumes the download.
+PIP_RETRIES := --retries 10 --resume-retries 20
 
 SERVERS := .venv-servers
 SERVERS_STAMP := $(SERVERS)/.installed
@@ -14,7 +16,7 @@ SERVERS_STAMP := $(SERVERS)/.installed
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==$(PIP_VERSION)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet $(PIP_RETRIES) -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -25,7 +27,7 @@ venv: $(STAMP)
 $(SERVERS_STAMP): requirements-servers.txt
 	test -x $(SERVERS)/bin/python || $(PYTHON) -m venv $(SERVERS)
 	$(SERVERS)/bin/python -m pip install --quiet --upgrade pip==$(PIP_VERSION)
-	$(SERVERS)/bin/python -m pip install --quiet -r requirements-servers.txt
+	$(SERVERS)/bin/python -m pip install --quiet $(PIP_RETRIES) -r requirements-servers.txt
 	touch $(SERVERS_STAMP)
 
 servers: $(SERVERS_STAMP)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -263,9 +264,10 @@ class PredictionWriter:
         # Streamed under temporary names and renamed at the end: a predictions.csv that exists
         # is a complete one. Outputs for a bucket stream to local files, put there at the end.
         names = (PREDICTIONS_CSV, EMBEDDINGS_PARQUET, f"{WELLS_PARQUET}.part")
+        self.local: Path | None = None  # the local folder of a bucket's outputs (removed at end)
         if isinstance(out, URLPath):
-            local = Path(tempfile.mkdtemp(prefix="cellmorph-predict-"))
-            self.tmp = {n: local / n for n in names}
+            self.local = Path(tempfile.mkdtemp(prefix="cellmorph-predict-"))
+            self.tmp = {n: self.local / n for n in names}
         else:
             self.tmp = {n: atomic.temp_path(out / n) for n in names}
         self.wells = _WellTable(self.tmp.pop(names[2]), classes, dim)
@@ -340,6 +342,7 @@ class PredictionWriter:
                 tmp.unlink()
             elif tmp.exists():
                 os.replace(tmp, self.out / name)
+        self._remove_local()
         return n
 
     def well_profiles(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -359,6 +362,11 @@ class PredictionWriter:
         self.wells.abort()
         for tmp in self.tmp.values():
             tmp.unlink(missing_ok=True)
+        self._remove_local()
+
+    def _remove_local(self) -> None:
+        if self.local is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
 
     def _close_writers(self) -> None:
         if self.csv is not None:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -243,8 +244,10 @@ def test_run_directory_in_a_bucket_trains_resumes_and_reports(
     assert cli.main(["evaluate", str(run.path), "--report-only"]) == 0
     assert RunDir(str(run.path)).report.is_file()
     out = f"{bucket}/preds"
+    before = set(Path(tempfile.gettempdir()).glob("cellmorph-predict-*"))
     assert cli.main(["predict", "--checkpoint", str(run.best_checkpoint), "--store", store,
                      "--out", out]) == 0  # fmt: skip
+    assert set(Path(tempfile.gettempdir()).glob("cellmorph-predict-*")) == before  # none left
     preds = pd.read_csv(io.BytesIO(remote.read(f"{out}/predictions.csv")))
     assert len(preds) == 48
     names = {k for k, _ in remote.list_objects(root)}
