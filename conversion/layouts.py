@@ -3,8 +3,8 @@
 Both layouts produce the same :class:`Inputs`: one row per site with ``Metadata_Plate``,
 ``Metadata_Well``, ``Metadata_Site``, the metadata/label columns, and each requested channel's
 file as internal folder and name columns (:func:`conversion.tables.set_sources`), with the page
-of the file that holds each channel in ``Inputs.pages``. Labels may then be joined from JUMP plate maps
-(:mod:`conversion.platemaps`). Structural problems (a missing column, an unknown channel, an
+of the file that holds each channel in ``Inputs.pages``. Labels may then be joined from JUMP
+plate maps (:mod:`conversion.platemaps`). Structural problems (a missing column, an unknown channel, an
 empty input, impossible settings) raise :class:`CellmorphError`; per-site problems (bad keys, no
 label, duplicates, unmatched files) become quarantine rows.
 """
