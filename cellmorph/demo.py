@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from cellmorph.config import Config
@@ -14,17 +15,12 @@ def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     from cellmorph.audit import audit as run_audit
     from cellmorph.launch import resolve_paths, run_ray_training
     from cellmorph.report import build_report
-    from cellmorph.synth import generate_plate
-    from conversion.pack import convert, older_format
 
     t0 = time.perf_counter()
     steps = 5 if audit else 4
     print(f"[1/{steps}] synthetic plate -> {cfg.synth.out}")
-    csv = generate_plate(cfg.synth)
-    print(f"[2/{steps}] convert {csv} -> {cfg.data.store}")
-    # The demo owns its store: one of an older format is rebuilt, never left unreadable.
-    summary = convert(cfg.convert.model_copy(update={"load_data": str(csv)}), cfg.data.store,
-                      overwrite=older_format(cfg.data.store))  # fmt: skip
+    print(f"[2/{steps}] convert -> {cfg.data.store}")
+    summary = prepare_store(cfg)
     print(f"      {summary['images']} images, {summary['quarantined']} quarantined")
     cfg = resolve_paths(cfg)
     print(f"[3/{steps}] train {cfg.name}: Ray Train, {cfg.ray.num_workers} workers, "
@@ -48,3 +44,21 @@ def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     return {"report": str(report), "seconds": round(seconds, 1),
             **{k: m.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "chance",
                                      "well_accuracy")}}  # fmt: skip
+
+
+def prepare_store(cfg: Config) -> dict[str, Any]:
+    """Generate the synthetic plate and convert it, each only when not already done.
+
+    The demo owns its store and rebuilds it when it is of an older format (readers refuse it)
+    or older than the plate's CSV: conversion recognizes a finished store by its sites and
+    files, not by their pixels, so a regenerated plate would otherwise keep the old pixels.
+    """
+    from cellmorph.store import METADATA
+    from cellmorph.synth import generate_plate
+    from conversion.pack import convert, older_format
+
+    csv = generate_plate(cfg.synth)
+    built = Path(cfg.data.store) / METADATA
+    stale = built.is_file() and built.stat().st_mtime_ns < csv.stat().st_mtime_ns
+    return convert(cfg.convert.model_copy(update={"load_data": str(csv)}), cfg.data.store,
+                   overwrite=stale or older_format(cfg.data.store))  # fmt: skip

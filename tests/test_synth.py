@@ -266,3 +266,33 @@ def test_cli_rejects_bad_sizes_naming_the_option(tmp_path: Path) -> None:
     args = _parser().parse_args(["synth", str(tmp_path), "--rows", "40"])
     with pytest.raises(CellmorphError, match=r"synth\.rows"):
         args.func(args)
+
+
+def test_demo_store_follows_a_regenerated_plate(tmp_path: Path) -> None:
+    """A plate regenerated with new settings has the same sites and file names as before: the
+    demo must rebuild its store rather than take the old one as finished."""
+    from cellmorph.config import load_config
+    from cellmorph.demo import prepare_store
+    from cellmorph.store import METADATA, open_store
+
+    def cfg(cells: int):
+        return load_config("configs/demo.yaml", [
+            f"synth.out={tmp_path / 'raw'}", f"data.store={tmp_path / 'store.zarr'}",
+            "synth.plates=1", "synth.rows=2", "synth.cols=5", "synth.sites=1", "synth.size=48",
+            f"synth.cells_per_site={cells}", "convert.size=48", "convert.workers=1",
+        ])  # fmt: skip
+
+    def first_dna(store_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        store = open_store(str(store_path))
+        source = store.metadata["source_DNA"].iloc[0]  # the TIFF it was converted from
+        return np.asarray(store.images[0, 0]), tifffile.imread(source)
+
+    prepare_store(cfg(4))
+    old, _ = first_dna(tmp_path / "store.zarr")
+    prepare_store(cfg(12))
+    stored, on_disk = first_dna(tmp_path / "store.zarr")
+    assert not np.array_equal(stored, old)
+    np.testing.assert_array_equal(stored, on_disk)
+    built = (tmp_path / "store.zarr" / METADATA).stat().st_mtime_ns
+    prepare_store(cfg(12))  # nothing changed: nothing rebuilt
+    assert (tmp_path / "store.zarr" / METADATA).stat().st_mtime_ns == built
