@@ -59,6 +59,6 @@ def prepare_store(cfg: Config) -> dict[str, Any]:
 
     csv = generate_plate(cfg.synth)
     built = Path(cfg.data.store) / METADATA
-    stale = built.is_file() and built.stat().st_mtime_ns < csv.stat().st_mtime_ns
+    stale = built.is_file() and built.stat().st_mtime_ns <= csv.stat().st_mtime_ns
     return convert(cfg.convert.model_copy(update={"load_data": str(csv)}), cfg.data.store,
                    overwrite=stale or older_format(cfg.data.store))  # fmt: skip
