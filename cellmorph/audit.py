@@ -50,7 +50,7 @@ def _check_default(cfg: DataConfig) -> None:
 def _val_copies(data: DataConfig) -> tuple[int, int]:
     """(validation images, of which have an identical copy in training) for a data config."""
     from cellmorph.index import build_index, count_val_copies_in_train
-    from cellmorph.store import open_store
+    from cellmorph.store.read import open_store
 
     # The study's leak is what the audit reports; its index warnings would only repeat it.
     index = build_index(

@@ -53,7 +53,7 @@ def prepare_store(cfg: Config) -> dict[str, Any]:
     or older than the plate's CSV: conversion recognizes a finished store by its sites and
     files, not by their pixels, so a regenerated plate would otherwise keep the old pixels.
     """
-    from cellmorph.store import METADATA
+    from cellmorph.store.layout import METADATA
     from cellmorph.synth import generate_plate
     from conversion.pack import convert, older_format
 

@@ -31,7 +31,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from cellmorph.config import DataConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.sampling import contiguous_runs, epoch_indices, epoch_permutation
-from cellmorph.store import CHECKSUM, PLATE, WELL
+from cellmorph.store.layout import CHECKSUM, PLATE, WELL
 
 __all__ = [
     "Index",

@@ -64,7 +64,7 @@ def check_upload_paths(cfg: Config) -> None:
 def preflight(cfg: Config, *, warn: bool = True) -> None:
     """Fail in the driver, with a message naming the setting, before any worker starts."""
     from cellmorph.index import build_index, check_batch_size
-    from cellmorph.store import open_store
+    from cellmorph.store.read import open_store
 
     store = open_store(cfg.data.store, columns=[cfg.data.label_column])  # the workers' columns
     check_batch_size(cfg.loader.batch_size, build_index(store.metadata, cfg.data, warn=warn))

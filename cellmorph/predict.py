@@ -39,7 +39,8 @@ from cellmorph.profiling import NEGCON_FLAG, activity_report, intensity_features
 from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.rundir import OUTPUT_ROWS
 from cellmorph.sampling import PROFILE_SAMPLE, sample_wells
-from cellmorph.store import PLATE, STORE_ROW, WELL, Store, open_store, well_ids
+from cellmorph.store.layout import PLATE, STORE_ROW, WELL, well_ids
+from cellmorph.store.read import Store, open_store
 
 PREDICTIONS_CSV = "predictions.csv"
 EMBEDDINGS_PARQUET = "embeddings.parquet"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellmorph.store import well_ids
+from cellmorph.store.layout import well_ids
 
 THRESHOLD = 0.05
 NULL_SIZE = 10_000

@@ -29,7 +29,9 @@ from cellmorph.loaders import ShardReader  # noqa: E402
 from cellmorph.metrics import topk_name  # noqa: E402
 from cellmorph.rundir import RunDir  # noqa: E402
 from cellmorph.sampling import stratified_sample  # noqa: E402
-from cellmorph.store import QUARANTINE, STORE_ROW, open_store, read_file, read_quarantine  # noqa: E402
+from cellmorph.store.files import read_file  # noqa: E402
+from cellmorph.store.layout import QUARANTINE, STORE_ROW, read_quarantine  # noqa: E402
+from cellmorph.store.read import open_store  # noqa: E402
 
 # Additive colours for a composite, by channel name (Cell Painting's usual display colours).
 CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {

@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -51,7 +51,13 @@ import yaml
 from cellmorph import atomic, remote
 from cellmorph.errors import CellmorphError
 from cellmorph.remote import AnyPath, URLPath, as_path
-from cellmorph.store import STORE_ROW, MetadataRows
+from cellmorph.store.layout import STORE_ROW
+
+if TYPE_CHECKING:
+    from cellmorph.store.read import MetadataRows
+
+# Rows per row group of the per-image outputs (what a writer or reader holds at a time).
+
 
 # Rows per row group of the per-image outputs (what a writer or reader holds at a time).
 OUTPUT_ROWS = 8_192

@@ -54,7 +54,13 @@ from cellmorph.predict import (
 from cellmorph.progress import StepProgress
 from cellmorph.rundir import OutputPart, RunDir
 from cellmorph.sampling import sample_wells
-from cellmorph.store import DIGEST, Store, describe, open_store
+from cellmorph.store.layout import DIGEST
+
+# --------------------------------------------------------------------------- schedule / amp
+from cellmorph.store.read import Store, open_store
+
+# --------------------------------------------------------------------------- schedule / amp
+from cellmorph.store.verify import describe
 
 # --------------------------------------------------------------------------- schedule / amp
 

@@ -237,3 +237,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
                            env={"MLFLOW_ALLOW_FILE_STORE": "true"}, ready_path="/health")  # fmt: skip
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory: pytest.TempPathFactory):
+    """A store whose flat images encode their row (helpers.coded_pixels), shared per module."""
+    from helpers import coded_pixels, make_pixel_store
+
+    return make_pixel_store(tmp_path_factory.mktemp("coded") / "s.zarr", coded_pixels())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_predict import make_store
+from helpers import make_store
 
 from cellmorph.audit import audit, format_table, study_config
 from cellmorph.config import Config

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from test_convert_fixtures import (
+from helpers import (
     CHANNELS,
     FILE_ORDER,
     assert_aligned,

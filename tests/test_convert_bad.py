@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from test_convert_fixtures import assert_aligned, make_loaddata, site_pixels
+from helpers import assert_aligned, make_loaddata, site_pixels
 
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_convert_fixtures import make_loaddata
+from helpers import make_loaddata
 
 from cellmorph.config import ConvertConfig
 from cellmorph.store import open_store

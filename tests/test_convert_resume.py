@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_convert_fixtures import make_loaddata
+from helpers import KILLED_AT_SHARD_2, make_loaddata
 
 from cellmorph.config import ConvertConfig
 from cellmorph.store import StoreError, open_store
@@ -27,20 +27,6 @@ def _cli(args: list[str]) -> subprocess.Popen:
 # A conversion that SIGKILLs itself when its third shard is about to be packed: the kill lands
 # at a point the test chooses, with no hook in the product (the mapper is the public way to run
 # conversion tasks: the Ray job passes one too).
-KILLED_AT_SHARD_2 = """
-import os, signal, sys
-from cellmorph.config import ConvertConfig
-from conversion.pack import convert
-
-def killing_map(fn, tasks):
-    for i, task in enumerate(tasks):
-        if fn.__name__ == "pack_shard" and i == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield fn(task)
-
-cfg = ConvertConfig(load_data=sys.argv[1], size=16, shard_size=2, workers=1)
-convert(cfg, sys.argv[2], mapper=killing_map)
-"""
 
 
 def _files(root: Path) -> dict[str, tuple[bytes, int]]:

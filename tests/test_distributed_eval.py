@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_predict import make_store
+from helpers import make_store
 
 from cellmorph.config import Config
 from cellmorph.distributed import Context

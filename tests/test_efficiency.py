@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_loaders import _cfg, _labels, coded  # noqa: F401  (the shared store fixture)
+from helpers import loader_cfg as _cfg
+from helpers import row_labels as _labels
 
 from cellmorph.loaders import build_loader
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_convert_fixtures import make_loaddata
-from test_predict import make_checkpoint, make_store
+from helpers import make_checkpoint, make_loaddata, make_store
 
 from cellmorph import atomic
 from cellmorph.checkpoint import save_checkpoint

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_convert_fixtures import make_loaddata
-from test_predict import make_checkpoint
+from helpers import make_checkpoint, make_loaddata
 
 from cellmorph.cli import main as cellmorph_main
 from cellmorph.config import ConvertConfig

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_convert_fixtures import make_loaddata
+from helpers import make_loaddata
 
 from cellmorph import store as cstore
 from cellmorph.config import ConvertConfig

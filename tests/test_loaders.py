@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import builtins
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from helpers import N_ROWS, coded_pixels, loader_cfg, make_pixel_store, row_labels, textured_pixels
 
 from cellmorph import store as st
 from cellmorph.config import LoaderConfig
@@ -19,59 +18,16 @@ from cellmorph.loaders.transform import geometry
 
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
 
-N, SHARD = 50, 16
+N = N_ROWS
 CPU = torch.device("cpu")
 ALL_OPS = ["hflip", "vflip", "rot90", "rotate", "brightness_contrast"]
-
-
-def make_store(path: Path, pixels: np.ndarray, codec: str = "zstd") -> st.Store:
-    """A finished store from (N, C, S, S) uint16 pixels, written shard by shard."""
-    n, c, s, _ = pixels.shape
-    channels = ["DNA", "ER", "RNA", "AGP", "Mito"][:c] if c <= 5 else [f"c{i}" for i in range(c)]
-    arr = st.create_images(path, n, channels, s, codec=codec, shard_size=SHARD)
-    for i in range(0, n, SHARD):
-        arr[i : i + SHARD] = pixels[i : i + SHARD]
-    st.write_attrs(path, st.image_stats(pixels, ["P1"] * n, [False] * n, channels))
-    md = pd.DataFrame(
-        {"Metadata_Plate": "P1", "Metadata_Well": "A01", "Metadata_Site": range(n), "checksum": ""}
-    )
-    st.write_metadata(path, md)
-    st.write_quarantine(path, [])
-    return st.open_store(path)
-
-
-def coded_pixels(n: int = N, c: int = 2, s: int = 20) -> np.ndarray:
-    """Flat images whose value encodes the row (channel k: 1000 + 10*row + k).
-
-    Flat images survive flips and (inside the crop) rotations, so the code stays readable.
-    """
-    v = 1000 + 10 * np.arange(n)[:, None] + np.arange(c)[None, :]
-    return np.broadcast_to(v[:, :, None, None], (n, c, s, s)).astype(np.uint16).copy()
-
-
-def textured_pixels(n: int = N, c: int = 5, s: int = 24) -> np.ndarray:
-    rng = np.random.default_rng(3)
-    base = rng.gamma(2.0, 150.0, (n, c, s, s)) + 200 * np.arange(c)[None, :, None, None]
-    return base.astype(np.uint16)
-
-
-@pytest.fixture(scope="module")
-def coded(tmp_path_factory) -> st.Store:
-    return make_store(tmp_path_factory.mktemp("coded") / "s.zarr", coded_pixels())
+make_store = make_pixel_store
+_cfg, _labels = loader_cfg, row_labels
 
 
 @pytest.fixture(scope="module")
 def textured(tmp_path_factory) -> st.Store:
     return make_store(tmp_path_factory.mktemp("tex") / "s.zarr", textured_pixels(), codec="lz4")
-
-
-def _cfg(**kw) -> LoaderConfig:
-    base = {"batch_size": 8, "eval_batch_size": 8, "image_size": 16, "num_workers": 0}
-    return LoaderConfig(**{**base, **kw})
-
-
-def _labels(n: int = N) -> np.ndarray:
-    return (np.arange(n) * 7) % 5
 
 
 def _decode_rows(x: torch.Tensor, store: st.Store, cfg: LoaderConfig) -> np.ndarray:

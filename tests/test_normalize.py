@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_convert_fixtures import make_loaddata
+from helpers import make_loaddata
 
 from cellmorph import store as st
 from cellmorph.config import ConvertConfig, LoaderConfig
@@ -38,9 +38,9 @@ def two_plate_store(path: Path, gains=(1.0, 3.0), n_per_plate: int = 12) -> st.S
     arr = st.create_images(path, len(md), ["DNA", "ER"], 16, shard_size=8)
     arr[:] = pixels
     negcon = (md["Metadata_control_type"] == "negcon").tolist()
-    st.write_attrs(
-        path, st.image_stats(pixels, md["Metadata_Plate"].tolist(), negcon, ["DNA", "ER"])
-    )
+    groups = [st.group_key(p, n) for p, n in zip(md["Metadata_Plate"], negcon)]
+    sums = st.sums_by_group(pixels, groups)
+    st.write_attrs(path, st.store_stats([sums], pixels, ["DNA", "ER"], 16 * 16))
     st.write_metadata(path, md)
     st.write_quarantine(path, [])
     return st.open_store(path)

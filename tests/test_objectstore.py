@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import TEST_SECRET, start_s3_server
-from test_convert_fixtures import make_loaddata
-from test_convert_resume import KILLED_AT_SHARD_2
+from helpers import KILLED_AT_SHARD_2, make_loaddata
 
 from cellmorph import remote
 from cellmorph.config import ConvertConfig

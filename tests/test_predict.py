@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,74 +9,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import CLASSES, make_checkpoint, make_store
 
 from cellmorph.checkpoint import read_checkpoint
 from cellmorph.cli import main
-from cellmorph.config import Config, ModelConfig
+from cellmorph.config import ModelConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.model import build_model
 from cellmorph.predict import PredictionWriter, infer, model_from_checkpoint, predict
-from cellmorph.store import (
-    create_images,
-    image_stats,
-    write_attrs,
-    write_metadata,
-    write_quarantine,
-)
-
-CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
-CLASSES = ["drugA", "drugB", "drugC"]
-
-
-def make_store(
-    path: Path, channels=CHANNELS, labels: bool = True, plates=2, wells=4, sites=3, size=24
-):
-    """A tiny store: ``plates x wells x sites`` random images, shards of 8 images."""
-    rng = np.random.default_rng(0)
-    rows = [
-        {"Metadata_Plate": f"P{p}", "Metadata_Well": f"A{w + 1:02d}", "Metadata_Site": s}
-        for p in range(plates)
-        for w in range(wells)
-        for s in range(sites)
-    ]
-    n = len(rows)
-    images = rng.integers(100, 3000, (n, len(channels), size, size)).astype(np.uint16)
-    md = pd.DataFrame(rows)
-    if labels:
-        md["Metadata_pert_iname"] = [
-            CLASSES[int(w[1:]) % len(CLASSES)] for w in md["Metadata_Well"]
-        ]
-    md["checksum"] = [hashlib.sha1(im.tobytes()).hexdigest() for im in images]
-    arr = create_images(path, n, list(channels), size, shard_size=8)
-    arr[:] = images
-    write_metadata(path, md)
-    write_attrs(path, image_stats(images, list(md["Metadata_Plate"]), [False] * n, list(channels)))
-    write_quarantine(path, [])
-    return path
-
-
-def make_checkpoint(path: Path, store: str, channels=CHANNELS, classes=CLASSES) -> Path:
-    """A checkpoint in train.py's format around a tiny random model."""
-    cfg = Config(
-        data={"store": store},
-        model={"width_mult": 0.25},
-        loader={"image_size": 16, "eval_batch_size": 5, "num_workers": 0},
-        eval={"top_k": 2},
-    )
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(width_mult=0.25), len(channels), len(classes))
-    ckpt = {
-        "model": model.state_dict(),
-        "epoch": 0,
-        "config": cfg.model_dump(mode="json"),
-        "classes": list(classes),
-        "label_column": "Metadata_pert_iname",
-        "channels": list(channels),
-        "image_size": 16,
-        "metrics": {},
-    }
-    torch.save(ckpt, path)
-    return path
 
 
 @pytest.fixture

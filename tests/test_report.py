@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from test_predict import make_checkpoint, make_store
+from helpers import make_checkpoint, make_store
 
 from cellmorph.cli import main
 from cellmorph.config import Config

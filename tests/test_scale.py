@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_predict import make_store
+from helpers import make_store
 
 from cellmorph import store as cstore
 from cellmorph.sampling import (
@@ -25,7 +25,7 @@ from cellmorph.sampling import (
 
 @pytest.fixture
 def store_path(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.setattr(cstore, "METADATA_ROW_GROUP", 7)  # many row groups in a small table
+    monkeypatch.setattr(cstore.write, "METADATA_ROW_GROUP", 7)  # many row groups in a small table
     (tmp_path / "node-tmp").mkdir()  # this test's own node-wide cache folder
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "node-tmp"))  # for the processes it starts
@@ -128,7 +128,7 @@ def test_site_keys_match_the_row_by_row_keys():
 def test_sites_hold_their_files_as_compact_columns_and_blocks_read_the_same(tmp_path, monkeypatch):
     """No Python object per site: each channel's file is a folder category and an Arrow name;
     a LoadData CSV read a few rows at a time gives the same sites, and the same store."""
-    from test_convert_fixtures import make_loaddata
+    from helpers import make_loaddata
 
     from cellmorph.config import ConvertConfig
     from conversion import tables

@@ -1,87 +1,26 @@
 """Loaders: the store read path, augmentation, and the torch and DALI batch loaders.
 
-``build_loader`` is the entry point used by training and prediction; both loaders yield
-``(x float32 NCHW on device, y int64 on device, store rows int64 on the CPU)``.
+``build_loader`` (:mod:`cellmorph.loaders.build`) is the entry point used by training and
+prediction; both loaders yield ``(x float32 NCHW on device, y int64 on device, store rows int64
+on the CPU)``. Names load on first use, so the writer side can import
+:mod:`cellmorph.loaders.stats` without torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
-
-import numpy as np
-import torch
-
-from cellmorph.config import LoaderConfig
-from cellmorph.errors import CellmorphError
-from cellmorph.loaders.normalize import Normalization, RowNorm, from_store
-from cellmorph.loaders.plan import BatchSource
-from cellmorph.loaders.reader import ShardReader
-from cellmorph.loaders.transform import geometry
-from cellmorph.store import Store
+import importlib
+from typing import Any
 
 __all__ = ["Loader", "Normalization", "ShardReader", "build_loader"]
+_HOME = {
+    "Loader": "build",
+    "build_loader": "build",
+    "Normalization": "normalize",
+    "ShardReader": "reader",
+}
 
 
-class Loader(Protocol):
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
-
-
-def _check_inputs(store: Store, rows: np.ndarray, labels: np.ndarray) -> None:
-    n = len(store)
-    if len(labels) != n:
-        raise CellmorphError(
-            f"{store.path}: {len(labels)} labels for {n} store rows (labels are per store row)"
-        )
-    if len(rows) and (rows.min() < 0 or rows.max() >= n):
-        raise CellmorphError(f"{store.path}: loader rows outside 0..{n - 1}")
-    if len(rows) and labels[rows].min() < 0:
-        raise CellmorphError(f"{store.path}: loader rows include images without a label")
-    h, w = store.shape[2:]
-    if h != w:
-        raise CellmorphError(f"{store.path}: images are {h}x{w}; the loaders need square images")
-
-
-def build_loader(
-    store: Store,
-    rows: np.ndarray,
-    labels: np.ndarray,
-    cfg: LoaderConfig,
-    *,
-    train: bool,
-    device: torch.device,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    norm: Normalization | None = None,
-) -> Loader:
-    """A torch or DALI loader (``cfg.kind``) over ``rows`` of the store for this rank.
-
-    ``labels`` holds one int64 class per store row. Training epochs are reshuffled per
-    ``set_epoch`` with equal length on every rank; evaluation covers this rank's contiguous
-    part of ``rows`` once, in order, without augmentation. ``norm`` replaces the one ``cfg``
-    asks for with the store's statistics (a trained model brings its own: predict).
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    labels = np.array(labels, dtype=np.int64)  # own, writable copy (torch.from_numpy)
-    _check_inputs(store, rows, labels)
-    norm = norm or from_store(store, cfg)
-    rownorm = RowNorm(norm, norm.row_groups(store))
-    geom = geometry(int(store.shape[-1]), cfg)
-    reader = ShardReader(store, threads=cfg.reader_threads, cache_dir=cfg.cache_dir,
-                         cache_bytes=int(cfg.cache_gb * 2**30))  # fmt: skip
-    source = BatchSource(
-        reader, rows, cfg, train=train, seed=seed, rank=rank, world_size=world_size
-    )
-    if cfg.kind == "dali":
-        from cellmorph.loaders.dali_loader import DaliLoader, import_dali
-
-        import_dali()
-        return DaliLoader(source, labels, cfg, device, geom, rownorm)
-    from cellmorph.loaders.torch_loader import TorchLoader
-
-    return TorchLoader(source, labels, cfg, device, geom, rownorm)
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

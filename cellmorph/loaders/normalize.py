@@ -26,7 +26,8 @@ import numpy as np
 
 from cellmorph.config import LoaderConfig
 from cellmorph.errors import CellmorphError
-from cellmorph.store import PLATE, Store
+from cellmorph.store.layout import PLATE
+from cellmorph.store.read import Store
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

@@ -1,23 +1,24 @@
 """Fast read path for ``store.images``: shard indexes parsed once, byte ranges, threaded decode.
 
 zarr-python spends ~2-3 ms per call and reads random rows of a sharded array slowly
-(docs/PLATFORM_NOTES.md). The zarr v3 sharding format is simple (:mod:`cellmorph.shardfile`
+(docs/platform-notes.md). The zarr v3 sharding format is simple (:mod:`cellmorph.shardfile`
 parses it); this reader understands exactly the layout the store writes (one image per inner
 chunk, shards along the image axis only, ``bytes`` + one numcodecs-compatible compressor +
 ``crc32c``) and hands everything else to zarr-python, so its output always equals
 ``images[rows]``.
 
 Every chunk read is checked as zarr would check it (its crc32c) and, for a store opened with
-:func:`cellmorph.store.open_store`, also checked to be the chunk of the row asking for it (the
-crc recorded in ``metadata.parquet``). A missing shard file, a hole in a shard, a truncated
-file or a failed check stops with :class:`cellmorph.shardfile.StoreDamage` naming the file and
-row, never a zero image. Files are opened through the store's folder descriptor, so a store
-swapped in by ``convert --overwrite`` is never mixed with the one this reader started on.
+:func:`cellmorph.store.read.open_store`, also checked to be the chunk of the row asking for it
+(the crc recorded in ``metadata.parquet``). A missing shard file, a hole in a shard, a
+truncated file or a failed check stops with :class:`cellmorph.shardfile.StoreDamage` naming the
+file and row, never a zero image.
 
-A store at a URL (``s3://...``) is read the same way over the network: each shard's index once
-(one suffix request, which also gives the file's size), then, per batch, one concurrent
-ranged request per shard for the chunks it needs. With ``cache_dir`` the fetched ranges are
-kept on local disk (:mod:`cellmorph.loaders.cache`) and later epochs read them from there.
+The bytes come from the store's :class:`cellmorph.store.files.Folder` handle, the same for a
+local folder (``pread`` through the folder's descriptor, so a store swapped in by ``convert
+--overwrite`` is never mixed in) and an object store (one suffix request per shard for its
+index, then one concurrent ranged request per shard per batch). Where the handle says a cache
+is worth it (an object store) and ``cache_dir`` is set, fetched ranges are kept on local disk
+(:mod:`cellmorph.loaders.cache`) and checked like fetched bytes when read again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,12 +44,17 @@ from cellmorph.shardfile import (
     parse_index,
     shard_key,
 )
-from cellmorph.store import GENERATION, RemoteFolder, Store, StoreError, StoreFolder, zarr_store
+from cellmorph.store.files import StoreFolder, open_folder, zarr_store
+from cellmorph.store.layout import GENERATION, StoreError
+from cellmorph.store.read import Store
 
-# Chunks closer than this in a shard file are read with one pread (one syscall beats two).
+# Chunks closer than this in a shard file are read as one range (one request beats two).
 _MERGE_GAP = 256 * 1024
-# A URL store: concurrent requests per process (they wait on the network, not the CPU).
-REMOTE_THREADS = 16
+# Threads per process for a store whose reads wait on the network, not the CPU.
+NETWORK_THREADS = 16
+
+Chunk = tuple[int, int, int, int]  # (offset, nbytes, destination, row)
+Task = tuple[int, int, int, list[Chunk]]  # (shard, start, end, chunks): one byte range
 
 
 def _local_root(arr: zarr.Array) -> str | None:
@@ -84,27 +89,26 @@ class ShardReader:
         self._init_process_state()
 
     # ----------------------------------------------------------------- pickling / fork safety
-    @property
-    def remote(self) -> bool:
-        return isinstance(self._folder, RemoteFolder)
-
     def _init_process_state(self) -> None:
         self._pid = os.getpid()
         self._pool: ThreadPoolExecutor | None = None
-        self._fds: dict[int, int] = {}
         self._indexes: dict[int, np.ndarray] = {}
-        self._sizes: dict[int, int] = {}  # remote shard file sizes
-        self._lock = threading.Lock()
+        self._sizes: dict[int, int] = {}  # shard file sizes
         self._codec = numcodecs.get_codec(dict(self._layout.codec)) if self._layout else None
         self._cache: ShardCache | None = None
-        self.fetched_bytes = 0  # from the object store, in this process
+        folder = self._folder
+        if folder is not None and folder.worth_caching and self.cache_dir and self.cache_bytes:
+            folder.attrs()  # the generation names the cache's folder
+            self._cache = ShardCache(self.cache_dir, folder.generation or "unknown",
+                                     self.cache_bytes)  # fmt: skip
+        self.fetched_bytes = 0  # from the store's files, not the cache, in this process
 
     def __getstate__(self) -> dict[str, Any]:
         if self._folder is None:
             return {"arr": self._arr, "threads": self.threads}
         generation = self._folder.attrs().get(GENERATION) if self._expected is not None else None
         return {"root": str(self._folder.path), "path": self._arr.path, "threads": self.threads,
-                "expected": self._expected, "generation": generation, "remote": self.remote,
+                "expected": self._expected, "generation": generation,
                 "cache": (self.cache_dir, self.cache_bytes)}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -115,7 +119,7 @@ class ShardReader:
             self._layout = None
         else:
             root = state["root"]
-            self._folder = RemoteFolder(root) if state.get("remote") else StoreFolder(root)
+            self._folder = open_folder(root)
             generation = state["generation"]
             if generation is not None and generation != self._folder.attrs().get(GENERATION):
                 raise StoreError(
@@ -129,17 +133,14 @@ class ShardReader:
         self._init_process_state()
 
     def _check_process(self) -> None:
-        if self._pid != os.getpid():  # forked: threads and file offsets are not ours
+        if self._pid != os.getpid():  # forked: threads are not ours
             self._init_process_state()
 
     def close(self) -> None:
-        """Release threads and file descriptors (also done at garbage collection)."""
+        """Release threads (also done at garbage collection); the store's handle stays open."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
         if self._cache is not None:
             self._cache.close()
 
@@ -195,8 +196,8 @@ class ShardReader:
         for r in rows.tolist():
             shard = r // self._layout.shard_rows
             off, n = self._entry(shard, r)
-            chunk = [(off, n, 0, r)]
-            raw = self._bytes(shard, off, off + n, chunk)
+            task = (shard, off, off + n, [(off, n, 0, r)])
+            raw = self._fetch(shard, [task])[0]
             out.append(bytes(self._payload(memoryview(raw), shard, r)))
         return out
 
@@ -218,7 +219,8 @@ class ShardReader:
 
     def _pool_get(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="shard-reader")
+            threads = max(self.threads, NETWORK_THREADS if self._folder.worth_caching else 1)
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-reader")
         return self._pool
 
     def _read_zarr(self, uniq: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
@@ -227,26 +229,39 @@ class ShardReader:
         for run, d in zip(np.split(uniq, breaks), np.split(dest, breaks)):
             out[d] = self._arr[int(run[0]) : int(run[-1]) + 1]
 
-    def _fd(self, shard: int) -> int:
-        """The open shard file; a missing one is damage (or a store deleted under us)."""
-        if shard not in self._fds:
-            with self._lock:
-                if shard not in self._fds:
-                    self._fds[shard] = self._folder.open_fd(shard_key(self._arr, shard))
-        return self._fds[shard]
-
     def _index(self, shard: int) -> np.ndarray:
         """``(shard_rows, 2)`` uint64 (offset, nbytes), checked once per process."""
         if shard not in self._indexes:
-            if self.remote:
-                self._indexes[shard] = self._remote_index(shard)
-                return self._indexes[shard]
-            fd = self._fd(shard)
-            size = os.fstat(fd).st_size
-            start, n = index_range(self._layout, size)
-            raw = os.pread(fd, n, start) if size >= n else b""
+            key, n = shard_key(self._arr, shard), self._layout.index_nbytes
+            found = self._cached_index(key, n)
+            if found is None:
+                if self._layout.index_at_end:
+                    raw, size = self._folder.read_suffix(key, n)
+                else:
+                    size = self._folder.size(key)
+                    raw = self._folder.read_ranges(key, [(0, min(n, size))])[0]
+                found = (raw, size)
+                if self._cache is not None:
+                    self._cache.write(key, size, index_range(self._layout, size)[0], raw)
+            raw, size = found
             self._indexes[shard] = parse_index(raw, self._layout, size, self._where(shard))
+            self._sizes[shard] = size
         return self._indexes[shard]
+
+    def _cached_index(self, key: str, n: int) -> tuple[bytes, int] | None:
+        """The shard's index from the local cache, when it holds all of it intact."""
+        size = self._cache.size(key) if self._cache is not None else None
+        if size is None or size < n:
+            return None
+        start, _ = index_range(self._layout, size)
+        raw = self._cache.read(key, start, start + n)
+        if raw is None:
+            return None
+        try:
+            parse_index(raw, self._layout, size, key)
+        except StoreDamage:  # not (fully) cached yet: fetch it
+            return None
+        return raw, size
 
     def _entry(self, shard: int, row: int) -> tuple[int, int]:
         off, n = self._index(shard)[row - shard * self._layout.shard_rows]
@@ -258,24 +273,13 @@ class ShardReader:
         expected = int(self._expected[row]) if self._expected is not None else None
         return chunk_payload(raw, self._layout, expected, self._where(shard, row))
 
-    def _read_fast(self, uniq: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        tasks = self._plan(uniq, dest)
-        if self.remote:
-            self._read_remote(tasks, out)
-            return
-        if self.threads == 1 or len(tasks) == 1:
-            for t in tasks:
-                self._run_task(*t, out)
-            return
-        for f in [self._pool_get().submit(self._run_task, *t, out) for t in tasks]:
-            f.result()
-
-    def _plan(self, uniq: np.ndarray, dest: np.ndarray) -> list[tuple]:
-        """Tasks ``(shard, start, end, [(offset, nbytes, dest, row)])``: one pread each."""
+    def _plan(self, uniq: np.ndarray, dest: np.ndarray) -> list[Task]:
+        """One task per byte range to read: nearby chunks of a shard merged, at most enough
+        chunks per task that every thread gets work."""
         lay = self._layout
         per_task = max(1, math.ceil(len(uniq) / (2 * self.threads)))
         shards = uniq // lay.shard_rows
-        tasks: list[tuple] = []
+        tasks: list[Task] = []
         for shard in np.unique(shards).tolist():
             sel = shards == shard
             rows = uniq[sel]
@@ -291,9 +295,9 @@ class ShardReader:
         return tasks
 
     @staticmethod
-    def _merge(chunks: list[tuple[int, int, int, int]], per_task: int) -> list[tuple]:
-        tasks: list[tuple] = []
-        run: list[tuple[int, int, int, int]] = []
+    def _merge(chunks: list[Chunk], per_task: int) -> list[tuple[int, int, list[Chunk]]]:
+        tasks: list[tuple[int, int, list[Chunk]]] = []
+        run: list[Chunk] = []
         for c in chunks:
             if run and (c[0] - (run[-1][0] + run[-1][1]) > _MERGE_GAP or len(run) >= per_task):
                 tasks.append((run[0][0], run[-1][0] + run[-1][1], run))
@@ -303,14 +307,36 @@ class ShardReader:
             tasks.append((run[0][0], run[-1][0] + run[-1][1], run))
         return tasks
 
-    def _run_task(self, shard: int, start: int, end: int, chunks: list, out: np.ndarray) -> None:
-        buf = memoryview(os.pread(self._fd(shard), end - start, start))
-        if len(buf) != end - start:
-            raise StoreDamage(f"{self._where(shard)}: shard file shorter than its index says")
-        self._decode(shard, start, buf, chunks, out)
+    def _read_fast(self, uniq: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+        """Each shard's ranges in one call to the handle (one request for an object store),
+        then every task checked and decoded; shards and tasks run in the thread pool."""
+        tasks = self._plan(uniq, dest)
+        by_shard: dict[int, list[Task]] = {}
+        for t in tasks:
+            by_shard.setdefault(t[0], []).append(t)
+        if self.threads == 1 and not self._folder.worth_caching or len(tasks) == 1:
+            for shard, group in by_shard.items():
+                self._decode_all(group, self._fetch(shard, group), out)
+            return
+        pool = self._pool_get()
+        fetched = {s: pool.submit(self._fetch, s, group) for s, group in by_shard.items()}
+        jobs = [pool.submit(self._decode, t, memoryview(buf), out)
+                for s, group in by_shard.items()
+                for t, buf in zip(group, fetched[s].result())]  # fmt: skip
+        try:
+            for job in jobs:
+                job.result()
+        except StoreDamage:
+            if self._folder.replaced():  # converted again meanwhile: say so, not "damaged"
+                raise self._folder.missing("images") from None
+            raise
 
-    def _decode(self, shard: int, start: int, buf: memoryview, chunks: list,
-                out: np.ndarray) -> None:  # fmt: skip
+    def _decode_all(self, tasks: list[Task], bufs: list[bytes], out: np.ndarray) -> None:
+        for t, buf in zip(tasks, bufs):
+            self._decode(t, memoryview(buf), out)
+
+    def _decode(self, task: Task, buf: memoryview, out: np.ndarray) -> None:
+        shard, start, _end, chunks = task
         for off, n, d, row in chunks:
             payload = self._payload(buf[off - start : off - start + n], shard, row)
             try:
@@ -320,129 +346,33 @@ class ShardReader:
                     f"{self._where(shard, row)}: chunk does not decode ({e})"
                 ) from None
 
-    # ------------------------------------------------------------------- a store at a URL
-    def _url(self, shard: int) -> str:
-        return f"{self._folder.url}/{shard_key(self._arr, shard)}"  # type: ignore[union-attr]
+    def _fetch(self, shard: int, tasks: list[Task]) -> list[bytes]:
+        """The byte ranges of ``tasks`` (one shard): sound ones from the cache, the rest from
+        the store's files in one call (kept in the cache)."""
+        key = shard_key(self._arr, shard)
+        got: list[bytes | None] = [None] * len(tasks)
+        if self._cache is not None:
+            self._index(shard)  # the file's size, for the sparse cache file
+            for i, t in enumerate(tasks):
+                cached = self._cache.read(key, t[1], t[2])
+                if cached is not None and self._sound(t, cached):
+                    got[i] = cached
+        todo = [i for i, g in enumerate(got) if g is None]
+        if todo:
+            fresh = self._folder.read_ranges(key, [(tasks[i][1], tasks[i][2]) for i in todo])
+            self.fetched_bytes += sum(len(b) for b in fresh)
+            for i, data in zip(todo, fresh):
+                got[i] = data
+                if self._cache is not None:
+                    self._cache.write(key, self._sizes[shard], tasks[i][1], data)
+        return got  # type: ignore[return-value]
 
-    def _cache_get(self) -> ShardCache | None:
-        if self._cache is None and self.cache_dir and self.cache_bytes > 0:
-            generation = self._folder.generation or "unknown"  # type: ignore[union-attr]
-            self._cache = ShardCache(self.cache_dir, generation, self.cache_bytes)
-        return self._cache
-
-    def _remote_index(self, shard: int) -> np.ndarray:
-        """The shard's index from the cache, else one suffix request (which gives the size)."""
-        key, n, where = shard_key(self._arr, shard), self._layout.index_nbytes, self._where(shard)
-        cache = self._cache_get()
-        size = cache.size(key) if cache else None
-        if size is not None:
-            start, _ = index_range(self._layout, size)
-            raw = cache.read(key, start, start + n) if size >= n else None
-            if raw is not None:
-                with contextlib.suppress(StoreDamage):  # not (fully) cached yet: fetch it
-                    index = parse_index(raw, self._layout, size, where)
-                    self._sizes[shard] = size
-                    return index
-        raw, size = self._fetch_index(shard, n)
-        self._sizes[shard] = size
-        start, _ = index_range(self._layout, size)
-        index = parse_index(raw, self._layout, size, where)
-        if cache:
-            cache.write(key, size, start, raw)
-        return index
-
-    def _fetch_index(self, shard: int, n: int) -> tuple[bytes, int]:
-        from cellmorph import remote
-
-        url = self._url(shard)
-        try:
-            if self._layout.index_at_end:
-                return remote.read_suffix(url, n)
-            size = remote.size(url)
-            if size is None:
-                raise remote.RemoteMissing(url)
-            return remote.read_ranges(url, [0], [min(n, size)])[0], size
-        except remote.RemoteMissing:
-            raise self._folder.missing(shard_key(self._arr, shard)) from None  # type: ignore[union-attr]
-
-    def _fetch(self, shard: int, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Ranges of one shard file from the object store (concurrent), kept in the cache."""
-        from cellmorph import remote
-
-        try:
-            got = remote.read_ranges(
-                self._url(shard), [a for a, _ in ranges], [b for _, b in ranges]
-            )
-        except remote.RemoteMissing:
-            raise self._folder.missing(shard_key(self._arr, shard)) from None  # type: ignore[union-attr]
-        self.fetched_bytes += sum(len(g) for g in got)
-        cache = self._cache_get()
-        if cache:
-            key = shard_key(self._arr, shard)
-            for (a, _), data in zip(ranges, got):
-                cache.write(key, self._sizes[shard], a, data)
-        return got
-
-    def _bytes(self, shard: int, start: int, end: int, chunks: list) -> bytes:
-        """``[start, end)`` of a shard file, whose ``chunks`` are checked (raw reads)."""
-        if not self.remote:
-            raw = os.pread(self._fd(shard), end - start, start)
-            if len(raw) != end - start:
-                raise StoreDamage(f"{self._where(shard)}: shard file shorter than its index says")
-            return raw
-        self._index(shard)
-        cache = self._cache_get()
-        cached = cache.read(shard_key(self._arr, shard), start, end) if cache else None
-        if cached is not None and self._sound(shard, start, cached, chunks):
-            return cached
-        return self._fetch(shard, [(start, end)])[0]
-
-    def _sound(self, shard: int, start: int, buf: bytes, chunks: list) -> bool:
-        """Whether cached bytes hold every chunk intact (else they are fetched again)."""
-        view = memoryview(buf)
+    def _sound(self, task: Task, buf: bytes) -> bool:
+        """Whether cached bytes hold every chunk of ``task`` intact (else fetched again)."""
+        view, (shard, start, _end, chunks) = memoryview(buf), task
         try:
             for off, n, _d, row in chunks:
                 self._payload(view[off - start : off - start + n], shard, row)
         except StoreDamage:
             return False
         return True
-
-    def _read_remote(self, tasks: list[tuple], out: np.ndarray) -> None:
-        """Cached ranges from local disk; the rest with one concurrent request per shard;
-        then every chunk checked and decoded in threads."""
-        for shard in {t[0] for t in tasks}:
-            self._index(shard)
-        cache = self._cache_get()
-        bufs: list[bytes | None] = [None] * len(tasks)
-        if cache:
-            for i, (shard, start, end, chunks) in enumerate(tasks):
-                got = cache.read(shard_key(self._arr, shard), start, end)
-                if got is not None and self._sound(shard, start, got, chunks):
-                    bufs[i] = got
-        missing: dict[int, list[int]] = {}
-        for i, t in enumerate(tasks):
-            if bufs[i] is None:
-                missing.setdefault(t[0], []).append(i)
-        pool = self._remote_pool()
-        futures = {
-            shard: pool.submit(self._fetch, shard, [(tasks[i][1], tasks[i][2]) for i in idx])
-            for shard, idx in missing.items()
-        }
-        for shard, fut in futures.items():
-            for i, data in zip(missing[shard], fut.result()):
-                bufs[i] = data
-        jobs = [pool.submit(self._decode, t[0], t[1], memoryview(b), t[3], out)
-                for t, b in zip(tasks, bufs)]  # fmt: skip
-        try:
-            for f in jobs:
-                f.result()
-        except StoreDamage:
-            if self._folder.replaced():  # type: ignore[union-attr]  # converted again meanwhile
-                raise self._folder.missing("images") from None  # type: ignore[union-attr]
-            raise
-
-    def _remote_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max(self.threads, REMOTE_THREADS),
-                                            thread_name_prefix="shard-fetch")  # fmt: skip
-        return self._pool

@@ -1,0 +1,129 @@
+"""The store's layout and metadata schema: names every writer and reader agrees on.
+
+A zarr v3 group::
+
+    store.zarr/
+      zarr.json            attrs: cellmorph_format, channels, stats, plate_stats, size, codec,
+                           source, created, generation, metadata_digest
+      images/              (N, C, H, W) uint16, one image per inner chunk, S images per shard;
+                           each chunk ends with the crc32c of its compressed bytes
+      metadata.parquet     one row per image, row i == images[i], with each image's checksum
+                           and its chunk's crc32c
+      quarantine.csv       every rejected input and why (may be empty, always present)
+
+Integrity (format 2): zarr.json binds ``metadata.parquet`` (``metadata_digest``: its bytes, the
+channel names and the array shape), the metadata binds every chunk to its row (``chunk_crc32c``)
+and every chunk carries its own crc32c. This module holds only names and the pure functions
+over them (checksums, digests, well ids); it imports neither zarr nor pyarrow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cellmorph.errors import CellmorphError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# 2: a crc32c after every chunk, every chunk written, metadata bound by a digest in the attrs.
+FORMAT_VERSION = 2
+IMAGES = "images"
+METADATA = "metadata.parquet"
+QUARANTINE = "quarantine.csv"
+QUARANTINE_COLUMNS = ["source", "plate", "well", "site", "reason"]
+
+# The metadata schema. Label columns are free-form (Metadata_pert_iname, ...).
+PLATE = "Metadata_Plate"
+WELL = "Metadata_Well"
+SITE = "Metadata_Site"
+KEYS = [PLATE, WELL, SITE]  # one image per (plate, well, site)
+CHECKSUM = "checksum"  # of the stored uint16 bytes of each image (image_checksum)
+CHUNK_CRC = "chunk_crc32c"  # the crc32c ending each image's chunk in its shard file
+REQUIRED_COLUMNS = [*KEYS, CHECKSUM]
+STORE_ROW = "store_row"  # the row number of an image in outputs (predictions, embeddings)
+GENERATION = "generation"  # attrs: a new id each time a store is created
+DIGEST = "metadata_digest"  # attrs: binds metadata.parquet to the channels and the array
+# Rows per parquet row group of metadata.parquet: readers stream it a row group at a time.
+METADATA_ROW_GROUP = 65_536
+
+
+class StoreError(CellmorphError):
+    """A store that cannot be read as a cellmorph store; the message names the path or key."""
+
+
+def image_checksum(img: np.ndarray) -> str:
+    """Checksum of the stored uint16 bytes of one image (little-endian, C order)."""
+    data = np.ascontiguousarray(img, dtype="<u2")
+    return hashlib.blake2b(data.tobytes(), digest_size=8).hexdigest()
+
+
+def metadata_digest(data: bytes, channels: list[str], shape: tuple[int, ...]) -> str:
+    """Binds metadata.parquet's bytes (row order and content) to the channels and the array."""
+    return digest_blocks([data], channels, shape)
+
+
+def digest_blocks(blocks: Iterable[bytes], channels: list[str], shape: tuple[int, ...]) -> str:
+    """:func:`metadata_digest` of a file read in blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    for block in blocks:
+        h.update(block)
+    h.update(json.dumps({"channels": list(channels), "shape": list(shape)}).encode())
+    return h.hexdigest()
+
+
+def file_blocks(f: io.IOBase, size: int = 8 << 20) -> Iterable[bytes]:
+    f.seek(0)
+    while block := f.read(size):
+        yield block
+
+
+def well_ids(metadata: pd.DataFrame) -> np.ndarray:
+    """One string per image naming its well: ``plate/well``."""
+    missing = [c for c in (PLATE, WELL) if c not in metadata.columns]
+    if missing:
+        raise StoreError(f"metadata lacks column(s) {missing} that name an image's well")
+    plate = metadata[PLATE].astype(str).to_numpy().astype(str)
+    well = metadata[WELL].astype(str).to_numpy().astype(str)
+    return np.char.add(np.char.add(plate, "/"), well)
+
+
+def well_codes(metadata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The one well id of every image: ``(codes, names)``; ``codes`` (int64 per row) index
+    ``names`` (``plate/well``), ordered by plate, then well, so ids never depend on row order.
+
+    The index (splits), evaluation, prediction and profiling all use these ids."""
+    import pandas as pd
+
+    parts = []
+    for column in (PLATE, WELL):
+        if column not in metadata.columns:
+            raise StoreError(f"metadata: required column {column!r} is missing")
+        codes, uniques = pd.factorize(metadata[column], sort=True)
+        if (codes < 0).any():
+            raise StoreError(f"metadata: {int((codes < 0).sum())} row(s) have no {column}")
+        parts.append((codes.astype(np.int64), np.asarray([str(u) for u in uniques], object)))
+    (plate, plates), (well, wells) = parts
+    key = plate * len(wells) + well
+    codes, used = pd.factorize(key, sort=True)
+    names = np.char.add(np.char.add(plates[used // len(wells)].astype(str), "/"),
+                        wells[used % len(wells)].astype(str))  # fmt: skip
+    return codes.astype(np.int64), names.astype(object)
+
+
+def read_quarantine(data: bytes | None, where: str = QUARANTINE) -> pd.DataFrame:
+    """quarantine.csv as text: a plate named ``NA`` or a reason ``None`` stay what they are."""
+    import pandas as pd
+
+    if not data:
+        return pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    try:
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[])
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError is a ValueError
+        raise StoreError(f"{where} is not a readable CSV ({e})") from None

@@ -1,0 +1,198 @@
+"""The writer side of the store: create the array, write shards, bind metadata and attrs.
+
+Conversion (:mod:`conversion.pack`) is the only writer of real stores; tests and benchmarks
+write small ones through the same calls. Readers never import this module.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterable
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from cellmorph import remote
+from cellmorph.remote import AnyPath, is_url
+from cellmorph.shardfile import StoreDamage, chunk_crcs, layout_of, shard_key
+from cellmorph.store import layout as L
+from cellmorph.store.files import read_file, write_bytes, write_file, zarr_store
+from cellmorph.store.layout import StoreError
+
+# Rows per parquet row group of metadata.parquet (a module setting so tests can shrink it).
+METADATA_ROW_GROUP = L.METADATA_ROW_GROUP
+
+
+def compressor_for(codec: str) -> Any:
+    """zstd (CPU decode, best ratio) or LZ4 (decodable on the GPU by DALI's inflate)."""
+    if codec == "zstd":
+        return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    if codec == "lz4":
+        from zarr.codecs.numcodecs import LZ4
+
+        return LZ4(acceleration=1)
+    raise StoreError(f"unknown codec {codec!r} (expected zstd or lz4)")
+
+
+def create_images(
+    path: str | AnyPath,
+    n: int,
+    channels: list[str],
+    size: int,
+    codec: str = "zstd",
+    shard_size: int = 1024,
+    attrs: dict[str, Any] | None = None,
+) -> zarr.Array:
+    """Create (overwrite) the group and its empty ``images`` array; returns the array, ready
+    for shard-aligned writes (every chunk is written, see :func:`open_images`).
+
+    ``attrs`` (source description, resize policy...) is stored next to the format fields.
+    Channel statistics are added later with :func:`write_attrs` once the pixels are known.
+    """
+    if n <= 0:
+        raise StoreError(f"{path}: cannot create a store with {n} images")
+    group = zarr.open_group(zarr_store(path), mode="w", zarr_format=3)
+    shard = max(1, min(shard_size, n))
+    arr = group.create_array(
+        L.IMAGES,
+        shape=(n, len(channels), size, size),
+        chunks=(1, len(channels), size, size),
+        shards=(shard, len(channels), size, size),
+        dtype="uint16",
+        # The crc32c after the compressor: every chunk checks itself (zarr and our readers).
+        compressors=[compressor_for(codec), Crc32cCodec()],
+        fill_value=0,
+    )
+    group.attrs.update({
+        "cellmorph_format": L.FORMAT_VERSION, "channels": list(channels), "size": size,
+        "codec": codec, "shard_size": shard, L.GENERATION: uuid.uuid4().hex, **(attrs or {}),
+    })  # fmt: skip
+    return arr.with_config({"write_empty_chunks": True})
+
+
+def open_images(path: str | AnyPath) -> zarr.Array:
+    """The ``images`` array of a store being written. Every chunk is written, an all-zero
+    image too: a hole in a shard is then always damage, never a black image."""
+    arr = zarr.open_array(store=zarr_store(path), path=L.IMAGES, mode="r+", zarr_format=3)
+    return arr.with_config({"write_empty_chunks": True})
+
+
+def discard_shard(path: str | AnyPath, images: zarr.Array, index: int) -> None:
+    """Delete shard file ``index`` of ``images`` before it is rewritten whole.
+
+    A writer killed mid-write can leave a torn shard file; zarr reads an existing shard before
+    writing into it, so the rewrite would fail on the torn one instead of replacing it. (An
+    object-store put is never torn, but an earlier job's shard may hold other rows.)
+    """
+    if is_url(path):
+        target = f"{str(path).rstrip('/')}/{shard_key(images, index)}"
+        if remote.size(target) is not None:
+            remote.delete(target)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path))
+    target = f"{root.rstrip('/')}/{shard_key(images, index)}"
+    if fs.exists(target):
+        fs.rm(target)
+    # zarr writes "<key>.<uuid>.partial" and renames it: a killed writer leaves that behind.
+    for stale in fs.glob(f"{target}.*.partial"):
+        fs.rm(stale)
+
+
+def shard_chunk_crcs(path: str | AnyPath, images: zarr.Array, index: int, rows: int) -> list[int]:
+    """Read shard file ``index`` back and return the crc32c of its first ``rows`` chunks, each
+    checked: what the writer records for metadata.parquet right after writing the shard."""
+    layout = layout_of(images)
+    if layout is None or not layout.chunk_crc:
+        raise StoreError(f"{path}: images array is not in cellmorph format {L.FORMAT_VERSION}")
+    key = shard_key(images, index)
+    data = read_file(path, key)
+    if data is None:
+        raise StoreDamage(f"{path}/{key}: the shard just written is missing")
+    return chunk_crcs(data, layout, rows, f"{path}/{key}")
+
+
+def write_attrs(path: str | AnyPath, attrs: dict[str, Any]) -> None:
+    group = zarr.open_group(zarr_store(path), mode="r+", zarr_format=3)
+    group.attrs.update(attrs)
+
+
+def write_metadata(path: str | AnyPath, metadata: pd.DataFrame | Iterable[pd.DataFrame]) -> None:
+    """Write ``metadata.parquet`` atomically (row i describes images[i]) and bind it to the
+    store with ``attrs.metadata_digest``; call it once the images are written.
+
+    ``metadata`` is one table, or consecutive parts of it (conversion streams one per shard, so
+    that millions of rows are never one table in memory). Without a ``chunk_crc32c`` column
+    (stores written outside conversion: one table), the crcs are read from the shard files as
+    they are now; conversion passes the ones it read back right after writing each shard, so
+    damage after that is caught.
+    """
+    group = zarr.open_group(zarr_store(path), mode="r+", zarr_format=3)
+    images = group[L.IMAGES]
+    if isinstance(metadata, pd.DataFrame):
+        metadata = metadata.reset_index(drop=True)
+        if L.CHUNK_CRC not in metadata.columns and set(L.REQUIRED_COLUMNS) <= set(metadata.columns):
+            metadata[L.CHUNK_CRC] = _read_chunk_crcs(path, images)
+        metadata = [metadata]
+    buf = io.BytesIO()
+    rows = _write_parts(path, metadata, buf)
+    if rows != images.shape[0]:
+        raise StoreError(f"{path}: {rows} metadata rows for {images.shape[0]} images")
+    data = buf.getbuffer()
+    write_bytes(path, L.METADATA, data)
+    channels = list(group.attrs["channels"])
+    group.attrs.update({L.DIGEST: L.metadata_digest(data, channels, tuple(images.shape))})
+
+
+def _missing_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in [*L.REQUIRED_COLUMNS, L.CHUNK_CRC] if c not in table.columns]
+
+
+def _write_parts(path: str | AnyPath, parts: Iterable[pd.DataFrame], buf: IO[bytes]) -> int:
+    """Parquet of the parts, in row groups of ``METADATA_ROW_GROUP``; returns the row count."""
+    writer: pq.ParquetWriter | None = None
+    pending: list[pa.Table] = []
+    rows = 0
+    for part in parts:
+        missing = _missing_columns(part)
+        if missing:
+            raise StoreError(f"{path}: metadata lacks required column(s) {', '.join(missing)}")
+        part = part.reset_index(drop=True).assign(
+            **{L.CHUNK_CRC: part[L.CHUNK_CRC].to_numpy().astype(np.uint32)}
+        )
+        table = pa.Table.from_pandas(part, preserve_index=False)
+        if writer is None:
+            writer = pq.ParquetWriter(buf, table.schema)
+        pending.append(table.cast(writer.schema))  # one schema for every part
+        rows += len(part)
+        if sum(len(t) for t in pending) >= METADATA_ROW_GROUP:
+            writer.write_table(pa.concat_tables(pending), row_group_size=METADATA_ROW_GROUP)
+            pending = []
+    if writer is None:
+        raise StoreError(f"{path}: no metadata rows to write")
+    if pending:
+        writer.write_table(pa.concat_tables(pending), row_group_size=METADATA_ROW_GROUP)
+    writer.close()
+    return rows
+
+
+def _read_chunk_crcs(path: str | AnyPath, images: zarr.Array) -> list[int]:
+    rows = int(images.shards[0])
+    n = int(images.shape[0])
+    return [
+        crc
+        for i, start in enumerate(range(0, n, rows))
+        for crc in shard_chunk_crcs(path, images, i, min(rows, n - start))
+    ]
+
+
+def write_quarantine(path: str | AnyPath, rows: list[dict[str, Any]]) -> None:
+    df = pd.DataFrame(rows, columns=L.QUARANTINE_COLUMNS)
+    write_file(path, L.QUARANTINE, lambda f: df.to_csv(f, index=False))
