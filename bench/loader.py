@@ -240,6 +240,7 @@ def bench_dali_gpu(df: pd.DataFrame, tmp: Path, workers: int) -> float:
         batch_size=512,
         image_size=128,
         view_fraction=1.0,
+        augment=["hflip", "vflip", "rot90"],
         num_workers=workers,
         prefetch=4,
     )

@@ -306,7 +306,8 @@ def _config(work: Path, args: argparse.Namespace) -> Any:
     return load_config(None, [
         "name=scale", f"run_root={work / 'runs'}", f"data.store={work / 'store.zarr'}",
         f"data.label_column={args.label_column}", f"data.top_k={args.top_k}",
-        "loader.image_size=16", "loader.view_fraction=1.0", "loader.batch_size=64",
+        "loader.image_size=16", "loader.view_fraction=1.0", "loader.augment=[hflip,vflip]",
+        "loader.batch_size=64",
         "loader.eval_batch_size=512", "loader.num_workers=0", "model.width_mult=0.35",
         "train.epochs=1", f"train.max_steps_per_epoch={args.steps}", "train.log_every=50",
         "ray.num_workers=2", "ray.cpus_per_worker=1",

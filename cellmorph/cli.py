@@ -10,8 +10,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellmorph.errors import run_main
+
+if TYPE_CHECKING:
+    from cellmorph.rundir import RunDir
 
 DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -78,7 +82,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cellmorph.predict import EMBEDDINGS_PARQUET, PREDICTIONS_CSV, WELLS_PARQUET, predict
+    from cellmorph.outputs import EMBEDDINGS, PREDICTIONS, WELLS
+    from cellmorph.predict import predict
 
     overrides = {
         "eval_batch_size": args.batch_size,
@@ -86,45 +91,55 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "num_workers": args.num_workers,
     }
     summary = predict(
-        args.checkpoint, args.store, args.out, device=args.device, top_k=args.top_k,
-        loader_overrides=overrides,
-    )  # fmt: skip
+        args.checkpoint, args.store, args.out, device=args.device, loader_overrides=overrides
+    )
     print(
         f"predicted {summary['images']} images in {summary['wells']} wells -> {summary['out']}/"
-        f"{{{PREDICTIONS_CSV},{EMBEDDINGS_PARQUET},{WELLS_PARQUET}}}"
+        f"{{{PREDICTIONS},{EMBEDDINGS},{WELLS}}}"
     )
+    if "metrics" in summary:
+        m = summary["metrics"]
+        print(f"against the store's labels: balanced accuracy {m['balanced_accuracy']:.3f}, "
+              f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")  # fmt: skip
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cellmorph.report import build_report
     from cellmorph.rundir import RunDir
 
     run = RunDir(args.run_dir).require()
     if not args.report_only:
+        from cellmorph.config import config_from_dict
+        from cellmorph.progress import result_line
         from cellmorph.train import evaluate_run
 
         m = evaluate_run(run, device=args.device)
-        print(
-            f"validation: accuracy {m['accuracy']:.3f}, balanced accuracy "
-            f"{m['balanced_accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}"
-        )
-    print(f"report: {build_report(run)}")
+        print(result_line(m, config_from_dict(run.read_config()).data))
+    print(f"report: {publish_report(run)}")
     return 0
+
+
+def publish_report(run: RunDir) -> Path:
+    """Build the run's report, then log it to the run's MLflow run when it has one."""
+    from cellmorph.report import build_report
+    from cellmorph.tracking import log_report
+
+    page = build_report(run)
+    log_report(run)
+    return page
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from cellmorph.audit import audit, format_table
     from cellmorph.config import load_config
     from cellmorph.launch import resolve_paths
-    from cellmorph.report import build_report
     from cellmorph.rundir import RunDir
 
     cfg = resolve_paths(load_config(args.config, args.overrides))
     reuse = RunDir(args.reuse_run).require() if args.reuse_run else None
     result = audit(cfg, reuse_default_run=reuse)
     print(format_table(result))
-    print(f"report: {build_report(RunDir(result['protocols'][1]['run_dir']))}")
+    print(f"report: {publish_report(RunDir(result['protocols'][1]['run_dir']))}")
     return 0
 
 
@@ -204,7 +219,6 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, help="store.zarr to predict (labels not needed)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--top-k", type=_int_at_least(1), help="classes per image in predictions.csv")
     p.add_argument(
         "--batch-size", type=_int_at_least(1), help="images per batch (default: eval batch size)"
     )

@@ -7,6 +7,7 @@ a config after it is loaded. Functions take the sub-config they need, not the wh
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -138,6 +139,13 @@ class DataConfig(Section):
 AugmentOp = Literal[OP_NAMES]  # type: ignore[valid-type]
 
 
+def max_view_fraction(degrees: float) -> float:
+    """The largest central square (as a fraction of the side) that a rotation by up to
+    ``degrees`` keeps inside the field: ``1 / (cos a + sin a)``."""
+    a = math.radians(min(abs(degrees), 45.0))
+    return 1.0 / (math.cos(a) + math.sin(a))
+
+
 class LoaderConfig(Section):
     """Batches for training and evaluation: which loader, how big, which augmentations."""
 
@@ -170,6 +178,22 @@ class LoaderConfig(Section):
         "so later epochs read local disk; None: fetch every epoch",
     )
     cache_gb: float = Field(50.0, gt=0.0, description="the most disk loader.cache_dir may use")
+
+    @model_validator(mode="after")
+    def _rotation_fits_the_view(self) -> LoaderConfig:
+        """A rotation by up to ``rotate_degrees`` leaves empty corners; the central
+        ``view_fraction`` must stay inside the rotated field, or the model trains on them."""
+        if "rotate" not in self.augment or self.rotate_degrees == 0:
+            return self
+        limit = max_view_fraction(self.rotate_degrees)
+        if self.view_fraction > limit + 1e-9:
+            raise ValueError(
+                f"loader.augment has rotate with loader.rotate_degrees={self.rotate_degrees:g}, "
+                f"whose empty corners reach into the view: loader.view_fraction="
+                f"{self.view_fraction:g} must be <= {limit:.3f} for that angle (or drop rotate, "
+                "or lower loader.rotate_degrees)"
+            )
+        return self
 
 
 class ModelConfig(Section):

@@ -15,6 +15,7 @@ def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
     from cellmorph.audit import audit as run_audit
     from cellmorph.launch import resolve_paths, run_ray_training
     from cellmorph.report import build_report
+    from cellmorph.tracking import log_report
 
     t0 = time.perf_counter()
     steps = 5 if audit else 4
@@ -37,6 +38,7 @@ def run_demo(cfg: Config, *, audit: bool = True) -> dict[str, Any]:
               f"{default['val_copies_in_train']} copies")  # fmt: skip
     print(f"[{steps}/{steps}] report")
     report = build_report(run)
+    log_report(run)  # into the run's MLflow run, when it has one
     m = run.read_result()
     seconds = time.perf_counter() - t0
     print(f"\nreport: {report}\nlogs:   {run.logs}/ (Ray's driver log: logs/ray-driver.log)")

@@ -12,7 +12,6 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    report: Callable[[dict[str, Any], Path | None], None] | None = None
+    report: Callable[[dict[str, Any]], None] | None = None  # an epoch's scores, to Ray
     wrap_model: Callable[[nn.Module], nn.Module] | None = None
     console: bool = True
 

@@ -31,7 +31,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from cellmorph.config import DataConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.sampling import contiguous_runs, epoch_indices, epoch_permutation
-from cellmorph.store.layout import CHECKSUM, PLATE, WELL
+from cellmorph.store.layout import CHECKSUM, PLATE, WELL, well_codes
 
 __all__ = [
     "Index",
@@ -161,10 +161,9 @@ def _factorize_required(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray
 
 def _rows(metadata: pd.DataFrame, labels: np.ndarray, n_classes: int) -> _Rows:
     plate_codes, plate_names = _factorize_required(metadata, PLATE)
-    well_codes, well_names = _factorize_required(metadata, WELL)
-    key = plate_codes * len(well_names) + well_codes
-    well_ids, _ = pd.factorize(key, sort=True)
-    return _Rows(labels, well_ids.astype(np.int64), plate_codes, plate_names, well_codes, n_classes)
+    positions, _ = _factorize_required(metadata, WELL)
+    well_ids = well_codes(metadata)[0]  # the one well id evaluation and outputs use too
+    return _Rows(labels, well_ids, plate_codes, plate_names, positions, n_classes)
 
 
 def _wells_with_majority_label(rows: _Rows) -> tuple[np.ndarray, np.ndarray, int]:

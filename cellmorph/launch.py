@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import traceback
 from pathlib import Path
@@ -166,22 +165,13 @@ def ray_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         _record_placement_group(run)
 
-    def report(metrics: dict[str, Any], ckpt: AnyPath | None) -> None:
-        if ckpt is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            if isinstance(ckpt, URLPath):  # Ray puts it into storage_path (the bucket) again
-                (Path(d) / "checkpoint.pt").write_bytes(ckpt.read_bytes())
-            else:
-                shutil.copy2(ckpt, Path(d) / "checkpoint.pt")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
+    # Only metrics go to Ray: the run directory's checkpoints are the one checkpoint system
+    # (resume reads checkpoints/last.pt), so nothing is copied into Ray's storage.
     ctx = Context(
         rank=rank,
         world_size=tctx.get_world_size(),
         device=ray.train.torch.get_device(),
-        report=report,
+        report=ray.train.report,
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
         console=False,
     )
@@ -215,7 +205,7 @@ def build_trainer(
     ``controller_failure_limit``: how often a worker group that cannot start is retried
     (-1: forever, Ray's default; a sweep's trials give up after a few).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     r = cfg.ray
@@ -237,7 +227,6 @@ def build_trainer(
             failure_config=FailureConfig(
                 max_failures=r.max_failures, controller_failure_limit=controller_failure_limit
             ),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=callbacks,
         ),
     )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellmorph.store.layout import well_ids
+from cellmorph.store.layout import parse_negcon
 
 THRESHOLD = 0.05
 NULL_SIZE = 10_000
@@ -32,34 +32,14 @@ NEGCON_FLAG = "_negcon"
 REFERENCE = "_reference_index"
 
 
-def negcon_mask(metadata: pd.DataFrame, spec: str, labels: np.ndarray | None = None,
-                negcon_label: str = "DMSO") -> np.ndarray:  # fmt: skip
-    """Which rows are negative controls: ``COLUMN=VALUE`` when the column exists, else the rows
-    whose label is ``negcon_label``."""
-    column, _, value = (spec or "").partition("=")
-    if column and column in metadata.columns:
-        return (metadata[column].astype(str).str.strip() == value.strip()).to_numpy()
-    if labels is None:
+def negcon_mask(metadata: pd.DataFrame, spec: str | None) -> np.ndarray:
+    """Which rows are negative controls: those whose ``COLUMN`` is ``VALUE`` (the store's
+    ``negcon`` attribute); none when the spec is empty or the column is absent."""
+    parsed = parse_negcon(spec)
+    if parsed is None or parsed[0] not in metadata.columns:
         return np.zeros(len(metadata), bool)
-    return np.asarray(labels).astype(str) == negcon_label
-
-
-def well_profiles(rows: np.ndarray, features: np.ndarray, metadata: pd.DataFrame,
-                  treatment: np.ndarray, negcon: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:  # fmt: skip
-    """Mean profile per well of the images ``rows`` (store rows): (well table, features).
-
-    ``treatment`` and ``negcon`` are per store row; a well's treatment is its images'."""
-    wells = well_ids(metadata)[rows]
-    codes, names = pd.factorize(pd.Series(wells))
-    sums = np.zeros((len(names), features.shape[1]))
-    np.add.at(sums, codes, features)
-    counts = np.bincount(codes, minlength=len(names))
-    first = np.unique(codes, return_index=True)[1]
-    table = pd.DataFrame({
-        "well": np.asarray(names), "treatment": np.asarray(treatment)[rows][first].astype(str),
-        NEGCON_FLAG: np.asarray(negcon)[rows][first], "images": counts,
-    })  # fmt: skip
-    return table, sums / counts[:, None]
+    column, value = parsed
+    return (metadata[column].astype(str).str.strip() == value).to_numpy()
 
 
 def phenotypic_activity(wells: pd.DataFrame, feats: np.ndarray, *, seed: int = 0,
@@ -99,23 +79,10 @@ def phenotypic_activity(wells: pd.DataFrame, feats: np.ndarray, *, seed: int = 0
     }
 
 
-def profiling_report(rows: np.ndarray, embeddings: np.ndarray, features: np.ndarray | None,
-                     metadata: pd.DataFrame, treatment: np.ndarray, negcon: np.ndarray,
-                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
-    """Phenotypic activity of the network's embeddings and of the intensity baseline."""
-    sources = {"embeddings": embeddings, "intensity_baseline": features}
-    profiles = {}
-    wells = None
-    for name, feats in sources.items():
-        if feats is not None:
-            wells, profiles[name] = well_profiles(rows, feats, metadata, treatment, negcon)
-    return activity_report(wells, profiles, seed)
-
-
 def activity_report(wells: pd.DataFrame | None, profiles: dict[str, np.ndarray],
                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
-    """Phenotypic activity of well-level ``profiles`` (name -> (W, F) means, rows of ``wells``,
-    the table :func:`well_profiles` returns)."""
+    """Phenotypic activity of well-level ``profiles`` (name -> (W, F) means, rows of ``wells``:
+    a table of ``well``, ``treatment``, the negative-control flag and ``images``)."""
     out: dict[str, Any] = {"threshold": THRESHOLD, "metric": "copairs mAP vs negative controls"}
     for name, feats in profiles.items():
         out[name] = phenotypic_activity(wells, feats, seed=seed)

@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cellmorph import atomic  # noqa: E402
 from cellmorph.errors import CellmorphError  # noqa: E402
-from cellmorph.loaders import ShardReader  # noqa: E402
+from cellmorph.loaders.reader import ShardReader  # noqa: E402
 from cellmorph.metrics import topk_name  # noqa: E402
 from cellmorph.rundir import RunDir  # noqa: E402
 from cellmorph.sampling import stratified_sample  # noqa: E402
@@ -683,11 +683,9 @@ def make_figures(run: Run) -> list[tuple[Path, str]]:
 
 
 def build_report(run_dir: RunDir) -> Path:
-    """Draw the figures and write ``report.html`` in the run directory; returns the page's path."""
-    from cellmorph.tracking import log_report
+    """Draw the figures and write ``report.html`` in the run directory; returns the page's path.
 
+    Renders only: logging it to MLflow is the caller's (``cellmorph evaluate``, the demo)."""
     run = load_run(run_dir)
     figures = make_figures(run)
-    page = atomic.write_text(run_dir.report, render_html(run, figures))
-    log_report(run_dir)  # into the run's MLflow run, when it has one
-    return page
+    return atomic.write_text(run_dir.report, render_html(run, figures))

@@ -1,4 +1,4 @@
-"""The run directory: the only module that knows its layout (as ``store.py`` knows the store's).
+"""The run directory: the only module that knows its layout (as ``store/`` knows the store's).
 
 ::
 
@@ -12,7 +12,8 @@
       val_predictions.parquet  per validation image, by the chosen model (store row, metadata,
                                labels, probs), written at the end of the run
       val_embeddings.npy       its embeddings, same row order
-      test_predictions.parquet, test_embeddings.npy   the same for the test fold
+      val_wells.parquet        per validation well: metadata, mean probabilities, profile
+      test_*                   the same for the test fold (schema: cellmorph.outputs)
       .<fold>_outputs/         each rank's part of a fold's outputs while they are merged
       events.jsonl             start / resume events (with the worker processes)
       tracking.json            the MLflow run this run logs to (tracking.mlflow_uri)
@@ -31,36 +32,24 @@ The folder is a local path or an object-store URL (``run_root: s3://bucket/runs`
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
-from cellmorph import atomic, remote
+from cellmorph import atomic
 from cellmorph.errors import CellmorphError
 from cellmorph.remote import AnyPath, URLPath, as_path
-from cellmorph.store.layout import STORE_ROW
 
 if TYPE_CHECKING:
-    from cellmorph.store.read import MetadataRows
+    import numpy as np
+    import pandas as pd
 
-# Rows per row group of the per-image outputs (what a writer or reader holds at a time).
-
-
-# Rows per row group of the per-image outputs (what a writer or reader holds at a time).
-OUTPUT_ROWS = 8_192
+    from cellmorph.outputs import OutputSet
 
 CHECKPOINTS = "checkpoints"
 
@@ -107,15 +96,17 @@ class RunDir:
     def result(self) -> AnyPath:
         return self.path / "metrics.json"
 
+    def outputs(self, fold: str = "val") -> OutputSet:
+        """The per-image and per-well outputs of a fold (:mod:`cellmorph.outputs`)."""
+        from cellmorph.outputs import OutputSet
+
+        return OutputSet(self.path, f"{fold}_")
+
     def predictions(self, fold: str = "val") -> AnyPath:
-        return self.path / f"{fold}_predictions.parquet"
+        return self.outputs(fold).predictions
 
     def embeddings(self, fold: str = "val") -> AnyPath:
-        return self.path / f"{fold}_embeddings.npy"
-
-    def output_part(self, fold: str, rank: int) -> AnyPath:
-        """One rank's per-image outputs of a fold, before :meth:`write_outputs` merges them."""
-        return self.path / f".{fold}_outputs" / f"rank{rank:05d}.parquet"
+        return self.outputs(fold).embeddings
 
     @property
     def events(self) -> AnyPath:
@@ -230,56 +221,6 @@ class RunDir:
         atomic.write_text(self.result, json.dumps(result, indent=2))
         return result
 
-    def part_writer(self, fold: str, rank: int) -> OutputPart:
-        """This rank's streaming writer of its images' outputs on ``fold``."""
-        return OutputPart(self.output_part(fold, rank))
-
-    def write_outputs(self, fold: str, ranks: int, classes: list[str],
-                      metadata: MetadataRows) -> int:  # fmt: skip
-        """Merge the ``ranks`` parts of ``fold`` (rank order is fold order) into
-        ``<fold>_predictions.parquet`` (store row, metadata, true/predicted label,
-        probabilities) and ``<fold>_embeddings.npy`` (same row order), a row group at a time;
-        returns the number of images."""
-        parts = [self.output_part(fold, r) for r in range(ranks)]
-        missing = [str(p) for p in parts if not p.is_file()]
-        if missing:
-            raise CellmorphError(f"{fold} outputs: rank part(s) {', '.join(missing)} missing")
-        with contextlib.ExitStack() as stack:  # an object store's parts: local copies
-            local = [stack.enter_context(remote.local_copy(p)) for p in parts]
-            n = self._merge_parts(fold, local, classes, metadata)
-        if self.remote:
-            remote.delete_tree(str(parts[0].parent))
-        else:
-            shutil.rmtree(parts[0].parent, ignore_errors=True)
-        return n
-
-    def _merge_parts(self, fold: str, parts: list[Path], classes: list[str],
-                     metadata: MetadataRows) -> int:  # fmt: skip
-        # pre_buffer=False: by default pyarrow reads a whole file ahead of the batches asked for
-        files = [pq.ParquetFile(p, pre_buffer=False) for p in parts]
-        n = sum(f.metadata.num_rows for f in files)
-        dim = next((f.schema_arrow.field("embedding").type.list_size for f in files
-                    if f.metadata.num_rows), 0)  # fmt: skip
-        with atomic.atomic_path(self.predictions(fold)) as preds, \
-                atomic.atomic_path(self.embeddings(fold)) as embs, open(embs, "wb") as emb_file:  # fmt: skip
-            header = {"descr": "<f4", "fortran_order": False, "shape": (n, dim)}
-            np.lib.format.write_array_header_1_0(emb_file, header)
-            writer = None
-            for f in files:
-                for batch in f.iter_batches(batch_size=OUTPUT_ROWS):
-                    table, emb = _prediction_table(batch, classes, metadata)
-                    emb_file.write(np.ascontiguousarray(emb, "<f4"))
-                    writer = writer or pq.ParquetWriter(preds, table.schema)
-                    writer.write_table(table)
-                    del table, emb, batch
-                    pa.default_memory_pool().release_unused()  # a row group at a time, really
-            if writer is None:  # an empty fold: a file with the columns, no rows
-                writer = pq.ParquetWriter(
-                    preds, _prediction_table(None, classes, metadata)[0].schema
-                )
-            writer.close()
-        return n
-
     def write_tracking(self, info: dict[str, Any]) -> None:
         atomic.write_text(self.tracking, json.dumps(info, indent=2))
 
@@ -345,6 +286,8 @@ class RunDir:
     def read_predictions(self, fold: str = "val",
                          columns: list[str] | None = None) -> pd.DataFrame | None:  # fmt: skip
         """``<fold>_predictions.parquet``, or None when it was not written."""
+        import pandas as pd
+
         p = self.predictions(fold)
         if not p.is_file():
             return None
@@ -353,6 +296,8 @@ class RunDir:
     def read_embeddings(self, fold: str = "val") -> np.ndarray | None:
         """``<fold>_embeddings.npy``, or None when it was not written; a local file is
         memory-mapped (a reader of a sample of rows never holds the whole array)."""
+        import numpy as np
+
         p = self.embeddings(fold)
         if not p.is_file():
             return None
@@ -366,21 +311,9 @@ class RunDir:
         raise CellmorphError(f"{self.checkpoints}: neither best.pt nor last.pt exists")
 
 
-def run_dir(run_root: str | AnyPath, name: str) -> RunDir:
-    return RunDir(as_path(run_root) / name)
-
-
 def _readable(path: AnyPath) -> Any:
     """What pandas and numpy read: the local path, or the object's bytes in memory."""
     return io.BytesIO(path.read_bytes()) if isinstance(path, URLPath) else path
-
-
-def save_npy(path: AnyPath, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
-            np.save(f, array)
-
-    atomic.write_with(path, write)
 
 
 class LabelEncoding(NamedTuple):
@@ -411,95 +344,3 @@ def load_label_encoding(path: str | AnyPath) -> LabelEncoding:
     if len(set(classes)) != len(classes):
         raise CellmorphError(f"{p}: 'classes' has duplicate names")
     return LabelEncoding(str(raw["label_column"]), classes)
-
-
-class OutputPart:
-    """One rank's per-image outputs of one fold (store row, label, probabilities, embedding),
-    streamed to parquet in row groups of :data:`OUTPUT_ROWS`; whole or absent (temporary name,
-    renamed by :meth:`close`)."""
-
-    def __init__(self, path: AnyPath):
-        self.path = path
-        if isinstance(path, URLPath):  # written locally, put whole by close()
-            self.tmp = Path(tempfile.mkdtemp(prefix="cellmorph-part-")) / path.name
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = atomic.temp_path(path)
-        self.writer: pq.ParquetWriter | None = None
-        self.buffer: list[tuple[np.ndarray, ...]] = []
-        self.buffered = 0
-
-    def write(self, rows: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-              emb: np.ndarray) -> None:  # fmt: skip
-        self.buffer.append((rows, labels, probs, emb))
-        self.buffered += len(rows)
-        if self.buffered >= OUTPUT_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.buffer:
-            return
-        rows, labels, probs, emb = (np.concatenate(c) for c in zip(*self.buffer))
-        self.buffer, self.buffered = [], 0
-        table = pa.table({
-            STORE_ROW: pa.array(rows, pa.int64()), "label": pa.array(labels, pa.int64()),
-            "probs": _fixed_lists(probs), "embedding": _fixed_lists(emb),
-        })  # fmt: skip
-        self.writer = self.writer or pq.ParquetWriter(self.tmp, table.schema)
-        self.writer.write_table(table)
-        del table
-        pa.default_memory_pool().release_unused()  # else the pool keeps every buffer's pages
-
-    def close(self) -> None:
-        """Finish the part (an empty one when this rank had no images)."""
-        self._flush()
-        if self.writer is None:
-            empty = np.zeros((0, 0), np.float32)
-            self.write(np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty)
-            self._flush()
-        self.writer.close()
-        if isinstance(self.path, URLPath):
-            remote.write(self.path.url, self.tmp)
-            shutil.rmtree(self.tmp.parent, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.tmp.unlink(missing_ok=True)
-        if isinstance(self.path, URLPath):
-            shutil.rmtree(self.tmp.parent, ignore_errors=True)
-
-
-def _fixed_lists(values: np.ndarray) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
-
-
-def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list column as an (N, width) float32 array."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-def _prediction_table(batch: pa.RecordBatch | None, classes: list[str],
-                      metadata: MetadataRows) -> tuple[pa.Table, np.ndarray]:  # fmt: skip
-    """One row group of ``<fold>_predictions.parquet`` from a part's batch, and its embeddings."""
-    if batch is None:
-        rows, labels = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        probs, emb = np.zeros((0, len(classes)), np.float32), np.zeros((0, 0), np.float32)
-    else:
-        rows = batch.column(STORE_ROW).to_numpy()
-        labels = batch.column("label").to_numpy()
-        probs, emb = _matrix(batch.column("probs")), _matrix(batch.column("embedding"))
-    pred = probs.argmax(axis=1) if len(probs) else labels
-    names = np.asarray(classes, dtype=object)
-    base = metadata.take(rows)
-    columns = {STORE_ROW: pa.array(rows, pa.int64()),
-               **{n: base.column(n) for n in base.column_names},
-               "label": pa.array(labels, pa.int64()), "label_name": pa.array(names[labels], pa.string()),
-               "pred": pa.array(pred, pa.int64()), "pred_name": pa.array(names[pred], pa.string()),
-               **{f"prob:{c}": pa.array(probs[:, i]) for i, c in enumerate(classes)}}  # fmt: skip
-    return pa.table(columns), emb

@@ -78,10 +78,17 @@ class SweepConfig(Section):
     base: str = "configs/demo.yaml"
     overrides: list[str] = []
     num_samples: int = Field(4, ge=1)
-    metric: str = "balanced_accuracy"
-    mode: Literal["max", "min"] = "max"
+    metric: str | None = Field(
+        None, description="must be the base config's train.best_metric (None: that one): the "
+        "score that picks a trial's best.pt also ranks the trials",
+    )  # fmt: skip
+    mode: Literal["max", "min"] | None = Field(None, description="None: the metric's own")
     max_concurrent: int = Field(0, ge=0, description="0 = as many as the cluster fits")
-    grace_period: int = Field(1, ge=1)
+    grace_fraction: float = Field(
+        0.25, ge=0.25, lt=1.0,
+        description="ASHA compares trials at this fraction of their planned runs and at "
+        "reduction_factor times it; never earlier than 0.25, the end of the longest warm-up",
+    )  # fmt: skip
     reduction_factor: float = Field(2.0, gt=1.0)
     trial_cpus: float = Field(0.05, gt=0.0, description="for each trial's driver; keep it small")
     fit_workers: bool = Field(
@@ -90,6 +97,8 @@ class SweepConfig(Section):
     space: dict[str, Dimension] = {}
 
 
+# What each epoch's report says about progress: epochs done / epochs planned (train.py).
+RUN_FRACTION = "run_fraction"
 # A trial whose worker group cannot be placed this many times in a row (Ray Train waits 60 s
 # each time, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) fails instead of retrying forever.
 TRIAL_START_RETRIES = 5
@@ -131,6 +140,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     mine, base_overrides = split_overrides(overrides or [])
     sweep = validate(SweepConfig, read_tree(p, mine), str(p))
     base = load_config(sweep.base, [*sweep.overrides, *base_overrides])
+    check_metric(sweep, base, p)
     if not sweep.space:
         raise ConfigError(f"{p}: space is empty; name at least one setting to search")
     for key, dim in sweep.space.items():  # a typo in the space fails now, not in trial 7
@@ -139,6 +149,38 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
         except ConfigError as e:
             raise ConfigError(f"{p}: space.{key}: {e}") from None
     return sweep, base
+
+
+def check_metric(sweep: SweepConfig, base: Config, where: Path | str) -> None:
+    """One metric decides: the sweep ranks trials by the score that chose their best.pt."""
+    if sweep.metric is not None and sweep.metric != base.train.best_metric:
+        raise ConfigError(
+            f"{where}: metric {sweep.metric!r} differs from the base config's train.best_metric "
+            f"{base.train.best_metric!r}, which picks each trial's best.pt; set "
+            f"train.best_metric={sweep.metric} (in overrides or on the command line) or drop metric"
+        )
+    if sweep.mode is not None and sweep.mode != base.best_mode:
+        raise ConfigError(
+            f"{where}: mode {sweep.mode!r} contradicts train.best_metric "
+            f"{base.train.best_metric!r}, for which {base.best_mode} is better; drop mode"
+        )
+
+
+def scheduler(sweep: SweepConfig) -> Any:
+    """ASHA on the fraction of its own planned run each trial has trained (``run_fraction``):
+    trials of different lengths (batch sizes, ``train.min_steps``) are compared at the same
+    point of their schedules, never inside the warm-up (at most a quarter of a run). The top
+    rung stays below 1 and a trial is never stopped for reaching the end, so every trial that
+    survives the rungs finishes: its test fold is scored and its outputs written."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr=RUN_FRACTION,
+        max_t=1.0 - 1e-6,
+        grace_period=sweep.grace_fraction,
+        reduction_factor=sweep.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 def trial_config(base: Config, params: dict[str, Any], name: str) -> Config:
@@ -332,11 +374,11 @@ def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[AnyPath, Config, Tr
 def run_sweep(sweep: SweepConfig, base: Config) -> AnyPath:
     """Run the sweep; writes ``best_config.yaml``, ``best.pt`` and ``results.csv``; returns its dir."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from cellmorph import tracking
 
     out, base, fit = prepare_sweep(sweep, base)
+    metric, mode = base.train.best_metric, base.best_mode
     parent = tracking.start_sweep(
         base, sweep.name, {k: d.model_dump() for k, d in sweep.space.items()}
     )
@@ -347,15 +389,11 @@ def run_sweep(sweep: SweepConfig, base: Config) -> AnyPath:
         tune.with_resources(trainable, {"cpu": sweep.trial_cpus}),
         param_space={k: d.to_tune() for k, d in sweep.space.items()},
         tune_config=tune.TuneConfig(
-            metric=sweep.metric,
-            mode=sweep.mode,
+            metric=metric,
+            mode=mode,
             num_samples=sweep.num_samples,
             max_concurrent_trials=fit.concurrency,
-            scheduler=ASHAScheduler(
-                max_t=base.train.epochs,
-                grace_period=sweep.grace_period,
-                reduction_factor=sweep.reduction_factor,
-            ),
+            scheduler=scheduler(sweep),
         ),
         run_config=tune.RunConfig(
             name="tune",
@@ -370,9 +408,9 @@ def run_sweep(sweep: SweepConfig, base: Config) -> AnyPath:
         if len(errors) == len(results):
             raise CellmorphError(f"sweep {sweep.name}: every trial failed; first error: {first}")
         print(f"sweep {sweep.name}: {len(errors)} of {len(results)} trials failed: {first}")
-    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
-    written = _write_best(out, base, best, results.get_dataframe(), sweep.metric)
-    tracking.finish_sweep(base, parent, {sweep.metric: best.metrics.get(sweep.metric)})
+    best = best_trial(results, base, metric, mode)
+    written = _write_best(out, base, best, results.get_dataframe(), metric)
+    tracking.finish_sweep(base, parent, {metric: best["validation"].get(metric)})
     return written
 
 
@@ -385,18 +423,42 @@ def _one_line(error: BaseException) -> str:
     return (text.splitlines() or [type(error).__name__])[0]
 
 
-def _write_best(out: AnyPath, base: Config, best: Any, table: Any, sweep_metric: str) -> Path:
-    params = dict(best.config)
-    cfg = trial_config(base, params, f"trial-{best.metrics['trial_id']}")
-    run_dir = cfg.run_dir
-    best_cfg = trial_config(base, params, f"{out.name}-best")
-    dump_config(best_cfg, out / "best_config.yaml")
-    src = RunDir(run_dir).best_checkpoint
+def best_trial(results: Any, base: Config, metric: str, mode: str) -> dict[str, Any]:
+    """The finished trial whose chosen model (its best.pt) has the best validation ``metric``.
+
+    Only trials that ran to their end count: their test fold was scored and their outputs
+    written. A trial ASHA stopped was behind at a rung, and scored nothing."""
+    finished = []
+    for r in results:
+        trial_id = (r.metrics or {}).get("trial_id")
+        if not r.config or not trial_id:  # never reported: failed at start
+            continue
+        run = RunDir(trial_config(base, dict(r.config), f"trial-{trial_id}").run_dir)
+        result = run.read_json(run.result, required=False) or {}
+        if "selected_by" in result and (result.get("validation") or {}).get(metric) is not None:
+            finished.append({**result, "params": dict(r.config), "run_dir": str(run.path)})
+    if not finished:
+        raise CellmorphError(
+            "sweep: no trial ran to its end (every trial failed or was stopped by ASHA); "
+            "raise num_samples or grace_fraction"
+        )
+    sign = 1 if mode == "max" else -1
+    return max(finished, key=lambda r: sign * r["validation"][metric])
+
+
+def _write_best(out: AnyPath, base: Config, best: dict[str, Any], table: Any,
+                metric: str) -> AnyPath:  # fmt: skip
+    params = best["params"]
+    dump_config(trial_config(base, params, f"{out.name}-best"), out / "best_config.yaml")
+    src = RunDir(best["run_dir"]).best_checkpoint
     if src.is_file():
         atomic.link_or_copy(src, out / "best.pt")
     atomic.write_with(out / "results.csv", lambda p: table.to_csv(p, index=False))
-    record = {"params": params, "metrics": best.metrics, "run_dir": str(run_dir)}
+    record = {"params": params, "run_dir": best["run_dir"], "metric": metric,
+              "validation": best["validation"].get(metric),
+              "test": (best.get("test") or {}).get(metric)}  # fmt: skip
     atomic.write_text(out / "best.json", json.dumps(record, indent=2, default=str))
-    metric = best.metrics.get(sweep_metric)
-    print(f"best trial: {params} -> {sweep_metric} {metric}; written to {out}")
+    test = f", test {record['test']:.3f}" if record["test"] is not None else ""
+    print(f"best trial: {params} -> validation {metric} {record['validation']:.3f}{test}; "
+          f"written to {out}")  # fmt: skip
     return out

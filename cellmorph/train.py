@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -32,37 +32,30 @@ from cellmorph.checkpoint import (
 from cellmorph.config import Config, OptimConfig, TrainConfig, config_to_dict
 from cellmorph.distributed import Context, interactive, local_context
 from cellmorph.errors import CellmorphError
+from cellmorph.evaluation import (
+    Fold,
+    FoldResult,
+    model_from_checkpoint,
+    profile,
+    resolve_amp,
+    resolve_device,
+    score,
+)
 from cellmorph.index import Index, build_index, check_batch_size
 from cellmorph.loaders import Loader, build_loader
 from cellmorph.loaders.normalize import Normalization, from_store
-from cellmorph.metrics import (
-    ImageSums,
-    WellSums,
-    merge_open,
-    scores_from_sums,
-    well_confusion,
-    well_labels,
-)
 from cellmorph.model import CellNet, build_model
-from cellmorph.predict import (
-    iter_infer,
-    model_from_checkpoint,
-    profile_wells,
-    resolve_device,
-    treatments,
-)
 from cellmorph.progress import StepProgress
-from cellmorph.rundir import OutputPart, RunDir
-from cellmorph.sampling import sample_wells
+from cellmorph.rundir import RunDir
 from cellmorph.store.layout import DIGEST
-
-# --------------------------------------------------------------------------- schedule / amp
 from cellmorph.store.read import Store, open_store
-
-# --------------------------------------------------------------------------- schedule / amp
 from cellmorph.store.verify import describe
 
-# --------------------------------------------------------------------------- schedule / amp
+# --------------------------------------------------------------------------- schedule
+
+# --------------------------------------------------------------------------- schedule
+
+# --------------------------------------------------------------------------- schedule
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -72,26 +65,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether to use a GradScaler) for ``train.amp`` on ``device``."""
-    if device.type == "cuda":
-        if mode == "auto":
-            return (
-                (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-            )
-        if mode == "bf16":
-            return torch.bfloat16, False
-        if mode == "fp16":
-            return torch.float16, True
-        return None, False
-    if mode == "fp16":
-        raise CellmorphError(
-            "train.amp: fp16 with a GradScaler needs a GPU; use bf16 or off on CPU"
-        )
-    # On CPU, autocast costs more than it saves for this model: off unless asked.
-    return (torch.bfloat16, False) if mode == "bf16" else (None, False)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -127,6 +100,11 @@ class Data:
     test_loader: Loader | None  # scored once, by the chosen model (None: no test fold)
     norm: Normalization  # saved with checkpoints: predict applies the same recipe
     calibration_loader: Loader | None = None  # training images for batch-norm statistics
+
+    @property
+    def fold(self) -> Fold:
+        """Labels and well ids per store row, for scoring."""
+        return Fold(self.index.classes, self.index.labels, self.index.well_ids)
 
 
 @dataclass
@@ -352,108 +330,11 @@ def _backward_and_step(t: Training, loss: torch.Tensor, grad_clip: float) -> Non
     t.scheduler.step()
 
 
-@dataclass
-class WellProfiles:
-    """Mean embedding and input statistics of the profiled wells of a fold (rank 0)."""
-
-    first_rows: np.ndarray  # a store row of each well (its first in the fold), ascending
-    counts: np.ndarray  # the well's images in the fold
-    embeddings: np.ndarray  # (W, D)
-    features: np.ndarray  # (W, F)
-    wells_in_fold: int
-
-
-@dataclass
-class FoldResult:
-    """A model's scores on one fold, and the profiles of its wells when asked (rank 0)."""
-
-    metrics: dict[str, Any]
-    profiles: WellProfiles | None = None
-
-
-@dataclass
-class _Pass:
-    """One rank's sums over its part of a fold (see :func:`evaluate`)."""
-
-    image: ImageSums
-    wells: WellSums  # probabilities per well, all wells
-    well_labels: np.ndarray  # per well id
-    well_cm: np.ndarray  # (K, K) confusion of the wells closed on this rank
-    profiled: np.ndarray | None  # bool per well id: wells whose profiles are kept
-    profiles: WellSums | None = None
-    closed: list[tuple[np.ndarray, ...]] = field(default_factory=list)  # closed profiled wells
-
-    def add(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray,
-            labels: np.ndarray, wells: np.ndarray) -> None:  # fmt: skip
-        self.image.add(labels[rows], probs)
-        ids = wells[rows]
-        closed = self.wells.add(ids, probs)
-        if closed is not None:
-            k = self.well_cm.shape[0]
-            self.well_cm += well_confusion(self.well_labels[closed[0]], closed[2], k)
-        if self.profiled is None:
-            return
-        if self.profiles is None:  # widths known with the first batch
-            self.profiles = WellSums(self.wells.expected, [emb.shape[1], feats.shape[1]])
-        keep = self.profiled[ids]
-        closed = self.profiles.add(ids[keep], emb[keep], feats[keep])
-        if closed is not None:
-            self.closed.append(closed)
-
-
 def evaluate(model: nn.Module, loader: Loader, rows: np.ndarray, data: Data, ctx: Context,
-             top_k: int, *, profiled: np.ndarray | None = None,
-             part: OutputPart | None = None) -> FoldResult | None:  # fmt: skip
-    """Score ``model`` on a fold (``rows``, the rows ``loader`` covers across ranks).
-
-    Each rank adds up its images (confusion, top-k hits, log loss) and closes each well whose
-    images it saw (mean probability -> the wells' confusion); ranks then add their sums (one
-    all-reduce) and rank 0 merges the few wells split between two ranks. No probability or
-    embedding goes to rank 0; the per-image outputs go to ``part`` (this rank's file).
-    ``profiled`` (bool per well id) keeps those wells' mean embeddings and input statistics.
-    Returns the result on rank 0, None on the others.
-    """
-    rows = np.unique(rows)
-    k, wells = len(data.index.classes), data.index.well_ids
-    labels = data.index.labels
-    expected = np.bincount(wells[rows], minlength=int(wells.max()) + 1)
-    sums = _Pass(ImageSums(k, top_k), WellSums(expected, [k]), well_labels(rows, labels, wells, k),
-                 np.zeros((k, k), np.int64), profiled)  # fmt: skip
-    for r, probs, emb, feats in iter_infer(model, loader, ctx.device):
-        sums.add(r, probs, emb, feats, labels, wells)
-        if part is not None:
-            part.write(r, labels[r], probs, emb)
-    opened = ctx.gather_to_main(
-        (sums.wells.open_wells(), sums.profiles.open_wells() if sums.profiles else None,
-         sums.closed)
-    )  # fmt: skip
-    if ctx.is_main:  # the wells split between ranks, whole again
-        split = merge_open([o[0] for o in opened])
-        sums.well_cm += well_confusion(sums.well_labels[split[0]], split[2], k)
-    total = ctx.sum(np.concatenate([sums.image.vector(), sums.well_cm.ravel()]))
-    if not ctx.is_main:
-        return None
-    image = sums.image.load(total[: k * k + 2])
-    metrics = scores_from_sums(image, data.index.classes, total[k * k + 2 :].reshape(k, k))
-    profiles = _profiles(opened, rows, wells) if profiled is not None else None
-    return FoldResult(metrics, profiles)
-
-
-def _profiles(opened: list[tuple], rows: np.ndarray, wells: np.ndarray) -> WellProfiles:
-    """Rank 0: the profiled wells' means, from every rank's closed and split wells, in the
-    order of their first image in the fold."""
-    parts = [c for o in opened for c in o[2]]
-    split = [o[1] for o in opened if o[1] is not None]
-    if split:
-        parts.append(merge_open(split))
-    ids, first = np.unique(wells[rows], return_index=True)
-    if not parts:
-        return WellProfiles(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0)),
-                            np.zeros((0, 0)), len(ids))  # fmt: skip
-    got, counts, emb, feat = (np.concatenate(c) for c in zip(*parts))
-    first_row = rows[first][np.searchsorted(ids, got)]
-    order = np.argsort(first_row)
-    return WellProfiles(first_row[order], counts[order], emb[order], feat[order], len(ids))
+             cfg: Config) -> FoldResult | None:  # fmt: skip
+    """Score ``model`` on a fold with the autocast training uses (rank 0 gets the result)."""
+    amp, _ = resolve_amp(cfg.train.amp, ctx.device)
+    return score(model, loader, rows, data.fold, ctx, cfg.eval.top_k, amp)
 
 
 def checkpoint_state(
@@ -492,8 +373,8 @@ def end_epoch(run: RunDir, saver: CheckpointSaver, t: Training, data: Data, cfg:
 
 
 def finish(run: RunDir, t: Training, data: Data, cfg: Config, ctx: Context) -> dict[str, Any]:
-    """Score the chosen model (``best.pt``) once on the test fold, write both folds' per-image
-    outputs, and profile the headline fold's wells.
+    """Score the chosen model (``best.pt``) once on the test fold, write both folds' outputs,
+    and profile their wells.
 
     Every rank takes part (each fold is split across ranks); rank 0 writes the result.
     """
@@ -508,55 +389,38 @@ def finish(run: RunDir, t: Training, data: Data, cfg: Config, ctx: Context) -> d
     scores = {"val": run.read_result()["validation"]}  # the epoch's: what chose the model
     if "test" in results:
         scores["test"] = results["test"].metrics
-    headline = results["test" if "test" in results else "val"]
     extra = {"selected_by": f"validation {cfg.train.best_metric}",
-             "profiling": profile(headline.profiles, data, cfg)}  # fmt: skip
+             "profiling": profile_folds(run, data, cfg, list(results))}  # fmt: skip
     return run.write_final(int(chosen["epoch"]), scores, extra)
 
 
 def score_folds(run: RunDir, model: nn.Module, data: Data, cfg: Config,
                 ctx: Context) -> dict[str, FoldResult]:  # fmt: skip
-    """Evaluate ``model`` on the validation and test folds, each rank streaming its images'
-    outputs to its part, which rank 0 then merges into the fold's files; the headline fold
-    (test, else validation) keeps well profiles. Results on rank 0 ({} on the others)."""
-    folds = [(f, loader, getattr(data.index, f))
-             for f, loader in (("val", data.val_loader), ("test", data.test_loader)) if loader]  # fmt: skip
-    headline = folds[-1][0]
+    """Score ``model`` on the validation and test folds, writing each fold's per-image and
+    per-well outputs into the run directory. Results on rank 0 ({} on the others)."""
+    amp, _ = resolve_amp(cfg.train.amp, ctx.device)
     results = {}
-    for fold, loader, rows in folds:
-        part = run.part_writer(fold, ctx.rank)
-        try:
-            wells = profile_sample(rows, data, cfg) if fold == headline else None
-            result = evaluate(model, loader, rows, data, ctx, cfg.eval.top_k,
-                              profiled=wells, part=part)  # fmt: skip
-        except BaseException:
-            part.abort()
-            raise
-        part.close()
-        ctx.barrier()  # every rank's part is complete
+    for fold, loader in (("val", data.val_loader), ("test", data.test_loader)):
+        if loader is None:
+            continue
+        out = run.outputs(fold)
         if ctx.is_main:
-            run.write_outputs(fold, ctx.world_size, data.index.classes, data.store.metadata_rows())
+            out.remove_stale()
+        ctx.barrier()
+        result = score(model, loader, getattr(data.index, fold), data.fold, ctx, cfg.eval.top_k,
+                       amp, out, data.store)  # fmt: skip
+        if result is not None:
             results[fold] = result
     return results
 
 
-def profile_sample(rows: np.ndarray, data: Data, cfg: Config) -> np.ndarray:
-    """Bool per well id: the fold's wells to profile (all, or ``sampling.sample_wells``)."""
-    wells = data.index.well_ids
-    ids, first = np.unique(wells[np.unique(rows)], return_index=True)
-    mask = np.zeros(int(wells.max()) + 1, bool)
-    treatment, negcon = treatments(data.store, np.unique(rows)[first], cfg.data.label_column)
-    mask[ids[sample_wells(treatment, negcon, cfg.seed)]] = True
-    return mask
-
-
-def profile(profiles: WellProfiles | None, data: Data, cfg: Config) -> dict[str, Any]:
-    """Phenotypic activity (copairs mAP) of the chosen fold's well profiles."""
-    if profiles is None or not len(profiles.first_rows):
-        return {"skipped": "no outputs to profile"}
-    return profile_wells(data.store, profiles.first_rows, profiles.embeddings, profiles.features,
-                         cfg.data.label_column, cfg.seed, profiles.counts,
-                         of=profiles.wells_in_fold)  # fmt: skip
+def profile_folds(run: RunDir, data: Data, cfg: Config, folds: list[str]) -> dict[str, Any]:
+    """Phenotypic activity of the wells of every held-out fold (validation and test): they
+    hold enough wells per treatment for most treatments to be scored; training wells, which the
+    model has seen, never count."""
+    name = " + ".join({"val": "validation", "test": "test"}[f] for f in folds) + " wells"
+    return profile([run.outputs(f) for f in folds], cfg.data.label_column,
+                   data.store.attrs.get("negcon", ""), cfg.seed, name)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the loop
@@ -588,8 +452,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
         stats = train_one_epoch(t, data.train_loader, epoch, schedule.steps_per_epoch, cfg.train,
                                 cfg.optim.grad_clip, progress)  # fmt: skip
         recalibrate_bn(t.model, data.calibration_loader, ctx)
-        val = evaluate(t.net, data.val_loader, data.index.val, data, ctx, cfg.eval.top_k)
+        val = evaluate(t.net, data.val_loader, data.index.val, data, ctx, cfg)
         record: dict[str, Any] = {"epoch": epoch, "epochs": schedule.epochs,
+                                  "run_fraction": (epoch + 1) / schedule.epochs,
                                   "world_size": ctx.world_size, **stats}  # fmt: skip
         if ctx.is_main:
             record["seconds"] = time.perf_counter() - t0
@@ -598,14 +463,21 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
             if tracker is not None:
                 tracker.log_epoch(record)
         ctx.barrier()
-        if ctx.report is not None:
-            scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
-            ctx.report(scalars, run.last_checkpoint if ctx.is_main else None)
+        if epoch + 1 < schedule.epochs:  # the last epoch reports once the run is finished
+            report(ctx, record)
     ctx.barrier()
     result = finish(run, t, data, cfg, ctx)
+    report(ctx, record if start < schedule.epochs else {})
     if tracker is not None:
         tracker.finish()
     return result
+
+
+def report(ctx: Context, record: dict[str, Any]) -> None:
+    """An epoch's scores to Ray (Tune's scheduler ranks trials by them). The last epoch's go
+    after the test fold was scored: a sweep that stops a trial then loses nothing."""
+    if ctx.report is not None and record:
+        ctx.report({k: v for k, v in record.items() if isinstance(v, int | float)})
 
 
 def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
@@ -625,10 +497,9 @@ def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
     model = model_from_checkpoint(ckpt).to(ctx.device)
     results = score_folds(run, model, data, ckpt.config, ctx)
     scores = {fold: r.metrics for fold, r in results.items()}
-    headline = results["test" if "test" in results else "val"]
     extra = {"selected_by": f"validation {ckpt.config.train.best_metric}",
              "checkpoint": ckpt.path.name,
-             "profiling": profile(headline.profiles, data, ckpt.config)}  # fmt: skip
+             "profiling": profile_folds(run, data, ckpt.config, list(results))}  # fmt: skip
     return run.write_final(ckpt.epoch, scores, extra)
 
 

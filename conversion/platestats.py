@@ -13,17 +13,7 @@ from __future__ import annotations
 import pandas as pd
 
 from cellmorph import store as cstore
-from cellmorph.errors import CellmorphError
-
-
-def parse_negcon(spec: str) -> tuple[str, str] | None:
-    """``"COLUMN=VALUE"`` -> (column, value); ``""`` -> None (no negative controls)."""
-    if not spec:
-        return None
-    column, sep, value = spec.partition("=")
-    if not sep or not column.strip():
-        raise CellmorphError(f"convert.negcon {spec!r} is not of the form COLUMN=VALUE")
-    return column.strip(), value.strip()
+from cellmorph.store.layout import parse_negcon
 
 
 def group_keys(plan: pd.DataFrame, plate_column: str, negcon: str) -> list[str]:

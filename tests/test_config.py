@@ -64,3 +64,13 @@ def test_dump_round_trip(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_rotation_whose_corners_reach_the_view_is_refused_naming_both_keys():
+    # 10 degrees keep a central square of 1 / (cos 10 + sin 10) = 0.863 of the field.
+    with pytest.raises(ConfigError, match=r"loader.rotate_degrees=10.*loader.view_fraction=1 "):
+        load_config(None, ["loader.view_fraction=1.0"])
+    load_config(None, ["loader.view_fraction=1.0", "loader.augment=[hflip,vflip,rot90]"])
+    load_config(None, ["loader.view_fraction=0.86"])
+    with pytest.raises(ConfigError, match=r"<= 0\.801"):
+        load_config(None, ["loader.rotate_degrees=17", "loader.view_fraction=0.85"])

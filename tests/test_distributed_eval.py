@@ -90,14 +90,13 @@ def test_two_ranks_score_like_one_process(scored):
             assert a[key] == b[key], key
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-9)
         assert a["per_class"] == b["per_class"]
-    # The headline fold (test) keeps its wells' profiles: the same wells, the same means.
-    p1, p2 = one["test"].profiles, two["test"].profiles
-    assert one["val"].profiles is None
-    np.testing.assert_array_equal(p1.first_rows, p2.first_rows)
-    np.testing.assert_array_equal(p1.counts, p2.counts)
-    np.testing.assert_allclose(p1.embeddings, p2.embeddings, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(p1.features, p2.features, rtol=1e-10, atol=1e-12)
-    assert p1.wells_in_fold == len(p1.first_rows)  # few wells: none left out
+    # Every fold's wells table: the same wells, in store order, with the same means.
+    for fold in ("val", "test"):
+        w1 = pd.read_parquet(RunDir(_cfg1.run_dir).outputs(fold).wells)
+        w2 = pd.read_parquet(RunDir(cfg2.run_dir).outputs(fold).wells)
+        assert len(w1) == one[fold].wells == two[fold].wells == one[fold].metrics["n_wells"]
+        assert list(w1["Metadata_Well"]) == list(w2["Metadata_Well"])
+        pd.testing.assert_frame_equal(w1, w2, rtol=1e-6, atol=1e-7)
 
 
 def test_output_files_match_and_agree_with_the_scores(scored):
@@ -115,3 +114,12 @@ def test_output_files_match_and_agree_with_the_scores(scored):
         m = one[fold].metrics
         assert (probs.argmax(1) == a["label"]).mean() == pytest.approx(m["accuracy"])
         assert len(np.load(r1.embeddings(fold))) == len(a) == m["n_images"]
+        # A well's row holds the mean of its images' probabilities and embeddings.
+        wells = pd.read_parquet(r1.outputs(fold).wells)
+        first = wells.iloc[0]
+        members = (a["Metadata_Plate"] == first["Metadata_Plate"]) & (
+            a["Metadata_Well"] == first["Metadata_Well"])  # fmt: skip
+        emb = np.load(r1.embeddings(fold))[members.to_numpy()].mean(axis=0)
+        emb_cols = [c for c in wells if c.startswith("emb_")]
+        np.testing.assert_allclose(first[emb_cols].to_numpy(float), emb, rtol=1e-4, atol=1e-6)
+        assert first["n_images"] == members.sum() and "Metadata_Site" not in wells

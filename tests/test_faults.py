@@ -194,7 +194,6 @@ def predict_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     "extra, words",
     [
         (["--batch-size", "0"], ["--batch-size", "0 is less than 1"]),
-        (["--top-k", "-1"], ["--top-k", "-1 is less than 1"]),
         (["--num-workers", "-2"], ["--num-workers"]),
         (["--batch-size", "x"], ["--batch-size", "not a whole number"]),
     ],
@@ -219,7 +218,7 @@ def test_bad_predict_numbers_are_refused_by_the_parser(predict_inputs, tmp_path,
         ("--device", "meta", ["--device meta", "cpu or cuda"]),
         ("--out", "FILE", ["is a file"]),
         ("--out", "STORE", ["inside the store"]),
-        ("--out", "FOLDER_NAMED_LIKE_AN_OUTPUT", ["predictions.csv there is not a file"]),
+        ("--out", "FOLDER_NAMED_LIKE_AN_OUTPUT", ["predictions.parquet there is not a file"]),
     ],
 )
 def test_bad_predict_targets_are_one_line(predict_inputs, tmp_path, option, value, words,
@@ -232,7 +231,7 @@ def test_bad_predict_targets_are_one_line(predict_inputs, tmp_path, option, valu
         value = str(store / "preds")
     elif value == "FOLDER_NAMED_LIKE_AN_OUTPUT":
         value = str(tmp_path / "taken")
-        (tmp_path / "taken" / "predictions.csv").mkdir(parents=True)
+        (tmp_path / "taken" / "predictions.parquet").mkdir(parents=True)
     argv = ["predict", "--checkpoint", str(ckpt), "--store", str(store),
             "--out", str(tmp_path / "o"), option, value]  # fmt: skip
     assert cellmorph_main(argv) == 2

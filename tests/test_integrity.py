@@ -194,7 +194,7 @@ def test_predict_on_damaged_store_stops_in_one_line_and_writes_nothing(
     )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "crc32c" in err and "Traceback" not in err
-    assert not any(out.iterdir())  # no predictions.csv, no temporary files
+    assert not any(out.iterdir())  # no predictions.parquet, no temporary files
 
 
 def test_raw_chunks_for_gpu_inflate_are_checked_and_stripped(tmp_path: Path) -> None:

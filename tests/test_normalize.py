@@ -47,7 +47,8 @@ def two_plate_store(path: Path, gains=(1.0, 3.0), n_per_plate: int = 12) -> st.S
 
 
 def _batch(store: st.Store, **kw) -> tuple[torch.Tensor, np.ndarray]:
-    cfg = LoaderConfig(image_size=16, view_fraction=1.0, eval_batch_size=64, num_workers=0, **kw)
+    cfg = LoaderConfig(image_size=16, view_fraction=1.0, augment=["hflip", "vflip", "rot90"],
+                       eval_batch_size=64, num_workers=0, **kw)  # fmt: skip
     loader = build_loader(store, np.arange(len(store)), np.zeros(len(store), np.int64), cfg,
                           train=False, device=CPU)  # fmt: skip
     x, _, rows = next(iter(loader))

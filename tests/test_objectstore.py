@@ -247,7 +247,7 @@ def test_run_directory_in_a_bucket_trains_resumes_and_reports(
     assert cli.main(["predict", "--checkpoint", str(run.best_checkpoint), "--store", store,
                      "--out", out]) == 0  # fmt: skip
     assert set(Path(tempfile.gettempdir()).glob("cellmorph-predict-*")) == before  # none left
-    preds = pd.read_csv(io.BytesIO(remote.read(f"{out}/predictions.csv")))
+    preds = pd.read_parquet(io.BytesIO(remote.read(f"{out}/predictions.parquet")))
     assert len(preds) == 48
     names = {k for k, _ in remote.list_objects(root)}
     assert {

@@ -83,13 +83,13 @@ def test_bucket_flow_convert_train_kill_resume_predict_report(bucket, tmp_path) 
     names = {k for k, _ in remote.list_objects(str(run.path))}
     assert {"checkpoints/last.pt", "checkpoints/best.pt", "metrics.json", "config.yaml",
             "logs/ray-driver.log"} <= names  # fmt: skip
-    assert any(k.startswith("ray/") and k.endswith("checkpoint.pt") for k in names)  # Ray's copy
+    assert not any(k.endswith("checkpoint.pt") for k in names)  # one checkpoint system: ours
 
     preds = f"{bucket}/predictions"
     _run(["-m", "cellmorph", "predict", "--checkpoint", str(run.best_checkpoint), "--store",
           store, "--out", preds], tmp_path / "predict.log")  # fmt: skip
     _run(["-m", "cellmorph", "evaluate", str(run.path), "--report-only"], tmp_path / "report.log")
-    assert remote.size(f"{preds}/predictions.csv") and run.report.is_file()
+    assert remote.size(f"{preds}/predictions.parquet") and run.report.is_file()
 
     # The secret key was in every process's environment; it is in no output.
     # (empty objects are folder markers pyarrow puts for Ray's storage_path)

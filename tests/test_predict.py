@@ -1,12 +1,12 @@
-"""cellmorph predict: per-image CSV, embeddings parquet and well table on an unlabeled store."""
+"""cellmorph predict: the per-image, embedding and well outputs a run writes, on any store."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import CLASSES, make_checkpoint, make_store
@@ -15,8 +15,12 @@ from cellmorph.checkpoint import read_checkpoint
 from cellmorph.cli import main
 from cellmorph.config import ModelConfig
 from cellmorph.errors import CellmorphError
+from cellmorph.evaluation import iter_infer, model_from_checkpoint
+from cellmorph.loaders import build_loader
 from cellmorph.model import build_model
-from cellmorph.predict import PredictionWriter, infer, model_from_checkpoint, predict
+from cellmorph.predict import predict
+from cellmorph.store.read import open_store
+from cellmorph.train import run_local
 
 
 @pytest.fixture
@@ -29,85 +33,71 @@ def unlabeled(tmp_path: Path) -> tuple[Path, Path]:
 def test_predict_unlabeled_store_writes_three_outputs(unlabeled, tmp_path: Path):
     store, ckpt = unlabeled
     out = tmp_path / "pred"
-    rc = main(
-        [
-            "predict",
-            "--checkpoint",
-            str(ckpt),
-            "--store",
-            str(store),
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
+    argv = ["predict", "--checkpoint", str(ckpt), "--store", str(store), "--out", str(out),
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
     md = pd.read_parquet(store / "metadata.parquet")
     n = len(md)
 
-    preds = pd.read_csv(out / "predictions.csv")
-    assert sorted(preds["store_row"]) == list(range(n))  # every image once
-    assert {
-        "Metadata_Plate",
-        "Metadata_Well",
-        "Metadata_Site",
-        "top1_class",
-        "top1_prob",
-        "top2_class",
-        "top2_prob",
-    } <= set(preds.columns)
-    assert "top3_class" not in preds  # eval.top_k=2 from the checkpoint
-    assert set(preds["top1_class"]) <= set(CLASSES)
-    assert (preds["top1_prob"] >= preds["top2_prob"]).all()
-    # metadata travels with its row
-    by_row = preds.set_index("store_row").sort_index()
-    assert (by_row["Metadata_Well"].to_numpy() == md["Metadata_Well"].to_numpy()).all()
-
-    emb = pd.read_parquet(out / "embeddings.parquet")
-    emb_cols = [c for c in emb.columns if c.startswith("emb_")]
-    assert (
-        len(emb) == n and len(emb_cols) == build_model(ModelConfig(width_mult=0.25), 5, 3).embed_dim
-    )
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert list(preds["store_row"]) == list(range(n))  # every image once, in store order
+    assert {"Metadata_Plate", "Metadata_Well", "Metadata_Site", "pred", "pred_name"} <= set(preds)
+    assert set(preds["pred_name"]) <= set(CLASSES) and (preds["label"] == -1).all()
+    assert (preds["Metadata_Well"].to_numpy() == md["Metadata_Well"].to_numpy()).all()
+    emb = np.load(out / "embeddings.npy")
+    assert emb.shape == (n, build_model(ModelConfig(width_mult=0.25), 5, 3).embed_dim)
+    assert not (out / "metrics.json").exists()  # no labels: nothing to score against
 
     # The streamed outputs equal a direct, in-memory inference.
     ck = read_checkpoint(ckpt)
-    model = model_from_checkpoint(ck)
-    from cellmorph.loaders import build_loader
-    from cellmorph.store import open_store
-
     s = open_store(store)
-    loader = build_loader(
-        s,
-        np.arange(n),
-        np.zeros(n, np.int64),
-        ck.config.loader,
-        train=False,
-        device=torch.device("cpu"),
-        norm=ck.norm,
-    )
-    rows, probs, embs, _ = infer(model, loader, torch.device("cpu"))
-    emb_sorted = emb.set_index("store_row").sort_index()[emb_cols].to_numpy()
-    np.testing.assert_allclose(emb_sorted, embs[np.argsort(rows)], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(
-        by_row["top1_prob"].to_numpy(), probs[np.argsort(rows)].max(1), rtol=1e-4
-    )
+    loader = build_loader(s, np.arange(n), np.zeros(n, np.int64), ck.config.loader, train=False,
+                          device=torch.device("cpu"), norm=None)  # fmt: skip
+    rows, probs, embs, _ = (np.concatenate(c) for c in zip(
+        *iter_infer(model_from_checkpoint(ck), loader, torch.device("cpu"), None)))  # fmt: skip
+    np.testing.assert_allclose(emb, embs[np.argsort(rows)], rtol=1e-4, atol=1e-5)
+    prob_cols = [f"prob:{c}" for c in CLASSES]
+    np.testing.assert_allclose(preds[prob_cols].to_numpy(), probs[np.argsort(rows)], rtol=1e-4)
 
     wells = pd.read_parquet(out / "wells.parquet")
-    assert len(wells) == 8  # 2 plates x 4 wells
-    assert (wells["n_images"] == 3).all()
+    assert len(wells) == 8 and (wells["n_images"] == 3).all()  # 2 plates x 4 wells
     # A well's mean embedding is the mean of its images' embeddings.
-    first = wells.iloc[0]
-    members = emb[
-        (emb["Metadata_Plate"] == first["Metadata_Plate"])
-        & (emb["Metadata_Well"] == first["Metadata_Well"])
-    ]
-    np.testing.assert_allclose(
-        first[emb_cols].to_numpy(float), members[emb_cols].mean().to_numpy(), rtol=1e-4, atol=1e-5
-    )
-    prob_cols = [f"prob:{c}" for c in CLASSES]
+    members = (preds["Metadata_Plate"] == wells["Metadata_Plate"][0]) & (
+        preds["Metadata_Well"] == wells["Metadata_Well"][0])  # fmt: skip
+    emb_cols = [c for c in wells.columns if c.startswith("emb_")]
+    np.testing.assert_allclose(wells.loc[0, emb_cols].to_numpy(float),
+                               emb[members.to_numpy()].mean(0), rtol=1e-4, atol=1e-5)  # fmt: skip
     np.testing.assert_allclose(wells[prob_cols].sum(axis=1), 1.0, rtol=1e-5)
     assert "Metadata_Site" not in wells  # varies within a well: not a well property
+
+
+def test_run_test_fold_outputs_equal_predict_on_the_same_rows(small_cfg, tiny_plate, tmp_path):
+    """One evaluation path: what a run writes for its test fold is what ``cellmorph predict``
+    writes for the same rows with the same checkpoint."""
+    cfg = small_cfg("same", "train.epochs=1", "train.max_steps_per_epoch=2",
+                    f"data.test_plates=[{_plates(tiny_plate)[-1]}]")  # fmt: skip
+    run = run_local(cfg)
+    assert run.read_result()["fold"] == "test"
+    out = tmp_path / "pred"
+    predict(run.best_checkpoint, tiny_plate, out, device="cpu")
+    mine = pd.read_parquet(run.predictions("test"))
+    theirs = pd.read_parquet(out / "predictions.parquet").set_index("store_row")
+    theirs = theirs.loc[mine["store_row"]].reset_index()
+    pd.testing.assert_frame_equal(mine, theirs[mine.columns], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.load(run.embeddings("test")),
+                               np.load(out / "embeddings.npy")[mine["store_row"].to_numpy()],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    wells = pd.read_parquet(run.outputs("test").wells)
+    all_wells = pd.read_parquet(out / "wells.parquet")
+    same = all_wells.merge(wells[["Metadata_Plate", "Metadata_Well"]])
+    pd.testing.assert_frame_equal(wells, same[wells.columns], rtol=1e-5, atol=1e-6)
+    # the store's labels are the run's: predict scores the plate like the run's test fold
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == len(pd.read_parquet(tiny_plate / "metadata.parquet")) > len(mine)
+
+
+def _plates(store: Path) -> list[str]:
+    return sorted(pd.read_parquet(store / "metadata.parquet")["Metadata_Plate"].unique())
 
 
 def test_predict_refuses_other_channels(tmp_path: Path):
@@ -122,7 +112,7 @@ def test_predict_refuses_other_channels(tmp_path: Path):
         "['DNA', 'ER', 'RNA', 'Mito', 'AGP']" in msg
         and "['DNA', 'ER', 'RNA', 'AGP', 'Mito']" in msg
     )
-    assert not (tmp_path / "out" / "predictions.csv").exists()
+    assert not (tmp_path / "out" / "predictions.parquet").exists()
 
 
 def test_cli_reports_bad_checkpoint_in_one_line(tmp_path: Path, capsys):
@@ -136,25 +126,19 @@ def test_cli_reports_bad_checkpoint_in_one_line(tmp_path: Path, capsys):
     assert "bad.pt" in capsys.readouterr().err
 
 
-def test_writer_memory_holds_open_wells_only(tmp_path: Path):
-    """The writer keeps running sums of the wells still open, not rows or every well: a well
-    is closed (and its sums freed) as soon as its images were written; repeated rows (padding)
-    are written once."""
-    from cellmorph.store import open_store
-
-    store = open_store(make_store(tmp_path / "s.zarr", plates=1, wells=3, sites=2, size=8),
-                       columns=[])  # fmt: skip
-    w = PredictionWriter(tmp_path, store, ["a", "b"], top_k=1, dim=3)
-    probs = np.array([[0.9, 0.1]] * 4, np.float32)
-    emb = np.arange(12, dtype=np.float32).reshape(4, 3)
-    feats = np.ones((4, 5), np.float32)
-    assert w.write(np.array([0, 1, 2]), probs[:3], emb[:3], feats[:3]) == 3
-    assert len(w.sums.open_wells()[0]) == 1  # well 1 closed, well 2 has 1 of its 2 images
-    assert w.write(np.array([2, 3, 4, 5]), probs, emb, feats) == 3  # row 2 repeated
-    assert len(w.sums.open_wells()[0]) == 0 and w.sums.sums[1].shape[0] <= 2  # slots reused
-    assert w.close() == 3
-    wells = pd.read_parquet(tmp_path / "wells.parquet")
-    assert list(wells["n_images"]) == [2, 2, 2]
-    assert list(wells["Metadata_Well"]) == ["A01", "A02", "A03"]
-    np.testing.assert_allclose(wells["emb_0000"], [1.5, 4.5, 7.5])  # (0+3)/2, (6+3)/2, (6+9)/2
-    assert len(pq.read_table(tmp_path / "embeddings.parquet")) == 6
+def test_a_killed_predicts_leftovers_are_removed_by_the_rerun(unlabeled, tmp_path: Path):
+    store, ckpt = unlabeled
+    out = tmp_path / "pred"
+    (out / ".outputs").mkdir(parents=True)
+    leftovers = [out / ".predictions.parquet.123.ab12cd34.tmp",
+                 out / ".outputs" / "rank00000.images.parquet"]  # fmt: skip
+    for p in leftovers:
+        p.write_bytes(b"half")
+    predict(ckpt, store, out, device="cpu")
+    assert not any(p.exists() for p in leftovers)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "embeddings.npy",
+        "predictions.parquet",
+        "profiling.json",
+        "wells.parquet",
+    ]

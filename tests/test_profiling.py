@@ -7,11 +7,10 @@ import pandas as pd
 import torch
 
 from cellmorph.profiling import (
+    activity_report,
     intensity_features,
     negcon_mask,
     phenotypic_activity,
-    profiling_report,
-    well_profiles,
 )
 
 
@@ -42,34 +41,19 @@ def test_too_few_controls_or_replicates_is_skipped_with_the_reason():
     assert "skipped" in out and "negative-control" in out["skipped"]
 
 
-def test_well_profiles_are_means_of_their_images():
-    md = pd.DataFrame({"Metadata_Plate": ["P"] * 4, "Metadata_Well": ["A1", "A1", "A2", "A2"]})
-    feats = np.arange(8, dtype=float).reshape(4, 2)
-    rows = np.array([3, 0, 1, 2])
-    table, prof = well_profiles(rows, feats[rows], md, np.array(["x", "x", "y", "y"]),
-                                np.array([True, True, False, False]))  # fmt: skip
-    by_well = dict(zip(table["well"], prof.tolist()))
-    assert by_well["P/A1"] == [1.0, 2.0] and by_well["P/A2"] == [5.0, 6.0]
-    assert list(table["images"]) == [2, 2] or sorted(table["images"]) == [2, 2]
-
-
-def test_negcon_from_column_else_from_label():
+def test_negcon_wells_come_from_the_stores_column_only():
     md = pd.DataFrame({"Metadata_control_type": ["negcon", "trt", " negcon "]})
     assert negcon_mask(md, "Metadata_control_type=negcon").tolist() == [True, False, True]
-    plain = pd.DataFrame({"x": [1, 2]})
-    assert negcon_mask(plain, "Metadata_control_type=negcon", np.array(["DMSO", "a"])).tolist() == [
-        True,
-        False,
-    ]
+    # No column, or no spec: no negative controls (never a guess from a label such as DMSO).
+    plain = pd.DataFrame({"Metadata_pert_iname": ["DMSO", "a"]})
+    assert negcon_mask(plain, "Metadata_control_type=negcon").tolist() == [False, False]
+    assert negcon_mask(md, "").tolist() == [False, False, False]
 
 
 def test_report_compares_embeddings_with_the_intensity_baseline():
     table, feats = _wells(1)
-    md = pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": [f"W{i}" for i in range(16)]})
-    treatment = table["treatment"].to_numpy()
-    negcon = table["_negcon"].to_numpy()
     flat = np.random.default_rng(2).normal(size=(16, 10))  # carries no treatment signal
-    out = profiling_report(np.arange(16), feats, flat, md, treatment, negcon)
+    out = activity_report(table, {"embeddings": feats, "intensity_baseline": flat})
     assert out["embeddings"]["per_treatment"]["strong"]["retrieved"]
     assert out["embeddings"]["mean_map"] > out["intensity_baseline"]["mean_map"]
     assert out["wells"] == 16

@@ -386,7 +386,7 @@ def test_one_channel_store_trains_reports_and_predicts(tmp_path: Path, monkeypat
     assert (run_dir / "report.html").is_file()
     assert main(["predict", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"),
                  "--store", str(store), "--out", str(tmp_path / "pred")]) == 0  # fmt: skip
-    assert len(pd.read_csv(tmp_path / "pred" / "predictions.csv")) == 24
+    assert len(pd.read_parquet(tmp_path / "pred" / "predictions.parquet")) == 24
 
 
 # ------------------------------------------------------------ strings, keys and pixel scale

@@ -28,13 +28,18 @@ FIGURES = ["label_distribution", "training_curves", "confusion_matrix", "tsne", 
 
 def write_fold(run: RunDir, fold: str, store, classes, outputs, ranks: int = 2) -> None:
     """Per-image outputs as the ranks of a run write them: one part each, then merged."""
-    rows = outputs[0]
+    from cellmorph.outputs import empty_wells, merge
+
+    rows, labels, probs, emb = outputs
+    out = run.outputs(fold)
     for rank, part in enumerate(np.array_split(np.arange(len(rows)), ranks)):
-        writer = run.part_writer(fold, rank)
+        images, wells = out.writers(rank)
         for chunk in np.array_split(part, 3):  # a few batches per rank
-            writer.write(*(o[chunk] for o in outputs))
-        writer.close()
-    run.write_outputs(fold, ranks, classes, store.metadata_rows())
+            images.write(row=rows[chunk], label=labels[chunk], probs=probs[chunk],
+                         embedding=emb[chunk])  # fmt: skip
+        images.close({})
+        wells.close(empty_wells(len(classes), emb.shape[1], 1))
+    merge(out, ranks, classes, store.metadata_rows(), None)
 
 
 def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> RunDir:

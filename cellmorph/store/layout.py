@@ -117,6 +117,17 @@ def well_codes(metadata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), names.astype(object)
 
 
+def parse_negcon(spec: str | None) -> tuple[str, str] | None:
+    """``"COLUMN=VALUE"`` (``convert.negcon``, recorded in the store's attrs) -> (column,
+    value); ``""`` or None -> None: the store names no negative controls."""
+    if not spec:
+        return None
+    column, sep, value = spec.partition("=")
+    if not sep or not column.strip():
+        raise CellmorphError(f"convert.negcon {spec!r} is not of the form COLUMN=VALUE")
+    return column.strip(), value.strip()
+
+
 def read_quarantine(data: bytes | None, where: str = QUARANTINE) -> pd.DataFrame:
     """quarantine.csv as text: a plate named ``NA`` or a reason ``None`` stay what they are."""
     import pandas as pd

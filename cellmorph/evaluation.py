@@ -1,0 +1,337 @@
+"""Scoring a model on store rows: the one inference path of training, ``evaluate`` and ``predict``.
+
+:func:`score` runs a model over a fold on every rank of a :class:`~cellmorph.distributed.Context`
+(one process for ``predict``): each rank adds up its images (confusion, top-k hits, log loss) and
+closes each well as soon as its images were seen (mean probability, embedding and input
+statistics), streaming both to its part of the outputs (:mod:`cellmorph.outputs`); ranks then
+add their sums in one all-reduce, and rank 0 merges the few wells split between two ranks and
+the parts. No probability or embedding travels to rank 0. Phenotypic activity is then computed
+from the wells tables (:func:`profile`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from cellmorph.checkpoint import Checkpoint
+from cellmorph.distributed import Context
+from cellmorph.errors import CellmorphError
+from cellmorph.metrics import ImageSums, WellSums, merge_open, scores_from_sums, well_confusion
+from cellmorph.metrics import well_labels as wells_majority
+from cellmorph.model import CellNet, build_model
+from cellmorph.outputs import (
+    OutputSet,
+    embedding_columns,
+    empty_images,
+    empty_wells,
+    feature_columns,
+    merge,
+)
+from cellmorph.profiling import NEGCON_FLAG, activity_report, intensity_features, negcon_mask
+from cellmorph.sampling import PROFILE_SAMPLE, sample_wells
+from cellmorph.store.read import Store
+
+# --------------------------------------------------------------------------- devices and models
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks the first GPU when torch sees one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CellmorphError(
+            f"--device {spec}: not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CellmorphError(f"--device {spec}: cellmorph runs on cpu or cuda devices")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CellmorphError(f"--device {spec}: torch sees no CUDA GPU on this machine")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise CellmorphError(
+            f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..)"
+        )
+    return dev
+
+
+def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to use a GradScaler) for ``train.amp`` on ``device``."""
+    if device.type == "cuda":
+        if mode == "auto":
+            return (
+                (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+            )
+        if mode == "bf16":
+            return torch.bfloat16, False
+        if mode == "fp16":
+            return torch.float16, True
+        return None, False
+    if mode == "fp16":
+        raise CellmorphError(
+            "train.amp: fp16 with a GradScaler needs a GPU; use bf16 or off on CPU"
+        )
+    # On CPU, autocast costs more than it saves for this model: off unless asked.
+    return (torch.bfloat16, False) if mode == "bf16" else (None, False)
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> CellNet:
+    """Rebuild the network from the checkpoint's own config (no pretrained file needed)."""
+    model_cfg = ckpt.config.model.model_copy(update={"pretrained": None})
+    model = build_model(model_cfg, len(ckpt.channels), len(ckpt.classes))
+    model.load_state_dict(ckpt.state["model"])
+    return model.eval()
+
+
+def iter_infer(model: nn.Module, loader: Any, device: torch.device,
+               amp: torch.dtype | None) -> Iterator[tuple[np.ndarray, ...]]:  # fmt: skip
+    """Per batch: store rows, softmax probabilities, embeddings and the intensity statistics of
+    the model's input (all float32). ``amp``: the autocast dtype training used (``train.amp``)."""
+    net = getattr(model, "module", model)
+    net = getattr(net, "_orig_mod", net)  # a compiled model's plain module
+    net.eval()
+    with torch.inference_mode():
+        for x, _y, rows in loader:
+            x = x.to(device, non_blocking=True)
+            autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+            with autocast:
+                logits, emb = net.forward_with_embedding(x)
+            probs = torch.softmax(logits.float(), dim=1)
+            yield (
+                np.asarray(torch.as_tensor(rows).cpu(), dtype=np.int64),
+                probs.cpu().numpy().astype(np.float32),
+                emb.float().cpu().numpy().astype(np.float32),
+                intensity_features(x),
+            )
+
+
+# --------------------------------------------------------------------------- one fold
+
+
+@dataclass(frozen=True)
+class Fold:
+    """What scoring needs to know about the store rows, per store row."""
+
+    classes: list[str]
+    labels: np.ndarray  # int64 class id; -1: not known (unlabelled store, dropped class)
+    wells: np.ndarray  # int64 well id (cellmorph.store.layout.well_codes)
+
+
+@dataclass
+class FoldResult:
+    """Scores on one fold (rank 0); ``metrics`` is None when no image of it has a label."""
+
+    metrics: dict[str, Any] | None
+    images: int
+    wells: int
+
+
+class _Pass:
+    """One rank's sums over its part of a fold, and its streamed outputs."""
+
+    def __init__(self, fold: Fold, rows: np.ndarray, top_k: int, out: OutputSet | None,
+                 rank: int):  # fmt: skip
+        k, wells = len(fold.classes), fold.wells
+        self.fold, self.k = fold, k
+        self.labelled = bool((fold.labels[rows] >= 0).any()) if len(rows) else False
+        self.image = ImageSums(k, top_k)
+        expected = np.bincount(wells[rows], minlength=int(wells.max()) + 1 if len(wells) else 0)
+        self.sums: WellSums | None = None  # widths known with the first batch
+        self.expected = expected
+        known = rows[fold.labels[rows] >= 0]
+        self.well_label = wells_majority(known, fold.labels, wells, k)  # -1: no known label
+        self.well_cm = np.zeros((k, k), np.int64)
+        self.first = np.full(len(expected), np.iinfo(np.int64).max, np.int64)
+        self.images, self.wells = out.writers(rank) if out is not None else (None, None)
+        self.widths = (k, 0, 0)
+
+    def add(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray) -> None:
+        labels, ids = self.fold.labels[rows], self.fold.wells[rows]
+        if self.labelled:
+            known = labels >= 0
+            self.image.add(labels[known], probs[known])
+        np.minimum.at(self.first, ids, rows)
+        if self.sums is None:
+            self.widths = (self.k, emb.shape[1], feats.shape[1])
+            self.sums = WellSums(self.expected, list(self.widths))
+        closed = self.sums.add(ids, probs, emb, feats)
+        if self.images is not None:
+            self.images.write(row=rows, label=labels, probs=probs, embedding=emb)
+        if closed is not None:
+            self._closed(closed)
+
+    def _closed(self, closed: tuple[np.ndarray, ...]) -> None:
+        ids, counts, probs, emb, feats = closed
+        self.add_wells(ids, probs)
+        if self.wells is not None:
+            self.wells.write(well=ids, first_row=self.first[ids], n_images=counts, probs=probs,
+                             embedding=emb, features=feats)  # fmt: skip
+
+    def add_wells(self, ids: np.ndarray, probs: np.ndarray) -> None:
+        """The wells' confusion: each labelled well's mean probability against its label."""
+        known = self.well_label[ids] >= 0
+        if known.any():
+            self.well_cm += well_confusion(self.well_label[ids][known], probs[known], self.k)
+
+    def open_wells(self) -> tuple[np.ndarray, ...] | None:
+        if self.sums is None:
+            return None
+        ids, counts, *sums = self.sums.open_wells()
+        return (ids, counts, *sums, self.first[ids])
+
+    def close(self) -> None:
+        _k, dim, f = self.widths
+        if self.images is not None:
+            self.images.close(empty_images(self.k, dim))
+            self.wells.close(empty_wells(self.k, dim, f))
+
+    def abort(self) -> None:
+        if self.images is not None:
+            self.images.abort()
+            self.wells.abort()
+
+
+def _merge_split(opened: list[tuple[np.ndarray, ...] | None]) -> dict[str, np.ndarray] | None:
+    """Rank 0: the wells whose images several ranks saw, whole again."""
+    parts = [o for o in opened if o is not None]
+    if not parts:
+        return None
+    ids, counts, probs, emb, feats = merge_open([o[:-1] for o in parts])
+    first = np.full(len(ids), np.iinfo(np.int64).max, np.int64)
+    for o in parts:
+        np.minimum.at(first, np.searchsorted(ids, o[0]), o[-1])
+    return {"well": ids, "first_row": first, "n_images": counts,
+            "probs": probs.astype(np.float32), "embedding": emb.astype(np.float32),
+            "features": feats.astype(np.float32)}  # fmt: skip
+
+
+def score(model: nn.Module, loader: Any, rows: np.ndarray, fold: Fold, ctx: Context, top_k: int,
+          amp: torch.dtype | None = None, out: OutputSet | None = None,
+          store: Store | None = None, progress: bool = False) -> FoldResult | None:  # fmt: skip
+    """Score ``model`` on ``rows`` (the rows ``loader`` covers across ranks, each rank a
+    contiguous part); with ``out``, write the fold's outputs (``store`` gives the metadata).
+    ``progress``: a bar of images/s and ETA on rank 0. Returns the result on rank 0, None on
+    the others."""
+    from tqdm import tqdm
+
+    rows = np.unique(rows)
+    p = _Pass(fold, rows, top_k, out, ctx.rank)
+    bar = tqdm(total=len(rows), unit="img", desc="predict", disable=None if progress and ctx.is_main else True)  # fmt: skip
+    try:
+        for r, probs, emb, feats in iter_infer(model, loader, ctx.device, amp):
+            p.add(r, probs, emb, feats)
+            bar.update(len(r))
+        p.close()
+    except BaseException:
+        p.abort()
+        raise
+    finally:
+        bar.close()
+    opened = ctx.gather_to_main(p.open_wells())
+    split = _merge_split(opened) if ctx.is_main else None
+    if split is not None:
+        p.add_wells(split["well"], split["probs"])
+    total = ctx.sum(np.concatenate([p.image.vector(), p.well_cm.ravel()]))
+    ctx.barrier()  # every rank's part is complete
+    if not ctx.is_main:
+        return None
+    n_images = n_wells = 0
+    if out is not None and store is not None:
+        n_images, n_wells = merge(out, ctx.world_size, fold.classes, store.metadata_rows(), split)
+    metrics = None
+    if p.labelled:
+        image = p.image.load(total[: p.k * p.k + 2])
+        metrics = scores_from_sums(image, fold.classes, total[p.k * p.k + 2 :].reshape(p.k, p.k))
+    return FoldResult(metrics, n_images, n_wells)
+
+
+# --------------------------------------------------------------------------- phenotypic activity
+
+
+def _parquet(path: Any) -> pq.ParquetFile:
+    """A wells file, local or in an object store (read whole: a few MB)."""
+    if isinstance(path, Path):
+        return pq.ParquetFile(path, pre_buffer=False)
+    return pq.ParquetFile(pa.BufferReader(path.read_bytes()))
+
+
+def _sampled_wells(files: list[pq.ParquetFile], label_column: str, negcon: str,
+                   seed: int) -> tuple[pd.DataFrame, list[np.ndarray]]:  # fmt: skip
+    """The wells to profile (a seeded sample, :func:`cellmorph.sampling.sample_wells`) and,
+    per wells file, which of its rows they are."""
+    tables = []
+    for i, f in enumerate(files):
+        cols = [c for c in f.schema_arrow.names if c.startswith("Metadata_") or c == "n_images"]
+        t = f.read(columns=cols).to_pandas()
+        tables.append(t.assign(_file=i, _row=np.arange(len(t))))
+    wells = pd.concat(tables, ignore_index=True)
+    if label_column not in wells.columns:
+        raise CellmorphError(f"profiling: the wells have no column {label_column!r}")
+    treatment = wells[label_column].astype(str).to_numpy()
+    flag = negcon_mask(wells, negcon)
+    keep = sample_wells(treatment, flag, seed)
+    chosen = wells.iloc[keep].assign(treatment=treatment[keep], **{NEGCON_FLAG: flag[keep]})
+    picks = [chosen.loc[chosen["_file"] == i, "_row"].to_numpy() for i in range(len(files))]
+    return chosen.reset_index(drop=True), picks
+
+
+def _profiles(files: list[pq.ParquetFile], picks: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Mean embeddings and input statistics of the chosen rows, a row group at a time."""
+    embs, feats = [], []
+    for f, rows in zip(files, picks):
+        names = f.schema_arrow.names
+        e_cols = [c for c in names if c.startswith("emb_")]
+        i_cols = [c for c in names if c.startswith("int_")]
+        start = 0
+        for g in range(f.metadata.num_row_groups):
+            n = f.metadata.row_group(g).num_rows
+            sel = rows[(rows >= start) & (rows < start + n)] - start
+            if len(sel):
+                t = f.read_row_group(g, e_cols + i_cols).take(pa.array(sel))
+                embs.append(np.column_stack([t.column(c).to_numpy() for c in e_cols]))
+                feats.append(np.column_stack([t.column(c).to_numpy() for c in i_cols]))
+            start += n
+    if not embs:
+        return np.zeros((0, 0)), np.zeros((0, 0))
+    return np.concatenate(embs), np.concatenate(feats)
+
+
+def profile(sets: list[OutputSet], label_column: str, negcon: str, seed: int,
+            fold_name: str) -> dict[str, Any]:  # fmt: skip
+    """Phenotypic activity (copairs mAP against the negative-control wells) of the wells of
+    ``sets`` (e.g. the validation and test folds): the embeddings, and the intensity baseline.
+
+    Says which wells were profiled (``fold``) and how many treatments have the two or more
+    wells a score needs (``treatments_scorable`` of ``treatments_total``)."""
+    files = [_parquet(s.wells) for s in sets]
+    chosen, picks = _sampled_wells(files, label_column, negcon, seed)
+    emb, feats = _profiles(files, picks)
+    table = pd.DataFrame({
+        "well": chosen["Metadata_Plate"].astype(str) + "/" + chosen["Metadata_Well"].astype(str),
+        "treatment": chosen["treatment"], NEGCON_FLAG: chosen[NEGCON_FLAG],
+        "images": chosen["n_images"],
+    })  # fmt: skip
+    out = activity_report(table, {"embeddings": emb, "intensity_baseline": feats}, seed)
+    treated = table.loc[~table[NEGCON_FLAG], "treatment"].value_counts()
+    enough_controls = int(table[NEGCON_FLAG].sum()) >= 2
+    out.update({"fold": fold_name, "treatments_total": int(treated.size),
+                "treatments_scorable": int((treated >= 2).sum()) if enough_controls else 0})  # fmt: skip
+    n_all = sum(f.metadata.num_rows for f in files)
+    if len(table) < n_all:
+        out["sampled"] = f"{len(table)} of {n_all} wells: {PROFILE_SAMPLE}"
+    return out
+
+
+__all__ = ["Fold", "FoldResult", "embedding_columns", "feature_columns", "iter_infer",
+           "model_from_checkpoint", "profile", "resolve_amp", "resolve_device", "score"]  # fmt: skip
