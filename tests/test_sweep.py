@@ -129,3 +129,58 @@ def test_tune_commands_stop_on_a_bad_key_with_one_line(entry, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and "data.stor: unknown key" in err
     assert len(err.splitlines()) == 1
+
+
+def test_the_sweeps_metric_is_the_one_that_picks_best_pt(tmp_path):
+    p = tmp_path / "sweep.yaml"
+    p.write_text(
+        "base: configs/demo.yaml\nmetric: accuracy\nspace:\n  optim.lr: {choice: [0.01]}\n"
+    )
+    with pytest.raises(ConfigError, match=r"metric 'accuracy' differs from the base config's "
+                       r"train.best_metric 'balanced_accuracy'.*train.best_metric=accuracy"):  # fmt: skip
+        load_sweep(p)
+    sweep, base = load_sweep(p, ["train.best_metric=accuracy"])  # one metric decides
+    assert base.train.best_metric == "accuracy"
+    p.write_text("base: configs/demo.yaml\nmode: min\nspace:\n  optim.lr: {choice: [0.01]}\n")
+    with pytest.raises(ConfigError, match="mode 'min' contradicts train.best_metric"):
+        load_sweep(p)
+
+
+def test_asha_ranks_trials_on_their_own_run_fraction_after_the_warm_up():
+    from cellmorph.sweep import RUN_FRACTION, scheduler
+
+    asha = scheduler(SweepConfig())
+    rungs = [m for b in asha._brackets for m, _ in b._rungs]
+    assert asha._time_attr == RUN_FRACTION and rungs
+    assert min(rungs) >= 0.25 and max(rungs) < 1.0  # never inside the warm-up, never the end
+    with pytest.raises(ConfigError, match="grace_fraction"):
+        load_sweep("configs/sweep.yaml", ["grace_fraction=0.1"])
+
+
+def test_a_trial_with_the_default_min_steps_reports_its_whole_planned_run(tiny_plate, tmp_path):
+    """conftest's small configs set train.min_steps=0; this trial keeps the default, which adds
+    epochs: its reports count the planned epochs (run_fraction reaches 1 at the last one), and
+    the last report comes after the test fold was scored, so a sweep that stops a trial there
+    loses nothing."""
+    from cellmorph.distributed import Context
+    from cellmorph.rundir import RunDir
+    from cellmorph.train import train_loop
+
+    cfg = load_config(None, [
+        "name=trial", f"run_root={tmp_path}", f"data.store={tiny_plate}",
+        "data.val_fraction=0.5", "data.test_fraction=0", "data.test_plates=[SYNP02]",
+        "loader.batch_size=2", "loader.image_size=32", "loader.view_fraction=0.8",
+        "model.width_mult=0.35", "train.epochs=2",
+    ])  # fmt: skip
+    assert cfg.train.min_steps == 300  # the built-in default, not overridden
+    run, reports = RunDir(cfg.run_dir), []
+
+    def report(metrics: dict) -> None:
+        reports.append((metrics, (run.read_json(run.result, required=False) or {}).get("fold")))
+
+    train_loop(cfg, Context(report=report, console=False))
+    fractions = [m["run_fraction"] for m, _ in reports]
+    planned = reports[0][0]["epochs"]
+    assert planned > cfg.train.epochs and len(reports) == planned  # min_steps added epochs
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert reports[-1][1] == "test" and {f for _, f in reports[:-1]} == {"validation"}

@@ -196,3 +196,54 @@ def test_test_fold_scores_the_chosen_model_once(small_cfg, tiny_plate):
     assert "profiling" in result and "embeddings" in result["profiling"]
     assert len(run.history()) == 2  # the test fold is not scored per epoch
     assert not any("test" in k for r in run.history() for k in r)
+    # Phenotypic activity is scored on every held-out well (validation + test), and says so.
+    prof = result["profiling"]
+    assert prof["fold"] == "validation + test wells"
+    assert {"treatments_scorable", "treatments_total"} <= set(prof)
+
+
+def test_evaluate_prints_the_test_folds_scores_under_its_name(small_cfg, capsys):
+    from cellmorph.cli import main
+
+    run = run_local(_cfg(small_cfg, "named", "data.test_plates=[SYNP02]"))
+    capsys.readouterr()
+    assert main(["evaluate", str(run.path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("test fold (") and "validation" not in out.splitlines()[0]
+    assert f"balanced accuracy {run.read_result()['balanced_accuracy']:.3f}" in out
+
+
+class _AutocastSpy(torch.nn.Module):
+    """Records whether each forward pass ran under CPU autocast, and in which dtype."""
+
+    def __init__(self, k: int = 2):
+        super().__init__()
+        self.k, self.seen = k, []
+
+    def forward_with_embedding(self, x):
+        self.seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        n = len(x)
+        return torch.zeros(n, self.k), torch.zeros(n, 3)
+
+
+@pytest.mark.parametrize(("amp", "expected"), [("bf16", torch.bfloat16), ("off", False)])
+def test_evaluation_runs_under_the_autocast_training_uses(coded, amp, expected):
+    import numpy as np
+    from helpers import loader_cfg
+
+    from cellmorph.config import Config
+    from cellmorph.evaluation import Fold
+    from cellmorph.loaders import build_loader
+    from cellmorph.train import evaluate
+
+    n = len(coded)
+    labels, rows = np.arange(n) % 2, np.arange(n)
+    loader = build_loader(
+        coded, rows, labels, loader_cfg(), train=False, device=torch.device("cpu")
+    )
+    data = type("D", (), {"fold": Fold(["a", "b"], labels, np.arange(n) // 5)})()
+    spy = _AutocastSpy()
+    cfg = Config(train={"amp": amp}, eval={"top_k": 1})
+    result = evaluate(spy, loader, rows, data, Context(), cfg)
+    assert spy.seen and set(spy.seen) == {expected}
+    assert result.metrics["n_images"] == n
