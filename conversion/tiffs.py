@@ -117,7 +117,7 @@ def check_size(path: str, info: FileInfo, max_pixels: int) -> None:
     raise BadImage(
         f"image too large: {path} is {info.width}x{info.height} "
         f"({info.height * info.width:,} pixels a plane, above the limit --max-pixels "
-        f"{max_pixels:,}); decoding and resizing it would take ~{gb:.1f} GB"
+        f"{max_pixels:,}); decoding and resizing it would take at least {gb:.1f} GB"
     )
 
 
