@@ -107,6 +107,7 @@ class ProcessMapper:
         # Workers are the forkserver's children; each ends when this process ends, and each
         # takes this process's environment as it is now: the forkserver keeps the one it
         # started with, which may predate the credentials or endpoint set since.
+        self.workers = workers
         self.window = workers * IN_FLIGHT_PER_WORKER
         self.pool = ProcessPoolExecutor(
             workers,
@@ -129,7 +130,7 @@ class ProcessMapper:
                     try:
                         result = fut.result()
                     except BrokenProcessPool:
-                        raise dead_worker(list(running.values())) from None
+                        raise dead_worker(_unfinished(running), self.workers) from None
                     del running[fut]
                     yield result
         finally:
@@ -153,16 +154,23 @@ def describe_task(task: Any) -> str:
     return repr(task)[:200]
 
 
-def dead_worker(held: list[Any], show: int = 3) -> CellmorphError:
-    """The stop for a pool worker that died: the tasks in flight (one of them was the dying
-    worker's) and the likely cause."""
-    named = "; ".join(describe_task(t) for t in held[:show])  # oldest first: the likeliest
-    more = f"; and {len(held) - show} more" if len(held) > show else ""
+def _unfinished(running: dict[Future, T]) -> list[T]:
+    """The tasks of a broken pool that had not finished, in the order they were submitted (a
+    task that finished before the break is not a suspect)."""
+    return [t for f, t in running.items() if not f.done() or f.exception() is not None]
+
+
+def dead_worker(unfinished: list[Any], workers: int) -> CellmorphError:
+    """The stop for a pool worker that died: the tasks the workers held (the pool hands tasks
+    out in order, so the oldest unfinished ones; the dead worker's is among them), and why."""
+    held = "; ".join(describe_task(t) for t in unfinished[:workers])
+    waiting = len(unfinished) - workers
+    queued = f" ({waiting} more task(s) were waiting)" if waiting > 0 else ""
     return CellmorphError(
-        f"a conversion worker died (killed by the system, most likely for memory) while "
-        f"these tasks were in flight: {named}{more}. A very large image is the usual cause: "
-        "lower --max-pixels so such files are quarantined from their header, or use fewer "
-        "--workers"
+        f"a conversion worker died (killed by the system, most likely for memory) while the "
+        f"workers held: {held}{queued}. A very large image is the usual cause: lower "
+        "--max-pixels so such files are quarantined from their header (convert again with "
+        "--overwrite), or use fewer --workers (the rerun keeps the shards already written)"
     )
 
 

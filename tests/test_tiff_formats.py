@@ -239,23 +239,32 @@ def test_max_pixels_option_reaches_the_probe(tmp_path: Path, capsys) -> None:
 # ------------------------------------------------------------ a dead worker, sites that fail
 
 
-def _killed(task: object) -> None:
-    """What the kernel's out-of-memory killer does to a pool worker."""
-    os.kill(os.getpid(), signal.SIGKILL)
+def _killed_on_shard_2(task: ShardTask) -> int:
+    """What the kernel's out-of-memory killer does to a pool worker, on shard 2 only."""
+    if task.index == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task.index
 
 
 def test_a_worker_killed_mid_shard_stops_naming_the_shard_and_its_files(tmp_path: Path) -> None:
+    """Shards 0 and 1 finish, the worker dies on 2, 3 waits: the stop names shard 2 and its
+    files, not the finished shards."""
     files = [str(tmp_path / f"site{i}_DNA.tiff") for i in range(3)]
-    task = ShardTask(out=str(tmp_path / "s.zarr"), index=2, start=2048, key="k", size=160,
-                     sites=[([(f, -1)], []) for f in files], groups=["P1"] * 3)  # fmt: skip
+    tasks = [
+        ShardTask(out=str(tmp_path / "s.zarr"), index=i, start=1024 * i, key="k", size=160,
+                  sites=[([(f, -1)], []) for f in files], groups=["P1"] * 3)
+        for i in range(4)
+    ]  # fmt: skip
     mapper = ProcessMapper(1)
     try:
         with pytest.raises(CellmorphError) as err:
-            list(mapper(_killed, [task]))
+            list(mapper(_killed_on_shard_2, tasks))
     finally:
         mapper.close()
     msg = str(err.value)
-    assert f"shard 2 (rows 2048-2050, 3 site(s): {files[0]} .. {files[2]})" in msg
+    held = f"shard 2 (rows 2048-2050, 3 site(s): {files[0]} .. {files[2]})"
+    assert f"while the workers held: {held} (1 more task(s) were waiting)" in msg
+    assert "shard 0" not in msg and "shard 1 " not in msg
     assert "most likely for memory" in msg and "--max-pixels" in msg and "--workers" in msg
 
 
