@@ -25,7 +25,7 @@ from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.store import open_store
 from conversion.__main__ import main as convert_main
-from conversion.pack import ProcessMapper, ShardTask, convert
+from conversion.pack import ProcessMapper, ShardTask, convert, describe_task
 
 SIZE = 64
 SITES = 3
@@ -266,6 +266,8 @@ def test_a_worker_killed_mid_shard_stops_naming_the_shard_and_its_files(tmp_path
     assert f"while the workers held: {held} (1 more task(s) were waiting)" in msg
     assert "shard 0" not in msg and "shard 1 " not in msg
     assert "most likely for memory" in msg and "--max-pixels" in msg and "--workers" in msg
+    probe = [(0, [(files[0], -1)], ["DNA"], None, 160, 1), (1, [(files[2], -1)], ["DNA"], None, 160, 1)]  # fmt: skip
+    assert describe_task(probe) == f"header checks of 2 site(s) ({files[0]} .. {files[2]})"
 
 
 def corrupt_pixels(path: Path) -> None:
