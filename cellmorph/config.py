@@ -84,6 +84,12 @@ class ConvertConfig(Section):
     external_metadata: list[str] = Field(
         [], description="tables keyed by broad_sample (compound, CRISPR, ORF metadata)"
     )
+    max_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="largest plane (height x width) decoded; a larger TIFF is quarantined from "
+        "its header (fields are 1080-2160 px; a 20000x20000 plane decodes to GBs)",
+    )
 
 
 class DataConfig(Section):

@@ -18,6 +18,7 @@ _FIELDS = [
     "load_data", "images", "metadata", "id_pattern", "id_column", "join", "join_on", "illum_dir",
     "channels", "file_channels", "size", "codec", "shard_size", "workers", "label_column",
     "path_replace", "stats_images", "barcode_platemap", "platemap_dir", "external_metadata",
+    "max_pixels",
 ]  # fmt: skip
 
 
@@ -68,6 +69,12 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     )
     opt.add_argument("--allow-unlabeled", action="store_true", help="keep sites without a label")
     opt.add_argument("--stats-images", type=int, help="images sampled for channel statistics")
+    opt.add_argument(
+        "--max-pixels",
+        type=int,
+        help="largest TIFF plane (height x width) to decode; larger files are quarantined from "
+        "their header (default 16777216 = 4096x4096)",
+    )
     opt.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
     opt.add_argument("--config", help="YAML config; its convert section gives the defaults")
 
@@ -114,6 +121,14 @@ def print_summary(summary: dict[str, Any]) -> None:
             "; rerun that command with --overwrite to finish it, or delete that folder"
         )
     reasons = summary.get("quarantine_reasons") or []
+    total = summary["images"] + summary["quarantined"]
+    if total and summary["quarantined"] * 2 >= total:
+        print(
+            f"warning: {summary['quarantined']} of {total} sites "
+            f"({100 * summary['quarantined'] / total:.0f}%) were quarantined: most of the input "
+            f"is missing from the store; check the reasons below (every site's in "
+            f"{summary['store']}/{cstore.QUARANTINE}) before training"
+        )
     if reasons:
         print("quarantine reasons (most frequent first):")
     width = max((len(str(r["count"])) for r in reasons), default=0)

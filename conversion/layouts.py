@@ -59,6 +59,8 @@ _KINDS: list[tuple[str, str, str]] = [
     (r"unsupported image shape", "unsupported image shape", ""),
     (r"^channels differ in shape or dtype", "channels of a site differ in shape or pixel type", ""),
     (r"smaller than --size (\d+)", "image smaller than --size {0}", "a smaller --size"),
+    (r"^image too large: .* above the limit --max-pixels ([\d,]+)",
+     "image larger than --max-pixels {0}", "--max-pixels, if the machine has the memory"),
     (r"^(\w+) TIFFs among (\w+) sites", "{0} TIFFs among {1} sites", ""),
     (r"illumination function", "image shape differs from its illumination function", "--illum-dir"),
     (r"^no label in column (\S+)", "no label in column {0}", "--label-column, or --allow-unlabeled"),

@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
@@ -106,6 +107,7 @@ class ProcessMapper:
         # Workers are the forkserver's children; each ends when this process ends, and each
         # takes this process's environment as it is now: the forkserver keeps the one it
         # started with, which may predate the credentials or endpoint set since.
+        self.workers = workers
         self.window = workers * IN_FLIGHT_PER_WORKER
         self.pool = ProcessPoolExecutor(
             workers,
@@ -116,22 +118,60 @@ class ProcessMapper:
 
     def __call__(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
         todo = iter(tasks)
-        running: set[Future] = set()
+        running: dict[Future, T] = {}  # in flight -> its task, to name it if a worker dies
         try:
             while True:
-                running.update(self.pool.submit(fn, t) for t in itertools.islice(
-                    todo, self.window - len(running)))  # fmt: skip
+                for t in itertools.islice(todo, self.window - len(running)):
+                    running[self.pool.submit(fn, t)] = t
                 if not running:
                     return
-                done, running = wait(running, return_when=FIRST_COMPLETED)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    yield fut.result()
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool:
+                        raise dead_worker(_unfinished(running), self.workers) from None
+                    del running[fut]
+                    yield result
         finally:
             for fut in running:
                 fut.cancel()
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
+
+
+def describe_task(task: Any) -> str:
+    """What a pool task holds, in words: a shard's rows and files, or a probe's sites."""
+    if isinstance(task, ShardTask):
+        files = [src[0][0] for src, _ in task.sites if src]
+        span = f"{files[0]} .. {files[-1]}" if len(files) > 1 else (files or ["no file"])[0]
+        last = task.start + len(task.sites) - 1
+        return f"shard {task.index} (rows {task.start}-{last}, {len(task.sites)} site(s): {span})"
+    if isinstance(task, list) and task and isinstance(task[0], tuple) and len(task[0]) > 1:
+        files = [item[1][0][0] for item in task if item[1]] or ["no file"]
+        return f"header checks of {len(task)} site(s) ({files[0]} .. {files[-1]})"
+    return repr(task)[:200]
+
+
+def _unfinished(running: dict[Future, T]) -> list[T]:
+    """The tasks of a broken pool that had not finished, in the order they were submitted (a
+    task that finished before the break is not a suspect)."""
+    return [t for f, t in running.items() if not f.done() or f.exception() is not None]
+
+
+def dead_worker(unfinished: list[Any], workers: int) -> CellmorphError:
+    """The stop for a pool worker that died: the tasks the workers held (the pool hands tasks
+    out in order, so the oldest unfinished ones; the dead worker's is among them), and why."""
+    held = "; ".join(describe_task(t) for t in unfinished[:workers])
+    waiting = len(unfinished) - workers
+    queued = f" ({waiting} more task(s) were waiting)" if waiting > 0 else ""
+    return CellmorphError(
+        f"a conversion worker died (killed by the system, most likely for memory) while the "
+        f"workers held: {held}{queued}. A very large image is the usual cause: lower "
+        "--max-pixels so such files are quarantined from their header (convert again with "
+        "--overwrite), or use fewer --workers (the rerun keeps the shards already written)"
+    )
 
 
 def _init_worker(parent: int, environ: dict[str, str]) -> None:
@@ -183,16 +223,16 @@ def pack_shard(task: ShardTask) -> ShardResult:
     return ShardResult(task.index, n)
 
 
-ProbeItem = tuple[int, list[Source], list[str], tuple[int, int] | None, int]
+ProbeItem = tuple[int, list[Source], list[str], tuple[int, int] | None, int, int]
 
 
 def probe_chunk(chunk: list[ProbeItem]) -> list:
     """Probe sites' headers: (row, (digest of the files' paths, sizes and mtimes, dtype)) on
     success, (row, reason) on failure."""
     out = []
-    for row, sources, names, illum_shape, size in chunk:
+    for row, sources, names, illum_shape, size, max_pixels in chunk:
         try:
-            infos = probe_site(sources, names)
+            infos = probe_site(sources, names, max_pixels)
             first = next(iter(infos.values()))
             if illum_shape and (first.height, first.width) != illum_shape:
                 raise BadImage(
@@ -298,7 +338,7 @@ def _probe_chunks(sites: pd.DataFrame, pages: list[int], cfg: ConvertConfig,
     for start in range(0, len(sites), block):
         part = sites.iloc[start : start + block]
         items = [
-            (start + i, src, channels, shapes.get(plate), cfg.size)
+            (start + i, src, channels, shapes.get(plate), cfg.size, cfg.max_pixels)
             for i, (src, plate) in enumerate(
                 zip(site_sources(part, channels, pages), part[PLATE].astype(str))
             )
@@ -340,7 +380,8 @@ def site_keys(sites: pd.DataFrame) -> pd.Series:
 
 def fingerprint(sites: pd.DataFrame, cfg: ConvertConfig, illum: dict) -> str:
     """Identify the job: settings that change bytes, every site's metadata, files and stats."""
-    settings = cfg.model_dump(mode="json", exclude={"workers"})
+    # max_pixels changes which sites are stored, and the sites are hashed below.
+    settings = cfg.model_dump(mode="json", exclude={"workers", "max_pixels"})
     columns = list(sites.columns)
     rows = hashlib.sha256()
     for c in columns:  # a column and a block of rows at a time: millions of sites as text
@@ -515,8 +556,6 @@ def _fit_array(out: str, n: int) -> int:
     arr = zarr.open_array(
         store=cstore.zarr_store(out), path=cstore.IMAGES, mode="r+", zarr_format=3
     )
-    if n == 0:
-        raise CellmorphError(f"{out}: every site failed to decode (see quarantine reasons)")
     if arr.shape[0] != n:
         arr.resize((n, *arr.shape[1:]))
     return int(arr.shards[0])
@@ -531,6 +570,8 @@ def pack_all(sites: pd.DataFrame, out: str, fp: str, cfg: ConvertConfig, illum: 
     while True:
         bad = manifest.bad()
         plan = _current_plan(sites, bad)
+        if len(plan) == 0:  # every site failed to decode: the caller stops with the reasons
+            return plan, written
         shard = _fit_array(out, len(plan))
         spans = {  # the shards not recorded with this plan's content: (start, rows)
             index: (start, rows)
@@ -660,6 +701,8 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
     if state != "done":
         t1 = time.perf_counter()
         plan, written = pack_all(sites, target, fp, cfg, illum, inputs.pages, run, owner)
+        if len(plan) == 0:
+            _stop_none_decoded(target, inputs)
         t2 = time.perf_counter()
         finish(target, plan, inputs, cfg)
         phases.update(pack_s=t2 - t1, finish_s=time.perf_counter() - t2)
@@ -684,6 +727,14 @@ def stored_reasons(out: str, top: int = 5) -> list[dict[str, Any]]:
     """The most frequent kinds of reason in a store's quarantine.csv, with counts and fixes."""
     table = cstore.read_quarantine(cstore.read_file(out, cstore.QUARANTINE))
     return summarize_reasons(table["reason"], top)
+
+
+def _stop_none_decoded(target: str, inputs: Inputs) -> None:
+    """Every site passed the header probe and failed to decode: write quarantine.csv beside the
+    unfinished store (a rerun stops the same way), then stop with the reasons."""
+    quarantine = quarantine_rows(inputs, Manifest(target).bad())
+    cstore.write_quarantine(target, quarantine)
+    raise no_valid_sites(quarantine, f"{target}/{cstore.QUARANTINE}")
 
 
 def _stop_all_quarantined(out: str, inputs: Inputs) -> None:

@@ -48,6 +48,35 @@ def _channel_axis_first(shape: tuple[int, ...], axes: str) -> tuple[int, int, in
     raise BadImage(f"unsupported image shape {shape} (axes {axes})")
 
 
+def _site_series(tif: tifffile.TiffFile) -> tuple[tuple[int, ...], str, np.dtype, list]:
+    """(shape, axes, dtype, series to decode) of the image a file holds.
+
+    One series, usually. A file written a page at a time (one channel per write, or one OME
+    Image per channel) is several 2-D series of one shape and type: those are its channels,
+    stacked on a leading axis. Series of another shape (a thumbnail) are not channels.
+    """
+    series = tif.series
+    first = series[0]
+    shape, dtype = tuple(first.shape), np.dtype(first.dtype)
+    same = [s for s in series if tuple(s.shape) == shape and np.dtype(s.dtype) == dtype]
+    if len(same) > 1 and len(shape) == 2:
+        return (len(same), *shape), "I" + first.axes, dtype, same
+    return shape, first.axes, dtype, [first]
+
+
+def _data_end(pages: list, path: str) -> None:
+    """Raise BadImage when a strip or tile of any page lies past the end of its file."""
+    for page in pages:
+        if page is None:  # an OME page in a file that is not there
+            raise BadImage(f"unreadable TIFF {path} (a page of its image is missing)")
+        fh = page.parent.filehandle
+        end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
+        if end > fh.size:
+            raise BadImage(
+                f"truncated TIFF {fh.path} (pixel data ends at {end}, file has {fh.size} bytes)"
+            )
+
+
 def probe_file(path: str) -> FileInfo:
     """Validate a TIFF from its header: readable, sane shape/dtype, pixel data inside the file.
 
@@ -63,22 +92,12 @@ def probe_file(path: str) -> FileInfo:
         raise BadImage(f"{path} is not a regular file")
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
-            end = max(
-                (
-                    o + c
-                    for page in series.pages
-                    for o, c in zip(page.dataoffsets, page.databytecounts)
-                ),
-                default=0,
-            )
+            shape, axes, dtype, series = _site_series(tif)
+            _data_end([p for s in series for p in s.pages], path)
+    except BadImage:
+        raise
     except Exception as e:  # tifffile raises many types for corrupt headers
         raise BadImage(f"unreadable TIFF {path} ({type(e).__name__}: {e})") from None
-    if end > st.st_size:
-        raise BadImage(
-            f"truncated TIFF {path} (pixel data ends at {end}, file has {st.st_size} bytes)"
-        )
     if dtype not in ACCEPTED_DTYPES:
         raise BadImage(f"unsupported dtype {dtype} in {path} (expected uint16 or uint8)")
     try:
@@ -88,9 +107,29 @@ def probe_file(path: str) -> FileInfo:
     return FileInfo(nch, h, w, str(dtype), st.st_size, st.st_mtime_ns)
 
 
-def probe_site(sources: list[Source], names: list[str]) -> dict[str, FileInfo]:
-    """Probe every file of a site and check the channels agree on shape and dtype."""
+def check_size(path: str, info: FileInfo, max_pixels: int) -> None:
+    """Refuse, from the header, a plane too large to decode: a 20000x20000 field compresses to
+    ~1 MB but decodes to GBs, and a pool worker killed for memory names no file."""
+    if info.height * info.width <= max_pixels:
+        return
+    itemsize = np.dtype(info.dtype).itemsize
+    gb = info.channels * info.height * info.width * itemsize * 3 / 1e9  # + float32 copy to resize
+    raise BadImage(
+        f"image too large: {path} is {info.width}x{info.height} "
+        f"({info.height * info.width:,} pixels a plane, above the limit --max-pixels "
+        f"{max_pixels:,}); decoding and resizing it would take at least {gb:.1f} GB"
+    )
+
+
+def probe_site(
+    sources: list[Source], names: list[str], max_pixels: int | None = None
+) -> dict[str, FileInfo]:
+    """Probe every file of a site and check the channels agree on shape and dtype (and that
+    no plane has more than ``max_pixels`` pixels)."""
     infos = {p: probe_file(p) for p in dict.fromkeys(p for p, _ in sources)}
+    for path, info in infos.items():
+        if max_pixels is not None:
+            check_size(path, info, max_pixels)
     dims = {}
     for name, (path, idx) in zip(names, sources):
         info = infos[path]
@@ -109,9 +148,10 @@ def read_file(path: str) -> np.ndarray:
     """Decode a TIFF into (channels, H, W), whatever its layout (pages, samples, RGB)."""
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            data = series.asarray()
-            axes = series.axes
+            _, axes, _, series = _site_series(tif)
+            data = (
+                np.stack([s.asarray() for s in series]) if len(series) > 1 else series[0].asarray()
+            )
     except Exception as e:  # decode errors surface as zlib/ValueError/TiffFileError...
         raise BadImage(f"cannot decode {path} ({type(e).__name__}: {e})") from None
     nch, h, w, caxis = _channel_axis_first(tuple(data.shape), axes)
