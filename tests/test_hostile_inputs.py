@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from test_convert_fixtures import CHANNELS, assert_aligned, make_loaddata
 
@@ -83,6 +84,103 @@ def test_saturation_by_the_correction_is_counted_per_channel(tmp_path: Path, cap
     assert summary["illumination_saturated"] == sat
     convert(_cfg(csv, illum_dir=str(illum)), tmp_path / "s.zarr")  # nothing to do: still said
     assert "AGP 100%" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- LoadData tables
+
+
+def test_a_column_named_twice_stops_naming_it_and_the_file(tmp_path: Path) -> None:
+    """pandas would read the second as ``Metadata_pert_iname.1`` and use the first silently."""
+    csv = make_loaddata(tmp_path, plates=1, wells=2, sites=1, size=16)
+    df = pd.read_csv(csv)
+    df["Metadata_pert_iname "] = ["right", "wrong"]  # the same name once trimmed
+    df.to_csv(csv, index=False)
+    with pytest.raises(CellmorphError, match=r"load_data.csv names column 'Metadata_pert_iname' "
+                       r"twice \(columns \d+ and \d+\)"):  # fmt: skip
+        convert(_cfg(csv), tmp_path / "s.zarr")
+    df.drop(columns=["Metadata_pert_iname "]).to_csv(csv, index=False)
+    meta = tmp_path / "meta.csv"
+    meta.write_text("Metadata_Plate\tMetadata_Well\tdose\tdose\nP0\tA01\t1\t2\n")
+    with pytest.raises(CellmorphError, match=r"meta.csv names column 'dose' twice"):
+        convert(_cfg(csv, join=str(meta), join_on=["Metadata_Plate", "Metadata_Well"]),
+                tmp_path / "s.zarr")  # fmt: skip
+
+
+def test_one_file_for_two_channels_is_quarantined(tmp_path: Path) -> None:
+    """DNA's file named again for ER (also as ``./images``): ER would be stored as a copy."""
+    csv = make_loaddata(tmp_path, plates=1, wells=2, sites=2, size=16)
+    df = pd.read_csv(csv)
+    df.loc[0, "FileName_OrigER"] = df.loc[0, "FileName_OrigDNA"]
+    df.loc[0, "PathName_OrigER"] = "./images/"
+    df.to_csv(csv, index=False)
+    summary = convert(_cfg(csv), tmp_path / "s.zarr")
+    assert summary["images"] == 3 and summary["quarantined"] == 1
+    (reason,) = open_store(tmp_path / "s.zarr").quarantine["reason"]
+    assert reason.startswith("one file for two channels: DNA and ER are both ")
+    assert reason.endswith(df.loc[0, "FileName_OrigDNA"]) and "./" not in reason
+    assert summary["quarantine_reasons"][0]["reason"] == "one file named by two channels of a site"
+    assert_aligned(tmp_path / "s.zarr")
+
+
+def test_two_sites_naming_the_same_files_are_both_quarantined(tmp_path: Path) -> None:
+    """Exact copies under two keys would sit on both sides of a split (README: honest numbers):
+    every site naming a shared file goes, as with a duplicated (plate, well, site)."""
+    csv = make_loaddata(tmp_path, plates=1, wells=3, sites=2, size=16)
+    df = pd.read_csv(csv)
+    files = [c for c in df.columns if c.startswith("FileName_Orig")]
+    df.loc[3, files] = df.loc[0, files].to_numpy()  # a copy of A01/1 under A02/2
+    df.loc[2, "FileName_OrigMito"] = df.loc[1, "FileName_OrigMito"]  # A01/2's Mito in A02/1
+    df.to_csv(csv, index=False)
+    summary = convert(_cfg(csv), tmp_path / "s.zarr")
+    assert summary["images"] == 2 and summary["quarantined"] == 4
+    q = open_store(tmp_path / "s.zarr").quarantine.sort_values(["well", "site"])
+    assert q["reason"].str.startswith("same file as site P0/").all(), q["reason"]
+    assert list(q["well"] + "/" + q["site"]) == ["A01/1", "A01/2", "A02/1", "A02/2"]
+    assert "P0/A02/2" in q["reason"].iloc[0] and "P0/A01/1" in q["reason"].iloc[3]
+    assert_aligned(tmp_path / "s.zarr")
+
+
+def test_labels_that_differ_by_case_or_spaces_are_one_class(tmp_path: Path, capsys) -> None:
+    csv = make_loaddata(tmp_path, plates=1, wells=4, sites=2, size=16)
+    df = pd.read_csv(csv)
+    df["Metadata_pert_iname"] = ["DMSO", "DMSO", "DMSO ", " dmso", "Dmso", "taxol", "Taxol", "x"]
+    df.to_csv(csv, index=False)
+    convert(_cfg(csv), tmp_path / "s.zarr")
+    err = capsys.readouterr().err
+    assert "'Dmso' (1), 'dmso' (1) -> 'DMSO' (3)" in err and "'taxol' (1) -> 'Taxol' (1)" in err
+    st = open_store(tmp_path / "s.zarr")
+    assert st.metadata["Metadata_pert_iname"].value_counts().to_dict() == {
+        "DMSO": 5, "Taxol": 2, "x": 1}  # fmt: skip
+    assert st.attrs["source"]["label_case_merged"] == [
+        "'Dmso' (1), 'dmso' (1) -> 'DMSO' (3)", "'taxol' (1) -> 'Taxol' (1)"]  # fmt: skip
+
+
+def test_a_label_with_a_control_character_is_quarantined(tmp_path: Path) -> None:
+    csv = make_loaddata(tmp_path, plates=1, wells=2, sites=2, size=16)
+    df = pd.read_csv(csv)
+    df["Metadata_pert_iname"] = ["DMSO", "DMSO\x00", "DM\x07SO", "DMSO\t"]  # the tab is trimmed
+    df.to_csv(csv, index=False)
+    summary = convert(_cfg(csv), tmp_path / "s.zarr")
+    st = open_store(tmp_path / "s.zarr")
+    assert summary["images"] == 2 and set(st.metadata["Metadata_pert_iname"]) == {"DMSO"}
+    assert sorted(st.quarantine["reason"]) == [
+        "label 'DMSO\\x00' in column Metadata_pert_iname holds a control character",
+        "label 'DM\\x07SO' in column Metadata_pert_iname holds a control character",
+    ]
+
+
+def test_the_index_merges_case_variants_of_stores_converted_before(caplog) -> None:
+    """A store converted before the rule still cannot split a class by case; a control
+    character makes a label missing there."""
+    from cellmorph.index import _encode_raw, encode_labels
+
+    md = pd.DataFrame({"y": ["DMSO", "dmso ", "DMSO", "Taxol", "taxol", "a\x00", None, " "]})
+    with caplog.at_level("WARNING", logger="cellmorph.index"):
+        codes, names = _encode_raw(md, "y")
+    assert list(names) == ["DMSO", "Taxol"]
+    assert codes.tolist() == [0, 0, 0, 1, 1, -1, -1, -1]
+    assert "'dmso' (1) -> 'DMSO' (2)" in caplog.text and "control character" in caplog.text
+    assert encode_labels(md, "y", ["DMSO", "Taxol"]).tolist() == codes.tolist()
 
 
 # --------------------------------------------------------------------------- inspect, --out
