@@ -300,3 +300,21 @@ def test_closed_pipe_in_a_shell_pipeline_exits_zero(tmp_path: Path) -> None:
                        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                        text=True, timeout=300)  # fmt: skip
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def test_every_test_docs_integrity_names_exists() -> None:
+    """docs/integrity.md's guarantees each name the test that checks them: those tests exist."""
+    import re
+
+    text = (REPO / "docs" / "integrity.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", text)
+    assert len(named) >= 20
+    missing = [
+        f"{f}::{t}"
+        for f, t in named
+        if not re.search(rf"^def {t}\(", (REPO / "tests" / f).read_text(), re.M)
+    ]
+    assert missing == []
