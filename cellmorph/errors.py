@@ -2,7 +2,8 @@
 
 Only :class:`CellmorphError` (a problem with the user's input, settings or environment, whose
 message names the file, option or key) becomes a one-line message; any other exception is a bug
-and keeps its traceback.
+and keeps its traceback. A reader that closes stdout early (``| head -1``) is no error at all:
+the rest of the output is dropped and the command's exit status is its work's.
 """
 
 from __future__ import annotations
@@ -152,16 +153,16 @@ def run_main(main: Callable[[], int | None]) -> int:
     stdout = sys.stdout
     sys.stdout = _ReaderMayLeave(stdout)  # type: ignore[assignment]
     try:
-        code = _run(main)
-        sys.stdout.flush()  # what is still buffered, while a closed pipe is still handled
-        return code
+        return _run(main)
     finally:
         sys.stdout = stdout
 
 
 def _run(main: Callable[[], int | None]) -> int:
     try:
-        return int(main() or 0)
+        code = int(main() or 0)
+        sys.stdout.flush()  # what is still buffered, while a closed pipe (or a full disk) is handled
+        return code
     except BrokenPipeError:
         if not stdout_reader_gone():  # another pipe broke: a bug, keep its traceback
             raise
