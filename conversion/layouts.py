@@ -492,11 +492,12 @@ def _check_shared_files(inputs: Inputs, channels: list[str], per_channel: bool) 
                     f"one file for two channels: {channels[i]} and {channels[j]} are both "
                     f"{files[i]}"
                 )
-    ordered = np.sort(keys, axis=1)  # a file named twice by one site counts once for it
-    ordered[:, 1:][ordered[:, 1:] == ordered[:, :-1]] = -1
-    flat = np.sort(ordered, axis=None)
+    keys.sort(axis=1)  # in place (N x C int64); a file named twice by one site counts once
+    keys[:, 1:][keys[:, 1:] == keys[:, :-1]] = -1
+    flat = np.sort(keys, axis=None)
     twice = np.unique(flat[1:][(flat[1:] == flat[:-1]) & (flat[1:] >= 0)])
-    candidates = np.flatnonzero(np.isin(ordered, twice).any(axis=1))
+    del flat
+    candidates = np.flatnonzero(np.isin(keys, twice).any(axis=1))
     users: dict[str, list[int]] = {}  # path -> the sites naming it (the few candidates)
     for r in candidates:
         for path in dict.fromkeys(_site_files(sites, channels, int(r))):
