@@ -487,7 +487,7 @@ def _check_shared_files(inputs: Inputs, channels: list[str], per_channel: bool) 
     for i, j in itertools.combinations(range(len(channels)) if per_channel else (), 2):
         for r in np.flatnonzero((keys[:, i] == keys[:, j]) & (keys[:, i] >= 0)):
             files = _site_files(sites, channels, r)
-            if files[i] == files[j]:  # the hashes agree: so must the paths
+            if files[i] == files[j] and _a_file(files[i]):  # the hashes agree: the paths?
                 reasons[r] = reasons[r] or (
                     f"one file for two channels: {channels[i]} and {channels[j]} are both "
                     f"{files[i]}"
@@ -500,10 +500,10 @@ def _check_shared_files(inputs: Inputs, channels: list[str], per_channel: bool) 
     candidates = np.flatnonzero(np.isin(keys, twice).any(axis=1))
     users: dict[str, list[int]] = {}  # path -> the sites naming it (the few candidates)
     for r in candidates:
-        for path in dict.fromkeys(_site_files(sites, channels, int(r))):
+        for path in set(_site_files(sites, channels, int(r))) - {""}:
             users.setdefault(path, []).append(int(r))
     for path, named_by in users.items():
-        for r in named_by if len(named_by) > 1 else []:
+        for r in named_by if len(named_by) > 1 and _a_file(path) else []:
             other = next(o for o in named_by if o != r)
             key = "/".join(str(sites[c].iloc[other]) for c in KEYS)
             reasons[r] = reasons[r] or f"same file as site {key}: {path}"
@@ -530,9 +530,17 @@ def _file_keys(sites: pd.DataFrame, channels: list[str]) -> np.ndarray:
     return keys
 
 
+def _a_file(path: str) -> bool:
+    """Not an empty name, nor a folder (an empty FileName cell names its folder): the probe
+    says what is wrong with those ("is not a regular file")."""
+    return bool(path) and not os.path.isdir(path)
+
+
 def _site_files(sites: pd.DataFrame, channels: list[str], row: int) -> list[str]:
-    """One site's files, ``.`` and ``..`` resolved, in channel order."""
+    """One site's files, ``.`` and ``..`` resolved, in channel order ("" for no file name)."""
+    names = [sites[FILE + ch].iloc[row] for ch in channels]
+    names = [n if isinstance(n, str) else "" for n in names]  # a missing cell: no file
     return [
-        os.path.normpath(str(sites[DIR + ch].iloc[row]) + str(sites[FILE + ch].iloc[row]))
-        for ch in channels
+        os.path.normpath(str(sites[DIR + ch].iloc[row]) + str(name)) if name else ""
+        for ch, name in zip(channels, names)
     ]

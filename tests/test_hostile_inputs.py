@@ -125,15 +125,18 @@ def test_one_file_for_two_channels_is_quarantined(tmp_path: Path) -> None:
 def test_two_sites_naming_the_same_files_are_both_quarantined(tmp_path: Path) -> None:
     """Exact copies under two keys would sit on both sides of a split (README: honest numbers):
     every site naming a shared file goes, as with a duplicated (plate, well, site)."""
-    csv = make_loaddata(tmp_path, plates=1, wells=3, sites=2, size=16)
+    csv = make_loaddata(tmp_path, plates=1, wells=4, sites=2, size=16)
     df = pd.read_csv(csv)
     files = [c for c in df.columns if c.startswith("FileName_Orig")]
     df.loc[3, files] = df.loc[0, files].to_numpy()  # a copy of A01/1 under A02/2
     df.loc[2, "FileName_OrigMito"] = df.loc[1, "FileName_OrigMito"]  # A01/2's Mito in A02/1
+    df.loc[[6, 7], "FileName_OrigDNA"] = ""  # names the folder: not shared, not a file
     df.to_csv(csv, index=False)
     summary = convert(_cfg(csv), tmp_path / "s.zarr")
-    assert summary["images"] == 2 and summary["quarantined"] == 4
+    assert summary["images"] == 2 and summary["quarantined"] == 6
     q = open_store(tmp_path / "s.zarr").quarantine.sort_values(["well", "site"])
+    assert q["reason"].str.endswith("is not a regular file").sum() == 2
+    q = q.loc[q["well"] != "A04"]
     assert q["reason"].str.startswith("same file as site P0/").all(), q["reason"]
     assert list(q["well"] + "/" + q["site"]) == ["A01/1", "A01/2", "A02/1", "A02/2"]
     assert "P0/A02/2" in q["reason"].iloc[0] and "P0/A01/1" in q["reason"].iloc[3]
