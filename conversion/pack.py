@@ -183,7 +183,7 @@ def pack_shard(task: ShardTask) -> ShardResult:
     for i, (sources, illum) in enumerate(task.sites):
         try:
             block[i] = load_site(sources, illum, task.size, saturated)
-            pixels += _site_pixels(sources, illum)
+            pixels += _illum(illum[0]).size if illum else 0  # per channel, what was divided
         except BadImage as e:
             failures[i] = str(e)
     if failures:
@@ -204,11 +204,6 @@ def pack_shard(task: ShardTask) -> ShardResult:
         }
         Manifest(task.out).write_shard(task.index, record)
     return ShardResult(task.index, n)
-
-
-def _site_pixels(sources: list[Source], illum: list[str]) -> int:
-    """Raw pixels per channel of a site the illumination correction divided (0 without)."""
-    return int(np.prod(_illum(illum[0]).shape)) if illum else 0
 
 
 ProbeItem = tuple[int, list[Source], list[str], tuple[int, int] | None, int]
