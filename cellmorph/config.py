@@ -388,9 +388,15 @@ def read_tree(path: str | Path | None, overrides: list[str] | None = None) -> di
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:  # a binary file (an image, a checkpoint) given by mistake
+            raise ConfigError(
+                f"config file {p} is not text (byte {e.start} is not UTF-8): give a YAML file"
+            ) from None
+        except yaml.YAMLError as e:  # its message spans lines: keep the error to one
+            raise ConfigError(
+                f"config file {p}: not valid YAML ({' '.join(str(e).split())})"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -17,6 +17,7 @@ table is indexed in seconds.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -99,7 +100,10 @@ class _Rows(NamedTuple):
 
 
 def _encode_raw(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (-1 = missing or blank) and sorted unique names of a label column."""
+    """Codes (-1 = missing, blank, or holding a control character) and sorted unique names of a
+    label column. Labels are trimmed, and spellings that differ only by case are one class (the
+    most frequent spelling, ties by name), the rule conversion applies: a store converted
+    before that rule still cannot split "DMSO" and "dmso" into two classes."""
     if column not in metadata.columns:
         cols = [c for c in metadata.columns if str(c).startswith("Metadata_")]
         raise IndexBuildError(
@@ -108,6 +112,15 @@ def _encode_raw(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, np.nda
         )
     codes, uniques = pd.factorize(metadata[column], sort=False)
     names = np.asarray([str(u).strip() for u in uniques], dtype=object)
+    counts = np.bincount(codes[codes >= 0], minlength=len(names))
+    damaged = np.array([bool(_CONTROL.search(n)) for n in names], dtype=bool)
+    if damaged.any():  # a NUL or a line break inside a label: damage, not a class
+        log.warning(
+            "%d row(s) of column %r have a label holding a control character (%s); they count "
+            "as unlabeled", counts[damaged].sum(), column, ", ".join(map(repr, names[damaged][:3])),
+        )  # fmt: skip
+        names[damaged] = ""
+    names = _merge_case(names, counts, column)
     # Merge values that print alike (1 and "1", "a " and "a") and sort by name in one step.
     sorted_names, remap = np.unique(names, return_inverse=True)
     remap = np.append(remap.astype(np.int64), -1)  # code -1 (missing) maps to -1
@@ -116,6 +129,31 @@ def _encode_raw(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, np.nda
         codes = np.where(codes <= 0, -1, codes - 1)  # blank (0) and missing (-1)
         sorted_names = sorted_names[1:]
     return codes, sorted_names
+
+
+# C0 and C1 control characters (surrounding whitespace is trimmed first).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _merge_case(names: np.ndarray, counts: np.ndarray, column: str) -> np.ndarray:
+    """Per distinct label, its spelling once spellings that differ only by case are merged
+    (the most frequent, ties by name: conversion's ``merge_case``); each merge is logged."""
+    groups: dict[str, dict[str, int]] = {}
+    for name, n in zip(names, counts):
+        if name:
+            spellings = groups.setdefault(name.casefold(), {})
+            spellings[name] = spellings.get(name, 0) + int(n)
+    keep = {}
+    for spellings in groups.values():
+        if len(spellings) > 1:
+            chosen = min(spellings, key=lambda v: (-spellings[v], v))
+            keep.update(dict.fromkeys(spellings, chosen))
+            others = ", ".join(f"{v!r} ({n})" for v, n in sorted(spellings.items()) if v != chosen)
+            log.warning(
+                "column %r: labels that differ only by case are one class: %s -> %r (%d)",
+                column, others, chosen, spellings[chosen],
+            )  # fmt: skip
+    return np.asarray([keep.get(n, n) for n in names], dtype=object)
 
 
 def _select_classes(

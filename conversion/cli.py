@@ -145,11 +145,23 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# metadata.parquet columns that are not metadata: left out of the list a typo is shown.
+_BOOKKEEPING = {cstore.CHECKSUM, cstore.CHUNK_CRC}
+
+
 def _inspect(args: argparse.Namespace) -> int:
     # Only the columns it reports on: every column of millions of rows (five file paths a
     # site) would take GBs.
     st = cstore.open_store(args.store, columns=[args.label_column] if args.label_column else [])
     label = args.label_column or st.attrs.get("label_column")
+    if args.label_column and args.label_column not in st.metadata_columns():
+        # Silently leaving the class counts out would read as "no classes".
+        present = [c for c in st.metadata_columns() if c not in _BOOKKEEPING
+                   and not c.startswith("source_")]  # fmt: skip
+        raise CellmorphError(
+            f"--label-column {args.label_column}: no such column in {st.path}/{cstore.METADATA} "
+            f"(columns present: {', '.join(present)})"
+        )
     if label and label not in st.metadata.columns:
         st = cstore.open_store(args.store, columns=[label])
     print(cstore.dumps(cstore.describe(st, label)))

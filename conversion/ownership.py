@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cellmorph.errors import CellmorphError
+from cellmorph.errors import CellmorphError, fault_message
 
 LOCK, WRITERS, STAGING, OLD = "lock", "writers", "next", "old-"
 WAIT_FOR_WRITERS_S = 60.0
@@ -241,12 +241,26 @@ def _exchange(a: Path, b: Path) -> bool:
 def swap_in(new: Path, out: Path) -> str:
     """Put the finished store ``new`` at ``out``; the replaced one is deleted, or kept aside
     while it has readers. Returns what happened to the old store, for the summary."""
-    if _exchange(new, out):
-        old = new  # the exchange left the old store where the new one was built
-    else:  # two renames: for a moment there is no store at ``out`` (readers retry)
-        old = sidecar(out) / f"{OLD}{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(new, out)
+    aside = sidecar(out) / f"{OLD}{uuid.uuid4().hex[:8]}"
+    try:
+        if _exchange(new, out):
+            old = new  # the exchange left the old store where the new one was built
+        else:  # two renames: for a moment there is no store at ``out`` (readers retry)
+            old = aside
+            os.rename(out, old)
+            os.rename(new, out)
+    except OSError as e:
+        if aside.exists() and not out.exists():
+            os.rename(aside, out)  # the second rename failed: the old store goes back
+        if fault_message(e) is not None:  # a full disk, a read-only mount: said as such
+            raise
+        # EBUSY (``--out`` is a mount point or a working folder), EXDEV...: the old store stays;
+        # the new build is removed rather than left behind as gigabytes nobody will find.
+        shutil.rmtree(new, ignore_errors=True)
+        raise CellmorphError(
+            f"--out {out}: cannot put the new store in place ({e.strerror or e}); the store "
+            "there is unchanged and the new build was removed"
+        ) from None
     return dispose(old)
 
 

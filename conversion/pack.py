@@ -24,6 +24,7 @@ import functools
 import hashlib
 import itertools
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -68,6 +69,14 @@ Mapper = Callable[[Callable[[T], R], Iterable[T]], Iterator[R]]
 PROBE_CHUNK = 64
 HASH_ROWS = 1 << 18
 IN_FLIGHT_PER_WORKER = 4
+SATURATED = 65535  # the largest stored value: anything above is clipped to it
+# An illumination function is a gain map: CellProfiler rescales its functions to a median (or
+# robust minimum) of 1. A median below ILLUM_MIN_MEDIAN multiplies most pixels by more than 10
+# (a function left in CellProfiler's 0-1 intensity units, never rescaled, is ~0.01): bright
+# cells saturate at 65535. A minimum below ILLUM_MIN_RATIO of the median is a pocket of
+# near-zero values that makes its pixels over 100 times brighter than the rest of the field.
+ILLUM_MIN_MEDIAN = 0.1
+ILLUM_MIN_RATIO = 0.01
 
 
 @dataclass(frozen=True)
@@ -185,11 +194,20 @@ def _illum(path: str) -> np.ndarray:
     return np.load(path).astype(np.float32)
 
 
-def load_site(sources: list[Source], illum: list[str], size: int) -> np.ndarray:
-    """Decode one site, divide by its illumination functions, resize: (C, size, size) uint16."""
-    img = read_site(sources)
+def load_site(
+    sources: list[Source], illum: list[str], size: int, saturated: np.ndarray | None = None
+) -> np.ndarray:
+    """Decode one site, divide by its illumination functions, resize: (C, size, size) uint16.
+
+    ``saturated`` (per channel) gains the pixels the division pushed past 65535, which the
+    resize clips: a function on the wrong scale would otherwise whiten cells without a word."""
+    raw = read_site(sources)
+    img = raw
     if illum:
-        img = apply_illum(img, [_illum(p) for p in illum])
+        img = apply_illum(raw, [_illum(p) for p in illum])
+        if saturated is not None:
+            saturated += [np.count_nonzero((c > SATURATED) & (r < SATURATED))
+                          for r, c in zip(raw, img)]  # fmt: skip
     return resize(img, size)
 
 
@@ -200,9 +218,12 @@ def pack_shard(task: ShardTask) -> ShardResult:
     arr = cstore.open_images(task.out)
     block = np.zeros((n, *arr.shape[1:]), dtype=np.uint16)
     failures: dict[int, str] = {}
+    saturated = np.zeros(arr.shape[1], dtype=np.int64)
+    pixels = 0
     for i, (sources, illum) in enumerate(task.sites):
         try:
-            block[i] = load_site(sources, illum, task.size)
+            block[i] = load_site(sources, illum, task.size, saturated)
+            pixels += _illum(illum[0]).size if illum else 0  # per channel, what was divided
         except BadImage as e:
             failures[i] = str(e)
     if failures:
@@ -218,6 +239,8 @@ def pack_shard(task: ShardTask) -> ShardResult:
             "checksums": [cstore.image_checksum(b) for b in block],
             "chunk_crcs": cstore.shard_chunk_crcs(task.out, arr, task.index, n),
             "sums": cstore.sums_by_group(block, task.groups),
+            "saturated": saturated.tolist(),  # per channel, by the illumination correction
+            "pixels": pixels,  # per channel, of the raw images the correction divided
         }
         Manifest(task.out).write_shard(task.index, record)
     return ShardResult(task.index, n)
@@ -289,7 +312,26 @@ def check_illum(path: str) -> tuple[int, ...]:
             f"illumination function {path} has {not_positive} zero or negative value(s) of "
             f"{fn.size}: dividing by it would saturate the channel (recompute it)"
         )
+    _check_illum_scale(path, np.asarray(fn, dtype=np.float64))
     return tuple(fn.shape)
+
+
+def _check_illum_scale(path: str, fn: np.ndarray) -> None:
+    """Stop on a function whose values would saturate pixels (:data:`ILLUM_MIN_MEDIAN`)."""
+    median, low = float(np.median(fn)), float(fn.min())
+    if median < ILLUM_MIN_MEDIAN:
+        raise CellmorphError(
+            f"illumination function {path} has median {median:.3g}: dividing by it multiplies "
+            f"pixels by ~{1 / median:.3g} and saturates bright ones at {SATURATED}. "
+            "CellProfiler's functions are rescaled to ~1 (CorrectIlluminationCalculate, "
+            "rescale: Yes); recompute or rescale it"
+        )
+    if low < ILLUM_MIN_RATIO * median:
+        raise CellmorphError(
+            f"illumination function {path} has minimum {low:.3g}, below {ILLUM_MIN_RATIO} of "
+            f"its median {median:.3g}: those pixels would be {median / low:.3g} times brighter "
+            f"than the rest of the field and saturate at {SATURATED}; recompute it"
+        )
 
 
 def _illum_shape(paths: list[str]) -> tuple[int, int]:
@@ -471,6 +513,22 @@ def older_format(out: str | Path) -> bool:
     return isinstance(version, int) and version < cstore.FORMAT_VERSION
 
 
+def local_out(out: str) -> str:
+    """``--out`` as the path to write. A link is followed (swap the folder, never the link),
+    and so are ``.`` and ``..`` (``s.zarr/images/..`` is ``s.zarr``: its writer's folder and
+    the swap must be beside the store, not inside it); a loop of links stops with one line."""
+    if not ownership.is_local(out):
+        return out
+    try:
+        real = os.path.realpath(out, strict=True)
+    except FileNotFoundError:  # not there yet (or a link to a store still to be written)
+        real = os.path.realpath(out)
+    except OSError as e:  # ELOOP, ENOTDIR: no folder can ever be written there
+        raise CellmorphError(f"--out {out}: cannot be a store path ({e.strerror})") from None
+    dots = any(part in (".", "..") for part in Path(out).parts) or out.rstrip("/").endswith("/.")
+    return real if os.path.islink(out) or dots else out
+
+
 def check_out(out: str, kind: str) -> None:
     """``--out`` must be absent, empty or a cellmorph store: cellmorph deletes nothing else."""
     if kind == "file":
@@ -604,6 +662,7 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
                           zarr_format=3)  # fmt: skip
     shard = int(arr.shards[0])
     sums: list[dict[str, Any]] = []
+    saturated = {"saturated": np.zeros(len(cfg.channels), dtype=np.int64), "pixels": 0}
 
     def parts() -> Iterator[pd.DataFrame]:  # one shard's rows at a time
         for start in range(0, len(plan), shard):
@@ -611,6 +670,8 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
             if record is None:  # cannot happen after pack_all; never write rows without one
                 raise CellmorphError(f"{out}: shard {start // shard} has no record; convert again")
             sums.append(record["sums"])
+            for k in saturated:
+                saturated[k] += record.get(k, 0)
             yield store_metadata(plan.iloc[start : start + shard], record, cfg)
 
     quarantine = quarantine_rows(inputs, manifest.bad())
@@ -618,8 +679,32 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
     cstore.write_quarantine(out, quarantine)
     rows = np.unique(np.linspace(0, len(plan) - 1, min(len(plan), cfg.stats_images)).astype(int))
     attrs = store_stats(sums, np.stack([arr[int(i)] for i in rows]), cfg)
+    if cfg.illum_dir:
+        attrs["illumination_saturated"] = saturation(cfg.channels, **saturated)
     cstore.write_attrs(
         out, {**attrs, "images": len(plan), "quarantined": len(quarantine), "complete": True}
+    )
+
+
+def saturation(channels: list[str], saturated: np.ndarray, pixels: int) -> dict[str, Any]:
+    """Per channel, the pixels the illumination correction saturated and their fraction."""
+    return {
+        ch: {"pixels": int(n), "fraction": float(n) / pixels if pixels else 0.0}
+        for ch, n in zip(channels, saturated)
+    }
+
+
+def saturation_warning(saturated: dict[str, Any] | None) -> str | None:
+    """One line naming each channel whose pixels the correction saturated, with the fraction."""
+    hit = {ch: v for ch, v in (saturated or {}).items() if v["pixels"]}
+    if not hit:
+        return None
+    parts = ", ".join(
+        f"{ch} {100 * v['fraction']:.3g}% ({v['pixels']} pixels)" for ch, v in hit.items()
+    )
+    return (
+        f"warning: the illumination correction saturated pixels at {SATURATED}: {parts}; those "
+        "pixels lost their values: check that the functions are rescaled to ~1"
     )
 
 
@@ -668,8 +753,7 @@ def convert(
     out = str(out).removeprefix("file://")
     if not out.strip():
         raise CellmorphError("--out is empty; give the path of the store to write")
-    if ownership.is_local(out) and os.path.islink(out):
-        out = os.path.realpath(out)  # swap the folder, never the link
+    out = local_out(out)
     check_out(out, out_kind(out))  # before reading anything
     check_inputs_outside(out, input_paths(cfg))
     with ownership.hold(out) as owner:
@@ -709,7 +793,12 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
     replaced = ownership.swap_in(Path(target), Path(out)) if target != out else None
     unfinished = owner is not None and ownership.staging(out).exists()
     group = zarr.open_group(store=cstore.zarr_store(out, True), mode="r", zarr_format=3)
+    saturated = group.attrs.get("illumination_saturated")
+    warning = saturation_warning(saturated)
+    if warning:  # on every run, also "nothing to do": the store keeps those pixels
+        print(warning, file=sys.stderr)
     return {
+        "illumination_saturated": saturated,
         "store": out,
         "images": int(group.attrs["images"]),
         "written": written,

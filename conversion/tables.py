@@ -6,6 +6,7 @@ per channel) would take ~2 KB a site: 6 GB for the JUMP pilot's 3 M sites."""
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,9 @@ from cellmorph.store import KEYS, PLATE, SITE, WELL
 
 DIR, FILE = "_dir_", "_file_"
 BLOCK_ROWS = 200_000
-__all__ = ["BLOCK_ROWS", "DIR", "FILE", "KEYS", "Inputs", "as_text", "compact_text", "drop_rows",
-           "quarantine_row", "read_csv", "require_columns", "set_sources", "site_paths",
-           "site_sources", "sniff_separator", "split_paths"]  # fmt: skip
+__all__ = ["BLOCK_ROWS", "DIR", "FILE", "KEYS", "Inputs", "as_text", "check_header", "compact_text",
+           "drop_rows", "quarantine_row", "read_csv", "require_columns", "set_sources",
+           "site_paths", "site_sources", "sniff_separator", "split_paths"]  # fmt: skip
 
 
 @dataclass
@@ -132,6 +133,7 @@ def read_csv(
     opts: dict[str, Any] = dict(keep_default_na=False, na_values=[], encoding="utf-8-sig")
     try:
         opts["sep"] = sniff_separator(p)
+        check_header(p, what, opts["sep"])
         header = pd.read_csv(p, nrows=0, **opts).columns
         text = [
             c
@@ -151,6 +153,21 @@ def read_csv(
         raise CellmorphError(f"{what} {p} is not a readable CSV or TSV ({e})") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
+
+
+def check_header(path: Path, what: str, sep: str) -> None:
+    """Stop on a column named twice (after trimming spaces): pandas would read the second as
+    ``<name>.1`` and every reader would take the first without a word, whichever is right."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        header = next(csv.reader(f, delimiter=sep), [])
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header, start=1):
+        first = seen.setdefault(name.strip(), i)
+        if first != i:
+            raise CellmorphError(
+                f"{what} {path} names column {name.strip()!r} twice (columns {first} and {i}); "
+                "which one holds the data cannot be guessed: rename or remove one"
+            )
 
 
 def _released(block: pd.DataFrame) -> pd.DataFrame:
