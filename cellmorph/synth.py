@@ -31,6 +31,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -40,12 +41,14 @@ from tqdm import tqdm
 from cellmorph import atomic
 from cellmorph.config import SynthConfig
 from cellmorph.errors import CellmorphError
+from cellmorph.synth_real import CHANNELS, Texture, draw_field
 
 # Bump when the pixels or the CSV change, so a cached plate is regenerated.
 GENERATOR_VERSION = 1
 CSV_NAME = "load_data.csv"
 SETTINGS_NAME = "synth.json"
-CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")  # order of the rendered array
+Replace = Literal["same", "synth", "all"]  # what an output folder may hold (_check_out)
+LOCATIONS = "locations"  # real scale: <out>/locations/<plate>/<well>-<site>-Nuclei.csv
 PHENIX_CHANNEL = {"Mito": 1, "AGP": 2, "RNA": 3, "ER": 4, "DNA": 5}  # CPJUMP1 ch numbers
 ROW_LETTERS = "ABCDEFGHIJKLMNOP"
 
@@ -85,6 +88,7 @@ class Treatment:
     er_intensity: float = 1.0
     er_texture: float = 0.0
     responders: float = 1.0
+    texture: Texture = Texture()  # real scale only (synth.nucleus_diameter): 1-4 px patterns
 
 
 # The JUMP-CP compound positive controls plus DMSO. Effects follow the mechanism loosely
@@ -96,32 +100,42 @@ TREATMENTS: tuple[Treatment, ...] = (
     Treatment(
         "AMG900", "SYN-0001", "poscon", weight=3,
         nucleus_scale=1.55, cell_scale=1.3, density=0.65, responders=0.85,
+        texture=Texture(chromatin=0.55, nucleoli=0.5),
     ),
     Treatment(
         "FK-866", "SYN-0002", "poscon", weight=3,
         mito_puncta=0.45, mito_intensity=0.6, responders=0.8,
+        texture=Texture(mito_fragmentation=0.95),
     ),
     Treatment(
         "NVS-PAK1-1", "SYN-0003", "poscon", weight=2,
         actin_ring=1.8, actin_texture=0.5, cell_scale=0.92, responders=0.75,
+        texture=Texture(actin_fibres=0.8),
     ),
     Treatment(
         "aloxistatin", "SYN-0004", "poscon", weight=2,
         er_texture=0.6, er_intensity=1.35, responders=0.75,
+        texture=Texture(er_grain=0.8),
     ),
     Treatment(
         "TC-S-7004", "SYN-0005", "poscon", weight=1,
         nucleus_elongation=0.6, nucleus_scale=1.1, responders=0.7,
+        texture=Texture(nucleoli=1.0, chromatin=0.3),
     ),
     Treatment(
         "LY2109761", "SYN-0006", "poscon", weight=2,
         cell_scale=1.08, er_intensity=1.1, actin_ring=1.15, responders=0.6,
+        texture=Texture(actin_fibres=0.35, er_grain=0.4),
     ),
     Treatment(
         "dexamethasone", "SYN-0007", "poscon", weight=2,
         cell_scale=1.06, nucleus_scale=1.04, responders=0.6,
+        texture=Texture(chromatin=0.3),
     ),
-    Treatment("quinidine", "SYN-0008", "poscon", weight=1, mito_intensity=1.08, responders=0.5),
+    Treatment(
+        "quinidine", "SYN-0008", "poscon", weight=1, mito_intensity=1.08, responders=0.5,
+        texture=Texture(mito_fragmentation=0.45),
+    ),
 )  # fmt: skip
 
 
@@ -436,9 +450,15 @@ def phenix_name(row: int, col: int, site: int, channel: str) -> str:
     return f"r{row + 1:02d}c{col + 1:02d}f{site:02d}p01-ch{ch}sk1fk1fl1.tiff"
 
 
+REAL_SCALE_FIELDS = {"nucleus_diameter", "cells_per_field", "texture_only"}
+
+
 def _settings(cfg: SynthConfig) -> dict:
-    # ``out`` is left out: the same settings written elsewhere give the same files.
-    return {"generator_version": GENERATOR_VERSION, **cfg.model_dump(mode="json", exclude={"out"})}
+    # ``out`` is left out: the same settings written elsewhere give the same files. So are the
+    # real-scale fields at thumbnail scale: they change nothing there, and a plate written
+    # before they existed stays current.
+    exclude = {"out"} | (REAL_SCALE_FIELDS if cfg.nucleus_diameter is None else set())
+    return {"generator_version": GENERATOR_VERSION, **cfg.model_dump(mode="json", exclude=exclude)}
 
 
 def _read_settings(out: Path) -> dict | None:
@@ -487,15 +507,40 @@ def _csv_record(plate: str, row: int, col: int, site: int, t: Treatment) -> dict
     return rec
 
 
-def _prepare_out(out: Path, cfg: SynthConfig) -> None:
-    """Create ``out`` and mark it as being (re)generated; refuse to overwrite foreign data."""
+def _check_out(out: Path, cfg: SynthConfig, replace: Replace) -> None:
+    """Refuse a folder whose files this run would overwrite, unless ``replace`` allows it.
+
+    ``"same"``: only an empty folder or one holding this very plate (same settings: rewritten
+    byte for byte); ``"synth"``: also a plate synth wrote with other settings (the demo's own
+    folder); ``"all"``: anything (``--overwrite``).
+    """
     if out.exists() and not out.is_dir():
         raise CellmorphError(f"synth.out {out} exists and is not a folder")
-    if (out / CSV_NAME).exists() and _read_settings(out) is None:
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    settings = _read_settings(out) if entries else None
+    if not entries or replace == "all":
+        return
+    if settings is None:
+        what = f"a {CSV_NAME}" if CSV_NAME in entries else ", ".join(entries[:3])
         raise CellmorphError(
-            f"synth.out {out} holds a {CSV_NAME} that synth did not write (no {SETTINGS_NAME}); "
-            "choose another folder"
+            f"synth.out {out} holds {what}{' ...' if len(entries) > 3 else ''} that synth did "
+            f"not write (no {SETTINGS_NAME}); its files could be overwritten: choose an empty "
+            "folder, or --overwrite"
         )
+    mine = _settings(cfg)
+    changed = sorted(k for k in mine.keys() | settings.keys() - {"complete"}
+                     if mine.get(k) != settings.get(k))  # fmt: skip
+    if changed and replace == "same":
+        raise CellmorphError(
+            f"synth.out {out} holds a plate generated with other settings "
+            f"({', '.join(f'{k}={settings.get(k)}' for k in changed)}); its TIFFs would be "
+            "overwritten: choose another folder, or --overwrite"
+        )
+
+
+def _prepare_out(out: Path, cfg: SynthConfig, replace: Replace) -> None:
+    """Create ``out`` and mark it as being (re)generated; refuse to overwrite foreign data."""
+    _check_out(out, cfg, replace)
     try:
         out.mkdir(parents=True, exist_ok=True)
         # Until the new CSV is written, a rerun must regenerate (an interrupted run included).
@@ -513,18 +558,41 @@ def _write_site(folder: Path, rec: dict, img: np.ndarray) -> None:
         tifffile.imwrite(path, img[i], photometric="minisblack", metadata=None)
 
 
-def generate_plate(cfg: SynthConfig, *, progress: bool = True) -> Path:
+def draw_real_site(
+    rng: np.random.Generator, cfg: SynthConfig, t: Treatment, plate: Nuisance, well: Nuisance
+) -> tuple[np.ndarray, np.ndarray]:
+    """One field at the pilot's physical scale (``cfg.nucleus_diameter`` set): a (5, size, size)
+    uint16 array in :data:`CHANNELS` order and the nucleus centres, (n, 2) as (x, y) px."""
+    signal, centres = draw_field(rng, cfg.size, float(cfg.nucleus_diameter or 0.0),
+                                 cfg.cells_per_field, t, well, cfg.texture_only)  # fmt: skip
+    signal *= _vignette(cfg.size)[None]
+    signal *= (plate.gain * well.gain)[:, None, None]
+    return _camera(rng, signal), centres
+
+
+def _write_locations(out: Path, rec: dict, centres: np.ndarray) -> None:
+    """The nucleus centres in DeepProfiler's layout: locations/<plate>/<well>-<site>-Nuclei.csv."""
+    name = f"{rec['Metadata_Well']}-{rec['Metadata_Site']}-Nuclei.csv"
+    frame = pd.DataFrame(np.round(centres, 2),
+                         columns=["Nuclei_Location_Center_X", "Nuclei_Location_Center_Y"])  # fmt: skip
+    atomic.write_with(out / LOCATIONS / rec["Metadata_Plate"] / name,
+                      lambda p: frame.to_csv(p, index=False))  # fmt: skip
+
+
+def generate_plate(cfg: SynthConfig, *, progress: bool = True, replace: Replace = "synth") -> Path:
     """Write the synthetic plates and their LoadData CSV into ``cfg.out``; return the CSV path.
 
     Deterministic for the settings (byte-identical files); returns at once when ``cfg.out``
-    already holds a complete plate generated with the same settings. Regenerating over an
-    earlier, larger plate leaves its extra TIFFs in place; the new CSV does not list them.
+    already holds a complete plate generated with the same settings. ``replace`` says what
+    else ``cfg.out`` may hold (:func:`_check_out`). Regenerating over an earlier, larger plate
+    leaves its extra TIFFs in place; the new CSV does not list them. At real scale
+    (``cfg.nucleus_diameter``) the nucleus centres are written under ``locations/``.
     """
     out = Path(cfg.out)
     csv_path = out / CSV_NAME
     if _is_current(out, cfg):
         return csv_path
-    _prepare_out(out, cfg)
+    _prepare_out(out, cfg, replace)
     sites = _site_rows(cfg)
     plates = [_plate_nuisance(cfg.seed, p) for p in range(cfg.plates)]
     records = []
@@ -535,8 +603,12 @@ def generate_plate(cfg: SynthConfig, *, progress: bool = True) -> Path:
             # One generator per site, keyed by its position: any site can be redrawn alone.
             rng = np.random.default_rng([cfg.seed, 4, p, r, c, site])
             well = _well_nuisance(cfg.seed, p, r, c)
-            img = draw_site(rng, cfg.size, cfg.cells_per_site, t, plates[p], well)
             rec = _csv_record(plate_name(p), r, c, site, t)
+            if cfg.nucleus_diameter is None:
+                img = draw_site(rng, cfg.size, cfg.cells_per_site, t, plates[p], well)
+            else:
+                img, centres = draw_real_site(rng, cfg, t, plates[p], well)
+                _write_locations(out, rec, centres)
             _write_site(out / rec["PathName_OrigDNA"], rec, img)
             records.append(rec)
             bar.update(len(CHANNELS))
