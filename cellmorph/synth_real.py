@@ -294,12 +294,15 @@ def draw_field(
     density = well.density * (treatment.density if shape_too else 1.0)
     n = int(rng.poisson(cells_per_field * (size / REAL_SIZE) ** 2 * density))
     spacing = SPACING * CELL_TO_NUCLEUS * 0.5 * d
-    fields = texture_fields(rng, size)
+    # Geometry and texture draw from separate streams: with texture_only, one seed gives the
+    # same cells, in the same places, under every treatment.
+    geometry, texture = rng.spawn(2)
+    fields = texture_fields(texture, size)
     signal = np.zeros((len(CHANNELS), size, size), dtype=np.float32)
     centres = []
-    for y, x in colony_positions(rng, n, size, spacing):
-        cell = draw_cell(rng, float(y), float(x), d, treatment, only_texture)
-        paint_cell(rng, signal, cell, fields)
+    for y, x in colony_positions(geometry, n, size, spacing):
+        cell = draw_cell(geometry, float(y), float(x), d, treatment, only_texture)
+        paint_cell(texture, signal, cell, fields)
         centres.append((cell.nucleus_x, cell.nucleus_y))
     signal += _haze(signal)
     signal += np.array([BACKGROUND[c] for c in CHANNELS], np.float32)[:, None, None]
