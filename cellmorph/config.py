@@ -50,7 +50,7 @@ class SynthConfig(Section):
         "(the pilot's is 29.8 at 1080 px); cells_per_site is then ignored",
     )  # fmt: skip
     cells_per_field: float = Field(
-        100.0, gt=0.0, description="real scale: expected cells per 1080 x 1080 px of field"
+        110.0, gt=0.0, description="real scale: expected cells per 1080 x 1080 px of field"
     )
     texture_only: bool = Field(
         False,

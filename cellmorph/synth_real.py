@@ -289,9 +289,10 @@ def draw_field(
     """Photons of one real-scale field (5, size, size) float32, and the nucleus centres (n, 2)
     as (x, y) px. Gains, vignette and camera are the caller's."""
     shape_too = not only_texture
-    # Nuclear size varies little between DMSO wells of a plate: half the thumbnail's jitter.
+    # Nuclear size and cell density vary less between DMSO wells of a plate than in the
+    # thumbnails (whose wells must differ visibly in ~14 cells): half the jitter, in log terms.
     d = diameter * math.sqrt(well.size)
-    density = well.density * (treatment.density if shape_too else 1.0)
+    density = math.sqrt(well.density) * (treatment.density if shape_too else 1.0)
     n = int(rng.poisson(cells_per_field * (size / REAL_SIZE) ** 2 * density))
     spacing = SPACING * CELL_TO_NUCLEUS * 0.5 * d
     # Geometry and texture draw from separate streams: with texture_only, one seed gives the
