@@ -120,6 +120,11 @@ class NucleiConfig(Section):
         description="global threshold of the log-intensities: otsu, or li (minimum cross "
         "entropy, CellProfiler's default)",
     )
+    min_contrast: float = Field(
+        2.0, ge=1.0,
+        description="the threshold is at least this x the 1st percentile (the background), so "
+        "a field without nuclei yields none rather than the brightest noise",
+    )  # fmt: skip
     split_distance: float = Field(
         0.3, gt=0.0, le=2.0,
         description="touching nuclei are split at distance-transform peaks at least this "

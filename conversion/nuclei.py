@@ -6,6 +6,7 @@ IdentifyPrimaryObjects finds them: smooth, threshold, split touching nuclei, fil
    a decade of brightness, and on a linear scale the brightest (mitotic) ones pull it up.
 3. Touching nuclei are split by a watershed of the distance transform seeded at its peaks
    (``peak_local_max`` at least ``split_distance`` x diameter apart).
+   The threshold is at least ``min_contrast`` x the background (1st percentile).
 4. Objects outside [min_area, max_area] x the expected area, and (by default) those touching
    the border, are dropped.
 
@@ -52,7 +53,9 @@ def segment(dna: np.ndarray, cfg: NucleiConfig) -> np.ndarray:
     if logs.max() <= logs.min():  # a flat plane (blank or saturated): nothing to separate
         return np.zeros(dna.shape, dtype=np.int32)
     expected = math.pi * cfg.diameter**2 / 4
-    mask = logs > _THRESHOLDS[cfg.threshold](logs)
+    # A global threshold always splits something: in an empty field, the noise.
+    floor = math.log1p(cfg.min_contrast * np.percentile(img, 1))
+    mask = logs > max(float(_THRESHOLDS[cfg.threshold](logs)), floor)
     # Specks far below a nucleus would each seed a watershed basin; holes are dim chromatin.
     mask = morphology.remove_small_objects(mask, max_size=int(0.1 * expected))
     mask = ndimage.binary_fill_holes(mask)

@@ -13,7 +13,6 @@ from scipy.spatial import cKDTree
 from cellmorph.config import ConvertConfig, NucleiConfig, load_config
 from cellmorph.errors import CellmorphError
 from conversion.nuclei import COLUMNS, find_all, find_nuclei
-from conversion.pack import ProcessMapper
 
 REAL = Path(__file__).parent / "data" / "cpg0000_BR00116991_A01_f01"
 DNA = "r01c01f01p01-ch5sk1fk1fl1.tiff"
@@ -54,6 +53,13 @@ def test_touching_nuclei_are_split_and_the_size_filter_applies() -> None:
     assert len(find_nuclei(img, NucleiConfig(diameter=30, split_distance=2.0))) == 1
 
 
+def test_a_field_without_nuclei_has_none() -> None:
+    rng = np.random.default_rng(0)
+    empty = rng.normal(400, 20, (540, 540)).clip(0).astype(np.uint16)  # background and noise
+    assert len(find_nuclei(empty, NucleiConfig())) == 0
+    assert len(find_nuclei(np.zeros((64, 64), np.uint16), NucleiConfig())) == 0
+
+
 def _loaddata(tmp_path: Path, planes: dict[tuple[str, str, int], np.ndarray | None]) -> Path:
     rows = []
     for (plate, well, site), plane in planes.items():
@@ -83,11 +89,7 @@ def test_parallel_run_over_sites_matches_one_process(real_dna: np.ndarray, tmp_p
     csv = _loaddata(tmp_path, sites)
     convert = ConvertConfig(load_data=str(csv))
     one = find_all(NucleiConfig(workers=1), convert, str(tmp_path / "one.csv"))
-    pool = ProcessMapper(2)
-    try:
-        two = find_all(NucleiConfig(workers=2), convert, str(tmp_path / "two.csv"), mapper=pool)
-    finally:
-        pool.close()
+    two = find_all(NucleiConfig(workers=2), convert, str(tmp_path / "two.csv"))  # a pool
     assert one["sites"] == two["sites"] == 4 and one["nuclei"] == two["nuclei"] > 60
     a, b = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
     assert list(a.columns) == COLUMNS
