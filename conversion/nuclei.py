@@ -37,10 +37,11 @@ from cellmorph.errors import CellmorphError
 from cellmorph.store import KEYS
 from conversion.layouts import load_inputs, no_valid_sites, summarize_reasons
 from conversion.pack import Mapper, ProcessMapper, inline_map
-from conversion.tables import site_sources
+from conversion.tables import Inputs, site_sources
 from conversion.tiffs import BadImage, Source, read_site
 
 COLUMNS = [*KEYS, "ObjectNumber", "Location_Center_X", "Location_Center_Y", "AreaShape_Area"]
+TASK_BLOCK = 4096
 _THRESHOLDS = {"otsu": filters.threshold_otsu, "li": filters.threshold_li}
 
 
@@ -113,20 +114,25 @@ def run_site(task: SiteTask) -> SiteResult:
     return SiteResult(task.keys, find_nuclei(plane, task.cfg))
 
 
-def nuclei_inputs(cfg: NucleiConfig, convert: ConvertConfig) -> tuple[list[SiteTask], list]:
-    """The sites to segment (read as convert reads them) and the layout's quarantine rows."""
-    # Only the nuclear channel is read. A multi-channel file's order comes from file_channels,
-    # or else from convert.channels (the order convert would assume).
-    file_channels = convert.file_channels or list(convert.channels)
-    settings = {"channels": [cfg.channel], "allow_unlabeled": True}
+def nuclei_inputs(cfg: NucleiConfig, convert: ConvertConfig) -> Inputs:
+    """The sites to segment, read as convert reads them (only the nuclear channel's files)."""
+    # A multi-channel file's order comes from file_channels, or else from convert.channels
+    # (the order convert would assume).
+    settings: dict[str, Any] = {"channels": [cfg.channel], "allow_unlabeled": True}
     if convert.images:
-        settings["file_channels"] = file_channels
-    inputs = load_inputs(convert.model_copy(update=settings))
+        settings["file_channels"] = convert.file_channels or list(convert.channels)
+    return load_inputs(convert.model_copy(update=settings))
+
+
+def site_tasks(inputs: Inputs, cfg: NucleiConfig) -> Iterator[SiteTask]:
+    """One task per site, built a block at a time as the mapper asks for them: a task per site
+    for millions of sites at once would be GBs of Python objects."""
     sites = inputs.sites
-    keys = zip(*(sites[k].astype(str) for k in KEYS))
-    sources = site_sources(sites, [cfg.channel], inputs.pages)
-    tasks = [SiteTask(k, s, cfg) for k, s in zip(keys, sources)]
-    return tasks, inputs.quarantine
+    for start in range(0, len(sites), TASK_BLOCK):
+        block = sites.iloc[start : start + TASK_BLOCK]
+        keys = zip(*(block[k].astype(str) for k in KEYS))
+        sources = site_sources(block, [cfg.channel], inputs.pages)
+        yield from (SiteTask(k, s, cfg) for k, s in zip(keys, sources))
 
 
 def _rows(result: SiteResult) -> Iterator[list[Any]]:
@@ -158,6 +164,8 @@ def _stream(results: Iterator[SiteResult], target: Any, total: int, summary: dic
             writer.writerows(_rows(result))
             summary["sites"] += 1
             summary["nuclei"] += len(result.nuclei)
+        if summary["sites"] == 0:  # raised here, the temporary file is removed, not renamed
+            raise no_valid_sites(summary["skipped"], None)
 
 
 def find_all(
@@ -173,22 +181,21 @@ def find_all(
         raise CellmorphError(f"--out {out} is a folder; give the CSV file to write")
     url = cstore.is_url(out)
     folder, _, name = out.rpartition("/") if url else (str(Path(out).parent), "", Path(out).name)
-    tasks, quarantine = nuclei_inputs(cfg, convert)
-    if not tasks:
-        raise no_valid_sites(quarantine, None)
+    inputs = nuclei_inputs(cfg, convert)
+    if len(inputs.sites) == 0:
+        raise no_valid_sites(inputs.quarantine, None)
     summary: dict[str, Any] = {"out": out, "sites": 0, "nuclei": 0, "skipped": []}
     summary["skipped"] += [{"site": "/".join(str(q.get(k, "")) for k in ("plate", "well", "site")),
-                            "reason": q["reason"]} for q in quarantine]  # fmt: skip
+                            "reason": q["reason"]} for q in inputs.quarantine]  # fmt: skip
     pool = ProcessMapper(cfg.workers) if mapper is None and cfg.workers > 1 else None
     run = mapper or pool or inline_map
     try:
-        results = run(run_site, tasks)
-        cstore.write_file(folder, name, lambda t: _stream(results, t, len(tasks), summary))
+        results = run(run_site, site_tasks(inputs, cfg))
+        n = len(inputs.sites)
+        cstore.write_file(folder, name, lambda t: _stream(results, t, n, summary))
     finally:
         if pool is not None:
             pool.close()
-    if summary["sites"] == 0:
-        raise no_valid_sites(summary["skipped"], None)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["reasons"] = summarize_reasons(s["reason"] for s in summary["skipped"])
     return summary

@@ -126,6 +126,14 @@ def test_cli_skips_unreadable_sites_and_prints_the_reasons(
     df = pd.read_csv(out)
     assert set(df["Metadata_Well"]) == {"A01"} and len(df) > 40
     assert df["AreaShape_Area"].min() >= 0.25 * np.pi * 29.8**2 / 4
+    # Nothing readable: a one-line stop, and no CSV left behind.
+    for name in ("P1_A01_1_DNA.tiff", "P1_A01_2_DNA.tiff", "P2_A01_1_DNA.tiff"):
+        (tmp_path / name).unlink()
+    other = tmp_path / "none.csv"
+    args = build_parser().parse_args([*argv[:-3], str(other), "--workers", "1"])
+    with pytest.raises(CellmorphError, match="no valid sites: all 5 inputs"):
+        args.func(args)
+    assert not other.exists() and not list(tmp_path.glob(".none.csv*"))
 
 
 def test_cli_reads_the_folder_layout_as_convert_does(real_dna: np.ndarray, tmp_path: Path) -> None:
