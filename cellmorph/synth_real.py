@@ -163,6 +163,7 @@ class Fields:
 
 
 def texture_fields(rng: np.random.Generator, size: int) -> Fields:
+    """The site's grain (DNA 1 px, ER 1.2 px) and mitochondria (network at 2 px, puncta at 1 px)."""
     return Fields(
         grain_dna=unit_noise(rng, size, 1.0),
         grain_er=unit_noise(rng, size, 1.2),
@@ -177,10 +178,13 @@ def _lognormal_grain(grain: np.ndarray, contrast: float) -> np.ndarray:
 
 
 def _sigmoid(distance: np.ndarray, width: float) -> np.ndarray:
+    """1 inside (distance < 0), 0 outside, with a soft edge ``width`` px wide."""
     return 1.0 / (1.0 + np.exp(np.clip(distance / width, -30.0, 30.0)))
 
 
-def _nucleoli(rng: np.random.Generator, cell: RealCell, ys: np.ndarray, xs: np.ndarray):
+def _nucleoli(
+    rng: np.random.Generator, cell: RealCell, ys: np.ndarray, xs: np.ndarray
+) -> np.ndarray:
     """Nucleoli as Gaussian spots inside the nucleus: more and smaller as ``nucleoli`` -> 1,
     with the same total (integral) so that RNA's mean does not move."""
     frag = cell.texture.nucleoli
@@ -237,7 +241,15 @@ def paint_cell(rng: np.random.Generator, signal: np.ndarray, cell: RealCell, f: 
     patch[4] += b["Mito"] * 0.5 * cyto_only * (0.2 + 0.8 * perinuclear) * mito
 
 
-def _paint_actin(rng, agp: np.ndarray, cell: RealCell, bright: float, cyto, edge_c, yx) -> None:
+def _paint_actin(
+    rng: np.random.Generator,
+    agp: np.ndarray,
+    cell: RealCell,
+    bright: float,
+    cyto: np.ndarray,
+    edge_c: np.ndarray,
+    yx: tuple[np.ndarray, np.ndarray],
+) -> None:
     """Cortical ring, parallel fibres (4 px period) across the cell, and a Golgi spot."""
     y, x = yx
     theta, phase = rng.uniform(0.0, math.pi), rng.uniform(0.0, 2 * math.pi)
