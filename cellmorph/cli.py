@@ -29,10 +29,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from cellmorph.config import Config, validate
     from cellmorph.synth import CHANNELS, generate_plate
 
-    fields = ("seed", "plates", "rows", "cols", "sites", "size")
+    fields = ("seed", "plates", "rows", "cols", "sites", "size", "nucleus_diameter",
+              "cells_per_field")  # fmt: skip
     given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    if args.texture_only:
+        given["texture_only"] = True
     cfg = validate(Config, {"synth": {"out": args.out, **given}}, "invalid option").synth
-    csv_path = generate_plate(cfg, progress=not args.quiet)
+    # A folder may hold only this very plate, unless --overwrite: its TIFFs would be replaced.
+    replace = "all" if args.overwrite else "same"
+    csv_path = generate_plate(cfg, progress=not args.quiet, replace=replace)
     df = pd.read_csv(csv_path)
     print(csv_path)
     print(
@@ -175,6 +180,23 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--size", type=int, help=f"image side in px; the pilot's is 1080 (default {d.size})"
     )
+    p.add_argument(
+        "--nucleus-diameter", type=float,
+        help="real scale: nucleus diameter in px, fixed whatever --size (the pilot's: 29.8 at "
+        "1080); default: thumbnail scale, cells grow with --size",
+    )  # fmt: skip
+    p.add_argument(
+        "--cells-per-field", type=float,
+        help=f"real scale: cells per 1080 x 1080 px (default {d.cells_per_field:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--texture-only", action="store_true",
+        help="real scale: treatments differ only in 1-4 px texture, not in size or intensity",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="write into a folder that holds other files or another plate (same names replaced)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 

@@ -44,6 +44,26 @@ class SynthConfig(Section):
     sites: int = Field(4, ge=1)
     size: int = Field(96, ge=32)
     cells_per_site: int = Field(14, ge=1)
+    # Real scale (None: the thumbnail scale above, whose cells grow with ``size``).
+    nucleus_diameter: float | None = Field(
+        None, gt=0.0,
+        description="draw at a fixed physical scale: mean nucleus equivalent diameter in px "
+        "(the pilot's is 29.8 at 1080 px); cells_per_site is then ignored",
+    )  # fmt: skip
+    cells_per_field: float = Field(
+        110.0, gt=0.0, description="real scale: expected cells per 1080 x 1080 px of field"
+    )
+    texture_only: bool = Field(
+        False,
+        description="real scale: treatments differ only in texture (1-4 px: chromatin, "
+        "nucleoli, mitochondria, ER, actin), not in size, shape, intensity or density",
+    )
+
+    @model_validator(mode="after")
+    def _texture_needs_real_scale(self) -> SynthConfig:
+        if self.texture_only and self.nucleus_diameter is None:
+            raise ValueError("synth.texture_only needs synth.nucleus_diameter (real scale)")
+        return self
 
 
 class ConvertConfig(Section):
@@ -90,6 +110,46 @@ class ConvertConfig(Section):
         description="largest plane (height x width) decoded; a larger TIFF is quarantined from "
         "its header (fields are 1080-2160 px; a 20000x20000 plane decodes to GBs)",
     )
+
+
+class NucleiConfig(Section):
+    """Finding nuclei on the DNA channel (``cellmorph nuclei``); defaults fit the JUMP pilot."""
+
+    channel: str = Field("DNA", min_length=1, description="the channel that stains nuclei")
+    diameter: float = Field(
+        29.8, gt=0.0, description="expected nucleus equivalent diameter in px (the pilot's median)"
+    )
+    smoothing: float = Field(
+        0.067, ge=0.0, description="Gaussian sigma before thresholding, as a fraction of diameter"
+    )
+    threshold: Literal["otsu", "li"] = Field(
+        "otsu",
+        description="global threshold of the log-intensities: otsu, or li (minimum cross "
+        "entropy, CellProfiler's default)",
+    )
+    min_contrast: float = Field(
+        2.0, ge=1.0,
+        description="the threshold is at least this x the 1st percentile (the background), so "
+        "a field without nuclei yields none rather than the brightest noise",
+    )  # fmt: skip
+    split_distance: float = Field(
+        0.3, gt=0.0, le=2.0,
+        description="touching nuclei are split at distance-transform peaks at least this "
+        "fraction of diameter apart",
+    )  # fmt: skip
+    min_area: float = Field(0.25, ge=0.0, description="smallest nucleus, fraction of expected area")
+    max_area: float = Field(4.0, gt=0.0, description="largest nucleus, fraction of expected area")
+    exclude_border: bool = Field(
+        True, description="drop nuclei touching the image border (as CellProfiler does)"
+    )
+    workers: int = Field(2, ge=1, description="parallel processes (sites)")
+
+    @model_validator(mode="after")
+    def _area_bounds_ordered(self) -> NucleiConfig:
+        if self.min_area >= self.max_area:
+            raise ValueError(f"nuclei.min_area ({self.min_area}) must be below nuclei.max_area "
+                             f"({self.max_area})")  # fmt: skip
+        return self
 
 
 class DataConfig(Section):
@@ -290,6 +350,7 @@ class Config(Section):
     run_root: str = "runs"
     synth: SynthConfig = SynthConfig()
     convert: ConvertConfig = ConvertConfig()
+    nuclei: NucleiConfig = NucleiConfig()
     data: DataConfig = DataConfig()
     loader: LoaderConfig = LoaderConfig()
     model: ModelConfig = ModelConfig()

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cellmorph import store as cstore
-from cellmorph.config import ConvertConfig, load_config
+from cellmorph.config import Config, ConvertConfig, NucleiConfig, load_config, validate
 from cellmorph.errors import CellmorphError
 from conversion.layouts import check_settings
 
@@ -189,8 +189,60 @@ def verify(st: cstore.Store, show: int = 20) -> None:
     )
 
 
+def add_nuclei_arguments(p: argparse.ArgumentParser) -> None:
+    """``cellmorph nuclei``: convert's input options, the CSV to write, the nuclei settings."""
+    src = p.add_argument_group("input (one layout, read as convert reads it)")
+    src.add_argument("--load-data", help="CellProfiler LoadData CSV (FileName_Orig<Ch>/...)")
+    src.add_argument("--images", help="folder of multi-channel TIFFs, one per site")
+    src.add_argument("--metadata", help="metadata CSV for --images")
+    src.add_argument("--id-pattern", help="regex extracting the identifier from each file name")
+    src.add_argument("--id-column", help="metadata column holding the identifier")
+    src.add_argument("--file-channels", help="channel names in file order (folder layout)")
+    src.add_argument(
+        "--path-replace", action="append", help="OLD=NEW path prefix rewrite (repeatable)"
+    )
+    opt = p.add_argument_group("nuclei")
+    opt.add_argument("--out", required=True, help="CSV to write, one row per nucleus")
+    opt.add_argument("--channel", help="the nuclear stain's channel name (default DNA)")
+    opt.add_argument("--diameter", type=float, help="expected nucleus diameter in px (29.8)")
+    opt.add_argument("--workers", type=int, help="parallel processes")
+    opt.add_argument("--config", help="YAML config: its convert and nuclei sections")
+
+
+def nuclei_config_from_args(args: argparse.Namespace) -> tuple[NucleiConfig, ConvertConfig]:
+    """The nuclei settings (config section ``nuclei`` + options) and the input settings."""
+    raw = load_config(args.config).nuclei.model_dump()
+    given = {"channel": args.channel, "diameter": args.diameter, "workers": args.workers}
+    raw.update({k: v for k, v in given.items() if v is not None})
+    cfg = validate(Config, {"nuclei": raw}, "invalid option").nuclei
+    # convert's own merge of the config file and the input options (no labels needed here).
+    args.allow_unlabeled = True
+    return cfg, config_from_args(args)
+
+
+def _nuclei(args: argparse.Namespace) -> int:
+    from conversion.nuclei import find_all
+
+    cfg, convert = nuclei_config_from_args(args)
+    summary = find_all(cfg, convert, args.out)
+    print(
+        f"found {summary['nuclei']} nuclei in {summary['sites']} sites -> {summary['out']} "
+        f"({summary['seconds']:.1f} s); skipped {len(summary['skipped'])} sites"
+    )
+    for r in summary["reasons"]:
+        print(f"  {r['count']}  {r['reason']}" + (f"  [fix: {r['fix']}]" if r["fix"] else ""))
+    for s in summary["skipped"][:10]:
+        print(f"  skipped {s['site']}: {s['reason']}")
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``convert`` and ``inspect``."""
+    """Register ``convert``, ``inspect`` and ``nuclei``."""
+    nuc = subparsers.add_parser(
+        "nuclei", help="find nuclei on the DNA channel; one CSV row per nucleus"
+    )
+    add_nuclei_arguments(nuc)
+    nuc.set_defaults(func=_nuclei)
     conv = subparsers.add_parser("convert", help="pack TIFFs into a sharded zarr store")
     add_convert_arguments(conv)
     conv.set_defaults(func=_convert)
