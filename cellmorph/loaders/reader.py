@@ -39,6 +39,7 @@ from cellmorph.shardfile import (
     EMPTY,
     StoreDamage,
     chunk_payload,
+    decode_into,
     index_range,
     layout_of,
     parse_index,
@@ -79,7 +80,7 @@ class ShardReader:
             self._arr, self._folder = store.images, store.folder
             self._expected: np.ndarray | None = store.chunk_crcs()
             self._layout = layout_of(self._arr) if self._folder is not None else None
-            if self._layout is None or not self._layout.chunk_crc:
+            if self._layout is None or not self._layout.chunk_crc or self._arr.dtype != np.uint16:
                 raise StoreError(f"{store.path}: images are not laid out as cellmorph writes them")
         else:
             root = _local_root(store)
@@ -169,6 +170,8 @@ class ShardReader:
         """Decoded images ``(len(rows), C, H, W)`` uint16, in the order given."""
         self._check_process()
         rows = self._check_rows(rows)
+        # Uninitialized, as every byte is then written: each chunk's decode fills its image
+        # whole or raises (decode_into), zarr fills its slices, duplicates are copied.
         out = np.empty((len(rows), *self.shape[1:]), dtype=self._arr.dtype)
         if len(rows) == 0:
             return out
@@ -337,14 +340,10 @@ class ShardReader:
 
     def _decode(self, task: Task, buf: memoryview, out: np.ndarray) -> None:
         shard, start, _end, chunks = task
+        codec_id = self._layout.codec["id"]
         for off, n, d, row in chunks:
             payload = self._payload(buf[off - start : off - start + n], shard, row)
-            try:
-                self._codec.decode(payload, out=out[d])
-            except Exception as e:  # the decoder's own error: bytes that are not a valid frame
-                raise StoreDamage(
-                    f"{self._where(shard, row)}: chunk does not decode ({e})"
-                ) from None
+            decode_into(self._codec, codec_id, payload, out[d], self._where(shard, row))
 
     def _fetch(self, shard: int, tasks: list[Task]) -> list[bytes]:
         """The byte ranges of ``tasks`` (one shard): sound ones from the cache, the rest from
