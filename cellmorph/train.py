@@ -54,6 +54,7 @@ from cellmorph.predict import (
 from cellmorph.progress import StepProgress
 from cellmorph.rundir import OutputPart, RunDir
 from cellmorph.sampling import sample_wells
+from cellmorph.store.files import check_outside_store
 from cellmorph.store.layout import DIGEST
 
 # --------------------------------------------------------------------------- schedule / amp
@@ -659,5 +660,6 @@ def check_storage_shared(run: RunDir, ctx: Context) -> None:
 
 def run_local(cfg: Config) -> RunDir:
     """Train in this process without Ray (debugging, tests, the audit); returns the run."""
+    check_outside_store(cfg.run_root, cfg.data.store, "run_root")  # as preflight does
     train_loop(cfg, local_context(cfg.ray.use_gpu))
     return RunDir(cfg.run_dir)
