@@ -186,17 +186,24 @@ def _declared_size(codec_id: str, payload: memoryview) -> int | None:
     return None
 
 
+def check_declared_size(codec_id: str, payload: memoryview, nbytes: int, where: str) -> bool:
+    """Refuse a chunk whose frame declares another decoded size than ``nbytes`` (one image);
+    False when this codec's frame does not declare it (check the decoded length instead)."""
+    declared = _declared_size(codec_id, payload)
+    if declared is not None and declared != nbytes:
+        raise StoreDamage(f"{where}: chunk decodes to {declared} bytes, not the {nbytes} of one "
+                          "image (damaged chunk, or images/zarr.json edited)")  # fmt: skip
+    return declared is not None
+
+
 def decode_into(codec: Any, codec_id: str, payload: memoryview, out: np.ndarray,
                 where: str) -> None:  # fmt: skip
     """Decode one chunk into ``out``, every byte of it: numcodecs' decoders fill only what the
     frame holds and leave the rest as it was, so a frame of another size is damage (or an
     array whose dtype or shape was edited), never half an image over uninitialized memory."""
-    declared = _declared_size(codec_id, payload)
-    if declared is not None and declared != out.nbytes:
-        raise StoreDamage(f"{where}: chunk decodes to {declared} bytes, not the {out.nbytes} "
-                          f"of a {out.dtype} image {out.shape}")  # fmt: skip
+    declared = check_declared_size(codec_id, payload, out.nbytes, where)
     try:
-        if declared is not None:
+        if declared:
             codec.decode(payload, out=out)
             return
         data = np.frombuffer(codec.decode(payload), dtype=np.uint8)  # size known only after
@@ -204,5 +211,5 @@ def decode_into(codec: Any, codec_id: str, payload: memoryview, out: np.ndarray,
         raise StoreDamage(f"{where}: chunk does not decode ({e})") from None
     if data.size != out.nbytes:
         raise StoreDamage(f"{where}: chunk decodes to {data.size} bytes, not the {out.nbytes} "
-                          f"of a {out.dtype} image {out.shape}")  # fmt: skip
+                          "of one image (damaged chunk, or images/zarr.json edited)")  # fmt: skip
     out.reshape(-1).view(np.uint8)[:] = data

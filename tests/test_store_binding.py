@@ -137,6 +137,8 @@ def test_the_reader_never_hands_out_an_underfilled_image(store: Path) -> None:
     arr = zarr.open_array(str(store), path="images", mode="r")
     with pytest.raises(StoreDamage, match=r"c/0/0/0/0 \(row 0\): chunk decodes to 2560 bytes"):
         ShardReader(arr).read(np.array([0, 1]))
+    with pytest.raises(StoreDamage, match="decodes to 2560 bytes, not the 5120"):  # GPU inflate
+        ShardReader(arr).read_raw(np.array([0]))
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ from cellmorph.loaders.cache import ShardCache
 from cellmorph.shardfile import (
     EMPTY,
     StoreDamage,
+    check_declared_size,
     chunk_payload,
     decode_into,
     index_range,
@@ -201,8 +202,16 @@ class ShardReader:
             off, n = self._entry(shard, r)
             task = (shard, off, off + n, [(off, n, 0, r)])
             raw = self._fetch(shard, [task])[0]
-            out.append(bytes(self._payload(memoryview(raw), shard, r)))
+            payload = self._payload(memoryview(raw), shard, r)
+            # The GPU inflates into a buffer of one image: the frame must declare exactly that.
+            check_declared_size(self._layout.codec["id"], payload, self._image_nbytes,
+                                self._where(shard, r))  # fmt: skip
+            out.append(bytes(payload))
         return out
+
+    @property
+    def _image_nbytes(self) -> int:
+        return math.prod(self.shape[1:]) * self._arr.dtype.itemsize
 
     # ---------------------------------------------------------------------------- helpers
     def _root(self) -> str:
