@@ -1,7 +1,7 @@
 """The reader side of the store: open one generation, check what it claims, hand out views.
 
-:func:`open_store` checks the format, the attributes every reader relies on and the metadata's
-digest, and returns a :class:`Store` bound to one generation of the folder
+:func:`open_store` checks the format, the store's description against ``attrs.store_digest``
+(``images/zarr.json`` and every attribute), the metadata's digest, and returns a :class:`Store` bound to one generation of the folder
 (:mod:`cellmorph.store.files`); the pixels are read by :class:`cellmorph.loaders.ShardReader`.
 """
 
@@ -135,8 +135,9 @@ def open_store(path: str | AnyPath, columns: Sequence[str] | None = None) -> Sto
 
     ``columns``: the metadata columns this reader needs besides the ones every reader uses
     (keys, checksums, the negative-control column); absent ones are skipped. Those columns are
-    shared by the processes of a node (a memory-mapped Arrow file in the temporary folder),
-    so N training workers hold one copy. None loads every column into this process.
+    shared by the processes of a node (a memory-mapped Arrow file in the user's private
+    temporary folder, checked against its checksum: :mod:`cellmorph.store.shared`), so N
+    training workers hold one copy. None loads every column into this process.
     ``path`` may be an object-store URL (``s3://bucket/plates.zarr``).
     """
     folder = open_folder(path)
@@ -166,7 +167,7 @@ def _check_format(p: AnyPath, attrs: dict[str, Any]) -> None:
     if isinstance(version, int) and version < FORMAT_VERSION:
         raise StoreError(
             f"{p}: store format {version} was written by an older cellmorph; this one reads "
-            f"format {FORMAT_VERSION} (checksummed chunks): re-run the convert command that "
+            f"format {FORMAT_VERSION} (checksummed chunks and description): re-run the convert command that "
             "made it, with --overwrite"
         )
     if version != FORMAT_VERSION:
