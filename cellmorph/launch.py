@@ -25,6 +25,7 @@ from cellmorph.config import Config, RayConfig, config_from_dict, config_to_dict
 from cellmorph.errors import CellmorphError, fault_message, one_line
 from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.rundir import RunDir
+from cellmorph.store.files import check_outside_store
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -60,10 +61,18 @@ def check_upload_paths(cfg: Config) -> None:
             )
 
 
+def check_run_root_outside_store(cfg: Config) -> None:
+    """``run_root`` may not be the store or inside it (``convert --overwrite`` would delete the
+    runs); opens no file. ``cellmorph.train.run_local`` makes the same check."""
+    check_outside_store(cfg.run_root, cfg.data.store, "run_root")
+
+
 def preflight(cfg: Config, *, warn: bool = True) -> None:
     """Fail in the driver, with a message naming the setting, before any worker starts."""
     from cellmorph.index import build_index, check_batch_size
     from cellmorph.store.read import open_store
+
+    check_run_root_outside_store(cfg)
 
     store = open_store(cfg.data.store, columns=[cfg.data.label_column])  # the workers' columns
     check_batch_size(cfg.loader.batch_size, build_index(store.metadata, cfg.data, warn=warn))

@@ -175,3 +175,41 @@ def chunk_crcs(data: bytes, layout: ShardLayout, rows: int, where: str) -> list[
         chunk_payload(view[off : off + nbytes], layout, None, f"{where} chunk {i}")
         out.append(int.from_bytes(view[off + nbytes - CRC_BYTES : off + nbytes], "little"))
     return out
+
+
+def _declared_size(codec_id: str, payload: memoryview) -> int | None:
+    """The decoded size a chunk's frame declares, for the codecs whose frame says it."""
+    if codec_id == "lz4" and len(payload) >= 4:  # numcodecs' LZ4: a little-endian int32 first
+        return int.from_bytes(payload[:4], "little")
+    if codec_id == "blosc" and len(payload) >= 16:  # blosc header: nbytes at bytes 4..8
+        return int.from_bytes(payload[4:8], "little")
+    return None
+
+
+def check_declared_size(codec_id: str, payload: memoryview, nbytes: int, where: str) -> bool:
+    """Refuse a chunk whose frame declares another decoded size than ``nbytes`` (one image);
+    False when this codec's frame does not declare it (check the decoded length instead)."""
+    declared = _declared_size(codec_id, payload)
+    if declared is not None and declared != nbytes:
+        raise StoreDamage(f"{where}: chunk decodes to {declared} bytes, not the {nbytes} of one "
+                          "image (damaged chunk, or images/zarr.json edited)")  # fmt: skip
+    return declared is not None
+
+
+def decode_into(codec: Any, codec_id: str, payload: memoryview, out: np.ndarray,
+                where: str) -> None:  # fmt: skip
+    """Decode one chunk into ``out``, every byte of it: numcodecs' decoders fill only what the
+    frame holds and leave the rest as it was, so a frame of another size is damage (or an
+    array whose dtype or shape was edited), never half an image over uninitialized memory."""
+    declared = check_declared_size(codec_id, payload, out.nbytes, where)
+    try:
+        if declared:
+            codec.decode(payload, out=out)
+            return
+        data = np.frombuffer(codec.decode(payload), dtype=np.uint8)  # size known only after
+    except Exception as e:  # the decoder's own error: bytes that are not a valid frame
+        raise StoreDamage(f"{where}: chunk does not decode ({e})") from None
+    if data.size != out.nbytes:
+        raise StoreDamage(f"{where}: chunk decodes to {data.size} bytes, not the {out.nbytes} "
+                          "of one image (damaged chunk, or images/zarr.json edited)")  # fmt: skip
+    out.reshape(-1).view(np.uint8)[:] = data

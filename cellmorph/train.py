@@ -47,6 +47,7 @@ from cellmorph.loaders.normalize import Normalization, from_store
 from cellmorph.model import CellNet, build_model
 from cellmorph.progress import StepProgress
 from cellmorph.rundir import RunDir
+from cellmorph.store.files import check_outside_store
 from cellmorph.store.layout import DIGEST
 from cellmorph.store.read import Store, open_store
 from cellmorph.store.verify import describe
@@ -530,5 +531,6 @@ def check_storage_shared(run: RunDir, ctx: Context) -> None:
 
 def run_local(cfg: Config) -> RunDir:
     """Train in this process without Ray (debugging, tests, the audit); returns the run."""
+    check_outside_store(cfg.run_root, cfg.data.store, "run_root")  # as preflight does
     train_loop(cfg, local_context(cfg.ray.use_gpu))
     return RunDir(cfg.run_dir)

@@ -656,7 +656,8 @@ def pack_all(sites: pd.DataFrame, out: str, fp: str, cfg: ConvertConfig, illum: 
 
 
 def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> None:
-    """Write metadata, quarantine and statistics, then mark the store complete (last)."""
+    """Write metadata, quarantine and statistics, then mark the store complete (last): that
+    write also records ``store_digest`` over every attribute and ``images/zarr.json``."""
     manifest = Manifest(out)
     arr = zarr.open_array(store=cstore.zarr_store(out, True), path=cstore.IMAGES, mode="r",
                           zarr_format=3)  # fmt: skip
@@ -681,7 +682,7 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
     attrs = store_stats(sums, np.stack([arr[int(i)] for i in rows]), cfg)
     if cfg.illum_dir:
         attrs["illumination_saturated"] = saturation(cfg.channels, **saturated)
-    cstore.write_attrs(
+    cstore.write_attrs(  # one write: complete and the digest binding the stats with the rest
         out, {**attrs, "images": len(plan), "quarantined": len(quarantine), "complete": True}
     )
 

@@ -38,7 +38,9 @@ from cellmorph.loaders.cache import ShardCache
 from cellmorph.shardfile import (
     EMPTY,
     StoreDamage,
+    check_declared_size,
     chunk_payload,
+    decode_into,
     index_range,
     layout_of,
     parse_index,
@@ -79,7 +81,7 @@ class ShardReader:
             self._arr, self._folder = store.images, store.folder
             self._expected: np.ndarray | None = store.chunk_crcs()
             self._layout = layout_of(self._arr) if self._folder is not None else None
-            if self._layout is None or not self._layout.chunk_crc:
+            if self._layout is None or not self._layout.chunk_crc or self._arr.dtype != np.uint16:
                 raise StoreError(f"{store.path}: images are not laid out as cellmorph writes them")
         else:
             root = _local_root(store)
@@ -169,6 +171,8 @@ class ShardReader:
         """Decoded images ``(len(rows), C, H, W)`` uint16, in the order given."""
         self._check_process()
         rows = self._check_rows(rows)
+        # Uninitialized, as every byte is then written: each chunk's decode fills its image
+        # whole or raises (decode_into), zarr fills its slices, duplicates are copied.
         out = np.empty((len(rows), *self.shape[1:]), dtype=self._arr.dtype)
         if len(rows) == 0:
             return out
@@ -198,8 +202,16 @@ class ShardReader:
             off, n = self._entry(shard, r)
             task = (shard, off, off + n, [(off, n, 0, r)])
             raw = self._fetch(shard, [task])[0]
-            out.append(bytes(self._payload(memoryview(raw), shard, r)))
+            payload = self._payload(memoryview(raw), shard, r)
+            # The GPU inflates into a buffer of one image: the frame must declare exactly that.
+            check_declared_size(self._layout.codec["id"], payload, self._image_nbytes,
+                                self._where(shard, r))  # fmt: skip
+            out.append(bytes(payload))
         return out
+
+    @property
+    def _image_nbytes(self) -> int:
+        return math.prod(self.shape[1:]) * self._arr.dtype.itemsize
 
     # ---------------------------------------------------------------------------- helpers
     def _root(self) -> str:
@@ -337,14 +349,10 @@ class ShardReader:
 
     def _decode(self, task: Task, buf: memoryview, out: np.ndarray) -> None:
         shard, start, _end, chunks = task
+        codec_id = self._layout.codec["id"]
         for off, n, d, row in chunks:
             payload = self._payload(buf[off - start : off - start + n], shard, row)
-            try:
-                self._codec.decode(payload, out=out[d])
-            except Exception as e:  # the decoder's own error: bytes that are not a valid frame
-                raise StoreDamage(
-                    f"{self._where(shard, row)}: chunk does not decode ({e})"
-                ) from None
+            decode_into(self._codec, codec_id, payload, out[d], self._where(shard, row))
 
     def _fetch(self, shard: int, tasks: list[Task]) -> list[bytes]:
         """The byte ranges of ``tasks`` (one shard): sound ones from the cache, the rest from

@@ -5,6 +5,7 @@
 ``files``      where the bytes live: a local folder or an object-store prefix, one handle
 ``write``      the writer side: create, write shards, bind metadata and attrs (conversion)
 ``read``       the reader side: open one generation, check it, hand out views
+``shared``     the node-shared metadata cache (private to the user, checksummed)
 ``verify``     ``cellmorph inspect [--verify]``
 =============  ===============================================================================
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("layout", "files", "write", "read", "verify")
+_SUBMODULES = ("layout", "files", "write", "read", "shared", "verify")
 # Statistics maths lives with normalization, which reads it.
 _ELSEWHERE = {
     name: "cellmorph.loaders.stats"

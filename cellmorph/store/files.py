@@ -21,13 +21,15 @@ import fcntl
 import io
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from cellmorph import atomic, remote
-from cellmorph.remote import AnyPath, URLPath, is_url
+from cellmorph.errors import CellmorphError
+from cellmorph.remote import AnyPath, URLPath, as_path, is_url
 from cellmorph.shardfile import StoreDamage
 from cellmorph.store.layout import GENERATION, StoreError
 
@@ -118,10 +120,18 @@ class StoreFolder(Folder):
         self._lock = threading.Lock()
 
     def _open(self, name: str) -> int:
+        """A descriptor of the regular file ``name`` (a folder opens too, then fails to read)."""
         try:
-            return os.open(name, os.O_RDONLY, dir_fd=self.fd)
+            fd = os.open(name, os.O_RDONLY, dir_fd=self.fd)
         except FileNotFoundError:
             raise self.missing(name) from None
+        except OSError as e:  # e.g. a path through a file (NotADirectoryError)
+            raise StoreDamage(f"{self.path}: cannot open {name} ({e.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StoreDamage(f"{self.path}: {name} is a folder or special file, not a file "
+                              "(damaged store: convert again with --overwrite)")  # fmt: skip
+        return fd
 
     def _fd(self, name: str) -> int:
         """An open descriptor of ``name``, kept for later reads (shard files)."""
@@ -222,6 +232,18 @@ class RemoteFolder(Folder):
             return True
         current = (json.loads(data).get("attributes") or {}).get(GENERATION)
         return self.generation is not None and current != self.generation
+
+
+def check_outside_store(path: str | AnyPath, store: str | AnyPath, setting: str) -> None:
+    """Refuse ``path`` (the value of ``setting``) when it is the store or inside it: ``convert
+    --overwrite`` replaces the whole folder (or prefix) and would delete it. Opens no file."""
+    root = as_path(store).expanduser().resolve()
+    target = as_path(path).expanduser().resolve()  # symlinks followed: where it really is
+    if type(root) is type(target) and (target == root or root in target.parents):
+        raise CellmorphError(
+            f"{setting}: {path} is inside the store {store}; a later convert --overwrite of "
+            f"the store would delete it: choose another {setting}"
+        )
 
 
 def open_folder(path: str | AnyPath) -> Folder:

@@ -4,16 +4,19 @@ A zarr v3 group::
 
     store.zarr/
       zarr.json            attrs: cellmorph_format, channels, stats, plate_stats, size, codec,
-                           source, created, generation, metadata_digest
+                           source, created, generation, metadata_digest, store_digest
       images/              (N, C, H, W) uint16, one image per inner chunk, S images per shard;
                            each chunk ends with the crc32c of its compressed bytes
       metadata.parquet     one row per image, row i == images[i], with each image's checksum
                            and its chunk's crc32c
       quarantine.csv       every rejected input and why (may be empty, always present)
 
-Integrity (format 2): zarr.json binds ``metadata.parquet`` (``metadata_digest``: its bytes, the
+Integrity (format 3): zarr.json binds ``metadata.parquet`` (``metadata_digest``: its bytes, the
 channel names and the array shape), the metadata binds every chunk to its row (``chunk_crc32c``)
-and every chunk carries its own crc32c. This module holds only names and the pure functions
+and every chunk carries its own crc32c. ``store_digest``, written by every writer call after the
+attributes it changes, binds the store's own description: each field of ``images/zarr.json``
+(dtype, shape, chunking, codecs) and each other attribute (channels, statistics, the metadata
+digest...), so an edit of either names the field it changed. This module holds only names and the pure functions
 over them (checksums, digests, well ids); it imports neither zarr nor pyarrow.
 """
 
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 # 2: a crc32c after every chunk, every chunk written, metadata bound by a digest in the attrs.
-FORMAT_VERSION = 2
+# 3: attrs.store_digest binds images/zarr.json and every other attribute.
+FORMAT_VERSION = 3
 IMAGES = "images"
 METADATA = "metadata.parquet"
 QUARANTINE = "quarantine.csv"
@@ -50,6 +54,8 @@ REQUIRED_COLUMNS = [*KEYS, CHECKSUM]
 STORE_ROW = "store_row"  # the row number of an image in outputs (predictions, embeddings)
 GENERATION = "generation"  # attrs: a new id each time a store is created
 DIGEST = "metadata_digest"  # attrs: binds metadata.parquet to the channels and the array
+STORE_DIGEST = "store_digest"  # attrs: binds images/zarr.json and every other attribute
+ARRAY_META = f"{IMAGES}/zarr.json"  # the images array's zarr metadata, as the store holds it
 # Rows per parquet row group of metadata.parquet: readers stream it a row group at a time.
 METADATA_ROW_GROUP = 65_536
 
@@ -76,6 +82,35 @@ def digest_blocks(blocks: Iterable[bytes], channels: list[str], shape: tuple[int
         h.update(block)
     h.update(json.dumps({"channels": list(channels), "shape": list(shape)}).encode())
     return h.hexdigest()
+
+
+def _field_digest(value: object) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def store_digest(array_meta: dict, attrs: dict) -> dict[str, dict[str, str]]:
+    """One digest per field of ``images/zarr.json`` and per attribute (but this one), so a
+    reader can say which changed. Over parsed JSON: the file's formatting does not count."""
+    fields = {k: v for k, v in attrs.items() if k != STORE_DIGEST}
+    return {
+        ARRAY_META: {k: _field_digest(v) for k, v in array_meta.items()},
+        "zarr.json": {k: _field_digest(v) for k, v in fields.items()},
+    }
+
+
+def digest_changes(recorded: object, array_meta: dict, attrs: dict) -> list[str]:
+    """What differs from ``recorded`` (``attrs.store_digest``): ``images/zarr.json data_type``,
+    ``attrs.stats``...; [] when nothing does."""
+    if not isinstance(recorded, dict):
+        return [f"attrs.{STORE_DIGEST} (absent or not a mapping)"]
+    now = store_digest(array_meta, attrs)
+    changes = []
+    for part, prefix in ((ARRAY_META, f"{ARRAY_META} "), ("zarr.json", "attrs.")):
+        then = recorded.get(part) if isinstance(recorded.get(part), dict) else {}
+        changes += [f"{prefix}{k}" for k in sorted({*then, *now[part]})
+                    if then.get(k) != now[part].get(k)]  # fmt: skip
+    return changes
 
 
 def file_blocks(f: io.IOBase, size: int = 8 << 20) -> Iterable[bytes]:

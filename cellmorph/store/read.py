@@ -1,35 +1,28 @@
 """The reader side of the store: open one generation, check what it claims, hand out views.
 
-:func:`open_store` checks the format, the attributes every reader relies on and the metadata's
-digest, and returns a :class:`Store` bound to one generation of the folder
+:func:`open_store` checks the format, the store's description against ``attrs.store_digest``
+(``images/zarr.json`` and every attribute), the metadata's digest, and returns a :class:`Store` bound to one generation of the folder
 (:mod:`cellmorph.store.files`); the pixels are read by :class:`cellmorph.loaders.ShardReader`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import logging
-import os
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 import zarr
 
-from cellmorph import atomic, remote
+from cellmorph import remote
 from cellmorph.remote import AnyPath
 from cellmorph.store.files import Folder, RemoteFolder, open_folder, zarr_store
 from cellmorph.store.layout import (
+    ARRAY_META,
     CHUNK_CRC,
     DIGEST,
     FORMAT_VERSION,
@@ -38,17 +31,14 @@ from cellmorph.store.layout import (
     METADATA,
     QUARANTINE,
     REQUIRED_COLUMNS,
+    STORE_DIGEST,
     StoreError,
     digest_blocks,
+    digest_changes,
     file_blocks,
     read_quarantine,
 )
-
-# Projected metadata shared by the processes of one node (memory-mapped Arrow files).
-SHARED_CACHE = "cellmorph-metadata"
-CACHE_MAX_AGE_S = 7 * 24 * 3600
-
-log = logging.getLogger(__name__)
+from cellmorph.store.shared import shared_columns
 
 
 @dataclass(frozen=True)
@@ -145,8 +135,9 @@ def open_store(path: str | AnyPath, columns: Sequence[str] | None = None) -> Sto
 
     ``columns``: the metadata columns this reader needs besides the ones every reader uses
     (keys, checksums, the negative-control column); absent ones are skipped. Those columns are
-    shared by the processes of a node (a memory-mapped Arrow file in the temporary folder),
-    so N training workers hold one copy. None loads every column into this process.
+    shared by the processes of a node (a memory-mapped Arrow file in the user's private
+    temporary folder, checked against its checksum: :mod:`cellmorph.store.shared`), so N
+    training workers hold one copy. None loads every column into this process.
     ``path`` may be an object-store URL (``s3://bucket/plates.zarr``).
     """
     folder = open_folder(path)
@@ -156,8 +147,10 @@ def open_store(path: str | AnyPath, columns: Sequence[str] | None = None) -> Sto
         raise StoreError(f"{p}: not a zarr store (no zarr.json)")
     attrs = folder.attrs()
     _check_format(p, attrs)
-    images = _open_images(p, attrs)
-    _check_attrs(p, attrs, images.shape)
+    array_meta = _array_meta(folder)
+    images = _open_images(p, attrs, array_meta)
+    _check_attrs(p, attrs, images)  # first: their messages say more than "changed"
+    _check_description(p, attrs, array_meta)
     if METADATA not in names:
         raise StoreError(f"{p}: missing {METADATA}")
     file = folder.open_file(METADATA)
@@ -174,7 +167,7 @@ def _check_format(p: AnyPath, attrs: dict[str, Any]) -> None:
     if isinstance(version, int) and version < FORMAT_VERSION:
         raise StoreError(
             f"{p}: store format {version} was written by an older cellmorph; this one reads "
-            f"format {FORMAT_VERSION} (checksummed chunks): re-run the convert command that "
+            f"format {FORMAT_VERSION} (checksummed chunks and description): re-run the convert command that "
             "made it, with --overwrite"
         )
     if version != FORMAT_VERSION:
@@ -185,7 +178,28 @@ def _check_format(p: AnyPath, attrs: dict[str, Any]) -> None:
         raise StoreError(f"{p}: conversion has not finished (rerun the same convert command)")
 
 
-def _open_images(p: AnyPath, attrs: dict[str, Any]) -> zarr.Array:
+def _array_meta(folder: Folder) -> dict[str, Any]:
+    """``images/zarr.json`` as stored (what :func:`_check_description` checks)."""
+    try:
+        array_meta = json.loads(folder.read(ARRAY_META))
+    except ValueError:
+        array_meta = None
+    if not isinstance(array_meta, dict):
+        raise StoreError(f"{folder.path}/{ARRAY_META} is not zarr array metadata (damaged store)")
+    return array_meta
+
+
+def _check_description(p: AnyPath, attrs: dict[str, Any], array_meta: dict[str, Any]) -> None:
+    """``images/zarr.json`` and every attribute against ``attrs.store_digest``."""
+    changes = digest_changes(attrs.get(STORE_DIGEST), array_meta, attrs)
+    if changes:
+        raise StoreError(
+            f"{p}: {', '.join(changes)} changed after conversion (attrs.{STORE_DIGEST} records "
+            "otherwise: edited by hand?); convert again with --overwrite"
+        )
+
+
+def _open_images(p: AnyPath, attrs: dict[str, Any], array_meta: dict[str, Any]) -> zarr.Array:
     try:
         group = zarr.open_group(zarr_store(p, read_only=True), mode="r", zarr_format=3)
         images = group[IMAGES] if IMAGES in group else None  # noqa: SIM401 (no Group.get)
@@ -195,13 +209,28 @@ def _open_images(p: AnyPath, attrs: dict[str, Any]) -> zarr.Array:
         raise StoreError(f"{p}: cannot open zarr group ({e})") from None
     if images is None:
         raise StoreError(f"{p}: no '{IMAGES}' array")
-    if group.attrs.get(GENERATION) != attrs.get(GENERATION):
+    if group.attrs.get(GENERATION) != attrs.get(GENERATION) or not _same_array(images, array_meta):
         raise StoreError(f"{p} was replaced while being opened (convert --overwrite?); try again")
     return images
 
 
-def _check_attrs(p: AnyPath, attrs: dict[str, Any], shape: tuple[int, ...]) -> None:
+def _same_array(images: zarr.Array, array_meta: dict[str, Any]) -> bool:
+    """Whether zarr opened the array whose metadata was checked (not another generation's)."""
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    try:
+        return bool(ArrayV3Metadata.from_dict(array_meta).to_dict() == images.metadata.to_dict())
+    except Exception:  # metadata zarr cannot parse is not the array it opened
+        return False
+
+
+def _check_attrs(p: AnyPath, attrs: dict[str, Any], images: zarr.Array) -> None:
     """The attributes every reader relies on, checked against the array (edited by hand?)."""
+    shape = tuple(images.shape)
+    if images.dtype != np.uint16:
+        raise StoreError(f"{p}/{ARRAY_META}: data_type is {images.dtype}, a store holds uint16")
+    if len(shape) != 4:
+        raise StoreError(f"{p}: images has shape {shape}, expected (N, C, H, W)")
     ch = attrs.get("channels")
     if not isinstance(ch, list) or not all(isinstance(c, str) and c.strip() for c in ch):
         raise StoreError(f"{p}: attrs.channels must be a list of channel names, got {ch!r}")
@@ -210,8 +239,6 @@ def _check_attrs(p: AnyPath, attrs: dict[str, Any], shape: tuple[int, ...]) -> N
             f"{p}: attrs.channels {ch} does not name the {shape[1]} channels of images "
             "once each (edited by hand?); convert again with --overwrite"
         )
-    if len(shape) != 4:
-        raise StoreError(f"{p}: images has shape {shape}, expected (N, C, H, W)")
 
 
 def _read_metadata(p: AnyPath, file: IO[bytes], attrs: dict[str, Any], shape: tuple[int, ...],
@@ -227,7 +254,7 @@ def _read_metadata(p: AnyPath, file: IO[bytes], attrs: dict[str, Any], shape: tu
         if columns is None:
             metadata = pd.read_parquet(file)
         else:
-            metadata = _shared_columns(file, attrs, columns)
+            metadata = shared_columns(file, attrs, columns)
     except StoreError:
         raise
     except Exception as e:  # pyarrow raises several types for unreadable files
@@ -238,47 +265,3 @@ def _read_metadata(p: AnyPath, file: IO[bytes], attrs: dict[str, Any], shape: tu
     if missing:
         raise StoreError(f"{p}: {METADATA} lacks required column(s) {', '.join(missing)}")
     return metadata
-
-
-def _wanted(file: IO[bytes], attrs: dict[str, Any], columns: Sequence[str]) -> list[str]:
-    """Every reader's columns, then ``columns``, as far as the file has them (file order)."""
-    negcon = str(attrs.get("negcon") or "").partition("=")[0]
-    wanted = {*REQUIRED_COLUMNS, CHUNK_CRC, negcon, *columns}
-    return [c for c in pq.ParquetFile(file).schema_arrow.names if c in wanted]
-
-
-def _shared_columns(file: IO[bytes], attrs: dict[str, Any], columns: Sequence[str]) -> pd.DataFrame:
-    """The columns as a DataFrame over a memory-mapped Arrow file: the page cache holds them
-    once per node however many processes read them. Without a writable temporary folder, an
-    in-memory copy."""
-    names = _wanted(file, attrs, columns)
-    key = hashlib.blake2b(json.dumps([attrs[DIGEST], names]).encode(), digest_size=12)
-    cache = Path(tempfile.gettempdir()) / SHARED_CACHE / f"{key.hexdigest()}.arrow"
-    file.seek(0)
-    if not cache.is_file():
-        table = pq.read_table(file, columns=names)
-        try:
-            _write_cache(cache, table)
-        except OSError as e:
-            log.warning("metadata stays in this process: cannot write %s (%s)", cache, e)
-            return table.to_pandas(split_blocks=True)
-    with contextlib.suppress(OSError):
-        os.utime(cache)  # in use: kept by the clean-up of stale files
-    mapped = paipc.open_file(pa.memory_map(str(cache))).read_all()
-    return mapped.to_pandas(split_blocks=True)  # zero-copy: columns stay in the mapped file
-
-
-def _write_cache(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = table.combine_chunks()  # one chunk per column: pandas can then wrap it, not copy
-
-    def write(tmp: Path) -> None:
-        with paipc.new_file(str(tmp), table.schema) as w:
-            w.write_table(table)
-
-    atomic.write_with(path, write)
-    now = time.time()
-    for old in path.parent.glob("*.arrow"):  # caches of stores nobody opened for a week
-        with contextlib.suppress(OSError):
-            if now - old.stat().st_mtime > CACHE_MAX_AGE_S:
-                old.unlink()

@@ -7,6 +7,7 @@ write small ones through the same calls. Readers never import this module.
 from __future__ import annotations
 
 import io
+import json
 import uuid
 from collections.abc import Iterable
 from typing import IO, Any
@@ -69,7 +70,7 @@ def create_images(
         compressors=[compressor_for(codec), Crc32cCodec()],
         fill_value=0,
     )
-    group.attrs.update({
+    write_attrs(path, {
         "cellmorph_format": L.FORMAT_VERSION, "channels": list(channels), "size": size,
         "codec": codec, "shard_size": shard, L.GENERATION: uuid.uuid4().hex, **(attrs or {}),
     })  # fmt: skip
@@ -120,8 +121,27 @@ def shard_chunk_crcs(path: str | AnyPath, images: zarr.Array, index: int, rows: 
 
 
 def write_attrs(path: str | AnyPath, attrs: dict[str, Any]) -> None:
+    """Add or replace attributes, and ``store_digest`` over the result in the same write:
+    every writer call leaves the store's description bound (readers refuse any other edit)."""
     group = zarr.open_group(zarr_store(path), mode="r+", zarr_format=3)
-    group.attrs.update(attrs)
+    merged = _as_read({**_stored(path, "zarr.json").get("attributes", {}), **attrs})
+    array_meta = _stored(path, L.ARRAY_META)
+    group.attrs.update({**attrs, L.STORE_DIGEST: L.store_digest(array_meta, merged)})
+    written = _stored(path, "zarr.json").get("attributes", {})
+    if L.digest_changes(written.get(L.STORE_DIGEST), array_meta, written):  # JSON differs
+        group.attrs.update({L.STORE_DIGEST: L.store_digest(array_meta, written)})
+
+
+def _stored(path: str | AnyPath, name: str) -> dict[str, Any]:
+    """A JSON file of the store as a reader parses it ({} when absent)."""
+    data = read_file(path, name)
+    return dict(json.loads(data)) if data else {}
+
+
+def _as_read(value: Any) -> Any:
+    """``value`` as a reader parses it back (numpy scalars and tuples become JSON's types)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist")
+                                 else str(v)))  # fmt: skip
 
 
 def write_metadata(path: str | AnyPath, metadata: pd.DataFrame | Iterable[pd.DataFrame]) -> None:
@@ -148,7 +168,7 @@ def write_metadata(path: str | AnyPath, metadata: pd.DataFrame | Iterable[pd.Dat
     data = buf.getbuffer()
     write_bytes(path, L.METADATA, data)
     channels = list(group.attrs["channels"])
-    group.attrs.update({L.DIGEST: L.metadata_digest(data, channels, tuple(images.shape))})
+    write_attrs(path, {L.DIGEST: L.metadata_digest(data, channels, tuple(images.shape))})
 
 
 def _missing_columns(table: pd.DataFrame) -> list[str]:
