@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellmorph import atomic, tracking
+from cellmorph import atomic, runlock, tracking
 from cellmorph.checkpoint import (
     CheckpointSaver,
     check_compatible,
@@ -605,25 +605,26 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
 def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
     """Recompute both folds' outputs and ``metrics.json`` from the run's chosen checkpoint
     (``cellmorph evaluate``): the index is rebuilt from the checkpoint's own config."""
-    ckpt = read_checkpoint(run.eval_checkpoint())
-    ctx = Context(device=resolve_device(device), console=True)
-    data = build_data(ckpt.config, ctx, training=False)
-    # The folds are rebuilt from the store: it must be the one trained on (same rows).
-    check_same_store(ckpt.state, data.store.attrs.get(DIGEST), ckpt.path)
-    if data.index.classes != ckpt.classes or data.store.channels != ckpt.channels:
-        raise CellmorphError(
-            f"{ckpt.path}: the store {data.store.path} now gives classes "
-            f"{data.index.classes[:5]}... and channels {data.store.channels}; the checkpoint has "
-            f"{ckpt.classes[:5]}... and {ckpt.channels}"
-        )
-    model = model_from_checkpoint(ckpt).to(ctx.device)
-    results = score_folds(run, model, data, ckpt.config, ctx)
-    scores = {fold: r.metrics for fold, r in results.items()}
-    headline = results["test" if "test" in results else "val"]
-    extra = {"selected_by": f"validation {ckpt.config.train.best_metric}",
-             "checkpoint": ckpt.path.name,
-             "profiling": profile(headline.profiles, data, ckpt.config)}  # fmt: skip
-    return run.write_final(ckpt.epoch, scores, extra)
+    with runlock.hold(run.path):  # it rewrites the run's outputs: not while the run trains
+        ckpt = read_checkpoint(run.eval_checkpoint())
+        ctx = Context(device=resolve_device(device), console=True)
+        data = build_data(ckpt.config, ctx, training=False)
+        # The folds are rebuilt from the store: it must be the one trained on (same rows).
+        check_same_store(ckpt.state, data.store.attrs.get(DIGEST), ckpt.path)
+        if data.index.classes != ckpt.classes or data.store.channels != ckpt.channels:
+            raise CellmorphError(
+                f"{ckpt.path}: the store {data.store.path} now gives classes "
+                f"{data.index.classes[:5]}... and channels {data.store.channels}; the checkpoint "
+                f"has {ckpt.classes[:5]}... and {ckpt.channels}"
+            )
+        model = model_from_checkpoint(ckpt).to(ctx.device)
+        results = score_folds(run, model, data, ckpt.config, ctx)
+        scores = {fold: r.metrics for fold, r in results.items()}
+        headline = results["test" if "test" in results else "val"]
+        extra = {"selected_by": f"validation {ckpt.config.train.best_metric}",
+                 "checkpoint": ckpt.path.name,
+                 "profiling": profile(headline.profiles, data, ckpt.config)}  # fmt: skip
+        return run.write_final(ckpt.epoch, scores, extra)
 
 
 def check_storage_shared(run: RunDir, ctx: Context) -> None:
@@ -653,5 +654,6 @@ def check_storage_shared(run: RunDir, ctx: Context) -> None:
 
 def run_local(cfg: Config) -> RunDir:
     """Train in this process without Ray (debugging, tests, the audit); returns the run."""
-    train_loop(cfg, local_context(cfg.ray.use_gpu))
+    with runlock.hold(RunDir(cfg.run_dir).path):  # this process is the run's one writer
+        train_loop(cfg, local_context(cfg.ray.use_gpu))
     return RunDir(cfg.run_dir)
