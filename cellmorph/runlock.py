@@ -22,7 +22,6 @@ after its holder ended (a resume) takes the lock as usual.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import errno
 import fcntl
@@ -30,6 +29,7 @@ import getpass
 import json
 import os
 import shlex
+import signal
 import socket
 import sys
 import threading
@@ -109,16 +109,23 @@ def hold(path: str | AnyPath, what: str = "run") -> Iterator[None]:
     _held[key] = 1
     try:
         yield
-    except KeyboardInterrupt:
+    except BaseException:  # the SIGINT a lost lease sends, or what the run made of it
         if lock.lost is None:
             raise
-        raise CellmorphError(
-            f"{what} {folder.name} ({folder}): stopped, its lock was taken over by "
-            f"{describe(lock.lost)} (this run could not renew its lease for {lock.lease_s:g} s)"
-        ) from None
+        raise _lost(what, folder, lock) from None
+    else:
+        if lock.lost is not None:
+            raise _lost(what, folder, lock)
     finally:
         del _held[key]
         lock.release()
+
+
+def _lost(what: str, folder: AnyPath, lock: Lease | FileLock) -> CellmorphError:
+    return CellmorphError(
+        f"{what} {folder.name} ({folder}): stopped, its lock was taken over by "
+        f"{describe(lock.lost)} (this run could not renew its lease for {lock.lease_s:g} s)"
+    )
 
 
 # --------------------------------------------------------------------------- local folder
@@ -304,7 +311,8 @@ class Lease:
                 self.lost = (current[0] if current else None) or {}
                 print(f"error: {self.what} {self.folder.name}: lost its lock to "
                       f"{describe(self.lost)}; stopping", file=sys.stderr)  # fmt: skip
-                _thread.interrupt_main()
+                # SIGINT to the main thread itself: it also wakes a sleep or a wait there
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 return
             except Exception as e:  # the store unreachable past its retries: try again later
                 print(f"warning: {self.url}: lease not renewed ({e})", file=sys.stderr)
