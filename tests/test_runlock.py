@@ -189,3 +189,46 @@ def test_s3_holder_whose_lease_was_taken_stops(bucket: str) -> None:
     assert holder.returncode == 2 and "lost its lock to pid 999999" in err, err
     assert f"error: run W ({run}): stopped, its lock was taken over by pid 999999 " in err
     assert _lease_body(run)["pid"] == 999999  # the new holder's lease is left alone
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_commands_refuse_a_run_another_process_writes(small_cfg, tmp_path: Path) -> None:
+    """``cellmorph train --local`` (exit 2, one line, no run file touched), Ray training,
+    ``evaluate`` and a sweep all refuse a run (or sweep folder) another process holds."""
+    from cellmorph.config import dump_config
+    from cellmorph.launch import run_ray_training
+    from cellmorph.rundir import RunDir
+    from cellmorph.sweep import load_sweep, run_sweep
+    from cellmorph.train import evaluate_run
+
+    cfg = small_cfg("busy", "train.epochs=1", "train.max_steps_per_epoch=1")
+    dump_config(cfg, tmp_path / "busy.yaml")
+    run = Path(cfg.run_dir)
+    holder = _holder(str(run))
+    try:
+        before = _files(run)
+        argv = [sys.executable, "-m", "cellmorph", "train", "--local", "--config",
+                str(tmp_path / "busy.yaml")]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=ROOT,
+                              timeout=300)  # fmt: skip
+        _assert_refused((done.returncode, done.stdout, done.stderr), str(run), holder.pid)
+        for call in (lambda: run_ray_training(cfg), lambda: evaluate_run(RunDir(run))):
+            with pytest.raises(CellmorphError, match=f"run busy .* by pid {holder.pid} "):
+                call()
+        assert _files(run) == before and list(before) == [runlock.LOCK_NAME]
+        assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    finally:
+        _kill(holder)
+    sweep, base = load_sweep("configs/sweep.yaml", [f"run_root={run.parent}"])
+    holder = _holder(str(run.parent / sweep.name))
+    try:
+        with pytest.raises(CellmorphError, match=f"sweep {sweep.name} .* by pid {holder.pid} "):
+            run_sweep(sweep, base)
+    finally:
+        _kill(holder)
