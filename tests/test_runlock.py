@@ -145,6 +145,8 @@ def test_s3_refused_while_holder_renews_then_expired_lease_taken_over(bucket: st
     assert rc == 0 and out.strip() == "acquired", err
     assert f"took over the lock of pid {holder.pid} " in err
     assert _lease_body(run) is None  # released: deleted
+    rc, out, err = _outcome(_try(run))  # the same name again (a resume): created afresh
+    assert rc == 0 and out.strip() == "acquired" and "took over" not in err, err
 
 
 def test_s3_two_takers_of_a_stale_lease_one_wins(bucket: str) -> None:
@@ -205,7 +207,7 @@ def test_commands_refuse_a_run_another_process_writes(small_cfg, tmp_path: Path)
     from cellmorph.launch import run_ray_training
     from cellmorph.rundir import RunDir
     from cellmorph.sweep import load_sweep, run_sweep
-    from cellmorph.train import evaluate_run
+    from cellmorph.train import evaluate_run, run_local
 
     cfg = small_cfg("busy", "train.epochs=1", "train.max_steps_per_epoch=1")
     dump_config(cfg, tmp_path / "busy.yaml")
@@ -225,6 +227,9 @@ def test_commands_refuse_a_run_another_process_writes(small_cfg, tmp_path: Path)
         assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     finally:
         _kill(holder)
+    # The holder was killed (SIGKILL): the same name trains at once, and leaves no lock.
+    assert [r["epoch"] for r in run_local(cfg).history()] == [0]
+    assert not (run / runlock.LOCK_NAME).exists()
     sweep, base = load_sweep("configs/sweep.yaml", [f"run_root={run.parent}"])
     holder = _holder(str(run.parent / sweep.name))
     try:
