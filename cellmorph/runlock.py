@@ -161,8 +161,12 @@ class FileLock:
         else:
             raise CellmorphError(f"{self.what} {self.folder.name}: could not lock {self.file}")
         self.fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
+        except OSError:  # a full disk: no run can start here, and this one holds nothing
+            self.release()
+            raise
 
     def _lock(self, fd: int) -> bool:
         """Lock ``fd``; False where the filesystem has no locks (warned: nothing to hold)."""
@@ -186,7 +190,7 @@ class FileLock:
             return
         with contextlib.suppress(FileNotFoundError):
             self.file.unlink()  # while still locked: see the check in acquire
-        for folder in self.made:  # a run refused before writing anything leaves no folder
+        for folder in self.made:  # a run that failed before writing anything leaves none
             try:
                 folder.rmdir()
             except OSError:  # not empty: the run wrote there
