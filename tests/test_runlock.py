@@ -120,6 +120,31 @@ def test_local_lock_leaves_nothing_behind(tmp_path: Path) -> None:
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
 
 
+def test_local_lock_on_a_full_disk_or_without_flock(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    run = tmp_path / "runs" / "X"
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(runlock.os, "pwrite", full)
+        with pytest.raises(OSError, match="No space"), runlock.hold(run):
+            pass
+    assert not (tmp_path / "runs").exists()  # nothing kept, nothing held
+    with runlock.hold(run):
+        pass
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)  # e.g. Lustre without -o flock
+    with runlock.hold(run):
+        assert json.loads((run / runlock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert "this filesystem has no file locks" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- object store
 
 
