@@ -157,15 +157,18 @@ def _lease_body(url: str) -> dict | None:
 
 def test_s3_refused_while_holder_renews_then_expired_lease_taken_over(bucket: str) -> None:
     run = f"{bucket}/runs/X"
-    holder = _holder(run, lease=2, renew=0.5)
+    lease = 6.0  # long enough for a process to start on a busy machine, short for a test
+    holder = _holder(run, lease=lease, renew=0.5)
     try:
-        time.sleep(3.5)  # past one lease: only the renewals keep it
+        time.sleep(lease + 1)  # past one lease: only the renewals keep it
         assert _lease_body(run)["pid"] == holder.pid
         _assert_refused(_outcome(_try(run)), run, holder.pid)
     finally:
         _kill(holder)
+        killed = time.monotonic()
     _assert_refused(_outcome(_try(run)), run, holder.pid)  # its lease still runs
-    time.sleep(3.5)  # the lease ran out (2 s, by the server's clock, to the second)
+    # The lease runs out (by the server's clock, to the second) without its renewals.
+    time.sleep(max(0.0, killed + lease + 1.5 - time.monotonic()))
     rc, out, err = _outcome(_try(run))
     assert rc == 0 and out.strip() == "acquired", err
     assert f"took over the lock of pid {holder.pid} " in err
@@ -178,8 +181,8 @@ def test_s3_two_takers_of_a_stale_lease_one_wins(bucket: str) -> None:
     run = f"{bucket}/runs/Y"
     _kill(_holder(run, lease=1, renew=0.5))
     time.sleep(2.5)
-    start = time.time() + 3  # both processes ready (imports done), then the same instant
-    takers = [_try(run, at=start, hold_s=4) for _ in range(2)]
+    start = time.time() + 5  # both processes ready (imports done), then the same instant
+    takers = [_try(run, at=start, hold_s=6) for _ in range(2)]
     outcomes = [_outcome(p) for p in takers]
     won = [i for i, (rc, out, _) in enumerate(outcomes) if rc == 0 and out.strip() == "acquired"]
     assert len(won) == 1, outcomes
