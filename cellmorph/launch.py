@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from cellmorph import atomic
+from cellmorph import atomic, runlock
 from cellmorph.config import Config, RayConfig, config_from_dict, config_to_dict
 from cellmorph.errors import CellmorphError, fault_message, one_line
 from cellmorph.remote import AnyPath, URLPath, as_path
@@ -252,20 +252,22 @@ def run_ray_training(cfg: Config, *, quiet: bool = False) -> RunDir:
     check_upload_paths(cfg)
     cfg = resolve_paths(cfg)
     run = RunDir(cfg.run_dir)
-    preflight(cfg, warn=not quiet)  # quiet: e.g. the audit's leaky split, which it states itself
-    init_ray(cfg.ray, run.logs)
-    check_resources(cfg.ray)
-    trainer = build_trainer(cfg)
-    with RunWatcher(run, cfg.train.epochs, bar=interactive(), quiet=quiet):
-        try:
-            trainer.fit()
-        except Exception as e:
-            raise_user_error(e, run)
-            raise
-        finally:
-            upload_logs(run.logs)
-    # Outside Tune, Train released its placement group itself; the record is only for sweeps.
-    run.placement_group.unlink(missing_ok=True)
+    # This driver is the run's one writer (its workers write under it) until the run ends.
+    with runlock.hold(run.path):
+        preflight(cfg, warn=not quiet)  # quiet: e.g. the audit's leaky split, stated by it
+        init_ray(cfg.ray, run.logs)
+        check_resources(cfg.ray)
+        trainer = build_trainer(cfg)
+        with RunWatcher(run, cfg.train.epochs, bar=interactive(), quiet=quiet):
+            try:
+                trainer.fit()
+            except Exception as e:
+                raise_user_error(e, run)
+                raise
+            finally:
+                upload_logs(run.logs)
+        # Outside Tune, Train released its placement group itself; the record is for sweeps.
+        run.placement_group.unlink(missing_ok=True)
     return run
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from cellmorph import atomic
+from cellmorph import atomic, runlock
 from cellmorph.config import (
     Config,
     ConfigError,
@@ -373,6 +373,12 @@ def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[AnyPath, Config, Tr
 
 def run_sweep(sweep: SweepConfig, base: Config) -> AnyPath:
     """Run the sweep; writes ``best_config.yaml``, ``best.pt`` and ``results.csv``; returns its dir."""
+    # One driver per sweep folder (its trials' runs live in it), before Ray is started.
+    with runlock.hold(as_path(base.run_root).expanduser().resolve() / sweep.name, "sweep"):
+        return _run_sweep(sweep, base)
+
+
+def _run_sweep(sweep: SweepConfig, base: Config) -> AnyPath:
     from ray import tune
 
     from cellmorph import tracking

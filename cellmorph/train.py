@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellmorph import atomic, tracking
+from cellmorph import atomic, runlock, tracking
 from cellmorph.checkpoint import (
     CheckpointSaver,
     check_compatible,
@@ -484,6 +484,11 @@ def report(ctx: Context, record: dict[str, Any]) -> None:
 def evaluate_run(run: RunDir, device: str = "auto") -> dict[str, Any]:
     """Recompute both folds' outputs and ``metrics.json`` from the run's chosen checkpoint
     (``cellmorph evaluate``): the index is rebuilt from the checkpoint's own config."""
+    with runlock.hold(run.path):  # it rewrites the run's outputs: not while the run trains
+        return _evaluate_run(run, device)
+
+
+def _evaluate_run(run: RunDir, device: str) -> dict[str, Any]:
     ckpt = read_checkpoint(run.eval_checkpoint())
     ctx = Context(device=resolve_device(device), console=True)
     data = build_data(ckpt.config, ctx, training=False)
@@ -532,5 +537,6 @@ def check_storage_shared(run: RunDir, ctx: Context) -> None:
 def run_local(cfg: Config) -> RunDir:
     """Train in this process without Ray (debugging, tests, the audit); returns the run."""
     check_outside_store(cfg.run_root, cfg.data.store, "run_root")  # as preflight does
-    train_loop(cfg, local_context(cfg.ray.use_gpu))
+    with runlock.hold(RunDir(cfg.run_dir).path):  # this process is the run's one writer
+        train_loop(cfg, local_context(cfg.ray.use_gpu))
     return RunDir(cfg.run_dir)
