@@ -7,9 +7,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cellmorph import store as cstore
 from cellmorph.config import Config, ConvertConfig, NucleiConfig, load_config, validate
 from cellmorph.errors import CellmorphError
+from cellmorph.store import layout as slayout
+from cellmorph.store import read as sread
+from cellmorph.store import verify as sverify
 from conversion.layouts import check_settings
 
 # argument name -> ConvertConfig field, for options whose value is a comma-separated list.
@@ -111,7 +113,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(
             f"converted {summary['images']} images into {summary['store']} "
             f"({summary['written']} written in this run), quarantined {summary['quarantined']} "
-            f"(see {summary['store']}/{cstore.QUARANTINE}), {summary['seconds']:.1f} s"
+            f"(see {summary['store']}/{slayout.QUARANTINE}), {summary['seconds']:.1f} s"
         )
     if summary.get("replaced"):
         print(f"swapped the new store in at {summary['store']}; {summary['replaced']}")
@@ -127,7 +129,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"warning: {summary['quarantined']} of {total} sites "
             f"({100 * summary['quarantined'] / total:.0f}%) were quarantined: most of the input "
             f"is missing from the store; check the reasons below (every site's in "
-            f"{summary['store']}/{cstore.QUARANTINE}) before training"
+            f"{summary['store']}/{slayout.QUARANTINE}) before training"
         )
     if reasons:
         print("quarantine reasons (most frequent first):")
@@ -146,37 +148,37 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 # metadata.parquet columns that are not metadata: left out of the list a typo is shown.
-_BOOKKEEPING = {cstore.CHECKSUM, cstore.CHUNK_CRC}
+_BOOKKEEPING = {slayout.CHECKSUM, slayout.CHUNK_CRC}
 
 
 def _inspect(args: argparse.Namespace) -> int:
     # Only the columns it reports on: every column of millions of rows (five file paths a
     # site) would take GBs.
-    st = cstore.open_store(args.store, columns=[args.label_column] if args.label_column else [])
+    st = sread.open_store(args.store, columns=[args.label_column] if args.label_column else [])
     label = args.label_column or st.attrs.get("label_column")
     if args.label_column and args.label_column not in st.metadata_columns():
         # Silently leaving the class counts out would read as "no classes".
         present = [c for c in st.metadata_columns() if c not in _BOOKKEEPING
                    and not c.startswith("source_")]  # fmt: skip
         raise CellmorphError(
-            f"--label-column {args.label_column}: no such column in {st.path}/{cstore.METADATA} "
+            f"--label-column {args.label_column}: no such column in {st.path}/{slayout.METADATA} "
             f"(columns present: {', '.join(present)})"
         )
     if label and label not in st.metadata.columns:
-        st = cstore.open_store(args.store, columns=[label])
-    print(cstore.dumps(cstore.describe(st, label)))
+        st = sread.open_store(args.store, columns=[label])
+    print(sverify.dumps(sverify.describe(st, label)))
     if args.verify:
         verify(st)
     return 0
 
 
-def verify(st: cstore.Store, show: int = 20) -> None:
+def verify(st: sread.Store, show: int = 20) -> None:
     """Check every image against its checksums; list what is wrong, then stop with a count."""
-    problems = cstore.verify_store(st)
+    problems = sverify.verify_store(st)
     if not problems:
         print(
             f"verified {len(st)} images: every chunk's crc32c and every image's checksum match "
-            f"{cstore.METADATA}"
+            f"{slayout.METADATA}"
         )
         return
     for line in problems[:show]:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
-from cellmorph.store import PLATE, SITE, WELL
+from cellmorph.store.layout import PLATE, SITE, WELL
 from conversion.platemaps import annotate
 from conversion.tables import (
     DIR,

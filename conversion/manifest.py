@@ -16,7 +16,7 @@ import hashlib
 import json
 from typing import Any
 
-from cellmorph import store as cstore
+from cellmorph.store import files as sfiles
 
 DIRNAME = ".convert"
 
@@ -35,14 +35,14 @@ class Manifest:
 
     def _read(self, name: str) -> Any | None:
         try:
-            data = cstore.read_file(self.out, f"{DIRNAME}/{name}")
+            data = sfiles.read_file(self.out, f"{DIRNAME}/{name}")
             return None if data is None else json.loads(data)
         except (NotADirectoryError, ValueError):  # a damaged record counts as none: redo it
             return None
 
     def _write(self, name: str, obj: Any) -> None:
         # Atomic: a record that exists is complete, also after SIGKILL.
-        cstore.write_bytes(self.out, f"{DIRNAME}/{name}", json.dumps(obj, sort_keys=True).encode())
+        sfiles.write_bytes(self.out, f"{DIRNAME}/{name}", json.dumps(obj, sort_keys=True).encode())
 
     def header(self) -> dict[str, Any] | None:
         return self._read("header.json")

@@ -31,10 +31,11 @@ from scipy import ndimage
 from skimage import feature, filters, measure, morphology, segmentation
 from tqdm import tqdm
 
-from cellmorph import store as cstore
+from cellmorph import remote
 from cellmorph.config import ConvertConfig, NucleiConfig
 from cellmorph.errors import CellmorphError
-from cellmorph.store import KEYS
+from cellmorph.store import files as sfiles
+from cellmorph.store.layout import KEYS
 from conversion.layouts import load_inputs, no_valid_sites, summarize_reasons
 from conversion.pack import Mapper, ProcessMapper, inline_map
 from conversion.tables import Inputs, site_sources
@@ -142,7 +143,7 @@ def _rows(result: SiteResult) -> Iterator[list[Any]]:
 
 @contextlib.contextmanager
 def _text_out(target: Any) -> Iterator[Any]:
-    """A text file over what :func:`cstore.write_file` hands over: a path, or a URL's buffer."""
+    """A text file over what :func:`sfiles.write_file` hands over: a path, or a URL's buffer."""
     if hasattr(target, "write"):
         text = io.TextIOWrapper(target, newline="", write_through=True)
         yield text
@@ -179,7 +180,7 @@ def find_all(
     t0 = time.perf_counter()
     if Path(out).is_dir():
         raise CellmorphError(f"--out {out} is a folder; give the CSV file to write")
-    url = cstore.is_url(out)
+    url = remote.is_url(out)
     folder, _, name = out.rpartition("/") if url else (str(Path(out).parent), "", Path(out).name)
     inputs = nuclei_inputs(cfg, convert)
     if len(inputs.sites) == 0:
@@ -192,7 +193,7 @@ def find_all(
     try:
         results = run(run_site, site_tasks(inputs, cfg))
         n = len(inputs.sites)
-        cstore.write_file(folder, name, lambda t: _stream(results, t, n, summary))
+        sfiles.write_file(folder, name, lambda t: _stream(results, t, n, summary))
     finally:
         if pool is not None:
             pool.close()

@@ -41,10 +41,13 @@ import pyarrow as pa
 import zarr
 from tqdm import tqdm
 
-from cellmorph import store as cstore
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
-from cellmorph.store import PLATE
+from cellmorph.loaders import stats as sstats
+from cellmorph.store import files as sfiles
+from cellmorph.store import layout as slayout
+from cellmorph.store import write as swrite
+from cellmorph.store.layout import PLATE
 from conversion import ownership, platestats
 from conversion.layouts import check_settings, load_inputs, no_valid_sites, summarize_reasons
 from conversion.manifest import Manifest, digest
@@ -215,7 +218,7 @@ def pack_shard(task: ShardTask) -> ShardResult:
     """Pack one shard in a single write, read it back, then record it with its images'
     checksums and its chunks' crc32c (data first, so a record means done and verified)."""
     n = len(task.sites)
-    arr = cstore.open_images(task.out)
+    arr = swrite.open_images(task.out)
     block = np.zeros((n, *arr.shape[1:]), dtype=np.uint16)
     failures: dict[int, str] = {}
     saturated = np.zeros(arr.shape[1], dtype=np.int64)
@@ -231,14 +234,14 @@ def pack_shard(task: ShardTask) -> ShardResult:
     with ownership.writing(task.owner) as ours:
         if not ours:  # this writer outlived its run: the store belongs to another run now
             return ShardResult(task.index, 0, abandoned=True)
-        cstore.discard_shard(task.out, arr, task.index)
+        swrite.discard_shard(task.out, arr, task.index)
         arr[task.start : task.start + n] = block
         record = {
             "key": task.key,
             "start": task.start,
-            "checksums": [cstore.image_checksum(b) for b in block],
-            "chunk_crcs": cstore.shard_chunk_crcs(task.out, arr, task.index, n),
-            "sums": cstore.sums_by_group(block, task.groups),
+            "checksums": [slayout.image_checksum(b) for b in block],
+            "chunk_crcs": swrite.shard_chunk_crcs(task.out, arr, task.index, n),
+            "sums": sstats.sums_by_group(block, task.groups),
             "saturated": saturated.tolist(),  # per channel, by the illumination correction
             "pixels": pixels,  # per channel, of the raw images the correction divided
         }
@@ -433,7 +436,7 @@ def fingerprint(sites: pd.DataFrame, cfg: ConvertConfig, illum: dict) -> str:
                 part = part.astype(str)  # (the same hashes as their values, without the text)
             rows.update(pd.util.hash_pandas_object(part, index=False).to_numpy())
     illum_stats = {p: Path(p).stat().st_mtime_ns for ps in illum.values() for p in ps}
-    return digest([cstore.FORMAT_VERSION, settings, columns, rows.hexdigest(), illum_stats])
+    return digest([slayout.FORMAT_VERSION, settings, columns, rows.hexdigest(), illum_stats])
 
 
 def _shard_key(part: pd.DataFrame, sources: list[list], fp: str, start: int) -> str:
@@ -482,21 +485,21 @@ def _attrs(inputs: Inputs, cfg: ConvertConfig) -> dict[str, Any]:
 def out_kind(out: str) -> str:
     """What ``--out`` holds: absent, empty, store (a finished cellmorph store), started (a
     conversion that has not finished, or a store of another format), file, or other."""
-    kind = cstore.path_kind(out)
+    kind = sfiles.path_kind(out)
     if kind != "folder":
         return kind
-    names = cstore.folder_names(out)
-    if not names - {cstore.QUARANTINE}:  # empty, or what a stop with no valid sites left
+    names = sfiles.folder_names(out)
+    if not names - {slayout.QUARANTINE}:  # empty, or what a stop with no valid sites left
         return "empty"
     try:
         attrs = dict(
-            zarr.open_group(store=cstore.zarr_store(out, True), mode="r", zarr_format=3).attrs
+            zarr.open_group(store=sfiles.zarr_store(out, True), mode="r", zarr_format=3).attrs
         )
     except Exception:  # anything unreadable as a zarr group is not ours to delete
         attrs = {}
     if "cellmorph_format" not in attrs:
         return "started" if Manifest(out).header() is not None else "other"
-    done = attrs.get("complete") is True and attrs["cellmorph_format"] == cstore.FORMAT_VERSION
+    done = attrs.get("complete") is True and attrs["cellmorph_format"] == slayout.FORMAT_VERSION
     return "store" if done else "started"
 
 
@@ -505,12 +508,12 @@ def older_format(out: str | Path) -> bool:
     out = str(out).removeprefix("file://")
     try:
         attrs = dict(
-            zarr.open_group(store=cstore.zarr_store(out, True), mode="r", zarr_format=3).attrs
+            zarr.open_group(store=sfiles.zarr_store(out, True), mode="r", zarr_format=3).attrs
         )
     except Exception:  # absent or unreadable: nothing of ours to upgrade
         return False
     version = attrs.get("cellmorph_format")
-    return isinstance(version, int) and version < cstore.FORMAT_VERSION
+    return isinstance(version, int) and version < slayout.FORMAT_VERSION
 
 
 def local_out(out: str) -> str:
@@ -597,9 +600,9 @@ def prepare(out: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig, overw
 
 
 def _create(target: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig) -> None:
-    if cstore.path_kind(target) != "absent":
-        cstore.remove_folder(target)
-    cstore.create_images(
+    if sfiles.path_kind(target) != "absent":
+        sfiles.remove_folder(target)
+    swrite.create_images(
         target, n, list(cfg.channels), cfg.size, cfg.codec, cfg.shard_size, _attrs(inputs, cfg)
     )
     Manifest(target).write_header({"fingerprint": fp, "images": n, "shard_size": cfg.shard_size})
@@ -612,7 +615,7 @@ def _current_plan(sites: pd.DataFrame, bad: dict[str, str]) -> pd.DataFrame:
 def _fit_array(out: str, n: int) -> int:
     """Resize ``images`` to the plan's length; returns the shard length."""
     arr = zarr.open_array(
-        store=cstore.zarr_store(out), path=cstore.IMAGES, mode="r+", zarr_format=3
+        store=sfiles.zarr_store(out), path=slayout.IMAGES, mode="r+", zarr_format=3
     )
     if arr.shape[0] != n:
         arr.resize((n, *arr.shape[1:]))
@@ -659,7 +662,7 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
     """Write metadata, quarantine and statistics, then mark the store complete (last): that
     write also records ``store_digest`` over every attribute and ``images/zarr.json``."""
     manifest = Manifest(out)
-    arr = zarr.open_array(store=cstore.zarr_store(out, True), path=cstore.IMAGES, mode="r",
+    arr = zarr.open_array(store=sfiles.zarr_store(out, True), path=slayout.IMAGES, mode="r",
                           zarr_format=3)  # fmt: skip
     shard = int(arr.shards[0])
     sums: list[dict[str, Any]] = []
@@ -676,13 +679,13 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
             yield store_metadata(plan.iloc[start : start + shard], record, cfg)
 
     quarantine = quarantine_rows(inputs, manifest.bad())
-    cstore.write_metadata(out, parts())
-    cstore.write_quarantine(out, quarantine)
+    swrite.write_metadata(out, parts())
+    swrite.write_quarantine(out, quarantine)
     rows = np.unique(np.linspace(0, len(plan) - 1, min(len(plan), cfg.stats_images)).astype(int))
     attrs = store_stats(sums, np.stack([arr[int(i)] for i in rows]), cfg)
     if cfg.illum_dir:
         attrs["illumination_saturated"] = saturation(cfg.channels, **saturated)
-    cstore.write_attrs(  # one write: complete and the digest binding the stats with the rest
+    swrite.write_attrs(  # one write: complete and the digest binding the stats with the rest
         out, {**attrs, "images": len(plan), "quarantined": len(quarantine), "complete": True}
     )
 
@@ -716,7 +719,7 @@ def store_metadata(part: pd.DataFrame, record: dict[str, Any], cfg: ConvertConfi
     other = [c for c in part.columns if c not in KEYS + sources and not c.startswith("_")]
     paths = dict(zip(sources, site_paths(part, cfg.channels)))
     return as_text(part[KEYS + other]).assign(
-        **paths, **{cstore.CHECKSUM: record["checksums"], cstore.CHUNK_CRC: record["chunk_crcs"]}
+        **paths, **{slayout.CHECKSUM: record["checksums"], slayout.CHUNK_CRC: record["chunk_crcs"]}
     )
 
 
@@ -733,9 +736,9 @@ def store_stats(sums: list[dict[str, Any]], sample: np.ndarray,
     """``stats`` (mean and std over every image from the shards' ``sums``, percentiles from the
     ``sample``), ``plate_stats`` and ``negcon`` attrs."""
     channels = list(cfg.channels)
-    per_plate = cstore.plate_stats_from_sums(sums, channels, cfg.size**2)
-    stats = cstore.channel_stats(sample, channels)
-    for name, exact in cstore.pooled_stats(per_plate, channels).items():
+    per_plate = sstats.plate_stats_from_sums(sums, channels, cfg.size**2)
+    stats = sstats.channel_stats(sample, channels)
+    for name, exact in sstats.pooled_stats(per_plate, channels).items():
         stats[name].update(exact)
     return {"stats": stats, "plate_stats": per_plate, "negcon": cfg.negcon}
 
@@ -793,7 +796,7 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
         phases.update(pack_s=t2 - t1, finish_s=time.perf_counter() - t2)
     replaced = ownership.swap_in(Path(target), Path(out)) if target != out else None
     unfinished = owner is not None and ownership.staging(out).exists()
-    group = zarr.open_group(store=cstore.zarr_store(out, True), mode="r", zarr_format=3)
+    group = zarr.open_group(store=sfiles.zarr_store(out, True), mode="r", zarr_format=3)
     saturated = group.attrs.get("illumination_saturated")
     warning = saturation_warning(saturated)
     if warning:  # on every run, also "nothing to do": the store keeps those pixels
@@ -815,7 +818,7 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
 
 def stored_reasons(out: str, top: int = 5) -> list[dict[str, Any]]:
     """The most frequent kinds of reason in a store's quarantine.csv, with counts and fixes."""
-    table = cstore.read_quarantine(cstore.read_file(out, cstore.QUARANTINE))
+    table = slayout.read_quarantine(sfiles.read_file(out, slayout.QUARANTINE))
     return summarize_reasons(table["reason"], top)
 
 
@@ -823,15 +826,15 @@ def _stop_none_decoded(target: str, inputs: Inputs) -> None:
     """Every site passed the header probe and failed to decode: write quarantine.csv beside the
     unfinished store (a rerun stops the same way), then stop with the reasons."""
     quarantine = quarantine_rows(inputs, Manifest(target).bad())
-    cstore.write_quarantine(target, quarantine)
-    raise no_valid_sites(quarantine, f"{target}/{cstore.QUARANTINE}")
+    swrite.write_quarantine(target, quarantine)
+    raise no_valid_sites(quarantine, f"{target}/{slayout.QUARANTINE}")
 
 
 def _stop_all_quarantined(out: str, inputs: Inputs) -> None:
     """Write quarantine.csv (no store), then stop with the reasons and the options that fix them."""
-    present = cstore.folder_names(out) if cstore.path_kind(out) == "folder" else set()
-    if present - {cstore.QUARANTINE}:  # never touch what is already there (another store?)
+    present = sfiles.folder_names(out) if sfiles.path_kind(out) == "folder" else set()
+    if present - {slayout.QUARANTINE}:  # never touch what is already there (another store?)
         raise no_valid_sites(inputs.quarantine, None)
-    cstore.make_folder(out)
-    cstore.write_quarantine(out, inputs.quarantine)
-    raise no_valid_sites(inputs.quarantine, f"{out}/{cstore.QUARANTINE}")
+    sfiles.make_folder(out)
+    swrite.write_quarantine(out, inputs.quarantine)
+    raise no_valid_sites(inputs.quarantine, f"{out}/{slayout.QUARANTINE}")

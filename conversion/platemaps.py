@@ -29,9 +29,9 @@ from typing import Any
 
 import pandas as pd
 
-from cellmorph import store
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
+from cellmorph.store import layout as slayout
 from conversion.tables import Inputs, compact_text, drop_rows, read_csv, require_columns
 
 PREFIX = "Metadata_"
@@ -156,16 +156,16 @@ def annotate(inputs: Inputs, cfg: ConvertConfig) -> None:
     map_dir = Path(cfg.platemap_dir) if cfg.platemap_dir else barcodes_path.parent / "platemap"
     ext = read_external(list(cfg.external_metadata)) if cfg.external_metadata else None
     sites = inputs.sites
-    map_of = sites[store.PLATE].map(barcodes).fillna("")
+    map_of = sites[slayout.PLATE].map(barcodes).fillna("")
     tables = [pd.DataFrame(columns=["_map", "_well", "_reason"])]
-    for name, plate in sites.groupby(map_of)[store.PLATE].first().items():
+    for name, plate in sites.groupby(map_of)[slayout.PLATE].first().items():
         if name:
             pm = read_platemap(map_dir / f"{name}.txt", str(plate), barcodes_path)
             tables.append(well_table(pm, str(name), ext))
     wells = pd.concat(tables, ignore_index=True)
     joined = [c for c in wells.columns if not c.startswith("_")]
     keyed = sites.drop(columns=[c for c in joined if c in sites.columns]).assign(
-        _map=map_of.to_numpy(), _well=sites[store.WELL].str.upper().to_numpy()
+        _map=map_of.to_numpy(), _well=sites[slayout.WELL].str.upper().to_numpy()
     )
     merged = keyed.merge(wells, on=["_map", "_well"], how="left", validate="many_to_one")
     merged[joined] = merged[joined].fillna("")
@@ -173,12 +173,12 @@ def annotate(inputs: Inputs, cfg: ConvertConfig) -> None:
     unmapped_well = reasons.isna()
     reasons[unmapped_well] = [
         f"well {w} is not in plate map {m}"
-        for w, m in zip(merged.loc[unmapped_well, store.WELL], merged.loc[unmapped_well, "_map"])
+        for w, m in zip(merged.loc[unmapped_well, slayout.WELL], merged.loc[unmapped_well, "_map"])
     ]
     unmapped_plate = merged["_map"] == ""
     reasons[unmapped_plate] = [
         f"plate {p} is not in barcode_platemap ({barcodes_path})"
-        for p in merged.loc[unmapped_plate, store.PLATE]
+        for p in merged.loc[unmapped_plate, slayout.PLATE]
     ]
     inputs.sites = merged.drop(columns=["_map", "_well", "_reason"])
     compact_text(inputs.sites, joined)  # a well's labels repeat in each of its sites

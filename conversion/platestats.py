@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cellmorph import store as cstore
+from cellmorph.loaders import stats as sstats
 from cellmorph.store.layout import parse_negcon
 
 
@@ -21,6 +21,6 @@ def group_keys(plan: pd.DataFrame, plate_column: str, negcon: str) -> list[str]:
     spec = parse_negcon(negcon)
     plates = plan[plate_column].astype(str).tolist()
     if spec is None or spec[0] not in plan.columns:
-        return [cstore.group_key(p, False) for p in plates]
+        return [sstats.group_key(p, False) for p in plates]
     flags = (plan[spec[0]].astype(str).str.strip() == spec[1]).tolist()
-    return [cstore.group_key(p, f) for p, f in zip(plates, flags)]
+    return [sstats.group_key(p, f) for p, f in zip(plates, flags)]

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pandas.api.types import union_categoricals
 
 from cellmorph.errors import CellmorphError
-from cellmorph.store import KEYS, PLATE, SITE, WELL
+from cellmorph.store.layout import KEYS, PLATE, SITE, WELL
 
 DIR, FILE = "_dir_", "_file_"
 BLOCK_ROWS = 200_000

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_convert_fixtures import CHANNELS, assert_aligned, make_loaddata
+from helpers import CHANNELS, assert_aligned, make_loaddata
 
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from test_convert_fixtures import CHANNELS, FILE_ORDER
+from helpers import CHANNELS, FILE_ORDER
 
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
