@@ -39,6 +39,19 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
+# The terminal shows at most this many epoch lines per run (every epoch goes to logs/train.log).
+EPOCH_LINES = 10
+
+
+def shown(record: dict[str, Any], epochs: int) -> bool:
+    """Whether an epoch's line goes to the terminal: every ``ceil(epochs / EPOCH_LINES)``-th
+    epoch and the last, so a run of any length stays readable."""
+    epochs = int(record.get("epochs", epochs))
+    every = max(1, -(-epochs // EPOCH_LINES))
+    epoch = int(record["epoch"]) + 1
+    return epoch % every == 0 or epoch == epochs
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     if seconds < 60:
@@ -61,12 +74,22 @@ def result_line(m: dict[str, Any], data: DataConfig) -> str:
     )
     if "well_balanced_accuracy" in m:
         text += f"; well-level balanced accuracy {m['well_balanced_accuracy']:.3f}"
-    prof = (m.get("profiling") or {}).get("embeddings") or {}
-    if "mean_map" in prof:
-        base = (m["profiling"].get("intensity_baseline") or {}).get("mean_map")
-        text += f"\nphenotypic activity: mean mAP {prof['mean_map']:.3f}, {prof['fraction_retrieved']:.0%} of treatments retrieved"
-        text += f" (intensity statistics: mAP {base:.3f})" if base is not None else ""
-    return text
+    return text + activity_line(m.get("profiling") or {})
+
+
+def activity_line(profiling: dict[str, Any]) -> str:
+    """Phenotypic activity in one line, saying which wells and how many treatments it rests on."""
+    prof = profiling.get("embeddings") or {}
+    if "mean_map" not in prof:
+        return ""
+    scored, total = profiling.get("treatments_scorable"), profiling.get("treatments_total")
+    where = f" ({profiling['fold']})" if profiling.get("fold") else ""
+    of = f"{scored} of {total} treatments scorable, " if total is not None else ""
+    retrieved = round(prof["fraction_retrieved"] * prof.get("treatments", 0))
+    base = (profiling.get("intensity_baseline") or {}).get("mean_map")
+    text = (f"\nphenotypic activity{where}: {of}{retrieved} retrieved, mean mAP "
+            f"{prof['mean_map']:.3f}")  # fmt: skip
+    return text + (f" (intensity statistics: mAP {base:.3f})" if base is not None else "")
 
 
 def _log(run: RunDir, line: str) -> None:
@@ -110,7 +133,7 @@ class StepProgress:
             self._bar = None
         line = epoch_line(record, self.epochs)
         _log(self.run, line)
-        if self.console:
+        if self.console and shown(record, self.epochs):
             print(line, flush=True)
 
     def message(self, text: str) -> None:
@@ -163,7 +186,7 @@ class RunWatcher:
             if epoch not in self._seen:
                 self._seen.add(epoch)
                 self._close_bar()
-                if not self.quiet:
+                if not self.quiet and shown(record, self.epochs):
                     print(epoch_line(record, self.epochs), flush=True)
         if self.bar and not self.quiet:
             self._draw(self.run.read_progress())

@@ -495,11 +495,15 @@ def _profiling_section(run: Run) -> str:
     base = (prof.get("intensity_baseline") or {}).get("per_treatment") or {}
     detail = [[t, v["mAP"], v["q"], "yes" if v["retrieved"] else "no",
                base.get(t, {}).get("mAP", "")] for t, v in sorted(per.items())]  # fmt: skip
+    where = prof.get("fold") or f"the {_fold_name(run)} fold"
+    scorable = (f" {prof['treatments_scorable']} of {prof['treatments_total']} treatments have "
+                "the two or more wells (and the two negative-control wells) a score needs."
+                if "treatments_total" in prof else "")  # fmt: skip
     text = (
         f"Phenotypic activity as image-based profiling measures it (copairs): each treatment's "
-        f"wells against the negative-control wells, well-level profiles of the "
-        f"{_fold_name(run)} fold ({prof.get('wells', '?')} wells), cosine similarity, mean "
-        "average precision with a permutation p-value, Benjamini-Hochberg corrected."
+        f"wells against the negative-control wells, well-level profiles of {where} "
+        f"({prof.get('wells', '?')} wells), cosine similarity, mean average precision with a "
+        f"permutation p-value, Benjamini-Hochberg corrected.{scorable}"
     )
     return (
         f'<h2>Phenotypic activity (mAP)</h2><div id="profiling"><p>{_esc(text)}</p>'

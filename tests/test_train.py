@@ -247,3 +247,23 @@ def test_evaluation_runs_under_the_autocast_training_uses(coded, amp, expected):
     result = evaluate(spy, loader, rows, data, Context(), cfg)
     assert spy.seen and set(spy.seen) == {expected}
     assert result.metrics["n_images"] == n
+
+
+@pytest.mark.parametrize("epochs", [1, 4, 38, 600])
+def test_the_terminal_shows_at_most_ten_epoch_lines_and_the_last(epochs):
+    from cellmorph.progress import EPOCH_LINES, shown
+
+    lines = [e for e in range(epochs) if shown({"epoch": e, "epochs": epochs}, epochs)]
+    assert len(lines) <= EPOCH_LINES and lines[-1] == epochs - 1
+    assert len(lines) == min(epochs, EPOCH_LINES) or epochs % EPOCH_LINES
+
+
+def test_the_result_line_says_what_phenotypic_activity_rests_on():
+    from cellmorph.progress import activity_line
+
+    prof = {"fold": "validation + test wells", "treatments_scorable": 2, "treatments_total": 9,
+            "embeddings": {"mean_map": 1.0, "fraction_retrieved": 1.0, "treatments": 2},
+            "intensity_baseline": {"mean_map": 0.5}}  # fmt: skip
+    line = activity_line(prof)
+    assert "(validation + test wells): 2 of 9 treatments scorable, 2 retrieved" in line
+    assert "100%" not in line
