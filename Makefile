@@ -57,7 +57,7 @@ bench: venv
 	$(PY) bench/objectstore.py
 
 # The GPU check kit (docs/gpu-kit.md): the cp312 wheels the lent GPU machine lacks, recompressed
-# and cut into parts of <= 60 MiB under .gpukit/, a SHA-256 manifest and .gpukit/RUNBOOK.md (the
+# and cut into parts of <= 48 MiB under .gpukit/, a SHA-256 manifest and .gpukit/RUNBOOK.md (the
 # device calls to paste). Downloads with pip (PyPI); no GPU needed. GPU_KIT_PRESET=6 packs faster.
 GPU_KIT_PRESET ?= 9e
 gpu-kit: venv

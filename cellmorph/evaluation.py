@@ -32,10 +32,8 @@ from cellmorph.metrics import well_labels as wells_majority
 from cellmorph.model import CellNet, build_model
 from cellmorph.outputs import (
     OutputSet,
-    embedding_columns,
     empty_images,
     empty_wells,
-    feature_columns,
     merge,
 )
 from cellmorph.profiling import NEGCON_FLAG, activity_report, intensity_features, negcon_mask
@@ -331,7 +329,3 @@ def profile(sets: list[OutputSet], label_column: str, negcon: str, seed: int,
     if len(table) < n_all:
         out["sampled"] = f"{len(table)} of {n_all} wells: {PROFILE_SAMPLE}"
     return out
-
-
-__all__ = ["Fold", "FoldResult", "embedding_columns", "feature_columns", "iter_infer",
-           "model_from_checkpoint", "profile", "resolve_amp", "resolve_device", "score"]  # fmt: skip

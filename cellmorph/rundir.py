@@ -304,11 +304,17 @@ class RunDir:
         return np.load(p, mmap_mode="r") if isinstance(p, Path) else np.load(_readable(p))
 
     def eval_checkpoint(self) -> AnyPath:
-        """The checkpoint that evaluation and prediction use: best, else last."""
-        for p in (self.best_checkpoint, self.last_checkpoint):
-            if p.is_file():
-                return p
-        raise CellmorphError(f"{self.checkpoints}: neither best.pt nor last.pt exists")
+        """The chosen model (``best.pt``), which evaluation scores. ``last.pt`` is never used
+        in its place: it is the latest epoch, not the one validation chose."""
+        if self.best_checkpoint.is_file():
+            return self.best_checkpoint
+        why = ("no epoch had a validation score to choose it by" if self.last_checkpoint.is_file()
+               else "the run has no checkpoint")  # fmt: skip
+        raise CellmorphError(
+            f"{self.best_checkpoint} is missing ({why}); last.pt is not the chosen model: "
+            "resume the run with the same name, or score last.pt explicitly with "
+            "`cellmorph predict --checkpoint`"
+        )
 
 
 def _readable(path: AnyPath) -> Any:

@@ -228,7 +228,8 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_commands_refuse_a_run_another_process_writes(small_cfg, tmp_path: Path) -> None:
+def test_commands_refuse_a_run_another_process_writes(small_cfg, tmp_path: Path,
+                                                     monkeypatch) -> None:  # fmt: skip
     """``cellmorph train --local`` (exit 2, one line, no run file touched), Ray training,
     ``evaluate`` and a sweep all refuse a run (or sweep folder) another process holds."""
     from cellmorph.config import dump_config
@@ -248,11 +249,16 @@ def test_commands_refuse_a_run_another_process_writes(small_cfg, tmp_path: Path)
         done = subprocess.run(argv, capture_output=True, text=True, env=_env(), cwd=ROOT,
                               timeout=300)  # fmt: skip
         _assert_refused((done.returncode, done.stdout, done.stderr), str(run), holder.pid)
+        import cellmorph.launch
+
+        def no_ray(*_a, **_k):  # Ray is never started for a refused run
+            raise AssertionError("init_ray was called for a run another process holds")
+
+        monkeypatch.setattr(cellmorph.launch, "init_ray", no_ray)
         for call in (lambda: run_ray_training(cfg), lambda: evaluate_run(RunDir(run))):
             with pytest.raises(CellmorphError, match=f"run busy .* by pid {holder.pid} "):
                 call()
         assert _files(run) == before and list(before) == [runlock.LOCK_NAME]
-        assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     finally:
         _kill(holder)
     # The holder was killed (SIGKILL): the same name trains at once, and leaves no lock.

@@ -16,14 +16,14 @@ def test_a_run_logs_params_epochs_and_artifacts_and_resumes_into_the_same_run(
 ):
     from mlflow.tracking import MlflowClient
 
-    from cellmorph.report import build_report
+    from cellmorph.cli import publish_report
     from cellmorph.rundir import RunDir
     from cellmorph.train import run_local
 
     uri = ("tracking.mlflow_uri=" + mlflow_server, "tracking.experiment=cm-test", *FAST)
     run = run_local(small_cfg("tracked", "train.epochs=1", *uri))
     run = run_local(small_cfg("tracked", "train.epochs=2", *uri))  # resumed: same MLflow run
-    build_report(run)
+    publish_report(run)  # the report, then into the run's MLflow run
     known = RunDir(run.path).read_json(run.tracking)
     client = MlflowClient(tracking_uri=mlflow_server)
     got = client.get_run(known["mlflow_run_id"])

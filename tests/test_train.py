@@ -267,3 +267,15 @@ def test_the_result_line_says_what_phenotypic_activity_rests_on():
     line = activity_line(prof)
     assert "(validation + test wells): 2 of 9 treatments scorable, 2 retrieved" in line
     assert "100%" not in line
+
+
+def test_evaluate_refuses_a_run_without_best_pt(small_cfg, capsys):
+    from cellmorph.cli import main
+
+    run = run_local(_cfg(small_cfg, "nobest"))
+    run.best_checkpoint.unlink()  # last.pt is still there
+    before = run.result.read_bytes()
+    assert main(["evaluate", str(run.path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "best.pt is missing" in err and "last.pt is not the chosen model" in err
+    assert run.result.read_bytes() == before  # nothing rescored with the wrong model
