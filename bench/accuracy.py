@@ -179,7 +179,8 @@ def main() -> None:
                    help="32 px, a narrow model, 2 steps: checks the script runs (seconds)")  # fmt: skip
     p.add_argument("--work", help="folder for the plate, store and runs (default: a temp dir)")
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if not args.smoke:  # a smoke run keeps torch's default (OMP_NUM_THREADS)
+        torch.set_num_threads(os.cpu_count() or 1)
     extra = ["loader.image_size=64", "train.min_steps=100", "train.epochs=2"] if args.quick else []
     if args.smoke:
         extra = ["loader.image_size=32", "model.width_mult=0.25", "train.epochs=1",

@@ -139,7 +139,7 @@ def test_accuracy(tmp_path):
 @pytest.mark.ray
 def test_scale(tmp_path):
     """Every stage, each in its own process; ``train`` starts Ray (2 workers)."""
-    r = run_bench("scale.py", "--images", "3000", "--work", str(tmp_path), "--steps", "2",
+    r = run_bench("scale.py", "--images", "10000", "--work", str(tmp_path), "--steps", "2",
                   cwd=tmp_path, timeout=500)  # fmt: skip
     assert list(r["stages"]) == ["convert_plan", "open_store", "index", "train", "report",
                                  "predict"]  # fmt: skip
@@ -149,4 +149,4 @@ def test_scale(tmp_path):
         has(stage, "seconds", "peak_rss_mb", "peak_anon_mb")
     has(r["stages"]["train"], "epoch_s", "train_steps_s", "validation_s", "finish_s",
         "val_images", "test_images")  # fmt: skip
-    assert r["stages"]["predict"]["images"] == 3000 and r["per_worker_peak_rss_mb"] > 0
+    assert r["stages"]["predict"]["images"] == 10000 and r["per_worker_peak_rss_mb"] > 0
