@@ -13,7 +13,8 @@ in-memory loop at the same settings (the same batches held as tensors, same mode
 and schedule), so the pipeline's overhead is a ratio.
 
     .venv/bin/python bench/accuracy.py                      # 2 plates x 45 wells x 4 sites, 128 px
-    .venv/bin/python bench/accuracy.py --rows 3 --cols 5 --quick   # a smoke run (minutes)
+    .venv/bin/python bench/accuracy.py --rows 3 --cols 5 --quick   # a short run (minutes)
+    .venv/bin/python bench/accuracy.py --rows 3 --cols 5 --render 48 --size 32 --smoke  # seconds
 
 Prints one JSON object. Goal: cellmorph's test balanced accuracy >= the study's + 0.10.
 """
@@ -173,11 +174,17 @@ def main() -> None:
     p.add_argument("--render", type=int, default=160, help="synthetic site size in px")
     p.add_argument("--size", type=int, default=128, help="stored size in px")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="64 px, 100 steps: a smoke run")
+    p.add_argument("--quick", action="store_true", help="64 px, 100 steps: a short run")
+    p.add_argument("--smoke", action="store_true",
+                   help="32 px, a narrow model, 2 steps: checks the script runs (seconds)")  # fmt: skip
     p.add_argument("--work", help="folder for the plate, store and runs (default: a temp dir)")
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if not args.smoke:  # a smoke run keeps torch's default (OMP_NUM_THREADS)
+        torch.set_num_threads(os.cpu_count() or 1)
     extra = ["loader.image_size=64", "train.min_steps=100", "train.epochs=2"] if args.quick else []
+    if args.smoke:
+        extra = ["loader.image_size=32", "model.width_mult=0.25", "train.epochs=1",
+                 "train.max_steps_per_epoch=2", "loader.num_workers=0"]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="cellmorph-acc-") as tmp:
         root = Path(args.work or tmp)
         store = make_store(root, args)

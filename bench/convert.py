@@ -68,14 +68,16 @@ def run_convert(csv: Path, out: Path, workers: int, size: int, shard: int) -> tu
     return summary["seconds"], summary["phases"]["pack_s"]
 
 
-def store_footprint(out: Path, n: int, shard_size: int, target: int) -> dict[str, float]:
+def store_footprint(
+    out: Path, n: int, shard_size: int, target: int, size: int = 160
+) -> dict[str, float]:
     """Measured files/bytes, and the extrapolation to ``target`` images at ``shard_size``."""
     files = [p for p in out.rglob("*") if p.is_file()]
     shard_bytes = sum(p.stat().st_size for p in (out / "images" / "c").rglob("*") if p.is_file())
     other = sum(p.stat().st_size for p in files) - shard_bytes
     shards = math.ceil(target / shard_size)
     per_image = shard_bytes / n
-    raw = 5 * 160 * 160 * 2
+    raw = len(CHANNELS) * size * size * 2  # uint16
     return {
         "measured_images": n,
         "measured_files": len(files),
@@ -141,7 +143,7 @@ def main() -> None:
         ),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
-        "store": store_footprint(root / "store1.zarr", n, 1024, 10_000),
+        "store": store_footprint(root / "store1.zarr", n, 1024, 10_000, args.size),
     }
     print(json.dumps(report, indent=2))
 

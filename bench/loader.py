@@ -22,7 +22,8 @@ images/s of:
 
 Ratios: ``store_vs_original`` = best of (b, c) / a (goal >= 10), ``read_vs_decode`` = d / e
 (goal >= 0.5), ``loader_vs_train_cpu`` = best of (b, c) / train_cpu (goal >= 3). Prints one
-JSON object. Run: ``.venv/bin/python bench/loader.py [--sites 96] [--workers 2]``;
+JSON object. Run: ``.venv/bin/python bench/loader.py [--sites 96] [--workers 2]`` (a smoke run:
+``--sites 8 --tiff-size 64 --batch 4 --seconds 0 --rounds 1``);
 ``--read-only`` measures only the read path (d, d_read_unchecked, e, zarr_rows).
 """
 
@@ -50,19 +51,20 @@ from torchvision.transforms import v2
 from cellmorph import store as st
 from cellmorph.config import LoaderConfig, ModelConfig, SynthConfig
 from cellmorph.loaders import ShardReader, build_loader
+from cellmorph.loaders.stats import group_key, store_stats, sums_by_group
 from cellmorph.shardfile import crc32c
 from cellmorph.synth import CHANNELS, generate_plate
 
 CPU = torch.device("cpu")
 
 
-def make_sites(out: Path, sites: int) -> pd.DataFrame:
+def make_sites(out: Path, sites: int, size: int = 1080) -> pd.DataFrame:
     """JUMP-sized synthetic TIFFs; one row per site with its five channel paths."""
     per_well = 4
     wells = -(-sites // per_well)
     cols = min(24, wells)
     rows = -(-wells // cols)
-    cfg = SynthConfig(out=str(out), size=1080, plates=1, rows=rows, cols=cols, sites=per_well)
+    cfg = SynthConfig(out=str(out), size=size, plates=1, rows=rows, cols=cols, sites=per_well)
     csv = generate_plate(cfg, progress=False)
     df = pd.read_csv(csv).head(sites)
     for ch in CHANNELS:
@@ -74,15 +76,21 @@ def make_sites(out: Path, sites: int) -> pd.DataFrame:
 
 
 def build_store(path: Path, df: pd.DataFrame, size: int, codec: str) -> st.Store:
-    """Pack the sites at ``size`` px (torch antialiased resize), shard-aligned writes."""
+    """Pack the sites at ``size`` px (torch antialiased resize), shard-aligned writes.
+
+    The statistics attrs (``stats``, ``plate_stats``) are computed as conversion computes them:
+    per-shard sums by plate (``sums_by_group``), pooled by ``store_stats``."""
     n, shard = len(df), 64
     arr = st.create_images(path, n, list(CHANNELS), size, codec=codec, shard_size=shard)
-    sample = []
+    sample, sums = [], []
+    plates = df["Metadata_Plate"].astype(str).tolist()
     for s in range(0, n, shard):
         block = np.stack([_read_resized(df.iloc[i], size) for i in range(s, min(n, s + shard))])
         arr[s : s + len(block)] = block
         sample.append(block[:8])
-    st.write_attrs(path, {"stats": st.channel_stats(np.concatenate(sample), list(CHANNELS))})
+        sums.append(sums_by_group(block, [group_key(p, False) for p in plates[s : s + shard]]))
+    stats = store_stats(sums, np.concatenate(sample), list(CHANNELS), size * size)
+    st.write_attrs(path, stats)
     md = df[["Metadata_Plate", "Metadata_Well", "Metadata_Site"]].assign(checksum="")
     st.write_metadata(path, md)
     st.write_quarantine(path, [])
@@ -141,21 +149,23 @@ def epochs(loader, first: int = 0):
         e += 1
 
 
-def bench_original(df: pd.DataFrame, workers: int, batch: int) -> float:
+def bench_original(df: pd.DataFrame, workers: int, batch: int, seconds: float = 4) -> float:
     dl = DataLoader(OriginalDataset(df, 128), batch_size=batch, num_workers=workers, shuffle=True)
 
     def forever():
         while True:
             yield from dl
 
-    return rate(forever(), min_images=len(df), min_seconds=4)
+    return rate(forever(), min_images=len(df), min_seconds=seconds)
 
 
-def bench_loader(store: st.Store, cfg: LoaderConfig, rows: np.ndarray, device=CPU) -> float:
+def bench_loader(
+    store: st.Store, cfg: LoaderConfig, rows: np.ndarray, device=CPU, seconds: float = 4
+) -> float:
     loader = build_loader(
         store, rows, np.zeros(len(store), np.int64), cfg, train=True, device=device
     )
-    r = rate(epochs(loader), min_images=2 * len(rows), min_seconds=4)
+    r = rate(epochs(loader), min_images=2 * len(rows), min_seconds=seconds)
     if hasattr(loader, "close"):
         loader.close()
     return r
@@ -257,6 +267,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dir", default=None, help="keep the TIFFs and store here (default: temp)")
     ap.add_argument("--read-only", action="store_true", help="measure only the read path")
+    ap.add_argument("--tiff-size", type=int, default=1080, help="px of the synthetic TIFFs")
+    ap.add_argument("--seconds", type=float, default=4, help="least seconds timed per loader")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (best kept)")
     args = ap.parse_args()
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="cm-bench-loader-"))
     try:
@@ -268,7 +281,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace, tmp: Path) -> None:
     t0 = time.perf_counter()
-    df = make_sites(tmp / "tiffs", args.sites)
+    df = make_sites(tmp / "tiffs", args.sites, args.tiff_size)
     store = build_store(tmp / "store.zarr", df, 160, "zstd")
     prep_s = time.perf_counter() - t0
 
@@ -280,7 +293,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     res: dict[str, float | int | str | None] = {
         "machine": f"{os.cpu_count()} cores, cuda={torch.cuda.is_available()}",
         "sites": len(df),
-        "tiff": "1080x1080 uint16, 5 files per site",
+        "tiff": f"{args.tiff_size}x{args.tiff_size} uint16, 5 files per site",
         "store": f"{store.shape[-1]} px, zstd, {len(store)} images",
         "workers": w,
         "prep_s": round(prep_s, 1),
@@ -291,16 +304,21 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
         return
     # The machine is shared and noisy: interleave two rounds and keep each path's best.
-    for _ in range(2):
+    sec = args.seconds
+    for _ in range(args.rounds):
         for key, fn in (
-            ("a_original", lambda: bench_original(df, w, 16)),
+            ("a_original", lambda: bench_original(df, w, 16, sec)),
             (
                 "b_torch",
-                lambda: bench_loader(store, base.model_copy(update={"kind": "torch"}), rows),
+                lambda: bench_loader(
+                    store, base.model_copy(update={"kind": "torch"}), rows, seconds=sec
+                ),  # fmt: skip
             ),
             (
                 "c_dali_cpu",
-                lambda: bench_loader(store, base.model_copy(update={"kind": "dali"}), rows),
+                lambda: bench_loader(
+                    store, base.model_copy(update={"kind": "dali"}), rows, seconds=sec
+                ),  # fmt: skip
             ),
         ):
             res[key] = max(res.get(key) or 0.0, fn())

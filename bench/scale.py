@@ -34,7 +34,9 @@ libraries (~0.5 GB of torch and friends) and of memory-mapped files (the metadat
 shares) in every process; ``peak_anon_mb`` is the largest private memory (RssAnon, polled every
 0.2 s), what a process adds to its node.
 
-Run: ``.venv/bin/python bench/scale.py --images 300000 [--work DIR] [--steps 200]``. The work
+Run: ``.venv/bin/python bench/scale.py --images 300000 [--work DIR] [--steps 200]`` (the
+smallest N with two plate types, a smoke run: ``--images 10000 --steps 2``); it exits 1 when a
+stage failed. The work
 folder keeps the store between runs of the same N (``--rebuild`` to build it again).
 """
 
@@ -505,7 +507,11 @@ def main() -> None:
     if args.stage:
         child(args.stage, work, args)
         return
-    print(json.dumps(run_all(work, args)))
+    result = run_all(work, args)
+    print(json.dumps(result))
+    failed = [name for name, stage in result["stages"].items() if "failed" in stage]
+    if failed:  # the JSON above says why; a failed stage is no measurement
+        sys.exit(f"stages failed: {', '.join(failed)}")
 
 
 def run_all(work: Path, args: argparse.Namespace) -> dict[str, Any]:

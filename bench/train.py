@@ -46,12 +46,14 @@ from cellmorph.config import (
     SynthConfig,
     TrainConfig,
 )
+from cellmorph.evaluation import resolve_amp
 from cellmorph.index import build_index
 from cellmorph.loaders import build_loader
 from cellmorph.model import build_model
+from cellmorph.progress import StepProgress
 from cellmorph.store import Store, open_store
 from cellmorph.synth import generate_plate
-from cellmorph.train import build_optimizer, lr_factor, resolve_amp, train_one_epoch
+from cellmorph.train import Training, build_optimizer, lr_factor, train_one_epoch
 from conversion.pack import convert
 
 RATIO_GOAL = 0.9
@@ -76,13 +78,14 @@ def build_store(root: Path, images: int, size: int, codec: str) -> Store:
 class Timed:
     """A loader view of exactly ``warmup + steps`` batches that times the steps after warm-up.
 
-    The clock starts when the training loop asks for batch ``warmup`` (the previous step is
-    finished: ``train_one_epoch`` reads ``loss.item()``, which synchronises the device) and
-    stops when it asks for the batch after the last one.
+    The clock starts when the training loop asks for batch ``warmup`` (after a device
+    synchronisation: the previous steps are finished) and stops when it asks for the batch after
+    the last one (``train_one_epoch`` has read the epoch's loss, and the device is synchronised).
     """
 
     def __init__(self, batches: Callable[[], Iterable], warmup: int, steps: int):
         self.batches, self.warmup, self.steps = batches, warmup, steps
+        self.device = torch.device("cpu")  # the trainer's device, synchronised at the clock
         self.images = 0
         self.seconds = float("nan")
 
@@ -95,14 +98,20 @@ class Timed:
         for i in range(len(self)):
             batch = next(it)
             if i == self.warmup:
+                self._sync()
                 t0 = time.perf_counter()
             if i >= self.warmup:
                 self.images += len(batch[1])
             yield batch
+        self._sync()
         self.seconds = time.perf_counter() - t0
         # Run the loader's epoch to its end (exactly len(self) batches) so it shuts down cleanly.
         for _ in it:
             pass
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @property
     def rate(self) -> float:
@@ -119,26 +128,29 @@ class Trainer:
         self, n_channels: int, n_classes: int, args: argparse.Namespace, device: torch.device
     ):
         self.device = device
+        # The loss is read (a device synchronisation) only at the end of each measured epoch.
         self.cfg = TrainConfig(amp=args.amp, log_every=10**9)
         model = build_model(ModelConfig(width_mult=args.width_mult), n_channels, n_classes)
         model = model.to(device)
         if device.type == "cuda" and self.cfg.channels_last is not False:
             model = model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(model, OptimConfig())
-        self.model = torch.compile(model) if args.compile else model
+        optim = OptimConfig()
+        optimizer = build_optimizer(model, optim, optim.lr)
         total = 10**6  # a long schedule: the LR barely moves during the benchmark
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total, 0, 0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total, 0, 0.01)
         )
         dtype, use_scaler = resolve_amp(self.cfg.amp, device)
-        self.amp = (dtype, torch.amp.GradScaler("cuda") if use_scaler else None)
-        self.criterion = nn.CrossEntropyLoss()
+        net = torch.compile(model) if args.compile else model
+        scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.t = Training(model, net, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), dtype,
+                          device)  # fmt: skip
+        self.grad_clip = optim.grad_clip
+        self.progress = StepProgress(None, 1, enabled=False, console=False, bar=False)
 
     def run(self, loader: Timed) -> float:
-        train_one_epoch(
-            self.model, loader, self.optimizer, self.scheduler, self.criterion, self.cfg,
-            OptimConfig().grad_clip, self.amp, self.device, log=lambda _msg: None,
-        )  # fmt: skip
+        loader.device = self.device
+        train_one_epoch(self.t, loader, 0, len(loader), self.cfg, self.grad_clip, self.progress)
         return loader.rate
 
 
