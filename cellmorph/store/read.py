@@ -160,6 +160,22 @@ def open_store(path: str | AnyPath, columns: Sequence[str] | None = None) -> Sto
     return Store(p, images, metadata, attrs, quarantine, folder, file)
 
 
+def recorded_label_column(path: str | AnyPath) -> str | None:
+    """The label column conversion recorded in ``attrs.label_column`` (None for a store
+    converted with ``--allow-unlabeled``); reads only ``zarr.json``, :func:`open_store` checks
+    the rest."""
+    folder = open_folder(path)
+    try:
+        if "zarr.json" not in folder.names():
+            raise StoreError(f"{folder.path}: not a zarr store (no zarr.json)")
+        attrs = folder.attrs()
+        _check_format(folder.path, attrs)
+    finally:
+        folder.close()
+    column = attrs.get("label_column")
+    return str(column) if column else None
+
+
 def _check_format(p: AnyPath, attrs: dict[str, Any]) -> None:
     version = attrs.get("cellmorph_format")
     if version is None:
