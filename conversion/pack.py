@@ -495,7 +495,7 @@ def out_kind(out: str) -> str:
         attrs = dict(
             zarr.open_group(store=sfiles.zarr_store(out, True), mode="r", zarr_format=3).attrs
         )
-    except Exception:  # anything unreadable as a zarr group is not ours to delete
+    except slayout.ZARR_ERRORS:  # anything unreadable as a zarr group is not ours to delete
         attrs = {}
     if "cellmorph_format" not in attrs:
         return "started" if Manifest(out).header() is not None else "other"
@@ -510,7 +510,7 @@ def older_format(out: str | Path) -> bool:
         attrs = dict(
             zarr.open_group(store=sfiles.zarr_store(out, True), mode="r", zarr_format=3).attrs
         )
-    except Exception:  # absent or unreadable: nothing of ours to upgrade
+    except slayout.ZARR_ERRORS:  # absent or unreadable: nothing of ours to upgrade
         return False
     version = attrs.get("cellmorph_format")
     return isinstance(version, int) and version < slayout.FORMAT_VERSION
