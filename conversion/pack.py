@@ -413,12 +413,8 @@ def _mixed_bit_depths(codes: np.ndarray, dtypes: dict[str, int]) -> dict[int, st
     }
 
 
-def site_key(row: pd.Series) -> str:
-    return f"{row['Metadata_Plate']}/{row['Metadata_Well']}/{row['Metadata_Site']}"
-
-
 def site_keys(sites: pd.DataFrame) -> pd.Series:
-    """``plate/well/site`` of every site (:func:`site_key`, vectorized: millions of sites)."""
+    """``plate/well/site`` of every site (vectorized: millions of sites)."""
     plate, well, site = (sites[c].astype(str) for c in KEYS)
     return (plate + "/" + well + "/" + site).astype("str")  # Arrow text: ~30 bytes a site, not ~80
 

@@ -47,7 +47,7 @@ def test_resume_keeps_each_epoch_once(tmp_path, epochs_of):
     run.begin(2, [])
     assert epochs_of(tmp_path) == [0, 1]
     assert [r["v"] for r in run.history()] == [0, 3]  # the latest line of a rerun epoch
-    assert run.read_events()[-1]["event"] == "resume"
+    assert read_events(run)[-1]["event"] == "resume"
 
 
 def test_storage_not_shared_between_nodes_is_refused(tmp_path, monkeypatch):
