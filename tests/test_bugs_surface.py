@@ -83,5 +83,17 @@ def test_a_bug_in_opening_the_zarr_group_keeps_its_traceback(tiny_plate, monkeyp
         read.open_store(tiny_plate, columns=[])
 
 
+def test_a_bug_in_watching_a_run_is_not_swallowed(tmp_path, monkeypatch):
+    from cellmorph.progress import RunWatcher
+    from cellmorph.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    watcher = RunWatcher(run, 2, bar=False, quiet=True)
+    watcher._poll()  # nothing written yet: nothing to show
+    monkeypatch.setattr(RunDir, "history", _bug)
+    with pytest.raises(TypeError, match="a bug"):
+        watcher._poll()
+
+
 def _raise(e: BaseException):
     raise e
