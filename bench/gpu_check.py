@@ -209,12 +209,13 @@ class Data:
         import pandas as pd
         import torch
 
-        from cellmorph.config import load_config
+        from cellmorph.config import load_config, resolve_label_column
         from cellmorph.store import open_store
 
         self.plan = plan
         self.store = open_store(state / "store.zarr")
-        column = load_config(None, []).data.label_column
+        column = resolve_label_column(load_config(None, [f"data.store={state / 'store.zarr'}"]))
+        column = column.data.label_column
         self.labels = pd.factorize(self.store.metadata[column].astype(str), sort=True)[0]
         self.classes = int(self.labels.max()) + 1
         # Loader settings go through load_config, so a renamed key fails with its name.

@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cellmorph.config import Config, DataConfig, config_from_dict, config_to_dict
+from cellmorph.config import (
+    Config,
+    DataConfig,
+    config_from_dict,
+    config_to_dict,
+    resolve_label_column,
+)
 from cellmorph.errors import CellmorphError
 from cellmorph.rundir import RunDir
 
@@ -112,6 +118,7 @@ def audit(
 
         train = run_local
     _check_default(cfg.data)
+    cfg = resolve_label_column(cfg)  # both protocols train on, and record, one column
     study = study_config(cfg)
     study_dir = train(study)
     default_dir = reuse_default_run or train(cfg)

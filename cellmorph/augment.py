@@ -6,7 +6,7 @@ whatever the order of the list. Both loaders draw a batch's random parameters wi
 flips, angles and jitter do not depend on which worker or loader produced it: that is what makes
 the torch/DALI parity tests possible.
 
-Two stages (the same for both loaders; see ``loaders/geometry.py`` for the sizes)::
+Two stages (the same for both loaders; see ``cellmorph/loaders/transform.py`` for the sizes)::
 
     store image -> resize to R -> [geometry ops: vflip, hflip, rot90, rotate] -> centre crop
                 -> normalize per channel -> [intensity ops: brightness_contrast]

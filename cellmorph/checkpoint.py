@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,11 @@ from cellmorph.config import Config, validate
 from cellmorph.errors import CellmorphError
 from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.rundir import RunDir
+
+# What torch.load(weights_only=True) raises for a foreign, truncated or corrupt file (an
+# empty file, a pickle of other objects, a damaged zip, random bytes): found by loading each.
+# Anything else (a TypeError from a bad argument) is a bug and keeps its traceback.
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, KeyError, ValueError)
 
 REQUIRED_KEYS = ("model", "config", "classes", "channels")
 
@@ -46,7 +52,7 @@ def load_checkpoint(path: str | AnyPath) -> dict[str, Any]:
     source = io.BytesIO(p.read_bytes()) if isinstance(p, URLPath) else p
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or corrupt files
+    except LOAD_ERRORS as e:
         raise CellmorphError(f"{p}: not a readable cellmorph checkpoint ({e})") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:

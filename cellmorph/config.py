@@ -66,6 +66,9 @@ class SynthConfig(Section):
         return self
 
 
+DEFAULT_LABEL_COLUMN = "Metadata_pert_iname"
+
+
 class ConvertConfig(Section):
     """Packing TIFFs into the store (writer side)."""
 
@@ -82,7 +85,7 @@ class ConvertConfig(Section):
     codec: Literal["zstd", "lz4"] = "zstd"
     shard_size: int = Field(1024, ge=1)
     workers: int = Field(2, ge=1)
-    label_column: str = "Metadata_pert_iname"
+    label_column: str = DEFAULT_LABEL_COLUMN
     allow_unlabeled: bool = Field(False, description="keep sites without a label (prediction)")
     file_channels: list[str] = Field(
         [], description="channel names in file order for multi-channel TIFFs; [] = channels"
@@ -156,7 +159,11 @@ class DataConfig(Section):
     """Labels, class selection, split and balancing (index arrays only, never images)."""
 
     store: str = "data/demo/store.zarr"
-    label_column: str = "Metadata_pert_iname"
+    label_column: str | None = Field(
+        None,
+        description="the column naming the classes; None = the one the store's conversion "
+        f"recorded (attrs.label_column), else {DEFAULT_LABEL_COLUMN}",
+    )
     top_k: int = Field(0, ge=0, description="keep the K most frequent classes; 0 keeps all")
     min_count: int = Field(0, ge=0)
     split: Literal["grouped", "plate", "image"] = "grouped"
@@ -474,6 +481,20 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML (or the built-in defaults when ``path`` is None) and apply dotlist overrides."""
     return config_from_dict(read_tree(path, overrides))
+
+
+def resolve_label_column(cfg: Config) -> Config:
+    """``cfg`` with ``data.label_column`` set: an explicit one stays, else the column the
+    store's conversion recorded, else the default. Called once where a store is opened for
+    training (preflight, ``run_local``, the audit, a sweep), so the run's config.yaml records
+    the column it used and no reader sees None."""
+    if cfg.data.label_column is not None:
+        return cfg
+    from cellmorph.store.read import recorded_label_column  # zarr: only when a store is read
+
+    column = recorded_label_column(cfg.data.store) or DEFAULT_LABEL_COLUMN
+    data = cfg.data.model_copy(update={"label_column": column})
+    return cfg.model_copy(update={"data": data})
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

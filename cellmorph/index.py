@@ -29,7 +29,7 @@ from imblearn.over_sampling import RandomOverSampler
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.class_weight import compute_class_weight
 
-from cellmorph.config import DataConfig
+from cellmorph.config import DEFAULT_LABEL_COLUMN, DataConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.sampling import contiguous_runs, epoch_indices, epoch_permutation
 from cellmorph.store.layout import CHECKSUM, PLATE, WELL, well_codes
@@ -462,6 +462,10 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -
     Warnings (a leaky split, classes without validation images...) are logged unless ``warn``
     is false, and kept in ``summary["warnings"]`` either way.
     """
+    if cfg.label_column is None:
+        # Metadata without a store (tests, benchmarks): every caller holding a store has set
+        # the store's recorded column already (config.resolve_label_column).
+        cfg = cfg.model_copy(update={"label_column": DEFAULT_LABEL_COLUMN})
     codes, names = _encode_raw(metadata, cfg.label_column)
     labels, classes, counts = _select_classes(codes, names, cfg)
     rows = _rows(metadata, labels, len(classes))

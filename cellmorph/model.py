@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchvision.models import mobilenet_v2
 
+from cellmorph.checkpoint import LOAD_ERRORS
 from cellmorph.config import ModelConfig
 from cellmorph.errors import CellmorphError
 
@@ -66,7 +67,7 @@ def load_pretrained(net: nn.Module, path: str | Path) -> None:
         raise CellmorphError(f"model.pretrained: no such file {p} (weights are never downloaded)")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except LOAD_ERRORS as e:  # not weights: a bug keeps its traceback
         raise CellmorphError(f"model.pretrained: {p} is not a torch state dict ({e})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]

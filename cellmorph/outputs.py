@@ -27,10 +27,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -304,12 +303,3 @@ def well_table(batch: pa.Table, classes: list[str], metadata: MetadataRows,
             **{c: pa.array(emb[:, i]) for i, c in enumerate(embedding_columns(emb.shape[1]))},
             **{c: pa.array(feats[:, i]) for i, c in enumerate(feature_columns(feats.shape[1]))}}  # fmt: skip
     return pa.table(cols)
-
-
-def read_wells(out: OutputSet, columns: list[str] | None = None) -> pd.DataFrame | None:
-    """``wells.parquet`` (or None when it was not written)."""
-    p = out.wells
-    if not p.is_file():
-        return None
-    source: Any = p if isinstance(p, Path) else pa.BufferReader(p.read_bytes())
-    return pq.read_table(source, columns=columns).to_pandas()

@@ -16,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cellmorph.config import DataConfig
+from cellmorph.errors import CellmorphError
 from cellmorph.rundir import RunDir
 
 
@@ -179,7 +180,7 @@ class RunWatcher:
     def _poll(self) -> None:
         try:
             history = self.run.history()
-        except Exception:  # a line being written; read it next time
+        except (CellmorphError, OSError):  # a line being written, a bucket away: next time
             history = []
         for record in history:
             epoch = int(record.get("epoch", -1))

@@ -340,9 +340,6 @@ class URLPath:
     def expanduser(self) -> URLPath:
         return self
 
-    def absolute(self) -> URLPath:
-        return self
-
     def is_absolute(self) -> bool:
         return True
 

@@ -262,9 +262,6 @@ class RunDir:
         """Every line of ``metrics.jsonl`` (empty when there is none yet)."""
         return self._jsonl(self.metrics_log)
 
-    def read_events(self) -> list[dict[str, Any]]:
-        return self._jsonl(self.events)
-
     def read_progress(self) -> dict[str, Any] | None:
         try:
             return json.loads(self.progress.read_text())

@@ -22,6 +22,10 @@ import numpy as np
 
 from cellmorph.errors import CellmorphError
 
+# What numcodecs' zstd, lz4 and blosc decoders raise for bytes that are not a valid frame
+# (random, truncated, empty: found by decoding each); anything else is a bug.
+DECODE_ERRORS = (RuntimeError, ValueError)
+
 EMPTY = np.uint64(2**64 - 1)
 CRC_BYTES = 4
 
@@ -207,7 +211,7 @@ def decode_into(codec: Any, codec_id: str, payload: memoryview, out: np.ndarray,
             codec.decode(payload, out=out)
             return
         data = np.frombuffer(codec.decode(payload), dtype=np.uint8)  # size known only after
-    except Exception as e:  # the decoder's own error: bytes that are not a valid frame
+    except DECODE_ERRORS as e:  # the decoder's own error: bytes that are not a valid frame
         raise StoreDamage(f"{where}: chunk does not decode ({e})") from None
     if data.size != out.nbytes:
         raise StoreDamage(f"{where}: chunk decodes to {data.size} bytes, not the {out.nbytes} "

@@ -95,7 +95,7 @@ class SweepConfig(Section):
     space: dict[str, Dimension] = {}
 
 
-# What each epoch's report says about progress: epochs done / epochs planned (train.py).
+# What each epoch's report says about progress: epochs done / epochs planned (cellmorph/train.py).
 RUN_FRACTION = "run_fraction"
 # A trial whose worker group cannot be placed this many times in a row (Ray Train waits 60 s
 # each time, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) fails instead of retrying forever.
@@ -246,11 +246,13 @@ def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[AnyPath, Config, Tr
     Returns the sweep's folder, the base config every trial starts from (absolute paths, trial
     runs under ``<sweep>/trials``, workers per trial as fitted) and the fit.
     """
+    from cellmorph.config import resolve_label_column
     from cellmorph.launch import check_upload_paths, init_ray, preflight, resolve_paths
 
     check_upload_paths(base)
     out = as_path(base.run_root).expanduser().resolve() / sweep.name
     base = resolve_paths(trial_config(base, {"run_root": str(out / "trials")}, base.name))
+    base = resolve_label_column(base)  # every trial trains on, and records, the same column
     preflight(base)
     init_ray(base.ray, out / "logs")
     fit = fit_trials(sweep, base.ray, ClusterSize.from_ray())

@@ -29,7 +29,13 @@ from cellmorph.checkpoint import (
     restore_rng,
     rng_state,
 )
-from cellmorph.config import Config, OptimConfig, TrainConfig, config_to_dict
+from cellmorph.config import (
+    Config,
+    OptimConfig,
+    TrainConfig,
+    config_to_dict,
+    resolve_label_column,
+)
 from cellmorph.distributed import Context, interactive, local_context
 from cellmorph.errors import CellmorphError
 from cellmorph.evaluation import (
@@ -124,6 +130,7 @@ class Training:
 
 def build_data(cfg: Config, ctx: Context, *, training: bool = True) -> Data:
     """The store, the index and this rank's loaders (no training loader for ``training=False``)."""
+    cfg = resolve_label_column(cfg)  # train_loop resolved it; a direct call may not have
     # Only the columns training reads, shared by the node's workers (one copy per node).
     store = open_store(cfg.data.store, columns=[cfg.data.label_column])
     index = build_index(store.metadata, cfg.data, warn=training)
@@ -430,6 +437,7 @@ def profile_folds(run: RunDir, data: Data, cfg: Config, folds: list[str]) -> dic
 def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
     """Train ``cfg`` as one rank of ``ctx``; returns the result (the chosen model's scores)."""
     seed_everything(cfg.seed + ctx.rank)
+    cfg = resolve_label_column(cfg)  # config.yaml and the checkpoints record the column used
     run = RunDir(cfg.run_dir)
     data = build_data(cfg, ctx)
     schedule = plan_schedule(cfg, len(data.train_loader), ctx.world_size)

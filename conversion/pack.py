@@ -413,12 +413,8 @@ def _mixed_bit_depths(codes: np.ndarray, dtypes: dict[str, int]) -> dict[int, st
     }
 
 
-def site_key(row: pd.Series) -> str:
-    return f"{row['Metadata_Plate']}/{row['Metadata_Well']}/{row['Metadata_Site']}"
-
-
 def site_keys(sites: pd.DataFrame) -> pd.Series:
-    """``plate/well/site`` of every site (:func:`site_key`, vectorized: millions of sites)."""
+    """``plate/well/site`` of every site (vectorized: millions of sites)."""
     plate, well, site = (sites[c].astype(str) for c in KEYS)
     return (plate + "/" + well + "/" + site).astype("str")  # Arrow text: ~30 bytes a site, not ~80
 
@@ -495,7 +491,7 @@ def out_kind(out: str) -> str:
         attrs = dict(
             zarr.open_group(store=sfiles.zarr_store(out, True), mode="r", zarr_format=3).attrs
         )
-    except Exception:  # anything unreadable as a zarr group is not ours to delete
+    except slayout.ZARR_ERRORS:  # anything unreadable as a zarr group is not ours to delete
         attrs = {}
     if "cellmorph_format" not in attrs:
         return "started" if Manifest(out).header() is not None else "other"
@@ -510,7 +506,7 @@ def older_format(out: str | Path) -> bool:
         attrs = dict(
             zarr.open_group(store=sfiles.zarr_store(out, True), mode="r", zarr_format=3).attrs
         )
-    except Exception:  # absent or unreadable: nothing of ours to upgrade
+    except slayout.ZARR_ERRORS:  # absent or unreadable: nothing of ours to upgrade
         return False
     version = attrs.get("cellmorph_format")
     return isinstance(version, int) and version < slayout.FORMAT_VERSION

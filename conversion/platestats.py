@@ -1,5 +1,5 @@
 """Which stored images count as which plate and as negative controls, for the per-plate
-statistics (``cellmorph.store.sums_by_group`` / ``plate_stats_from_sums``).
+statistics (``cellmorph.loaders.stats.sums_by_group`` / ``plate_stats_from_sums``).
 
 Each shard writer sums, per (plate, negative control or not) group of its images, the pixel
 values and their squares in both the linear and the ``log1p`` space; ``finish`` pools the

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import tifffile
 from PIL import Image
+
+# What tifffile (and the imagecodecs decoders it calls) raise for a corrupt or truncated file:
+# TiffFileError is a ValueError, imagecodecs' errors RuntimeErrors; struct, zlib, EOF, index and
+# key errors come from damaged headers and tag tables. Anything else is a bug.
+TIFF_ERRORS = (ValueError, RuntimeError, OSError, EOFError, IndexError, KeyError,
+               struct.error, zlib.error)  # fmt: skip
 
 Source = tuple[str, int]
 ACCEPTED_DTYPES = (np.dtype("uint16"), np.dtype("uint8"))
@@ -96,7 +104,7 @@ def probe_file(path: str) -> FileInfo:
             _data_end([p for s in series for p in s.pages], path)
     except BadImage:
         raise
-    except Exception as e:  # tifffile raises many types for corrupt headers
+    except TIFF_ERRORS as e:  # a corrupt header
         raise BadImage(f"unreadable TIFF {path} ({type(e).__name__}: {e})") from None
     if dtype not in ACCEPTED_DTYPES:
         raise BadImage(f"unsupported dtype {dtype} in {path} (expected uint16 or uint8)")
@@ -152,7 +160,7 @@ def read_file(path: str) -> np.ndarray:
             data = (
                 np.stack([s.asarray() for s in series]) if len(series) > 1 else series[0].asarray()
             )
-    except Exception as e:  # decode errors surface as zlib/ValueError/TiffFileError...
+    except TIFF_ERRORS as e:  # a corrupt or truncated image
         raise BadImage(f"cannot decode {path} ({type(e).__name__}: {e})") from None
     nch, h, w, caxis = _channel_axis_first(tuple(data.shape), axes)
     data = data.squeeze() if data.ndim > 2 else data

@@ -219,3 +219,18 @@ def killing_map(fn, tasks):
 cfg = ConvertConfig(load_data=sys.argv[1], size=16, shard_size=2, workers=1)
 convert(cfg, sys.argv[2], mapper=killing_map)
 """
+
+
+def read_events(run) -> list[dict]:
+    """The lines of a run's ``events.jsonl`` (local or in a bucket)."""
+    import json
+
+    if not run.events.is_file():
+        return []
+    return [json.loads(line) for line in run.events.read_text().splitlines() if line.strip()]
+
+
+def site_key(row: pd.Series) -> str:
+    """``plate/well/site`` of one site, row by row: the reference ``conversion.pack.site_keys``
+    (vectorized) is checked against."""
+    return f"{row['Metadata_Plate']}/{row['Metadata_Well']}/{row['Metadata_Site']}"

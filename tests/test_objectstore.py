@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import TEST_SECRET, start_s3_server
-from helpers import KILLED_AT_SHARD_2, make_loaddata
+from helpers import KILLED_AT_SHARD_2, make_loaddata, read_events
 
 from cellmorph import remote
 from cellmorph.config import ConvertConfig
@@ -239,7 +239,7 @@ def test_run_directory_in_a_bucket_trains_resumes_and_reports(
         small_cfg("url", f"run_root={root}", f"data.store={store}", "train.epochs=2", *fast)
     )
     assert [r["epoch"] for r in run.history()] == [0, 1]
-    assert [e["event"] for e in run.read_events()] == ["start", "resume"]
+    assert [e["event"] for e in read_events(run)] == ["start", "resume"]
     assert cli.main(["evaluate", str(run.path), "--report-only"]) == 0
     assert RunDir(str(run.path)).report.is_file()
     out = f"{bucket}/preds"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_SECRET
+from helpers import read_events
 
 from cellmorph import remote
 from cellmorph.rundir import RunDir
@@ -67,7 +68,7 @@ def test_bucket_flow_convert_train_kill_resume_predict_report(bucket, tmp_path) 
     run = RunDir(f"{root}/e2e")
     try:
         _wait(run.last_checkpoint.is_file, "epoch 0's checkpoint in the bucket")
-        start = run.read_events()[0]
+        start = read_events(run)[0]
         assert start["event"] == "start" and [w["rank"] for w in start["workers"]] == [0, 1]
         assert len(run.history()) < epochs, "the run finished before the kill"
         os.kill(start["workers"][0]["pid"], signal.SIGKILL)  # rank 0: it writes the run
@@ -78,7 +79,7 @@ def test_bucket_flow_convert_train_kill_resume_predict_report(bucket, tmp_path) 
             job.wait()
         log.close()
     assert [r["epoch"] for r in run.history()] == list(range(epochs))  # each once, across it
-    resumes = [e for e in run.read_events() if e["event"] == "resume"]
+    resumes = [e for e in read_events(run) if e["event"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["workers"][0]["pid"] != start["workers"][0]["pid"]
     names = {k for k, _ in remote.list_objects(str(run.path))}
     assert {"checkpoints/last.pt", "checkpoints/best.pt", "metrics.json", "config.yaml",

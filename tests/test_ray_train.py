@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from helpers import read_events
 
 from cellmorph.checkpoint import load_checkpoint
 from cellmorph.config import load_config
@@ -65,7 +66,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, small_cfg, epoc
     # The run names its worker processes in its start event; kill rank 0 (the one that writes
     # the run's files) once epoch 0 is checkpointed.
     _wait_for(lambda: run.last_checkpoint.is_file(), "epoch 0's checkpoint")
-    start = run.read_events()[0]
+    start = read_events(run)[0]
     assert start["event"] == "start" and [w["rank"] for w in start["workers"]] == [0, 1]
     logged = epochs_of(run.path)
     assert len(logged) < epochs, "the run finished before the kill"
@@ -73,7 +74,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, small_cfg, epoc
     thread.join(timeout=300)
     assert "error" not in outcome, outcome.get("error")
     assert epochs_of(run.path) == list(range(epochs))  # every epoch once, across the restart
-    resumes = [e for e in run.read_events() if e["event"] == "resume"]
+    resumes = [e for e in read_events(run) if e["event"] == "resume"]
     assert len(resumes) == 1 and 1 <= resumes[0]["epoch"] <= len(logged)
     assert resumes[0]["workers"][0]["pid"] != start["workers"][0]["pid"]
     assert load_checkpoint(run.last_checkpoint)["epoch"] == epochs - 1

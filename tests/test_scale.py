@@ -115,7 +115,9 @@ def test_profile_sample_caps_treatments_controls_and_wells():
 
 
 def test_site_keys_match_the_row_by_row_keys():
-    from conversion.pack import site_key, site_keys
+    from helpers import site_key
+
+    from conversion.pack import site_keys
 
     sites = pd.DataFrame({"Metadata_Plate": ["P1", "0001", "NA"], "Metadata_Well": ["A01"] * 3,
                           "Metadata_Site": ["1", "2", "10"], "other": [1, 2, 3]})  # fmt: skip

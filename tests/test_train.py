@@ -7,9 +7,10 @@ import json
 import pandas as pd
 import pytest
 import torch
+from helpers import read_events
 
 from cellmorph.checkpoint import load_checkpoint, update_best
-from cellmorph.config import load_config
+from cellmorph.config import load_config, resolve_label_column
 from cellmorph.distributed import Context
 from cellmorph.errors import CellmorphError
 from cellmorph.rundir import RunDir
@@ -46,7 +47,7 @@ def test_resume_keeps_each_epoch_once(tmp_path, epochs_of):
     run.begin(2, [])
     assert epochs_of(tmp_path) == [0, 1]
     assert [r["v"] for r in run.history()] == [0, 3]  # the latest line of a rerun epoch
-    assert run.read_events()[-1]["event"] == "resume"
+    assert read_events(run)[-1]["event"] == "resume"
 
 
 def test_storage_not_shared_between_nodes_is_refused(tmp_path, monkeypatch):
@@ -63,7 +64,9 @@ def test_run_writes_every_artefact(small_cfg, epochs_of):
     for name in ("config.yaml", "classes.json", "data_summary.json", "metrics.jsonl", "metrics.json",
                  "val_predictions.parquet", "val_embeddings.npy", "checkpoints/last.pt", "checkpoints/best.pt"):  # fmt: skip
         assert (run_dir / name).is_file(), name
-    assert load_config(run_dir / "config.yaml") == cfg
+    # The run records the label column it used (the store's), the config left it unset.
+    assert cfg.data.label_column is None
+    assert load_config(run_dir / "config.yaml") == resolve_label_column(cfg)
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert set(ckpt) >= {
         "model",
@@ -279,3 +282,33 @@ def test_evaluate_refuses_a_run_without_best_pt(small_cfg, capsys):
     err = capsys.readouterr().err
     assert "best.pt is missing" in err and "last.pt is not the chosen model" in err
     assert run.result.read_bytes() == before  # nothing rescored with the wrong model
+
+
+@pytest.fixture(scope="module")
+def sample_store(tiny_plate, tmp_path_factory):
+    """The tiny plate converted with ``label_column=Metadata_broad_sample``."""
+    from cellmorph.config import ConvertConfig
+    from cellmorph.synth import CSV_NAME
+    from conversion.pack import convert
+
+    store = tmp_path_factory.mktemp("by_sample") / "store.zarr"
+    csv = tiny_plate.parent / "raw" / CSV_NAME  # the plate conftest's tiny_plate generated
+    convert(ConvertConfig(load_data=str(csv), size=40, shard_size=16,
+                          workers=1, label_column="Metadata_broad_sample"), store)  # fmt: skip
+    return store
+
+
+def test_training_uses_the_label_column_the_store_recorded(small_cfg, sample_store):
+    run = run_local(_cfg(small_cfg, "recorded", "train.epochs=1", f"data.store={sample_store}"))
+    assert load_config(run.path / "config.yaml").data.label_column == "Metadata_broad_sample"
+    assert json.loads(run.classes.read_text())["label_column"] == "Metadata_broad_sample"
+    assert load_checkpoint(run.path / "checkpoints" / "last.pt")["config"]["data"][
+        "label_column"] == "Metadata_broad_sample"  # fmt: skip
+
+
+def test_an_explicit_label_column_wins_over_the_stores(small_cfg, sample_store):
+    cfg = _cfg(small_cfg, "explicit", "train.epochs=1", f"data.store={sample_store}",
+               "data.label_column=Metadata_pert_iname")  # fmt: skip
+    run = run_local(cfg)
+    assert load_config(run.path / "config.yaml").data.label_column == "Metadata_pert_iname"
+    assert json.loads(run.classes.read_text())["label_column"] == "Metadata_pert_iname"

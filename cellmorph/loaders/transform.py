@@ -5,7 +5,7 @@ Geometry (the same for training and evaluation, in both loaders)::
     store image (S px) -> resize to R = round(image_size / view_fraction)   (skipped when R == S)
                        -> [vflip, hflip, rotate about the centre]           (training only)
                        -> centre crop image_size
-                       -> [log1p] -> standardize per channel and plate     (loaders/normalize.py)
+                       -> [log1p] -> standardize per channel and plate     (cellmorph/loaders/normalize.py)
                        -> [brightness/contrast]                             (training only)
 
 With the defaults (store 160 px, image_size 128, view_fraction 0.8) R == S: no resize, and the

@@ -32,6 +32,11 @@ import numpy as np
 
 from cellmorph.errors import CellmorphError
 
+# What zarr raises for a group or array whose zarr.json it cannot use (bad JSON, a node of
+# another kind, a missing node, malformed metadata: zarr's own errors subclass ValueError,
+# malformed fields raise TypeError/KeyError). Anything else is a bug and keeps its traceback.
+ZARR_ERRORS = (ValueError, TypeError, KeyError, OSError)
+
 if TYPE_CHECKING:
     import pandas as pd
 

@@ -32,6 +32,7 @@ from cellmorph.store.layout import (
     QUARANTINE,
     REQUIRED_COLUMNS,
     STORE_DIGEST,
+    ZARR_ERRORS,
     StoreError,
     digest_blocks,
     digest_changes,
@@ -160,6 +161,22 @@ def open_store(path: str | AnyPath, columns: Sequence[str] | None = None) -> Sto
     return Store(p, images, metadata, attrs, quarantine, folder, file)
 
 
+def recorded_label_column(path: str | AnyPath) -> str | None:
+    """The label column conversion recorded in ``attrs.label_column`` (None for a store
+    converted with ``--allow-unlabeled``); reads only ``zarr.json``, :func:`open_store` checks
+    the rest."""
+    folder = open_folder(path)
+    try:
+        if "zarr.json" not in folder.names():
+            raise StoreError(f"{folder.path}: not a zarr store (no zarr.json)")
+        attrs = folder.attrs()
+        _check_format(folder.path, attrs)
+    finally:
+        folder.close()
+    column = attrs.get("label_column")
+    return str(column) if column else None
+
+
 def _check_format(p: AnyPath, attrs: dict[str, Any]) -> None:
     version = attrs.get("cellmorph_format")
     if version is None:
@@ -205,7 +222,7 @@ def _open_images(p: AnyPath, attrs: dict[str, Any], array_meta: dict[str, Any]) 
         images = group[IMAGES] if IMAGES in group else None  # noqa: SIM401 (no Group.get)
     except remote.RemoteError:
         raise
-    except Exception as e:  # zarr raises several types for unreadable groups
+    except ZARR_ERRORS as e:
         raise StoreError(f"{p}: cannot open zarr group ({e})") from None
     if images is None:
         raise StoreError(f"{p}: no '{IMAGES}' array")
@@ -220,7 +237,7 @@ def _same_array(images: zarr.Array, array_meta: dict[str, Any]) -> bool:
 
     try:
         return bool(ArrayV3Metadata.from_dict(array_meta).to_dict() == images.metadata.to_dict())
-    except Exception:  # metadata zarr cannot parse is not the array it opened
+    except ZARR_ERRORS:  # metadata zarr cannot parse is not the array it opened
         return False
 
 
@@ -257,7 +274,7 @@ def _read_metadata(p: AnyPath, file: IO[bytes], attrs: dict[str, Any], shape: tu
             metadata = shared_columns(file, attrs, columns)
     except StoreError:
         raise
-    except Exception as e:  # pyarrow raises several types for unreadable files
+    except (pa.ArrowException, OSError, ValueError) as e:  # an unreadable or damaged file
         raise StoreError(f"{p}: cannot read {METADATA} ({e})") from None
     if len(metadata) != shape[0]:
         raise StoreError(f"{p}: {METADATA} has {len(metadata)} rows but images has {shape[0]}")

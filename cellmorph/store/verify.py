@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from cellmorph.shardfile import (
+    DECODE_ERRORS,
     EMPTY,
     StoreDamage,
     chunk_payload,
@@ -78,7 +79,7 @@ def _verify_shard(store: Store, layout: Any, codec: Any, shard: int, rows: range
         except StoreDamage as e:
             out.append((r, str(e)))
             continue
-        except Exception as e:  # a decoder's own error: the bytes are not a valid frame
+        except DECODE_ERRORS as e:  # a decoder's own error: the bytes are not a valid frame
             out.append((r, f"{where} does not decode ({e})"))
             continue
         if pixels.size != int(np.prod(layout.chunk_shape)):
