@@ -427,7 +427,8 @@ def profile_folds(run: RunDir, data: Data, cfg: Config, folds: list[str]) -> dic
     hold enough wells per treatment for most treatments to be scored; training wells, which the
     model has seen, never count."""
     name = " + ".join({"val": "validation", "test": "test"}[f] for f in folds) + " wells"
-    return profile([run.outputs(f) for f in folds], cfg.data.label_column,
+    label = data.index.summary["label_column"]  # resolved when the data was built
+    return profile([run.outputs(f) for f in folds], label,
                    data.store.attrs.get("negcon", ""), cfg.seed, name)  # fmt: skip
 
 
