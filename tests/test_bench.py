@@ -3,8 +3,8 @@ prints its JSON with the keys docs/benchmarks.md quotes (issue 21: the loader's 
 not be reproduced once bench/loader.py had rotted).
 
 bench/gpu_check.py is run the same way by tests/test_gpu_kit.py
-(``test_gpu_check_quick_runs_end_to_end_on_the_cpu``, ``--quick --cpu-smoke``, and the full
-``--cpu-smoke`` with DALI and Ray): not repeated here. ``test_every_bench_script_has_a_smoke_test``
+(``test_gpu_check_full_runs_end_to_end_on_the_cpu``: ``--cpu-smoke``, every section with DALI
+and Ray): not repeated here. ``test_every_bench_script_has_a_smoke_test``
 keeps this list complete.
 """
 

@@ -446,32 +446,48 @@ def run_check(tmp_path: Path, *flags: str, timeout: int = 600) -> tuple[dict, st
     return printed, proc.stderr
 
 
-@pytest.mark.slow
-def test_gpu_check_quick_runs_end_to_end_on_the_cpu(tmp_path):
-    r, _ = run_check(tmp_path, "--quick", "--cpu-smoke")
-    assert r["mode"] == "quick cpu-smoke"
-    assert list(r["sections"]) == ["env", "store", "loaders", "train", "train_compile", "tests"]
-    assert all(s["status"] == "ok" for s in r["sections"].values()), r["sections"]
-    assert r["env"]["packages"]["torch"] and r["env"]["cuda_available"] in (True, False)
-    assert r["store"]["images"] == 48 and r["store"]["codec"] == "lz4"
-    assert r["loaders"]["img_s"]["torch"] > 0 and "dali" not in r["loaders"]["img_s"]
-    for name, compiled in (("train", False), ("train_compile", "eager")):
-        t = r[name]
-        assert t["compile"] == compiled and t["model_only"]["img_s"] > 0
-        assert set(t["end_to_end"]) == {"torch"} and t["ratio"]["torch"] > 0
-    assert r["tests"]["files"] and r["tests"]["failed"] == 0 and r["tests"]["exit_code"] == 0
-    v = r["verdicts"]
-    assert v["dali_loader"]["measured"] is None and v["train_end_to_end"]["measured"] > 0
+def test_gpu_check_quick_plan_leaves_out_dali_and_ray(tmp_path, monkeypatch):
+    """What ``--quick`` changes, without a run: the full ``--cpu-smoke`` run below executes every
+    section's code (``--quick`` runs a subset of it), so the quick mode is proved by its plan,
+    its sections and the flags its section processes get."""
+    check = _load_check()
+    args = check.parse_args(["--quick", "--cpu-smoke"])
+    plan = check.make_plan(args)
+    assert plan.kinds == ["torch"] and plan.device == "cpu" and plan.smoke
+    assert check.wanted(plan) == ["env", "store", "loaders", "train", "train_compile", "tests"]
+    assert check.child_argv(args)[:2] == ["--quick", "--cpu-smoke"]
+    full = check.make_plan(check.parse_args(["--cpu-smoke"]))
+    assert full.kinds == ["dali", "torch"] and check.wanted(full)[-1] == "ray"
+    ran = []
+    monkeypatch.setattr(check.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0, "", ""))  # fmt: skip
+    out = check.section_tests(plan, tmp_path)
+    assert ran and "-m gpu" in out["command"] and "-k not dali" in out["command"]
+    assert out["files"] and all(f in ran[0] for f in out["files"])
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_gpu_check_full_runs_dali_and_ray_on_the_cpu(tmp_path):
+def test_gpu_check_full_runs_end_to_end_on_the_cpu(tmp_path):
+    """Every section (DALI and Ray included) as a process, as on the GPU machine."""
     r, _ = run_check(tmp_path, "--cpu-smoke", "--budget", "560", timeout=620)
-    assert r["sections"]["ray"]["status"] == "ok", r["sections"]["ray"]
+    assert r["mode"] == "full cpu-smoke"
+    assert list(r["sections"]) == ["env", "store", "loaders", "train", "train_compile", "tests",
+                                   "ray"]  # fmt: skip
+    assert all(s["status"] == "ok" for s in r["sections"].values()), r["sections"]
+    assert r["env"]["packages"]["torch"] and r["env"]["cuda_available"] in (True, False)
+    assert r["store"]["images"] == 48 and r["store"]["codec"] == "lz4"
+    assert r["loaders"]["img_s"]["torch"] > 0 and r["loaders"]["img_s"]["dali"] > 0
+    assert r["loaders"]["dali_gpu_inflate"] is False
+    for name, compiled in (("train", False), ("train_compile", "eager")):
+        t = r[name]
+        assert t["compile"] == compiled and t["model_only"]["img_s"] > 0
+        assert set(t["end_to_end"]) == {"dali", "torch"} and t["ratio"]["torch"] > 0
+        assert t["end_to_end"]["dali"]["img_s"] > 0
+    assert r["tests"]["files"] and r["tests"]["failed"] == 0 and r["tests"]["exit_code"] == 0
     assert r["ray"]["epochs"] == 1 and r["ray"]["use_gpu"] is False
-    assert r["loaders"]["img_s"]["dali"] > 0 and r["loaders"]["dali_gpu_inflate"] is False
-    assert r["train"]["end_to_end"]["dali"]["img_s"] > 0
+    v = r["verdicts"]
+    assert v["dali_loader"]["measured"] > 0 and v["train_end_to_end"]["measured"] > 0
 
 
 def test_gpu_check_without_cuda_says_so():

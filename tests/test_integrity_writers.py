@@ -65,6 +65,9 @@ def test_racing_converts_of_different_inputs_leave_one_sound_store(
     csv: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "race.zarr"
+    # No progress bars: the loser may have drawn one (a line of its own on stderr) before the
+    # race was decided, and what is counted below is the error alone.
+    quiet = {**os.environ, "TQDM_DISABLE": "1"}
     procs = [
         subprocess.Popen(
             [
@@ -86,6 +89,7 @@ def test_racing_converts_of_different_inputs_leave_one_sound_store(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=quiet,
         )  # fmt: skip
         for size in (16, 20)
     ]
