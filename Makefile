@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed
 PIP_VERSION := 26.3
 # Large wheels (DALI is 424 MB) survive a dropped connection: pip resumes the download.
 PIP_RETRIES := --retries 10 --resume-retries 20
+# No byte-compiling of every installed module (torch, ray, ... : minutes of one core on 2-core
+# CI); Python compiles what it imports, once, on first import.
+PIP_INSTALL := install --quiet --no-compile
 
 SERVERS := .venv-servers
 SERVERS_STAMP := $(SERVERS)/.installed
@@ -15,9 +18,9 @@ SERVERS_STAMP := $(SERVERS)/.installed
 # The venv is rebuilt whenever the pins or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip==$(PIP_VERSION)
-	$(PY) -m pip install --quiet $(PIP_RETRIES) -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip $(PIP_INSTALL) --upgrade pip==$(PIP_VERSION)
+	$(PY) -m pip $(PIP_INSTALL) $(PIP_RETRIES) -r requirements.txt
+	$(PY) -m pip $(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,8 +29,8 @@ venv: $(STAMP)
 # in a venv of their own so that their pins never move the project's (requirements-servers.txt).
 $(SERVERS_STAMP): requirements-servers.txt
 	test -x $(SERVERS)/bin/python || $(PYTHON) -m venv $(SERVERS)
-	$(SERVERS)/bin/python -m pip install --quiet --upgrade pip==$(PIP_VERSION)
-	$(SERVERS)/bin/python -m pip install --quiet $(PIP_RETRIES) -r requirements-servers.txt
+	$(SERVERS)/bin/python -m pip $(PIP_INSTALL) --upgrade pip==$(PIP_VERSION)
+	$(SERVERS)/bin/python -m pip $(PIP_INSTALL) $(PIP_RETRIES) -r requirements-servers.txt
 	touch $(SERVERS_STAMP)
 
 servers: $(SERVERS_STAMP)
@@ -35,11 +38,17 @@ servers: $(SERVERS_STAMP)
 demo: venv
 	$(VENV)/bin/cellmorph demo
 
-test: venv servers browser
-	$(PY) -m pytest -q
+# The three set-ups run side by side (pip mostly waits on the disk and the network; apt too);
+# the tests run on 2 pytest-xdist workers, each test group that shares a cluster or a server on
+# one worker (tests/conftest.py).
+XDIST := -n 2 --dist loadgroup
+
+test:
+	$(MAKE) -j3 venv servers browser
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow and not ray and not browser"
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not ray and not browser"
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -21,7 +21,20 @@ def _has_gpu() -> bool:
         return False
 
 
+# pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): tests that share one expensive
+# session or module fixture run on one worker, so that it is built once per run.
+SHARED = {"ray_cluster": "ray-cluster", "mlflow_server": "mlflow", "scale_work": "bench-scale"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = next((g for f, g in SHARED.items() if f in item.fixturenames), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # Modules with Ray tests (the longest: tens of seconds each) first, each module's tests in
+    # their order: under xdist they start early instead of being the run's long tail.
+    first = {item.module.__name__ for item in items if "ray" in item.keywords and item.module}
+    items.sort(key=lambda item: (item.module.__name__ if item.module else "") not in first)
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")

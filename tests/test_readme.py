@@ -319,6 +319,17 @@ def test_ray_cluster_commands_run_as_written(tiny_plate, tmp_path):
     _check_jobs(jobs, refused, clone)
 
 
+# configs/sweep.yaml's searched keys
+SPACE = ["optim.lr", "optim.weight_decay", "loader.batch_size", "optim.label_smoothing",
+         "model.dropout"]  # fmt: skip
+
+
+def _best_params(sweep: Path) -> dict:
+    import json
+
+    return json.loads((sweep / "best.json").read_text())["params"]
+
+
 def _check_jobs(jobs: dict, refused: subprocess.CompletedProcess, clone: Path) -> None:
     import pandas as pd
 
@@ -335,6 +346,15 @@ def _check_jobs(jobs: dict, refused: subprocess.CompletedProcess, clone: Path) -
     sweep = clone / "runs" / "sweep"
     assert len(pd.read_csv(sweep / "results.csv")) == 2
     assert (sweep / "best_config.yaml").is_file() and (sweep / "best.pt").is_file()
+    # The best trial's config is a config the loader takes, with settings drawn from the space.
+    from cellmorph.config import load_config
+
+    best, params = load_config(sweep / "best_config.yaml"), _best_params(sweep)
+    assert sorted(params) == sorted(SPACE) and best.train.epochs == 1
+    for key, value in params.items():
+        section, name = key.split(".")
+        assert getattr(getattr(best, section), name) == value, key
+    assert 1e-3 <= best.optim.lr <= 3e-2 and best.optim.weight_decay in (0.0, 0.05, 0.2)
     text = refused.stdout + refused.stderr
     assert refused.returncode != 0, text[-2000:]
     # One message (Ray prints the job's log twice: as it runs, and in the failure status).
