@@ -123,7 +123,7 @@ def pack_cells(task: CellShardTask) -> ShardResult:
     if failures:
         return ShardResult(task.index, 0, failures)
     groups = [g for g, n in zip(task.groups, task.counts) for _ in range(n)]
-    return write_shard(task, block, groups, saturated, pixels)
+    return write_shard(task, block, groups, saturated, pixels, histogram=True)
 
 
 def _runs(site: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -166,10 +166,34 @@ def corrected(raw: list[np.ndarray], illum: list[str],
     return img
 
 
+_VALUES = np.arange(65536, dtype=np.float64)
+_LOGS = np.log1p(_VALUES)
+# value, square, log1p, its square: the per-channel moments of sstats.sums_by_group, as rows.
+_MOMENT_ROWS = np.stack([_VALUES, _VALUES**2, _LOGS, _LOGS**2])
+
+
+def sums_by_histogram(block: np.ndarray, groups: list[str]) -> dict[str, dict[str, Any]]:
+    """:func:`cellmorph.loaders.stats.sums_by_group`'s sums through a histogram of the uint16
+    values: one counting pass instead of four float64 copies of the block (a cell store's
+    shard is 1024 crops: the float path took as long as decoding their sites). The same sums,
+    added in another order (equal to ~1e-15 relative)."""
+    keys = np.asarray(groups)
+    out: dict[str, dict[str, Any]] = {}
+    for key in dict.fromkeys(groups):
+        sel = keys == key
+        counts = np.stack([np.bincount(block[sel, c].ravel(), minlength=65536)
+                           for c in range(block.shape[1])]).astype(np.float64)  # fmt: skip
+        moments = counts @ _MOMENT_ROWS.T  # (C, 4)
+        out[key] = {"n": int(sel.sum()),
+                    **{m: moments[:, i].tolist() for i, m in enumerate(sstats.MOMENTS)}}  # fmt: skip
+    return out
+
+
 def write_shard(task: Written, block: np.ndarray, groups: list[str], saturated: np.ndarray,
-                pixels: int) -> ShardResult:  # fmt: skip
+                pixels: int, histogram: bool = False) -> ShardResult:  # fmt: skip
     """Write ``block`` as rows ``task.start ..`` in one write, read its crcs back, then record
-    the shard with its images' checksums, per-group sums and the correction's saturation."""
+    the shard with its images' checksums, per-group sums (``histogram``: counted, for many
+    small images) and the correction's saturation."""
     n = len(block)
     arr = swrite.open_images(task.out)
     with ownership.writing(task.owner) as ours:
@@ -182,7 +206,7 @@ def write_shard(task: Written, block: np.ndarray, groups: list[str], saturated: 
             "start": task.start,
             "checksums": [slayout.image_checksum(b) for b in block],
             "chunk_crcs": swrite.shard_chunk_crcs(task.out, arr, task.index, n),
-            "sums": sstats.sums_by_group(block, groups),
+            "sums": (sums_by_histogram if histogram else sstats.sums_by_group)(block, groups),
             "saturated": saturated.tolist(),  # per channel, by the illumination correction
             "pixels": pixels,  # per channel, of the raw images the correction divided
         }

@@ -354,3 +354,17 @@ def test_site_that_fails_to_decode_leaves_with_its_cells(plate: Path, tmp_path) 
         field = _site_planes(csv, row.iloc[0])
         x, y = md.Location_Center_X[i], md.Location_Center_Y[i]
         assert np.array_equal(st.images[i], _expected_crop(field, x, y, S))
+
+
+def test_counted_sums_equal_the_float_sums() -> None:
+    from cellmorph.loaders.stats import sums_by_group
+    from conversion.shards import sums_by_histogram
+
+    block = np.random.default_rng(1).integers(0, 65535, (12, 3, 16, 16)).astype(np.uint16)
+    groups = ["P1\x1f0"] * 5 + ["P1\x1f1"] * 7
+    a, b = sums_by_group(block, groups), sums_by_histogram(block, groups)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key]["n"] == b[key]["n"]
+        for m in ("sum", "sumsq", "log_sum", "log_sumsq"):
+            assert np.allclose(a[key][m], b[key][m], rtol=1e-12, atol=0)
