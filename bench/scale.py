@@ -350,7 +350,8 @@ def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         manifest.write_shard(task.index, _record(task))  # what its writer records
         shards += 1
     t["tasks_s"] = time.perf_counter()
-    pack.finish(out, sites, inputs, cfg)  # metadata.parquet, quarantine, statistics
+    plan = pack.FieldPlan(sites, cfg, {}, inputs.pages)
+    pack.finish(out, plan, inputs, cfg)  # metadata.parquet, quarantine, statistics
     t["finish_s"] = time.perf_counter()
     steps = dict(zip(list(t)[1:], np.diff(list(t.values())).round(2).tolist()))
     written = pq.ParquetFile(Path(out) / cstore.METADATA).metadata.num_rows

@@ -113,6 +113,29 @@ class ConvertConfig(Section):
         description="largest plane (height x width) decoded; a larger TIFF is quarantined from "
         "its header (fields are 1080-2160 px; a 20000x20000 plane decodes to GBs)",
     )
+    crop_size: int | None = Field(
+        None, ge=0, le=2048,
+        description="a cell store: one crop_size x crop_size crop per nucleus (after binning), "
+        "zero-padded past the field's edge; None or 0: a field store (size)",
+    )  # fmt: skip
+    locations: str | None = Field(
+        None, description="nucleus centres: a DeepProfiler folder (<plate>/<well>-<site>-"
+        "Nuclei.csv) or one CellProfiler object table; None: found by the nuclei finder",
+    )  # fmt: skip
+    bin: int = Field(
+        1, ge=1, le=16,
+        description="average bin x bin blocks of the field before cropping (centres / bin)",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _cell_options_need_crop(self) -> ConvertConfig:
+        if not self.crop_size:
+            for key, given in (("locations", self.locations is not None), ("bin", self.bin != 1)):
+                if given:
+                    raise ValueError(f"convert.{key} needs convert.crop_size (--crop-size)")
+        elif self.crop_size < 8:
+            raise ValueError(f"convert.crop_size {self.crop_size} is below 8 px (0: fields)")
+        return self
 
 
 class NucleiConfig(Section):

@@ -20,7 +20,7 @@ _FIELDS = [
     "load_data", "images", "metadata", "id_pattern", "id_column", "join", "join_on", "illum_dir",
     "channels", "file_channels", "size", "codec", "shard_size", "workers", "label_column",
     "path_replace", "stats_images", "barcode_platemap", "platemap_dir", "external_metadata",
-    "max_pixels",
+    "max_pixels", "crop_size", "locations", "bin",
 ]  # fmt: skip
 
 
@@ -78,7 +78,31 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
         "their header (default 16777216 = 4096x4096)",
     )
     opt.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
-    opt.add_argument("--config", help="YAML config; its convert section gives the defaults")
+    opt.add_argument(
+        "--config", help="YAML config; its convert (and nuclei) sections give the defaults"
+    )
+    _add_cell_arguments(p)
+
+
+def _add_cell_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a cell store (``--crop-size``) and of its nuclei finder."""
+    cells = p.add_argument_group("single cells (a cell store: one crop per nucleus)")
+    cells.add_argument(
+        "--crop-size", type=int, help="crop size in px, centred on each nucleus (0: fields)"
+    )
+    cells.add_argument(
+        "--locations",
+        help="nucleus centres: a DeepProfiler folder (<plate>/<well>-<site>-Nuclei.csv) or one "
+        "CellProfiler object table; default: found on the DNA channel (cellmorph nuclei)",
+    )
+    cells.add_argument(
+        "--bin", type=int, help="average BIN x BIN pixel blocks before cropping (default 1)"
+    )
+    cells.add_argument(
+        "--nucleus-diameter",
+        type=float,
+        help="the finder's expected nucleus diameter in native px (nuclei.diameter, 29.8)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ConvertConfig:
@@ -100,20 +124,36 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     except ValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        raise CellmorphError(f"convert.{key}: {first['msg']}") from None
+        msg = first["msg"].removeprefix("Value error, ")  # our validators name their keys
+        raise CellmorphError(f"convert.{key}: {msg}" if key else msg) from None
     check_settings(cfg)  # before the Ray job connects to a cluster, or anything is read
     return cfg
 
 
+def convert_nuclei_from_args(args: argparse.Namespace) -> NucleiConfig:
+    """The finder's settings for a cell store: the config's nuclei section, then
+    ``--nucleus-diameter``."""
+    raw = load_config(args.config).nuclei.model_dump()
+    if getattr(args, "nucleus_diameter", None) is not None:
+        raw["diameter"] = args.nucleus_diameter
+    return validate(Config, {"nuclei": raw}, "invalid option").nuclei
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The result line, then the most frequent quarantine reasons with counts and fixes."""
+    what = "cells" if summary.get("unit") == "cell" else "images"
     if summary["nothing_to_do"]:
-        print(f"nothing to do: {summary['store']} is complete ({summary['images']} images)")
+        print(f"nothing to do: {summary['store']} is complete ({summary['images']} {what})")
     else:
         print(
-            f"converted {summary['images']} images into {summary['store']} "
+            f"converted {summary['images']} {what} into {summary['store']} "
             f"({summary['written']} written in this run), quarantined {summary['quarantined']} "
             f"(see {summary['store']}/{slayout.QUARANTINE}), {summary['seconds']:.1f} s"
+        )
+    if summary.get("sites_without_cells"):
+        print(
+            f"sites without cells: {summary['sites_without_cells']} (in "
+            f"{summary['store']}/{slayout.QUARANTINE}, reasons starting 'no cells')"
         )
     if summary.get("replaced"):
         print(f"swapped the new store in at {summary['store']}; {summary['replaced']}")
@@ -123,7 +163,9 @@ def print_summary(summary: dict[str, Any]) -> None:
             "; rerun that command with --overwrite to finish it, or delete that folder"
         )
     reasons = summary.get("quarantine_reasons") or []
-    total = summary["images"] + summary["quarantined"]
+    # A cell store's rows are cells: its sites are counted in its attributes.
+    total = summary.get("sites") or summary["images"]
+    total += summary["quarantined"]
     if total and summary["quarantined"] * 2 >= total:
         print(
             f"warning: {summary['quarantined']} of {total} sites "
@@ -143,7 +185,8 @@ def _convert(args: argparse.Namespace) -> int:
     from conversion.pack import convert
 
     cfg = config_from_args(args)
-    print_summary(convert(cfg, args.out, overwrite=args.overwrite))
+    nuclei = convert_nuclei_from_args(args)
+    print_summary(convert(cfg, args.out, overwrite=args.overwrite, nuclei=nuclei))
     return 0
 
 

@@ -37,7 +37,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.store import files as sfiles
 from cellmorph.store.layout import KEYS
 from conversion.layouts import load_inputs, no_valid_sites, summarize_reasons
-from conversion.pack import Mapper, ProcessMapper, inline_map
+from conversion.shards import Mapper, ProcessMapper, inline_map
 from conversion.tables import Inputs, site_sources
 from conversion.tiffs import BadImage, Source, read_site
 

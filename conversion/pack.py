@@ -20,20 +20,15 @@ absent, empty or a cellmorph store, and never holds an input.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,38 +36,34 @@ import pyarrow as pa
 import zarr
 from tqdm import tqdm
 
-from cellmorph.config import ConvertConfig
+from cellmorph.config import ConvertConfig, NucleiConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.loaders import stats as sstats
 from cellmorph.store import files as sfiles
 from cellmorph.store import layout as slayout
 from cellmorph.store import write as swrite
 from cellmorph.store.layout import PLATE
-from conversion import ownership, platestats
+from conversion import cells, ownership, platestats
 from conversion.layouts import check_settings, load_inputs, no_valid_sites, summarize_reasons
 from conversion.manifest import Manifest, digest
 from conversion.ownership import Owner
+from conversion.shards import IN_FLIGHT_PER_WORKER as IN_FLIGHT_PER_WORKER
+from conversion.shards import SATURATED, Mapper, ShardResult, corrected, illum_function, write_shard
+from conversion.shards import ProcessMapper as ProcessMapper
+from conversion.shards import describe_task as describe_task
+from conversion.shards import inline_map as inline_map
 from conversion.tables import (
     DIR,
     KEYS,
     Inputs,
-    as_text,
     quarantine_row,
-    site_paths,
     site_sources,
+    store_metadata,
 )
-from conversion.tiffs import BadImage, Source, apply_illum, probe_site, read_site, resize
+from conversion.tiffs import BadImage, Source, probe_site, read_site, resize
 
-T = TypeVar("T")
-R = TypeVar("R")
-# map_unordered(fn, tasks) -> results as they finish (inline, process pool, or Ray). Tasks come
-# from an iterator and a mapper keeps only a few in flight: a task carries its sites' paths, and
-# all of them at once would be the whole plan as Python objects (GBs at millions of sites).
-Mapper = Callable[[Callable[[T], R], Iterable[T]], Iterator[R]]
 PROBE_CHUNK = 64
 HASH_ROWS = 1 << 18
-IN_FLIGHT_PER_WORKER = 4
-SATURATED = 65535  # the largest stored value: anything above is clipped to it
 # An illumination function is a gain map: CellProfiler rescales its functions to a median (or
 # robust minimum) of 1. A median below ILLUM_MIN_MEDIAN multiplies most pixels by more than 10
 # (a function left in CellProfiler's 0-1 intensity units, never rescaled, is ~0.01): bright
@@ -95,128 +86,25 @@ class ShardTask:
     groups: list[str]  # per site: its plate and negative-control flag (platestats.group_keys)
     owner: Owner | None = None  # the run this task belongs to (None: an unlocked URL store)
 
-
-@dataclass(frozen=True)
-class ShardResult:
-    index: int
-    count: int
-    failures: dict[int, str] = field(default_factory=dict)  # row within shard -> reason
-    abandoned: bool = False  # another run owns the store now: nothing was written
-
-
-def inline_map(fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
-    """Run tasks one after another in this process."""
-    return (fn(t) for t in tasks)
-
-
-class ProcessMapper:
-    """A local process pool (forkserver: safe next to threads started by zarr or Ray)."""
-
-    def __init__(self, workers: int) -> None:
-        ctx = get_context("forkserver")
-        # Workers fork from a server that already imported the packing code: fast start.
-        ctx.set_forkserver_preload(["conversion.pack"])
-        # Workers are the forkserver's children; each ends when this process ends, and each
-        # takes this process's environment as it is now: the forkserver keeps the one it
-        # started with, which may predate the credentials or endpoint set since.
-        self.workers = workers
-        self.window = workers * IN_FLIGHT_PER_WORKER
-        self.pool = ProcessPoolExecutor(
-            workers,
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(os.getpid(), dict(os.environ)),
-        )
-
-    def __call__(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
-        todo = iter(tasks)
-        running: dict[Future, T] = {}  # in flight -> its task, to name it if a worker dies
-        try:
-            while True:
-                for t in itertools.islice(todo, self.window - len(running)):
-                    running[self.pool.submit(fn, t)] = t
-                if not running:
-                    return
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    try:
-                        result = fut.result()
-                    except BrokenProcessPool:
-                        raise dead_worker(_unfinished(running), self.workers) from None
-                    del running[fut]
-                    yield result
-        finally:
-            for fut in running:
-                fut.cancel()
-
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
-
-
-def describe_task(task: Any) -> str:
-    """What a pool task holds, in words: a shard's rows and files, or a probe's sites."""
-    if isinstance(task, ShardTask):
-        files = [src[0][0] for src, _ in task.sites if src]
+    def describe(self) -> str:
+        """The shard's rows and files, in words (a dead pool worker's message)."""
+        files = [src[0][0] for src, _ in self.sites if src]
         span = f"{files[0]} .. {files[-1]}" if len(files) > 1 else (files or ["no file"])[0]
-        last = task.start + len(task.sites) - 1
-        return f"shard {task.index} (rows {task.start}-{last}, {len(task.sites)} site(s): {span})"
-    if isinstance(task, list) and task and isinstance(task[0], tuple) and len(task[0]) > 1:
-        files = [item[1][0][0] for item in task if item[1]] or ["no file"]
-        return f"header checks of {len(task)} site(s) ({files[0]} .. {files[-1]})"
-    return repr(task)[:200]
-
-
-def _unfinished(running: dict[Future, T]) -> list[T]:
-    """The tasks of a broken pool that had not finished, in the order they were submitted (a
-    task that finished before the break is not a suspect)."""
-    return [t for f, t in running.items() if not f.done() or f.exception() is not None]
-
-
-def dead_worker(unfinished: list[Any], workers: int) -> CellmorphError:
-    """The stop for a pool worker that died: the tasks the workers held (the pool hands tasks
-    out in order, so the oldest unfinished ones; the dead worker's is among them), and why."""
-    held = "; ".join(describe_task(t) for t in unfinished[:workers])
-    waiting = len(unfinished) - workers
-    queued = f" ({waiting} more task(s) were waiting)" if waiting > 0 else ""
-    return CellmorphError(
-        f"a conversion worker died (killed by the system, most likely for memory) while the "
-        f"workers held: {held}{queued}. A very large image is the usual cause: lower "
-        "--max-pixels so such files are quarantined from their header (convert again with "
-        "--overwrite), or use fewer --workers (the rerun keeps the shards already written)"
-    )
-
-
-def _init_worker(parent: int, environ: dict[str, str]) -> None:
-    os.environ.clear()
-    os.environ.update(environ)
-    ownership.die_with(parent)
-
-
-@functools.lru_cache(maxsize=64)
-def _illum(path: str) -> np.ndarray:
-    return np.load(path).astype(np.float32)
+        last = self.start + len(self.sites) - 1
+        return f"shard {self.index} (rows {self.start}-{last}, {len(self.sites)} site(s): {span})"
 
 
 def load_site(
     sources: list[Source], illum: list[str], size: int, saturated: np.ndarray | None = None
 ) -> np.ndarray:
-    """Decode one site, divide by its illumination functions, resize: (C, size, size) uint16.
-
-    ``saturated`` (per channel) gains the pixels the division pushed past 65535, which the
-    resize clips: a function on the wrong scale would otherwise whiten cells without a word."""
-    raw = read_site(sources)
-    img = raw
-    if illum:
-        img = apply_illum(raw, [_illum(p) for p in illum])
-        if saturated is not None:
-            saturated += [np.count_nonzero((c > SATURATED) & (r < SATURATED))
-                          for r, c in zip(raw, img)]  # fmt: skip
-    return resize(img, size)
+    """Decode one site, divide by its illumination functions, resize: (C, size, size) uint16
+    (``saturated``: see :func:`conversion.shards.corrected`)."""
+    return resize(corrected(read_site(sources), illum, saturated), size)
 
 
 def pack_shard(task: ShardTask) -> ShardResult:
-    """Pack one shard in a single write, read it back, then record it with its images'
-    checksums and its chunks' crc32c (data first, so a record means done and verified)."""
+    """Pack one shard of sites: decode, correct and resize each, then write and record them
+    (:func:`conversion.shards.write_shard`). A site that fails to decode fails the shard."""
     n = len(task.sites)
     arr = swrite.open_images(task.out)
     block = np.zeros((n, *arr.shape[1:]), dtype=np.uint16)
@@ -226,27 +114,12 @@ def pack_shard(task: ShardTask) -> ShardResult:
     for i, (sources, illum) in enumerate(task.sites):
         try:
             block[i] = load_site(sources, illum, task.size, saturated)
-            pixels += _illum(illum[0]).size if illum else 0  # per channel, what was divided
+            pixels += illum_function(illum[0]).size if illum else 0  # per channel, divided
         except BadImage as e:
             failures[i] = str(e)
     if failures:
         return ShardResult(task.index, 0, failures)
-    with ownership.writing(task.owner) as ours:
-        if not ours:  # this writer outlived its run: the store belongs to another run now
-            return ShardResult(task.index, 0, abandoned=True)
-        swrite.discard_shard(task.out, arr, task.index)
-        arr[task.start : task.start + n] = block
-        record = {
-            "key": task.key,
-            "start": task.start,
-            "checksums": [slayout.image_checksum(b) for b in block],
-            "chunk_crcs": swrite.shard_chunk_crcs(task.out, arr, task.index, n),
-            "sums": sstats.sums_by_group(block, task.groups),
-            "saturated": saturated.tolist(),  # per channel, by the illumination correction
-            "pixels": pixels,  # per channel, of the raw images the correction divided
-        }
-        Manifest(task.out).write_shard(task.index, record)
-    return ShardResult(task.index, n)
+    return write_shard(task, block, task.groups, saturated, pixels)
 
 
 ProbeItem = tuple[int, list[Source], list[str], tuple[int, int] | None, int, int]
@@ -464,6 +337,47 @@ def shard_tasks(plan: pd.DataFrame, out: str, shard: int, fp: str, cfg: ConvertC
         yield ShardTask(out, index, start, key, cfg.size, sites, groups, owner)
 
 
+@dataclass(frozen=True)
+class FieldPlan:
+    """The rows of a field store, one per site, and how to pack them. :func:`pack_all` and
+    :func:`finish` ask a plan only this; a cell store's (:class:`conversion.cells.CellPlan`)
+    answers the same questions with one row per nucleus."""
+
+    sites: pd.DataFrame  # the probe's survivors, sorted, with their "_key"
+    cfg: ConvertConfig
+    illum: dict[str, list[str]]
+    pages: list[int]
+    pack = staticmethod(pack_shard)  # what a mapper runs for one shard's task
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def without(self, bad: dict[str, str]) -> FieldPlan:
+        """The plan without the sites (by key) that failed to decode."""
+        return replace(self, sites=_current_plan(self.sites, bad))
+
+    def shard_keys(self, shard: int, fp: str) -> Iterator[tuple[int, int, int, str]]:
+        return shard_keys(self.sites, shard, fp, self.cfg, self.pages)
+
+    def tasks(self, out: str, shard: int, fp: str, owner: Owner | None,
+              only: Iterable[int]) -> Iterator[ShardTask]:  # fmt: skip
+        return shard_tasks(self.sites, out, shard, fp, self.cfg, self.illum, self.pages, owner,
+                           only)  # fmt: skip
+
+    def site_key(self, row: int) -> str:
+        """The key of the site row ``row`` of the store comes from."""
+        return str(self.sites.at[row, "_key"])
+
+    def metadata(self, start: int, stop: int, record: dict[str, Any]) -> pd.DataFrame:
+        return store_metadata(self.sites.iloc[start:stop], record, self.cfg.channels)
+
+    def attrs(self) -> dict[str, Any]:
+        return {"unit": "field"}
+
+    def save(self, target: str) -> None:
+        """Nothing to keep beside a field store's manifest (a cell plan keeps found nuclei)."""
+
+
 def _attrs(inputs: Inputs, cfg: ConvertConfig) -> dict[str, Any]:
     return {
         "complete": False,
@@ -554,7 +468,7 @@ def check_inputs_outside(out: str, paths: Iterable[str]) -> None:
 
 def input_paths(cfg: ConvertConfig, sites: pd.DataFrame | None = None) -> list[str]:
     """The inputs named by the settings, and the folders of every TIFF."""
-    named = [cfg.load_data, cfg.images, cfg.metadata, cfg.join, cfg.illum_dir,
+    named = [cfg.load_data, cfg.images, cfg.metadata, cfg.join, cfg.illum_dir, cfg.locations,
              cfg.barcode_platemap, cfg.platemap_dir, *(cfg.external_metadata or [])]  # fmt: skip
     folders: list[str] = []
     if sites is not None and len(sites):
@@ -565,7 +479,7 @@ def input_paths(cfg: ConvertConfig, sites: pd.DataFrame | None = None) -> list[s
 
 
 def prepare(out: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig, overwrite: bool,
-            owner: Owner | None) -> tuple[str, str]:  # fmt: skip
+            owner: Owner | None, extra: dict[str, Any] | None = None) -> tuple[str, str]:  # fmt: skip
     """Decide between fresh, resume and done, and where to build: ``(state, target)``.
 
     ``--overwrite`` of a finished local store builds at the staging path beside it (resuming a
@@ -591,16 +505,16 @@ def prepare(out: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig, overw
         header = Manifest(target).header()
         if header is not None and header.get("fingerprint") == fp:  # a killed overwrite
             return ("done" if out_kind(target) == "store" else "resume"), target
-    _create(target, fp, n, inputs, cfg)
+    _create(target, fp, n, inputs, cfg, extra or {})
     return "fresh", target
 
 
-def _create(target: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig) -> None:
+def _create(target: str, fp: str, n: int, inputs: Inputs, cfg: ConvertConfig,
+            extra: dict[str, Any]) -> None:  # fmt: skip
     if sfiles.path_kind(target) != "absent":
         sfiles.remove_folder(target)
-    swrite.create_images(
-        target, n, list(cfg.channels), cfg.size, cfg.codec, cfg.shard_size, _attrs(inputs, cfg)
-    )
+    attrs = {**_attrs(inputs, cfg), **extra}  # a cell store's unit, crop and resize
+    swrite.create_images(target, n, list(cfg.channels), cfg.size, cfg.codec, cfg.shard_size, attrs)
     Manifest(target).write_header({"fingerprint": fp, "images": n, "shard_size": cfg.shard_size})
 
 
@@ -618,43 +532,45 @@ def _fit_array(out: str, n: int) -> int:
     return int(arr.shards[0])
 
 
-def pack_all(sites: pd.DataFrame, out: str, fp: str, cfg: ConvertConfig, illum: dict,
-             pages: list[int], mapper: Mapper,
-             owner: Owner | None = None) -> tuple[pd.DataFrame, int]:  # fmt: skip
-    """Pack every shard not yet recorded; repeat while decode failures reshape the plan."""
+def pack_all(units: Any, out: str, fp: str, mapper: Mapper,
+             owner: Owner | None = None) -> tuple[Any, int]:  # fmt: skip
+    """Pack every shard not yet recorded; repeat while decode failures reshape the plan.
+
+    ``units`` is a :class:`FieldPlan` or a :class:`conversion.cells.CellPlan`; returns the final
+    plan (without the sites that failed to decode) and the rows written by this run."""
     manifest = Manifest(out)
     written = 0
     while True:
         bad = manifest.bad()
-        plan = _current_plan(sites, bad)
+        plan = units.without(bad)
         if len(plan) == 0:  # every site failed to decode: the caller stops with the reasons
             return plan, written
         shard = _fit_array(out, len(plan))
         spans = {  # the shards not recorded with this plan's content: (start, rows)
             index: (start, rows)
-            for index, start, rows, key in shard_keys(plan, shard, fp, cfg, pages)
+            for index, start, rows, key in plan.shard_keys(shard, fp)
             if (manifest.shard(index) or {}).get("key") != key
         }
         done_images = len(plan) - sum(rows for _, rows in spans.values())
-        tasks = shard_tasks(plan, out, shard, fp, cfg, illum, pages, owner, only=spans)
+        tasks = plan.tasks(out, shard, fp, owner, only=spans)
         new_bad = {}
         with tqdm(
             total=len(plan), initial=done_images, unit="img", desc="convert", smoothing=0.1
         ) as bar:
-            for res in mapper(pack_shard, tasks):
+            for res in mapper(plan.pack, tasks):
                 if res.abandoned:  # cannot happen while we hold the lock; never write past it
                     raise CellmorphError(f"{out}: another convert took over this store")
                 start, rows = spans[res.index]
                 bar.update(rows)
                 written += res.count
                 for row, reason in res.failures.items():
-                    new_bad[plan.at[start + row, "_key"]] = reason
+                    new_bad[plan.site_key(start + row)] = reason
         if not new_bad:
             return plan, written
         manifest.write_bad({**bad, **new_bad})
 
 
-def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> None:
+def finish(out: str, plan: Any, inputs: Inputs, cfg: ConvertConfig) -> None:
     """Write metadata, quarantine and statistics, then mark the store complete (last): that
     write also records ``store_digest`` over every attribute and ``images/zarr.json``."""
     manifest = Manifest(out)
@@ -672,7 +588,7 @@ def finish(out: str, plan: pd.DataFrame, inputs: Inputs, cfg: ConvertConfig) -> 
             sums.append(record["sums"])
             for k in saturated:
                 saturated[k] += record.get(k, 0)
-            yield store_metadata(plan.iloc[start : start + shard], record, cfg)
+            yield plan.metadata(start, start + shard, record)
 
     quarantine = quarantine_rows(inputs, manifest.bad())
     swrite.write_metadata(out, parts())
@@ -708,17 +624,6 @@ def saturation_warning(saturated: dict[str, Any] | None) -> str | None:
     )
 
 
-def store_metadata(part: pd.DataFrame, record: dict[str, Any], cfg: ConvertConfig) -> pd.DataFrame:
-    """metadata.parquet's rows for one shard: the plan's keys, metadata and sources, and each
-    image's checksum and chunk crc from the shard's record."""
-    sources = [f"source_{ch}" for ch in cfg.channels]
-    other = [c for c in part.columns if c not in KEYS + sources and not c.startswith("_")]
-    paths = dict(zip(sources, site_paths(part, cfg.channels)))
-    return as_text(part[KEYS + other]).assign(
-        **paths, **{slayout.CHECKSUM: record["checksums"], slayout.CHUNK_CRC: record["chunk_crcs"]}
-    )
-
-
 def quarantine_rows(inputs: Inputs, bad: dict[str, str]) -> list[dict[str, Any]]:
     """The table checks' quarantine, then the sites that failed to decode while packing."""
     failed = inputs.sites.loc[inputs.sites["_key"].isin(bad)] if bad else inputs.sites.iloc[:0]
@@ -732,7 +637,7 @@ def store_stats(sums: list[dict[str, Any]], sample: np.ndarray,
     """``stats`` (mean and std over every image from the shards' ``sums``, percentiles from the
     ``sample``), ``plate_stats`` and ``negcon`` attrs."""
     channels = list(cfg.channels)
-    per_plate = sstats.plate_stats_from_sums(sums, channels, cfg.size**2)
+    per_plate = sstats.plate_stats_from_sums(sums, channels, sample.shape[-1] * sample.shape[-2])
     stats = sstats.channel_stats(sample, channels)
     for name, exact in sstats.pooled_stats(per_plate, channels).items():
         stats[name].update(exact)
@@ -740,12 +645,18 @@ def store_stats(sums: list[dict[str, Any]], sample: np.ndarray,
 
 
 def convert(
-    cfg: ConvertConfig, out: str | Path, overwrite: bool = False, mapper: Mapper | None = None
+    cfg: ConvertConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    mapper: Mapper | None = None,
+    nuclei: NucleiConfig | None = None,
 ) -> dict[str, Any]:
     """Convert the inputs ``cfg`` describes into the store at ``out`` (resumable, idempotent).
 
     ``mapper`` runs tasks (default: inline for one worker, a process pool otherwise); the Ray
     job passes one that runs each shard as a Ray task. Holds the store's writer lock throughout.
+    With ``cfg.crop_size`` the store holds one crop per nucleus (:mod:`conversion.cells`);
+    ``nuclei`` configures the finder used when ``cfg.locations`` is not given.
     """
     t0 = time.perf_counter()
     check_settings(cfg)
@@ -756,23 +667,26 @@ def convert(
     out = local_out(out)
     check_out(out, out_kind(out))  # before reading anything
     check_inputs_outside(out, input_paths(cfg))
+    cells.check_locations(cfg)
     with ownership.hold(out) as owner:
         pool = ProcessMapper(cfg.workers) if mapper is None and cfg.workers > 1 else None
         try:
-            return _convert(cfg, out, overwrite, mapper or pool or inline_map, owner, t0)
+            run = mapper or pool or inline_map
+            return _convert(cfg, out, overwrite, run, owner, t0, nuclei or NucleiConfig())
         finally:
             if pool is not None:
                 pool.close()
 
 
 def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: Owner | None,
-             t0: float) -> dict[str, Any]:  # fmt: skip
+             t0: float, nuclei: NucleiConfig) -> dict[str, Any]:  # fmt: skip
     inputs = load_inputs(cfg)
     if len(inputs.sites) == 0:  # stop before reading a single TIFF
         _stop_all_quarantined(out, inputs)
     illum = illum_files(cfg, inputs.sites[PLATE].astype(str))
-    sites = probe_all(inputs, cfg, illum, run)
-    phases = {"plan_s": time.perf_counter() - t0}
+    # A cell's crop may pass the field's edge (zeros): any field that bins to a pixel will do.
+    probe_cfg = cfg.model_copy(update={"size": cfg.bin}) if cfg.crop_size else cfg
+    sites = probe_all(inputs, probe_cfg, illum, run)
     if len(sites) == 0:
         _stop_all_quarantined(out, inputs)
     if ownership.is_local(out) and os.path.exists(out):  # else nothing can be inside it
@@ -780,11 +694,19 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
     sites["_key"] = site_keys(sites)
     inputs.sites = sites
     fp = fingerprint(sites, cfg, illum)
-    state, target = prepare(out, fp, len(sites), inputs, cfg, overwrite, owner)
+    units: Any = FieldPlan(sites, cfg, illum, inputs.pages)
+    if cfg.crop_size:  # one row per nucleus: locations read or found, sites without any listed
+        units, fp = cells.plan_cells(units, fp, inputs, nuclei, run, out)
+        cfg = cfg.model_copy(update={"size": cfg.crop_size})  # the stored image size
+        if len(units) == 0:
+            _stop_all_quarantined(out, inputs)
+    phases = {"plan_s": time.perf_counter() - t0}
+    state, target = prepare(out, fp, len(units), inputs, cfg, overwrite, owner, units.attrs())
     written = 0
     if state != "done":
+        units.save(target)
         t1 = time.perf_counter()
-        plan, written = pack_all(sites, target, fp, cfg, illum, inputs.pages, run, owner)
+        plan, written = pack_all(units, target, fp, run, owner)
         if len(plan) == 0:
             _stop_none_decoded(target, inputs)
         t2 = time.perf_counter()
@@ -799,6 +721,9 @@ def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: 
         print(warning, file=sys.stderr)
     return {
         "illumination_saturated": saturated,
+        "unit": group.attrs.get("unit", "field"),
+        "sites_without_cells": group.attrs.get("sites_without_cells"),
+        "sites": group.attrs.get("sites"),  # a cell store: the sites its cells come from
         "store": out,
         "images": int(group.attrs["images"]),
         "written": written,

@@ -18,13 +18,13 @@ import pyarrow as pa
 from pandas.api.types import union_categoricals
 
 from cellmorph.errors import CellmorphError
-from cellmorph.store.layout import KEYS, PLATE, SITE, WELL
+from cellmorph.store.layout import CHECKSUM, CHUNK_CRC, KEYS, PLATE, SITE, WELL
 
 DIR, FILE = "_dir_", "_file_"
 BLOCK_ROWS = 200_000
 __all__ = ["BLOCK_ROWS", "DIR", "FILE", "KEYS", "Inputs", "as_text", "check_header", "compact_text",
            "drop_rows", "quarantine_row", "read_csv", "require_columns", "set_sources",
-           "site_paths", "site_sources", "sniff_separator", "split_paths"]  # fmt: skip
+           "site_paths", "site_sources", "sniff_separator", "split_paths", "store_metadata"]  # fmt: skip
 
 
 @dataclass
@@ -217,3 +217,19 @@ def drop_rows(inputs: Inputs, bad: pd.Series, reasons: pd.Series) -> None:
     for i in sites.index[bad.to_numpy()]:
         inputs.quarantine.append(quarantine_row(sites.loc[i], str(reasons[i])))
     inputs.sites = sites.loc[~bad.to_numpy()].reset_index(drop=True)
+
+
+def store_metadata(part: pd.DataFrame, record: dict[str, Any], channels: Sequence[str],
+                   extra: dict[str, Any] | None = None) -> pd.DataFrame:  # fmt: skip
+    """metadata.parquet's rows for one shard: the keys, then ``extra`` (a cell store's
+    ObjectNumber and centre), the metadata and sources of each row's site, and each image's
+    checksum and chunk crc from the shard's record."""
+    sources = [f"source_{ch}" for ch in channels]
+    other = [c for c in part.columns if c not in KEYS + sources and not c.startswith("_")]
+    paths = dict(zip(sources, site_paths(part, channels)))
+    rows = as_text(part[KEYS + other])
+    if extra:  # after the keys, so a cell's identity reads left to right
+        rows = rows.reset_index(drop=True)
+        for i, (name, values) in enumerate(extra.items()):
+            rows.insert(len(KEYS) + i, name, values)
+    return rows.assign(**paths, **{CHECKSUM: record["checksums"], CHUNK_CRC: record["chunk_crcs"]})

@@ -15,7 +15,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from cellmorph.errors import run_main
-from conversion.cli import add_convert_arguments, config_from_args, print_summary
+from conversion.cli import (
+    add_convert_arguments,
+    config_from_args,
+    convert_nuclei_from_args,
+    print_summary,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -28,7 +33,7 @@ def ray_map(fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
     submitting every shard at once would hold the whole plan in the object store."""
     import ray
 
-    from conversion.pack import IN_FLIGHT_PER_WORKER
+    from conversion.shards import IN_FLIGHT_PER_WORKER
 
     remote = ray.remote(num_cpus=1, max_retries=3)(fn)
     window = max(1, int(ray.cluster_resources().get("CPU", 1))) * IN_FLIGHT_PER_WORKER
@@ -44,11 +49,16 @@ def ray_map(fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
             ray.cancel(ref)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``cellmorph convert``'s options (the cell store's too) and ``--address``."""
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.convert", description=__doc__)
     add_convert_arguments(parser)
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         import ray
@@ -56,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         from conversion.pack import convert
 
         cfg = config_from_args(args)
+        nuclei = convert_nuclei_from_args(args)
         if not ray.is_initialized():
             ray.init(address=args.address)
-        print_summary(convert(cfg, args.out, overwrite=args.overwrite, mapper=ray_map))
+        summary = convert(cfg, args.out, overwrite=args.overwrite, mapper=ray_map, nuclei=nuclei)
+        print_summary(summary)
         return 0
 
     return run_main(body)

@@ -90,6 +90,15 @@ def test_convert(tmp_path):
     assert r["sites"] == 8 and r["store"]["measured_images"] == 8
 
 
+def test_convert_cells(tmp_path):
+    r = run_bench("convert_cells.py", "--sites", "2", "--crop-size", "32", "--rounds", "1",
+                  "--data", str(tmp_path), cwd=tmp_path)  # fmt: skip
+    has(r, "machine", "sites", "cells", "crop_size", "codec", "crops_per_s", "convert_vs_decode",
+        "pack_vs_decode", "load_average", "all_seconds")  # fmt: skip
+    assert set(r["crops_per_s"]) == {"decode", "convert", "pack"}
+    assert r["cells"] == 2 * 109 and r["pack_vs_decode"] > 0
+
+
 @pytest.mark.slow
 def test_train(tmp_path):
     """Both loaders, 0 and 1 workers, model-only baseline; one timed step each."""

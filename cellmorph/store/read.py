@@ -71,6 +71,10 @@ class Store:
         return dict(self.attrs.get("stats", {}))
 
     @property
+    def unit(self) -> str:
+        return str(self.attrs.get("unit", "field"))
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape)
 

@@ -96,6 +96,7 @@ def describe(store: Store, label_column: str | None = None) -> dict[str, Any]:
         "path": str(store.path),
         "format": store.attrs.get("cellmorph_format"),
         "images": len(store),
+        "unit": store.unit,  # "cell": one row per nucleus (attrs.crop says how)
         "shape": list(store.shape),
         "channels": store.channels,
         "codec": store.attrs.get("codec"),
@@ -103,6 +104,9 @@ def describe(store: Store, label_column: str | None = None) -> dict[str, Any]:
         "wells": int(md.groupby([PLATE, WELL]).ngroups),
         "quarantined": len(store.quarantine),
     }
+    if store.unit == "cell":
+        info["crop"] = store.attrs.get("crop")
+        info["sites_without_cells"] = store.attrs.get("sites_without_cells")
     if label_column and label_column in md.columns:
         counts = md[label_column].value_counts()
         info["label_column"] = label_column

@@ -1,0 +1,214 @@
+"""Running conversion tasks and writing one shard: what every kind of store (fields or cells)
+shares.
+
+- A :data:`Mapper` runs tasks inline, in a local process pool (:class:`ProcessMapper`), or as Ray
+  tasks (``ray_jobs.convert``), keeping only a few in flight.
+- :func:`write_shard` writes a shard's block in one write, reads its crcs back and records it in
+  the manifest (data first, so a record means done and verified), under the store's owner check.
+- :func:`corrected` divides a site's planes by their illumination functions, counting what the
+  division saturated.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from cellmorph.errors import CellmorphError
+from cellmorph.loaders import stats as sstats
+from cellmorph.store import layout as slayout
+from cellmorph.store import write as swrite
+from conversion import ownership
+from conversion.manifest import Manifest
+from conversion.ownership import Owner
+from conversion.tiffs import apply_illum
+
+T = TypeVar("T")
+R = TypeVar("R")
+# map_unordered(fn, tasks) -> results as they finish (inline, process pool, or Ray). Tasks come
+# from an iterator and a mapper keeps only a few in flight: a task carries its sites' paths, and
+# all of them at once would be the whole plan as Python objects (GBs at millions of sites).
+Mapper = Callable[[Callable[[T], R], Iterable[T]], Iterator[R]]
+IN_FLIGHT_PER_WORKER = 4
+SATURATED = 65535  # the largest stored value: anything above is clipped to it
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    count: int
+    failures: dict[int, str] = field(default_factory=dict)  # row within shard -> reason
+    abandoned: bool = False  # another run owns the store now: nothing was written
+
+
+class Written(Protocol):
+    """What :func:`write_shard` needs of a shard's task."""
+
+    out: str
+    index: int
+    start: int
+    key: str
+    owner: Owner | None
+
+
+def inline_map(fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
+    """Run tasks one after another in this process."""
+    return (fn(t) for t in tasks)
+
+
+class ProcessMapper:
+    """A local process pool (forkserver: safe next to threads started by zarr or Ray)."""
+
+    def __init__(self, workers: int) -> None:
+        ctx = get_context("forkserver")
+        # Workers fork from a server that already imported the packing code: fast start.
+        ctx.set_forkserver_preload(["conversion.pack"])
+        # Workers are the forkserver's children; each ends when this process ends, and each
+        # takes this process's environment as it is now: the forkserver keeps the one it
+        # started with, which may predate the credentials or endpoint set since.
+        self.workers = workers
+        self.window = workers * IN_FLIGHT_PER_WORKER
+        self.pool = ProcessPoolExecutor(
+            workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(os.getpid(), dict(os.environ)),
+        )
+
+    def __call__(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
+        todo = iter(tasks)
+        running: dict[Future, T] = {}  # in flight -> its task, to name it if a worker dies
+        try:
+            while True:
+                for t in itertools.islice(todo, self.window - len(running)):
+                    running[self.pool.submit(fn, t)] = t
+                if not running:
+                    return
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool:
+                        raise dead_worker(_unfinished(running), self.workers) from None
+                    del running[fut]
+                    yield result
+        finally:
+            for fut in running:
+                fut.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+def describe_task(task: Any) -> str:
+    """What a pool task holds, in words: a shard's rows and files, or a probe's sites."""
+    if hasattr(task, "describe"):  # a shard's task (sites or cells) says what it holds
+        return str(task.describe())
+    if isinstance(task, list) and task and isinstance(task[0], tuple) and len(task[0]) > 1:
+        files = [item[1][0][0] for item in task if item[1]] or ["no file"]
+        return f"header checks of {len(task)} site(s) ({files[0]} .. {files[-1]})"
+    return repr(task)[:200]
+
+
+def _unfinished(running: dict[Future, T]) -> list[T]:
+    """The tasks of a broken pool that had not finished, in the order they were submitted (a
+    task that finished before the break is not a suspect)."""
+    return [t for f, t in running.items() if not f.done() or f.exception() is not None]
+
+
+def dead_worker(unfinished: list[Any], workers: int) -> CellmorphError:
+    """The stop for a pool worker that died: the tasks the workers held (the pool hands tasks
+    out in order, so the oldest unfinished ones; the dead worker's is among them), and why."""
+    held = "; ".join(describe_task(t) for t in unfinished[:workers])
+    waiting = len(unfinished) - workers
+    queued = f" ({waiting} more task(s) were waiting)" if waiting > 0 else ""
+    return CellmorphError(
+        f"a conversion worker died (killed by the system, most likely for memory) while the "
+        f"workers held: {held}{queued}. A very large image is the usual cause: lower "
+        "--max-pixels so such files are quarantined from their header (convert again with "
+        "--overwrite), or use fewer --workers (the rerun keeps the shards already written)"
+    )
+
+
+def _init_worker(parent: int, environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
+    ownership.die_with(parent)
+
+
+@functools.lru_cache(maxsize=64)
+def illum_function(path: str) -> np.ndarray:
+    """An illumination function as float32 (cached: a worker divides many sites by it)."""
+    return np.load(path).astype(np.float32)
+
+
+def corrected(raw: list[np.ndarray], illum: list[str],
+              saturated: np.ndarray | None = None) -> list[np.ndarray]:  # fmt: skip
+    """``raw`` divided by its illumination functions (float32), or ``raw`` when there are none.
+
+    ``saturated`` (per channel) gains the pixels the division pushed past 65535, which the
+    store clips: a function on the wrong scale would otherwise whiten cells without a word."""
+    if not illum:
+        return raw
+    img = apply_illum(raw, [illum_function(p) for p in illum])
+    if saturated is not None:
+        saturated += [np.count_nonzero((c > SATURATED) & (r < SATURATED))
+                      for r, c in zip(raw, img)]  # fmt: skip
+    return img
+
+
+_VALUES = np.arange(65536, dtype=np.float64)
+_LOGS = np.log1p(_VALUES)
+# value, square, log1p, its square: the per-channel moments of sstats.sums_by_group, as rows.
+_MOMENT_ROWS = np.stack([_VALUES, _VALUES**2, _LOGS, _LOGS**2])
+
+
+def sums_by_histogram(block: np.ndarray, groups: list[str]) -> dict[str, dict[str, Any]]:
+    """:func:`cellmorph.loaders.stats.sums_by_group`'s sums through a histogram of the uint16
+    values: one counting pass instead of four float64 copies of the block (a cell store's
+    shard is 1024 crops: the float path took as long as decoding their sites). The same sums,
+    added in another order (equal to ~1e-15 relative)."""
+    keys = np.asarray(groups)
+    out: dict[str, dict[str, Any]] = {}
+    for key in dict.fromkeys(groups):
+        sel = keys == key
+        counts = np.stack([np.bincount(block[sel, c].ravel(), minlength=65536)
+                           for c in range(block.shape[1])]).astype(np.float64)  # fmt: skip
+        moments = counts @ _MOMENT_ROWS.T  # (C, 4)
+        out[key] = {"n": int(sel.sum()),
+                    **{m: moments[:, i].tolist() for i, m in enumerate(sstats.MOMENTS)}}  # fmt: skip
+    return out
+
+
+def write_shard(task: Written, block: np.ndarray, groups: list[str], saturated: np.ndarray,
+                pixels: int, histogram: bool = False) -> ShardResult:  # fmt: skip
+    """Write ``block`` as rows ``task.start ..`` in one write, read its crcs back, then record
+    the shard with its images' checksums, per-group sums (``histogram``: counted, for many
+    small images) and the correction's saturation."""
+    n = len(block)
+    arr = swrite.open_images(task.out)
+    with ownership.writing(task.owner) as ours:
+        if not ours:  # this writer outlived its run: the store belongs to another run now
+            return ShardResult(task.index, 0, abandoned=True)
+        swrite.discard_shard(task.out, arr, task.index)
+        arr[task.start : task.start + n] = block
+        record = {
+            "key": task.key,
+            "start": task.start,
+            "checksums": [slayout.image_checksum(b) for b in block],
+            "chunk_crcs": swrite.shard_chunk_crcs(task.out, arr, task.index, n),
+            "sums": (sums_by_histogram if histogram else sstats.sums_by_group)(block, groups),
+            "saturated": saturated.tolist(),  # per channel, by the illumination correction
+            "pixels": pixels,  # per channel, of the raw images the correction divided
+        }
+        Manifest(task.out).write_shard(task.index, record)
+    return ShardResult(task.index, n)
