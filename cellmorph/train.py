@@ -34,7 +34,7 @@ from cellmorph.config import (
     OptimConfig,
     TrainConfig,
     config_to_dict,
-    resolve_label_column,
+    resolve_from_store,
 )
 from cellmorph.distributed import Context, interactive, local_context
 from cellmorph.errors import CellmorphError
@@ -130,7 +130,7 @@ class Training:
 
 def build_data(cfg: Config, ctx: Context, *, training: bool = True) -> Data:
     """The store, the index and this rank's loaders (no training loader for ``training=False``)."""
-    cfg = resolve_label_column(cfg)  # train_loop resolved it; a direct call may not have
+    cfg = resolve_from_store(cfg)  # train_loop resolved it; a direct call may not have
     # Only the columns training reads, shared by the node's workers (one copy per node).
     store = open_store(cfg.data.store, columns=[cfg.data.label_column])
     index = build_index(store.metadata, cfg.data, warn=training)
@@ -438,7 +438,7 @@ def profile_folds(run: RunDir, data: Data, cfg: Config, folds: list[str]) -> dic
 def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
     """Train ``cfg`` as one rank of ``ctx``; returns the result (the chosen model's scores)."""
     seed_everything(cfg.seed + ctx.rank)
-    cfg = resolve_label_column(cfg)  # config.yaml and the checkpoints record the column used
+    cfg = resolve_from_store(cfg)  # config.yaml and checkpoints record the column and size used
     run = RunDir(cfg.run_dir)
     data = build_data(cfg, ctx)
     schedule = plan_schedule(cfg, len(data.train_loader), ctx.world_size)
