@@ -1,9 +1,10 @@
 """``cellmorph predict``: a trained model on any store, labelled or not.
 
 It writes into ``--out`` what a run writes for each of its folds (:mod:`cellmorph.outputs`):
-``predictions.parquet``, ``embeddings.npy`` and ``wells.parquet``, through the same scoring
-path as training (:func:`cellmorph.evaluation.score`), so a run's test-fold outputs and
-``predict`` on the same rows and checkpoint are the same numbers. It adds ``profiling.json``
+``predictions.parquet``, ``embeddings.npy`` and ``wells.parquet`` (and ``sites.parquet`` for
+a cell store), through the same scoring path as training (:func:`cellmorph.evaluation.score`),
+so a run's test-fold outputs and ``predict`` on the same rows and checkpoint are the same
+numbers. It adds ``profiles.parquet`` (every well, :mod:`cellmorph.profiles`), ``profiling.json``
 (phenotypic activity, when the store names treatments and negative controls) and, when the store
 has the checkpoint's label column, ``metrics.json`` with the scores against those labels.
 """

@@ -106,6 +106,20 @@ def test_image_size_resolves_from_the_store_and_explicit_wins(tmp_path):
     assert resolve_from_store(explicit).loader.image_size == 64
 
 
+def test_splits_never_put_a_wells_cells_in_two_folds():
+    from cellmorph.config import DataConfig
+    from cellmorph.index import build_index
+
+    md = cell_rows(plates=4, wells=15, sites=3)
+    index = build_index(md, DataConfig(label_column="Metadata_pert_iname", seed=3), warn=False)
+    unit = ["Metadata_Plate", "Metadata_Well"]
+    folds = [set(map(tuple, md.iloc[np.unique(r)][unit].to_numpy()))
+             for r in (index.train, index.val, index.test)]  # fmt: skip
+    assert all(folds) and not (folds[0] & folds[1] or folds[0] & folds[2] or folds[1] & folds[2])
+    assert len(index.train) + len(index.val) + len(index.test) == len(md)  # every cell, once
+    assert set(index.train_order) <= set(index.train)  # balancing copies training cells only
+
+
 @pytest.mark.parametrize("kind", ["torch", "dali"])
 def test_loaders_read_cell_crops(cell_store, kind):
     store = open_store(cell_store)
