@@ -145,6 +145,20 @@ def test_loaders_read_cell_crops(cell_store, kind):
     assert np.corrcoef(x[:, 0].numpy().ravel(), raw)[0, 1] > 0.9999
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_loaders_on_the_gpu_read_the_same_cell_crops(cell_store, kind):
+    store = open_store(cell_store)
+    cfg = LoaderConfig(kind=kind, eval_batch_size=8, num_workers=1, augment=[])
+    rows, out = np.arange(len(store)), {}
+    for device in (torch.device("cpu"), torch.device("cuda", torch.cuda.current_device())):
+        loader = build_loader(store, rows, np.zeros(len(rows), np.int64), cfg, train=False,
+                              device=device)  # fmt: skip
+        out[device.type] = torch.cat([x.cpu() for x, _, _ in loader])
+    assert out["cuda"].shape == (len(store), len(CHANNELS), 20, 20)
+    torch.testing.assert_close(out["cpu"], out["cuda"], atol=1e-3, rtol=1e-3)
+
+
 # --------------------------------------------------------------------------- site and well scores
 
 
