@@ -4,8 +4,8 @@ A cell store (the contract in docs/architecture.md) is read, split, loaded and t
 field store is; scoring adds the *site* level (each site's mean probability over its cells)
 between the cell level (the image-level names: ``accuracy``, ``balanced_accuracy``...) and
 the well level, and ``well_balanced_accuracy`` of the test fold is the headline. This module
-holds the few pieces only cell stores need: the site id of every row, the site table written
-beside a fold's predictions, and the words people read ("cells" rather than "images").
+holds the few pieces only cell stores need: the site id of every row and the site table written
+beside a fold's predictions (the headline is put first by :func:`cellmorph.rundir.lead`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,8 @@ from cellmorph.outputs import OUTPUT_ROWS, OutputSet, class_columns, prob_column
 from cellmorph.remote import local_copy
 from cellmorph.store.layout import PLATE, SITE, WELL
 
-CELL, FIELD = "cell", "field"
-HEADLINE = "well_balanced_accuracy"  # the result of a cell store: its test fold's wells
+CELL = "cell"  # Store.unit of a cell store
 SITE_KEYS = [PLATE, WELL, SITE]
-
-
-def noun(unit: str | None) -> str:
-    """What a row is, in the plural, for lines and captions people read."""
-    return "cells" if unit == CELL else "images"
 
 
 def site_codes(metadata: pd.DataFrame, wells: np.ndarray) -> np.ndarray:
