@@ -36,7 +36,7 @@ from cellmorph.config import Config, SynthConfig, load_config
 from cellmorph.index import build_index
 from cellmorph.loaders import build_loader
 from cellmorph.metrics import compute_metrics
-from cellmorph.report import composite
+from cellmorph.report_cells import composite
 from cellmorph.rundir import RunDir
 from cellmorph.store import open_store, well_ids
 from cellmorph.synth import generate_plate

@@ -209,12 +209,12 @@ class Data:
         import pandas as pd
         import torch
 
-        from cellmorph.config import load_config, resolve_label_column
+        from cellmorph.config import load_config, resolve_from_store
         from cellmorph.store import open_store
 
         self.plan = plan
         self.store = open_store(state / "store.zarr")
-        column = resolve_label_column(load_config(None, [f"data.store={state / 'store.zarr'}"]))
+        column = resolve_from_store(load_config(None, [f"data.store={state / 'store.zarr'}"]))
         column = column.data.label_column
         self.labels = pd.factorize(self.store.metadata[column].astype(str), sort=True)[0]
         self.classes = int(self.labels.max()) + 1

@@ -16,7 +16,7 @@ from cellmorph.config import (
     DataConfig,
     config_from_dict,
     config_to_dict,
-    resolve_label_column,
+    resolve_from_store,
 )
 from cellmorph.errors import CellmorphError
 from cellmorph.rundir import RunDir
@@ -118,7 +118,7 @@ def audit(
 
         train = run_local
     _check_default(cfg.data)
-    cfg = resolve_label_column(cfg)  # both protocols train on, and record, one column
+    cfg = resolve_from_store(cfg)  # both protocols train on, and record, one column
     study = study_config(cfg)
     study_dir = train(study)
     default_dir = reuse_default_run or train(cfg)

@@ -87,7 +87,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cellmorph.outputs import EMBEDDINGS, PREDICTIONS, WELLS
+    from cellmorph.outputs import EMBEDDINGS, PREDICTIONS, PROFILES, SITES, WELLS
     from cellmorph.predict import predict
 
     overrides = {
@@ -98,14 +98,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = predict(
         args.checkpoint, args.store, args.out, device=args.device, loader_overrides=overrides
     )
+    cells = summary.get("unit") == "cell"
+    files = [PREDICTIONS, EMBEDDINGS, WELLS, *([SITES, PROFILES] if cells else [PROFILES])]
     print(
-        f"predicted {summary['images']} images in {summary['wells']} wells -> {summary['out']}/"
-        f"{{{PREDICTIONS},{EMBEDDINGS},{WELLS}}}"
+        f"predicted {summary['images']} {'cells' if cells else 'images'} in {summary['wells']} "
+        f"wells -> {summary['out']}/{{{','.join(files)}}}"
     )
     if "metrics" in summary:
         m = summary["metrics"]
-        print(f"against the store's labels: balanced accuracy {m['balanced_accuracy']:.3f}, "
-              f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")  # fmt: skip
+        levels = "".join(f"{lvl}-level balanced accuracy {m[f'{lvl}_balanced_accuracy']:.3f}, "
+                         for lvl in ("well", "site") if cells and f"{lvl}_balanced_accuracy" in m)  # fmt: skip
+        print(f"against the store's labels: {levels}{'cell-level ' if cells else ''}balanced "
+              f"accuracy {m['balanced_accuracy']:.3f}, accuracy {m['accuracy']:.3f}, macro-F1 "
+              f"{m['macro_f1']:.3f}")  # fmt: skip
     return 0
 
 

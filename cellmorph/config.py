@@ -249,7 +249,11 @@ class LoaderConfig(Section):
     batch_size: int = Field(32, ge=1, description="per worker: the global batch is x workers")
     eval_batch_size: int = Field(128, ge=1)
     num_workers: int = Field(1, ge=0)
-    image_size: int = Field(128, ge=8)
+    image_size: int | None = Field(
+        None, ge=8,
+        description="side of the model's input in px; None = the store's size x "
+        "view_fraction (160 px fields -> 128, 96 px cells -> 76), resolved when a run starts",
+    )  # fmt: skip
     augment: list[AugmentOp] = ["hflip", "vflip", "rot90", "rotate", "brightness_contrast"]
     rotate_degrees: float = Field(10.0, ge=0.0, le=180.0)
     brightness: float = Field(0.1, ge=0.0, le=1.0)
@@ -506,18 +510,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(read_tree(path, overrides))
 
 
-def resolve_label_column(cfg: Config) -> Config:
-    """``cfg`` with ``data.label_column`` set: an explicit one stays, else the column the
-    store's conversion recorded, else the default. Called once where a store is opened for
-    training (preflight, ``run_local``, the audit, a sweep), so the run's config.yaml records
-    the column it used and no reader sees None."""
-    if cfg.data.label_column is not None:
-        return cfg
-    from cellmorph.store.read import recorded_label_column  # zarr: only when a store is read
+def view_size(image_size: int, view_fraction: float) -> int:
+    """R: the side the store image is resized to before the centre crop of ``image_size``
+    (``R - image_size`` is even, so the crop is exactly centred)."""
+    margin = round((image_size / view_fraction - image_size) / 2)
+    return image_size + 2 * max(0, margin)
 
-    column = recorded_label_column(cfg.data.store) or DEFAULT_LABEL_COLUMN
-    data = cfg.data.model_copy(update={"label_column": column})
-    return cfg.model_copy(update={"data": data})
+
+def default_image_size(store_size: int, view_fraction: float) -> int:
+    """The crop closest to ``store_size x view_fraction`` that needs no resize
+    (:func:`view_size` of it is the store's size: 160 -> 128, 96 -> 76 at 0.8); the plain
+    product when no nearby crop does."""
+    target = store_size * view_fraction
+    near = range(max(8, int(target) - 3), int(target) + 4)
+    exact = [c for c in near if c <= store_size and view_size(c, view_fraction) == store_size]
+    return min(exact, key=lambda c: abs(c - target)) if exact else max(8, round(target))
+
+
+def resolve_from_store(cfg: Config) -> Config:
+    """``cfg`` with the defaults that come from the store set: ``data.label_column`` (the
+    column the store's conversion recorded, else the default) and ``loader.image_size``
+    (:func:`default_image_size` of the store's size); explicit values stay. Called once where
+    a store is opened for training (preflight, ``run_local``, the audit, a sweep), so the
+    run's config.yaml and checkpoints record what was used and no reader sees None."""
+    if cfg.data.label_column is not None and cfg.loader.image_size is not None:
+        return cfg
+    from cellmorph.store.read import recorded_attrs  # zarr: only when a store is read
+
+    attrs = recorded_attrs(cfg.data.store)
+    update: dict[str, Any] = {}
+    if cfg.data.label_column is None:
+        column = attrs.get("label_column") or DEFAULT_LABEL_COLUMN
+        update["data"] = cfg.data.model_copy(update={"label_column": str(column)})
+    if cfg.loader.image_size is None:
+        size = default_image_size(int(attrs["size"]), cfg.loader.view_fraction)
+        update["loader"] = cfg.loader.model_copy(update={"image_size": size})
+    return cfg.model_copy(update=update)
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

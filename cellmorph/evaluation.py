@@ -5,8 +5,8 @@
 closes each well as soon as its images were seen (mean probability, embedding and input
 statistics), streaming both to its part of the outputs (:mod:`cellmorph.outputs`); ranks then
 add their sums in one all-reduce, and rank 0 merges the few wells split between two ranks and
-the parts. No probability or embedding travels to rank 0. Phenotypic activity is then computed
-from the wells tables (:func:`profile`).
+the parts. No probability or embedding travels to rank 0. Well profiles and their phenotypic
+activity are then built from the outputs (:func:`cellmorph.profiles.profile`).
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from cellmorph.cells import write_sites
 from cellmorph.checkpoint import Checkpoint
 from cellmorph.distributed import Context
 from cellmorph.errors import CellmorphError
@@ -36,8 +33,7 @@ from cellmorph.outputs import (
     empty_wells,
     merge,
 )
-from cellmorph.profiling import NEGCON_FLAG, activity_report, intensity_features, negcon_mask
-from cellmorph.sampling import PROFILE_SAMPLE, sample_wells
+from cellmorph.profiling import intensity_features
 from cellmorph.store.read import Store
 
 # --------------------------------------------------------------------------- devices and models
@@ -124,6 +120,7 @@ class Fold:
     classes: list[str]
     labels: np.ndarray  # int64 class id; -1: not known (unlabelled store, dropped class)
     wells: np.ndarray  # int64 well id (cellmorph.store.layout.well_codes)
+    sites: np.ndarray | None = None  # cell stores: int32 site id (cellmorph.cells.site_codes)
 
 
 @dataclass
@@ -153,6 +150,12 @@ class _Pass:
         self.first = np.full(len(expected), np.iinfo(np.int64).max, np.int64)
         self.images, self.wells = out.writers(rank) if out is not None else (None, None)
         self.widths = (k, 0, 0)
+        self.site_cm = np.zeros((k, k), np.int64)  # cell stores: sites by mean probability
+        self.site_sums = self.site_label = None
+        if fold.sites is not None:
+            n_sites = int(fold.sites.max(initial=-1)) + 1
+            self.site_sums = WellSums(np.bincount(fold.sites[rows], minlength=n_sites), [k])
+            self.site_label = wells_majority(known, fold.labels, fold.sites, k)
 
     def add(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray) -> None:
         labels, ids = self.fold.labels[rows], self.fold.wells[rows]
@@ -164,6 +167,10 @@ class _Pass:
             self.widths = (self.k, emb.shape[1], feats.shape[1])
             self.sums = WellSums(self.expected, list(self.widths))
         closed = self.sums.add(ids, probs, emb, feats)
+        if self.site_sums is not None:
+            sites = self.site_sums.add(self.fold.sites[rows], probs)
+            if sites is not None:
+                self.add_sites(sites[0], sites[2])
         if self.images is not None:
             self.images.write(row=rows, label=labels, probs=probs, embedding=emb)
         if closed is not None:
@@ -182,11 +189,19 @@ class _Pass:
         if known.any():
             self.well_cm += well_confusion(self.well_label[ids][known], probs[known], self.k)
 
+    def add_sites(self, ids: np.ndarray, probs: np.ndarray) -> None:
+        known = self.site_label[ids] >= 0
+        if known.any():
+            self.site_cm += well_confusion(self.site_label[ids][known], probs[known], self.k)
+
     def open_wells(self) -> tuple[np.ndarray, ...] | None:
         if self.sums is None:
             return None
         ids, counts, *sums = self.sums.open_wells()
         return (ids, counts, *sums, self.first[ids])
+
+    def open_sites(self) -> tuple[np.ndarray, ...] | None:
+        return self.site_sums.open_wells() if self.site_sums is not None else None
 
     def close(self) -> None:
         _k, dim, f = self.widths
@@ -225,7 +240,8 @@ def score(model: nn.Module, loader: Any, rows: np.ndarray, fold: Fold, ctx: Cont
 
     rows = np.unique(rows)
     p = _Pass(fold, rows, top_k, out, ctx.rank)
-    bar = tqdm(total=len(rows), unit="img", desc="predict", disable=None if progress and ctx.is_main else True)  # fmt: skip
+    unit = "cell" if fold.sites is not None else "img"
+    bar = tqdm(total=len(rows), unit=unit, desc="predict", disable=None if progress and ctx.is_main else True)  # fmt: skip
     try:
         for r, probs, emb, feats in iter_infer(model, loader, ctx.device, amp):
             p.add(r, probs, emb, feats)
@@ -240,92 +256,24 @@ def score(model: nn.Module, loader: Any, rows: np.ndarray, fold: Fold, ctx: Cont
     split = _merge_split(opened) if ctx.is_main else None
     if split is not None:
         p.add_wells(split["well"], split["probs"])
-    total = ctx.sum(np.concatenate([p.image.vector(), p.well_cm.ravel()]))
+    sites = [o for o in ctx.gather_to_main(p.open_sites()) or [] if o is not None]
+    if ctx.is_main and sites:  # the sites whose cells two ranks saw
+        ids, _counts, probs = merge_open(sites)
+        p.add_sites(ids, probs)
+    total = ctx.sum(np.concatenate([p.image.vector(), p.well_cm.ravel(), p.site_cm.ravel()]))
     ctx.barrier()  # every rank's part is complete
     if not ctx.is_main:
         return None
     n_images = n_wells = 0
     if out is not None and store is not None:
         n_images, n_wells = merge(out, ctx.world_size, fold.classes, store.metadata_rows(), split)
+        if fold.sites is not None:
+            write_sites(out, fold.classes)
     metrics = None
     if p.labelled:
-        image = p.image.load(total[: p.k * p.k + 2])
-        metrics = scores_from_sums(image, fold.classes, total[p.k * p.k + 2 :].reshape(p.k, p.k))
+        kk = p.k * p.k
+        image = p.image.load(total[: kk + 2])
+        cms = total[kk + 2 :].reshape(2, p.k, p.k)
+        metrics = scores_from_sums(image, fold.classes, cms[0],
+                                   cms[1] if fold.sites is not None else None)  # fmt: skip
     return FoldResult(metrics, n_images, n_wells)
-
-
-# --------------------------------------------------------------------------- phenotypic activity
-
-
-def _parquet(path: Any) -> pq.ParquetFile:
-    """A wells file, local or in an object store (read whole: a few MB)."""
-    if isinstance(path, Path):
-        return pq.ParquetFile(path, pre_buffer=False)
-    return pq.ParquetFile(pa.BufferReader(path.read_bytes()))
-
-
-def _sampled_wells(files: list[pq.ParquetFile], label_column: str, negcon: str,
-                   seed: int) -> tuple[pd.DataFrame, list[np.ndarray]]:  # fmt: skip
-    """The wells to profile (a seeded sample, :func:`cellmorph.sampling.sample_wells`) and,
-    per wells file, which of its rows they are."""
-    tables = []
-    for i, f in enumerate(files):
-        cols = [c for c in f.schema_arrow.names if c.startswith("Metadata_") or c == "n_images"]
-        t = f.read(columns=cols).to_pandas()
-        tables.append(t.assign(_file=i, _row=np.arange(len(t))))
-    wells = pd.concat(tables, ignore_index=True)
-    if label_column not in wells.columns:
-        raise CellmorphError(f"profiling: the wells have no column {label_column!r}")
-    treatment = wells[label_column].astype(str).to_numpy()
-    flag = negcon_mask(wells, negcon)
-    keep = sample_wells(treatment, flag, seed)
-    chosen = wells.iloc[keep].assign(treatment=treatment[keep], **{NEGCON_FLAG: flag[keep]})
-    picks = [chosen.loc[chosen["_file"] == i, "_row"].to_numpy() for i in range(len(files))]
-    return chosen.reset_index(drop=True), picks
-
-
-def _profiles(files: list[pq.ParquetFile], picks: list[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """Mean embeddings and input statistics of the chosen rows, a row group at a time."""
-    embs, feats = [], []
-    for f, rows in zip(files, picks):
-        names = f.schema_arrow.names
-        e_cols = [c for c in names if c.startswith("emb_")]
-        i_cols = [c for c in names if c.startswith("int_")]
-        start = 0
-        for g in range(f.metadata.num_row_groups):
-            n = f.metadata.row_group(g).num_rows
-            sel = rows[(rows >= start) & (rows < start + n)] - start
-            if len(sel):
-                t = f.read_row_group(g, e_cols + i_cols).take(pa.array(sel))
-                embs.append(np.column_stack([t.column(c).to_numpy() for c in e_cols]))
-                feats.append(np.column_stack([t.column(c).to_numpy() for c in i_cols]))
-            start += n
-    if not embs:
-        return np.zeros((0, 0)), np.zeros((0, 0))
-    return np.concatenate(embs), np.concatenate(feats)
-
-
-def profile(sets: list[OutputSet], label_column: str, negcon: str, seed: int,
-            fold_name: str) -> dict[str, Any]:  # fmt: skip
-    """Phenotypic activity (copairs mAP against the negative-control wells) of the wells of
-    ``sets`` (e.g. the validation and test folds): the embeddings, and the intensity baseline.
-
-    Says which wells were profiled (``fold``) and how many treatments have the two or more
-    wells a score needs (``treatments_scorable`` of ``treatments_total``)."""
-    files = [_parquet(s.wells) for s in sets]
-    chosen, picks = _sampled_wells(files, label_column, negcon, seed)
-    emb, feats = _profiles(files, picks)
-    table = pd.DataFrame({
-        "well": chosen["Metadata_Plate"].astype(str) + "/" + chosen["Metadata_Well"].astype(str),
-        "treatment": chosen["treatment"], NEGCON_FLAG: chosen[NEGCON_FLAG],
-        "images": chosen["n_images"],
-    })  # fmt: skip
-    out = activity_report(table, {"embeddings": emb, "intensity_baseline": feats}, seed)
-    treated = table.loc[~table[NEGCON_FLAG], "treatment"].value_counts()
-    enough_controls = int(table[NEGCON_FLAG].sum()) >= 2
-    out.update({"fold": fold_name, "treatments_total": int(treated.size),
-                "treatments_scorable": int((treated >= 2).sum()) if enough_controls else 0})  # fmt: skip
-    n_all = sum(f.metadata.num_rows for f in files)
-    if len(table) < n_all:
-        out["sampled"] = f"{len(table)} of {n_all} wells: {PROFILE_SAMPLE}"
-    return out

@@ -464,7 +464,7 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -
     """
     if cfg.label_column is None:
         # Metadata without a store (tests, benchmarks): every caller holding a store has set
-        # the store's recorded column already (config.resolve_label_column).
+        # the store's recorded column already (config.resolve_from_store).
         cfg = cfg.model_copy(update={"label_column": DEFAULT_LABEL_COLUMN})
     codes, names = _encode_raw(metadata, cfg.label_column)
     labels, classes, counts = _select_classes(codes, names, cfg)

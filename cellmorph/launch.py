@@ -26,7 +26,7 @@ from cellmorph.config import (
     RayConfig,
     config_from_dict,
     config_to_dict,
-    resolve_label_column,
+    resolve_from_store,
 )
 from cellmorph.errors import CellmorphError, fault_message, one_line
 from cellmorph.remote import AnyPath, URLPath, as_path
@@ -79,7 +79,7 @@ def preflight(cfg: Config, *, warn: bool = True) -> None:
     from cellmorph.store.read import open_store
 
     check_run_root_outside_store(cfg)
-    cfg = resolve_label_column(cfg)  # the driver's callers did; a direct call may not have
+    cfg = resolve_from_store(cfg)  # the driver's callers did; a direct call may not have
     store = open_store(cfg.data.store, columns=[cfg.data.label_column])  # the workers' columns
     check_batch_size(cfg.loader.batch_size, build_index(store.metadata, cfg.data, warn=warn))
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
@@ -256,7 +256,7 @@ def run_ray_training(cfg: Config, *, quiet: bool = False) -> RunDir:
     from cellmorph.progress import RunWatcher
 
     check_upload_paths(cfg)
-    cfg = resolve_label_column(resolve_paths(cfg))  # the workers get the column the run records
+    cfg = resolve_from_store(resolve_paths(cfg))  # the workers get the column and size it records
     run = RunDir(cfg.run_dir)
     # This driver is the run's one writer (its workers write under it) until the run ends.
     with runlock.hold(run.path):

@@ -29,6 +29,11 @@ SCORE_MODES: dict[str, str] = {
     "loss": "min",
     "well_accuracy": "max",
     "well_balanced_accuracy": "max",
+    "well_macro_f1": "max",
+    # cell stores: each site's mean probability over its cells
+    "site_accuracy": "max",
+    "site_balanced_accuracy": "max",
+    "site_macro_f1": "max",
 }
 
 
@@ -224,9 +229,25 @@ def _per_class(confusion: np.ndarray, classes: list[str]) -> tuple[dict[str, Any
     return table, f1
 
 
-def scores_from_sums(image: ImageSums, classes: list[str],
-                     wells: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
-    """Every score from the sums; ``wells``: the wells' confusion matrix (well-level scores)."""
+def group_scores(level: str, confusion: np.ndarray) -> dict[str, Any]:
+    """``<level>_accuracy``, ``_balanced_accuracy``, ``_macro_f1`` and ``n_<level>s`` from the
+    confusion matrix of groups of images (wells, sites) scored by their mean probability."""
+    cm = np.asarray(confusion)
+    n = int(cm.sum())
+    _, f1 = _per_class(cm, [str(i) for i in range(len(cm))])
+    present = (cm.sum(axis=1) > 0) | (cm.sum(axis=0) > 0)
+    return {
+        f"{level}_accuracy": float(np.trace(cm) / max(n, 1)),
+        f"{level}_balanced_accuracy": _recall_mean(cm),
+        f"{level}_macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        f"n_{level}s": n,
+    }
+
+
+def scores_from_sums(image: ImageSums, classes: list[str], wells: np.ndarray | None = None,
+                     sites: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every score from the sums; ``wells``, ``sites``: the confusion matrices of the wells and
+    (cell stores) of the sites, each scored by its mean probability."""
     cm, k = image.confusion, len(classes)
     n = int(cm.sum())
     if n == 0:
@@ -251,13 +272,10 @@ def scores_from_sums(image: ImageSums, classes: list[str],
     }
     if image.top_k < k:  # with K <= top_k every class is among the top k: a meaningless 1.0
         out[topk_name(image.top_k)] = image.top_hits / n
+    if sites is not None:
+        out.update(group_scores("site", sites))
     if wells is not None:
-        n_wells = int(wells.sum())
-        out.update({
-            "well_accuracy": float(np.trace(wells) / max(n_wells, 1)),
-            "well_balanced_accuracy": _recall_mean(wells),
-            "n_wells": n_wells,
-        })  # fmt: skip
+        out.update(group_scores("well", wells))
     return out
 
 

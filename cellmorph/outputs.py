@@ -12,6 +12,12 @@ predict --out DIR`` (no prefix) the same three files::
                                  pred_name, prob:<class> (mean over the well's images),
                                  emb_NNNN (mean embedding), int_NNN (mean intensity statistics
                                  of the model's input: the profiling baseline)
+    <prefix>sites.parquet        cell stores: one row per site, in store order: its Metadata_
+                                 columns, n_cells, pred, pred_name, prob:<class> (mean over its
+                                 cells; cellmorph/cells.py)
+
+For a cell store a row of predictions.parquet is one cell (its ObjectNumber and
+Location_Center_X/Y come with the store's metadata columns) and ``n_images`` counts cells.
 
 Each rank streams its images and its closed wells to parts (``.<prefix>outputs/``); rank 0 adds
 the wells split between ranks and merges everything a row group at a time, so memory never holds
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
 # Rows per row group of the outputs (what a writer or reader holds at a time).
 OUTPUT_ROWS = 8_192
 PREDICTIONS, EMBEDDINGS, WELLS = "predictions.parquet", "embeddings.npy", "wells.parquet"
+SITES, PROFILES = "sites.parquet", "profiles.parquet"
 
 
 def prob_columns(classes: list[str]) -> list[str]:
@@ -76,6 +83,11 @@ class OutputSet:
     @property
     def wells(self) -> AnyPath:
         return as_path(self.folder) / f"{self.prefix}{WELLS}"
+
+    @property
+    def sites(self) -> AnyPath:
+        """Cell stores: one row per site (:func:`cellmorph.cells.write_sites`)."""
+        return as_path(self.folder) / f"{self.prefix}{SITES}"
 
     @property
     def parts(self) -> AnyPath:
@@ -223,7 +235,7 @@ def _merge_images(out: OutputSet, parts: list[Path], classes: list[str],
     return n
 
 
-def _class_columns(labels: np.ndarray | None, probs: np.ndarray,
+def class_columns(labels: np.ndarray | None, probs: np.ndarray,
                    classes: list[str]) -> dict[str, pa.Array]:  # fmt: skip
     names = np.asarray([*classes, ""], dtype=object)  # label -1 -> ""
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
@@ -243,7 +255,7 @@ def image_table(rows: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes
     base = metadata.take(rows)
     return pa.table({STORE_ROW: pa.array(rows, pa.int64()),
                      **{n: base.column(n) for n in base.column_names},
-                     **_class_columns(labels, probs, classes)})  # fmt: skip
+                     **class_columns(labels, probs, classes)})  # fmt: skip
 
 
 def _well_batches(parts: list[Path], split: dict[str, np.ndarray] | None) -> Iterator[pa.Table]:
@@ -299,7 +311,7 @@ def well_table(batch: pa.Table, classes: list[str], metadata: MetadataRows,
     emb, feats = matrix(batch.column("embedding")), matrix(batch.column("features"))
     cols = {**{n: base.column(n) for n in base.column_names},
             "n_images": batch.column("n_images"),
-            **_class_columns(None, matrix(batch.column("probs")), classes),
+            **class_columns(None, matrix(batch.column("probs")), classes),
             **{c: pa.array(emb[:, i]) for i, c in enumerate(embedding_columns(emb.shape[1]))},
             **{c: pa.array(feats[:, i]) for i, c in enumerate(feature_columns(feats.shape[1]))}}  # fmt: skip
     return pa.table(cols)

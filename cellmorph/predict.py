@@ -1,9 +1,10 @@
 """``cellmorph predict``: a trained model on any store, labelled or not.
 
 It writes into ``--out`` what a run writes for each of its folds (:mod:`cellmorph.outputs`):
-``predictions.parquet``, ``embeddings.npy`` and ``wells.parquet``, through the same scoring
-path as training (:func:`cellmorph.evaluation.score`), so a run's test-fold outputs and
-``predict`` on the same rows and checkpoint are the same numbers. It adds ``profiling.json``
+``predictions.parquet``, ``embeddings.npy`` and ``wells.parquet`` (and ``sites.parquet`` for
+a cell store), through the same scoring path as training (:func:`cellmorph.evaluation.score`),
+so a run's test-fold outputs and ``predict`` on the same rows and checkpoint are the same
+numbers. It adds ``profiles.parquet`` (every well, :mod:`cellmorph.profiles`), ``profiling.json``
 (phenotypic activity, when the store names treatments and negative controls) and, when the store
 has the checkpoint's label column, ``metrics.json`` with the scores against those labels.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cellmorph import atomic
+from cellmorph.cells import CELL, site_codes
 from cellmorph.checkpoint import Checkpoint, read_checkpoint
 from cellmorph.config import LoaderConfig, validate
 from cellmorph.distributed import Context
@@ -25,7 +27,6 @@ from cellmorph.errors import CellmorphError
 from cellmorph.evaluation import (
     Fold,
     model_from_checkpoint,
-    profile,
     resolve_amp,
     resolve_device,
     score,
@@ -33,8 +34,10 @@ from cellmorph.evaluation import (
 from cellmorph.index import encode_labels
 from cellmorph.loaders import build_loader
 from cellmorph.loaders.normalize import Normalization, for_inference, from_store
-from cellmorph.outputs import EMBEDDINGS, PREDICTIONS, WELLS, OutputSet
+from cellmorph.outputs import EMBEDDINGS, PREDICTIONS, PROFILES, SITES, WELLS, OutputSet
+from cellmorph.profiles import profile
 from cellmorph.remote import AnyPath, URLPath, as_path
+from cellmorph.rundir import lead
 from cellmorph.store.layout import well_codes
 from cellmorph.store.read import Store, open_store
 
@@ -87,7 +90,9 @@ def predict(checkpoint: str | Path, store_path: str | Path, out: str | Path, *,
     outs = OutputSet(_output_dir(out))
     outs.remove_stale()  # a killed predict's temporary files
     amp, _ = resolve_amp(ckpt.config.train.amp, dev)
-    fold = Fold(ckpt.classes, labels, well_codes(store.metadata)[0])
+    wells = well_codes(store.metadata)[0]
+    sites = site_codes(store.metadata, wells) if store.unit == CELL else None
+    fold = Fold(ckpt.classes, labels, wells, sites)
     try:
         result = score(model, loader, np.arange(n), fold, Context(device=dev),
                        ckpt.config.eval.top_k, amp, outs, store, progress=True)  # fmt: skip
@@ -102,13 +107,15 @@ def predict(checkpoint: str | Path, store_path: str | Path, out: str | Path, *,
     if result.images != n:
         raise CellmorphError(f"predicted {result.images} of {n} images (the loader skipped rows)")
     summary = {"images": n, "wells": result.wells, "classes": len(ckpt.classes),
-               "out": str(outs.folder), "profiling": _profiling(outs, store, ckpt, labelled)}  # fmt: skip
+               "out": str(outs.folder), "unit": store.unit,
+               "profiling": _profiling(outs, store, ckpt, labelled)}  # fmt: skip
     atomic.write_text(
         as_path(outs.folder) / PROFILING_JSON, json.dumps(summary["profiling"], indent=2)
     )
     if result.metrics is not None:
-        summary["metrics"] = result.metrics
-        atomic.write_text(as_path(outs.folder) / METRICS_JSON, json.dumps(result.metrics, indent=2))
+        summary["metrics"] = {**lead(store.unit, result.metrics), **result.metrics}
+        atomic.write_text(as_path(outs.folder) / METRICS_JSON,
+                          json.dumps(summary["metrics"], indent=2))  # fmt: skip
     return summary
 
 
@@ -117,7 +124,7 @@ def _profiling(outs: OutputSet, store: Store, ckpt: Checkpoint, labelled: bool) 
     if not labelled:
         return {"skipped": f"the store has no label column {label_column!r} naming treatments"}
     return profile([outs], label_column, store.attrs.get("negcon", ""), ckpt.config.seed,
-                   "all wells of the store")  # fmt: skip
+                   "all wells of the store", as_path(outs.folder) / PROFILES)  # fmt: skip
 
 
 def _check_out_outside(out: str | Path, store: Store) -> None:
@@ -142,7 +149,7 @@ def _output_dir(out: str | AnyPath) -> AnyPath:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CellmorphError(f"--out {p}: cannot create the folder ({e.strerror})") from None
-    for name in (PREDICTIONS, EMBEDDINGS, WELLS, PROFILING_JSON, METRICS_JSON):
+    for name in (PREDICTIONS, EMBEDDINGS, WELLS, SITES, PROFILES, PROFILING_JSON, METRICS_JSON):
         if (p / name).exists() and not (p / name).is_file():
             raise CellmorphError(f"--out {p}: {name} there is not a file; move it away")
     return p

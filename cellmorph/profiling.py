@@ -2,7 +2,8 @@
 
 For every treatment, the wells of that treatment are the positives and the negative-control
 wells (DMSO) the negatives: each treatment well ranks all the others by cosine similarity of the
-well-level profiles (mean over a well's images), its average precision says how well its
+well-level profiles (:mod:`cellmorph.profiles`: pycytominer's median per well, normalized per
+plate to the negative controls, feature-selected), its average precision says how well its
 replicates stand out from the controls, and the treatment's mean average precision (mAP) gets a
 permutation p-value, corrected for multiple testing (Benjamini-Hochberg). A treatment is
 *retrieved* when its corrected p-value is below 0.05. This is the JUMP consortium's metric,

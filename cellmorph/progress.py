@@ -68,6 +68,8 @@ def result_line(m: dict[str, Any], data: DataConfig) -> str:
     grouped = f"grouped by {group_by}" if split == "grouped" else f"{split} split"
     if data.test_plates:
         grouped += f", test plates {', '.join(data.test_plates)}"
+    if m.get("unit") == "cell" and "well_balanced_accuracy" in m:
+        return cell_result_line(m, grouped) + activity_line(m.get("profiling") or {})
     text = (
         f"{m['fold']} fold ({grouped}, {m.get('n_images', '?')} images, model of epoch "
         f"{int(m['epoch']) + 1}): balanced accuracy {m['balanced_accuracy']:.3f}, accuracy "
@@ -76,6 +78,19 @@ def result_line(m: dict[str, Any], data: DataConfig) -> str:
     if "well_balanced_accuracy" in m:
         text += f"; well-level balanced accuracy {m['well_balanced_accuracy']:.3f}"
     return text + activity_line(m.get("profiling") or {})
+
+
+def cell_result_line(m: dict[str, Any], grouped: str) -> str:
+    """A cell store's result: the wells' balanced accuracy first, then sites', then cells'."""
+    levels = [
+        (lvl, m.get(f"{lvl}_balanced_accuracy"), m.get(f"n_{lvl}s")) for lvl in ("well", "site")
+    ]
+    text = (f"{m['fold']} fold ({grouped}, {m.get('n_images', '?')} cells in "
+            f"{m.get('n_wells', '?')} wells, model of epoch {int(m['epoch']) + 1}): ")  # fmt: skip
+    text += "; ".join(f"{lvl}-level balanced accuracy {v:.3f} ({n} {lvl}s)"
+                      for lvl, v, n in levels if v is not None)  # fmt: skip
+    return text + (f"; cell-level balanced accuracy {m['balanced_accuracy']:.3f}, accuracy "
+                   f"{m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}; chance {m['chance']:.3f}")  # fmt: skip
 
 
 def activity_line(profiling: dict[str, Any]) -> str:

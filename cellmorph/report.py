@@ -24,31 +24,13 @@ import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cellmorph import atomic  # noqa: E402
-from cellmorph.errors import CellmorphError  # noqa: E402
-from cellmorph.loaders.reader import ShardReader  # noqa: E402
 from cellmorph.metrics import topk_name  # noqa: E402
+from cellmorph.report_cells import headline_keys, is_cells, levels_table, sample_grid  # noqa: E402
 from cellmorph.rundir import RunDir  # noqa: E402
 from cellmorph.sampling import stratified_sample  # noqa: E402
 from cellmorph.store.files import read_file  # noqa: E402
 from cellmorph.store.layout import QUARANTINE, STORE_ROW, read_quarantine  # noqa: E402
-from cellmorph.store.read import open_store  # noqa: E402
 
-# Additive colours for a composite, by channel name (Cell Painting's usual display colours).
-CHANNEL_COLORS: dict[str, tuple[float, float, float]] = {
-    "dna": (0.0, 0.3, 1.0),
-    "hoechst": (0.0, 0.3, 1.0),
-    "dapi": (0.0, 0.3, 1.0),
-    "er": (0.0, 1.0, 0.0),
-    "cona": (0.0, 1.0, 0.0),
-    "agp": (1.0, 0.0, 0.0),
-    "actin": (1.0, 0.0, 0.0),
-    "phalloidin": (1.0, 0.0, 0.0),
-    "wga": (1.0, 0.0, 0.0),
-    "mito": (0.6, 0.0, 0.6),
-    "mitotracker": (0.6, 0.0, 0.6),
-    "rna": (0.5, 0.5, 0.0),
-    "syto": (0.5, 0.5, 0.0),
-}
 COUNT_TITLES = {
     "counts_before_topk": "all labels, before top-K",
     "counts_after_topk": "after top-K / min_count",
@@ -323,85 +305,12 @@ def plot_tsne(run: Run, out: Path, max_points: int) -> Path | None:
     return _save(fig, out)
 
 
-def _channel_colours(channels: list[str]) -> np.ndarray:
-    """(C, 3) display colours by channel name; unknown or brightfield channels stay dark."""
-    colours = np.zeros((len(channels), 3))
-    for i, name in enumerate(channels):
-        key = name.lower().replace("orig", "").replace("_", "")
-        for marker, rgb in CHANNEL_COLORS.items():
-            if key == marker or key.startswith(marker):
-                colours[i] = rgb
-                break
-    if not colours.any():  # no known fluorescence names: first three channels as R, G, B
-        for i in range(min(3, len(channels))):
-            colours[i, i] = 1.0
-    return colours
-
-
-def composite(image: np.ndarray, channels: list[str]) -> np.ndarray:
-    """A (H, W, 3) float RGB composite of one (C, H, W) image, each channel stretched 1-99.5 %."""
-    img = image.astype(np.float32)
-    lo = np.percentile(img, 1.0, axis=(1, 2), keepdims=True)
-    hi = np.percentile(img, 99.5, axis=(1, 2), keepdims=True)
-    stretched = np.clip((img - lo) / np.maximum(hi - lo, 1e-6), 0.0, 1.0)
-    rgb = np.einsum("chw,cr->hwr", stretched, _channel_colours(channels))
-    return np.clip(rgb, 0.0, 1.0)
-
-
-def _sample_rows(labels: pd.Series, classes: list[str], per_class: int) -> dict[str, np.ndarray]:
-    """Evenly spaced rows of each class (deterministic, spread over plates and wells)."""
-    codes, names = pd.factorize(labels.astype(str).str.strip())
-    order = np.argsort(codes, kind="stable")  # rows grouped by class, ascending within each
-    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
-    lookup = {str(n): i for i, n in enumerate(names)}
-    out = {}
-    for name in classes:
-        i = lookup.get(name)
-        rows = order[bounds[i] : bounds[i + 1]] if i is not None else []
-        if len(rows):
-            out[name] = rows[np.linspace(0, len(rows) - 1, min(per_class, len(rows))).astype(int)]
-    return out
-
-
-def _read_images(store: Any, rows: np.ndarray) -> np.ndarray:
-    return ShardReader(store).read(np.asarray(rows, dtype=np.int64))
-
-
 def plot_sample_grid(run: Run, out: Path, per_class: int) -> Path | None:
     store_path = (run.config.get("data") or {}).get("store")
     if per_class <= 0 or not store_path:
         return None
-    try:
-        store = open_store(store_path, columns=[run.label_column])
-    except CellmorphError as e:
-        run.notes.append(f"sample images: cannot open the store ({e})")
-        return None
-    if run.label_column not in store.metadata.columns:
-        run.notes.append(f"sample images: store has no label column {run.label_column!r}")
-        return None
-    picks = _sample_rows(store.metadata[run.label_column], run.classes, per_class)
-    if not picks:
-        return None
-    cell = 1.6 if len(picks) <= 20 else 1.1  # keep 50 classes under ~6,000 px tall
-    fig, axes = plt.subplots(len(picks), per_class, squeeze=False,
-                             figsize=(cell * per_class + 2.2, cell * len(picks)))  # fmt: skip
-    for r, (name, rows) in enumerate(picks.items()):
-        images = _read_images(store, rows)
-        for c in range(per_class):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(images):
-                ax.imshow(composite(images[c], store.channels))
-            else:
-                ax.set_axis_off()
-        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    legend = ", ".join(
-        f"{ch}" for ch, rgb in zip(store.channels, _channel_colours(store.channels)) if rgb.any()
-    )
-    fig.suptitle(f"sample images per class (composite of {legend})", fontsize=10)
-    fig.tight_layout()
-    return _save(fig, out)
+    fig = sample_grid(store_path, run.label_column, run.classes, per_class, run.notes)
+    return _save(fig, out) if fig is not None else None
 
 
 # --------------------------------------------------------------------------- html
@@ -454,6 +363,8 @@ def _headline(run: Run) -> str:
     m = run.metrics
     top_k = m.get("top_k", 5)
     keys = [*SCORE_ROWS[:3], (topk_name(top_k), f"top-{top_k} accuracy"), *SCORE_ROWS[3:]]
+    if is_cells(m, run.summary):
+        keys = headline_keys(keys)
     fold = _fold_name(run)
     cards = "".join(
         f'<div class="card"><div class="v">{_esc(_fmt(m[k]))}</div>'
@@ -475,6 +386,14 @@ def _folds_table(run: Run) -> str:
     rows = [[label, val.get(k, ""), test.get(k, "")] for k, label in keys if k in val or k in test]
     table = _table(["", "validation (chose the epoch)", "test (untouched)"], rows, "folds")
     return f'<div id="folds">{table}</div>'
+
+
+def _levels_section(run: Run) -> str:
+    """A cell store's scores at the cell, site and well levels, for both folds."""
+    if not is_cells(run.metrics, run.summary):
+        return ""
+    header, rows = levels_table(run.metrics)
+    return f'<h3>Cells, sites and wells</h3><div id="levels">{_table(header, rows, "levels")}</div>'
 
 
 def _profiling_section(run: Run) -> str:
@@ -651,6 +570,7 @@ def render_html(run: Run, figures: list[tuple[Path, str]]) -> str:
         _epoch_note(run),
         _headline(run),
         _folds_table(run),
+        _levels_section(run),
         _profiling_section(run),
         _audit_section(run),
         _summary_section(run),
@@ -667,15 +587,16 @@ def make_figures(run: Run) -> list[tuple[Path, str]]:
     """Draw every figure the run's files allow; returns (png path, caption) pairs."""
     eval_cfg = run.config.get("eval") or {}
     fig_dir = run.dir.figures
+    rows = "cells" if is_cells(run.metrics, run.summary) else "images"
     makers: list[tuple[str, str, Callable[[Path], Path | None]]] = [
         ("label_distribution.png", "Label distribution: before and after top-K and balancing",
          lambda p: plot_label_distribution(run, p)),
         ("training_curves.png", "Training curves", lambda p: plot_training_curves(run, p)),
         ("confusion_matrix.png", f"Row-normalized confusion matrix ({_fold_name(run)} fold)",
          lambda p: plot_confusion(run, p)),
-        ("tsne.png", f"t-SNE of {_fold_name(run)} embeddings, coloured by true class",
+        ("tsne.png", f"t-SNE of {_fold_name(run)} {rows[:-1]} embeddings, coloured by true class",
          lambda p: plot_tsne(run, p, int(eval_cfg.get("tsne_max_points", 2000)))),
-        ("sample_grid.png", "Sample images per class (channel composite)",
+        ("sample_grid.png", f"Sample {rows} per class (channel composite)",
          lambda p: plot_sample_grid(run, p, int(eval_cfg.get("sample_grid_per_class", 4)))),
     ]  # fmt: skip
     out = []

@@ -14,6 +14,9 @@
       val_embeddings.npy       its embeddings, same row order
       val_wells.parquet        per validation well: metadata, mean probabilities, profile
       test_*                   the same for the test fold (schema: cellmorph.outputs)
+      <fold>_sites.parquet     cell stores: per site of the fold, mean probabilities
+      profiles.parquet         the held-out wells' profiles (pycytominer: median per well,
+                               normalized per plate to its negative controls, feature-selected)
       .<fold>_outputs/         each rank's part of a fold's outputs while they are merged
       events.jsonl             start / resume events (with the worker processes)
       tracking.json            the MLflow run this run logs to (tracking.mlflow_uri)
@@ -95,6 +98,11 @@ class RunDir:
     @property
     def result(self) -> AnyPath:
         return self.path / "metrics.json"
+
+    @property
+    def profiles(self) -> AnyPath:
+        """The held-out wells' profiles (pycytominer; :mod:`cellmorph.profiles`)."""
+        return self.path / "profiles.parquet"  # outputs.PROFILES (not imported: no pyarrow)
 
     def outputs(self, fold: str = "val") -> OutputSet:
         """The per-image and per-well outputs of a fold (:mod:`cellmorph.outputs`)."""
@@ -212,11 +220,12 @@ class RunDir:
         ))  # fmt: skip
 
     def write_final(self, epoch: int | None, scores: dict[str, dict[str, Any]],
-                    extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                    extra: dict[str, Any] | None = None, unit: str = "field") -> dict[str, Any]:  # fmt: skip
         """``metrics.json`` for the chosen epoch: the test fold's scores as the headline (the
-        validation fold's when there is no test fold), both folds side by side, and ``extra``."""
+        validation fold's when there is no test fold), both folds side by side, and ``extra``.
+        A cell store's (``unit``) leads with its headline, ``well_balanced_accuracy``."""
         fold = "test" if scores.get("test") else "val"
-        result = {"fold": FOLD_NAMES[fold], "epoch": epoch, **scores[fold],
+        result = {"fold": FOLD_NAMES[fold], "epoch": epoch, **lead(unit, scores[fold]), **scores[fold],
                   "validation": scores.get("val"), "test": scores.get("test"), **(extra or {})}  # fmt: skip
         atomic.write_text(self.result, json.dumps(result, indent=2))
         return result
@@ -312,6 +321,16 @@ class RunDir:
             "resume the run with the same name, or score last.pt explicitly with "
             "`cellmorph predict --checkpoint`"
         )
+
+
+def lead(unit: str, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The keys a result starts with: the store's unit and, for a cell store, the headline
+    (the wells' balanced accuracy: a treatment is judged on new wells, not on single cells)."""
+    out: dict[str, Any] = {"unit": unit}
+    if unit == "cell" and metrics and "well_balanced_accuracy" in metrics:
+        out.update({"headline": "well_balanced_accuracy",
+                    "well_balanced_accuracy": metrics["well_balanced_accuracy"]})  # fmt: skip
+    return out
 
 
 def _readable(path: AnyPath) -> Any:

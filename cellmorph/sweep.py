@@ -246,13 +246,13 @@ def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[AnyPath, Config, Tr
     Returns the sweep's folder, the base config every trial starts from (absolute paths, trial
     runs under ``<sweep>/trials``, workers per trial as fitted) and the fit.
     """
-    from cellmorph.config import resolve_label_column
+    from cellmorph.config import resolve_from_store
     from cellmorph.launch import check_upload_paths, init_ray, preflight, resolve_paths
 
     check_upload_paths(base)
     out = as_path(base.run_root).expanduser().resolve() / sweep.name
     base = resolve_paths(trial_config(base, {"run_root": str(out / "trials")}, base.name))
-    base = resolve_label_column(base)  # every trial trains on, and records, the same column
+    base = resolve_from_store(base)  # every trial trains on, and records, the same column
     preflight(base)
     init_ray(base.ray, out / "logs")
     fit = fit_trials(sweep, base.ray, ClusterSize.from_ray())

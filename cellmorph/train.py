@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cellmorph import atomic, runlock, tracking
+from cellmorph.cells import CELL, site_codes
 from cellmorph.checkpoint import (
     CheckpointSaver,
     check_compatible,
@@ -34,7 +35,7 @@ from cellmorph.config import (
     OptimConfig,
     TrainConfig,
     config_to_dict,
-    resolve_label_column,
+    resolve_from_store,
 )
 from cellmorph.distributed import Context, interactive, local_context
 from cellmorph.errors import CellmorphError
@@ -42,7 +43,6 @@ from cellmorph.evaluation import (
     Fold,
     FoldResult,
     model_from_checkpoint,
-    profile,
     resolve_amp,
     resolve_device,
     score,
@@ -51,6 +51,7 @@ from cellmorph.index import Index, build_index, check_batch_size
 from cellmorph.loaders import Loader, build_loader
 from cellmorph.loaders.normalize import Normalization, from_store
 from cellmorph.model import CellNet, build_model
+from cellmorph.profiles import profile
 from cellmorph.progress import StepProgress
 from cellmorph.rundir import RunDir
 from cellmorph.store.files import check_outside_store
@@ -107,11 +108,12 @@ class Data:
     test_loader: Loader | None  # scored once, by the chosen model (None: no test fold)
     norm: Normalization  # saved with checkpoints: predict applies the same recipe
     calibration_loader: Loader | None = None  # training images for batch-norm statistics
+    sites: np.ndarray | None = None  # cell stores: the site of each row (site-level scores)
 
     @property
     def fold(self) -> Fold:
-        """Labels and well ids per store row, for scoring."""
-        return Fold(self.index.classes, self.index.labels, self.index.well_ids)
+        """Labels, well ids (and a cell store's site ids) per store row, for scoring."""
+        return Fold(self.index.classes, self.index.labels, self.index.well_ids, self.sites)
 
 
 @dataclass
@@ -130,7 +132,7 @@ class Training:
 
 def build_data(cfg: Config, ctx: Context, *, training: bool = True) -> Data:
     """The store, the index and this rank's loaders (no training loader for ``training=False``)."""
-    cfg = resolve_label_column(cfg)  # train_loop resolved it; a direct call may not have
+    cfg = resolve_from_store(cfg)  # train_loop resolved it; a direct call may not have
     # Only the columns training reads, shared by the node's workers (one copy per node).
     store = open_store(cfg.data.store, columns=[cfg.data.label_column])
     index = build_index(store.metadata, cfg.data, warn=training)
@@ -147,7 +149,8 @@ def build_data(cfg: Config, ctx: Context, *, training: bool = True) -> Data:
                             (np.unique(index.test), False),
                             (calibration_rows(index, cfg) if training else train_rows, False))
     ]  # fmt: skip
-    return Data(store, index, *loaders[:3], norm, loaders[3])
+    sites = site_codes(store.metadata, index.well_ids) if store.unit == CELL else None
+    return Data(store, index, *loaders[:3], norm, loaders[3], sites)
 
 
 def calibration_rows(index: Index, cfg: Config) -> np.ndarray:
@@ -399,7 +402,7 @@ def finish(run: RunDir, t: Training, data: Data, cfg: Config, ctx: Context) -> d
         scores["test"] = results["test"].metrics
     extra = {"selected_by": f"validation {cfg.train.best_metric}",
              "profiling": profile_folds(run, data, cfg, list(results))}  # fmt: skip
-    return run.write_final(int(chosen["epoch"]), scores, extra)
+    return run.write_final(int(chosen["epoch"]), scores, extra, data.store.unit)
 
 
 def score_folds(run: RunDir, model: nn.Module, data: Data, cfg: Config,
@@ -423,13 +426,13 @@ def score_folds(run: RunDir, model: nn.Module, data: Data, cfg: Config,
 
 
 def profile_folds(run: RunDir, data: Data, cfg: Config, folds: list[str]) -> dict[str, Any]:
-    """Phenotypic activity of the wells of every held-out fold (validation and test): they
-    hold enough wells per treatment for most treatments to be scored; training wells, which the
-    model has seen, never count."""
+    """The well profiles (``profiles.parquet``) of every held-out fold (validation and test)
+    and their phenotypic activity: they hold enough wells per treatment for most treatments to
+    be scored; training wells, which the model has seen, never count."""
     name = " + ".join({"val": "validation", "test": "test"}[f] for f in folds) + " wells"
     label = data.index.summary["label_column"]  # resolved when the data was built
-    return profile([run.outputs(f) for f in folds], label,
-                   data.store.attrs.get("negcon", ""), cfg.seed, name)  # fmt: skip
+    return profile([run.outputs(f) for f in folds], label, data.store.attrs.get("negcon", ""),
+                   cfg.seed, name, run.profiles)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the loop
@@ -438,7 +441,7 @@ def profile_folds(run: RunDir, data: Data, cfg: Config, folds: list[str]) -> dic
 def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
     """Train ``cfg`` as one rank of ``ctx``; returns the result (the chosen model's scores)."""
     seed_everything(cfg.seed + ctx.rank)
-    cfg = resolve_label_column(cfg)  # config.yaml and the checkpoints record the column used
+    cfg = resolve_from_store(cfg)  # config.yaml and checkpoints record the column and size used
     run = RunDir(cfg.run_dir)
     data = build_data(cfg, ctx)
     schedule = plan_schedule(cfg, len(data.train_loader), ctx.world_size)
@@ -447,7 +450,8 @@ def train_loop(cfg: Config, ctx: Context) -> dict[str, Any]:
     start = resume(run, t, data, cfg, saver)  # refuses before any run file is written
     workers = ctx.gather(ctx.process())
     if ctx.is_main:
-        summary = {**describe(data.store), **data.index.summary, "schedule": asdict(schedule)}
+        summary = {**describe(data.store), "unit": data.store.unit, **data.index.summary,
+                   "schedule": asdict(schedule)}  # fmt: skip
         run.create(config_to_dict(cfg), data.index.classes, cfg.data.label_column, summary)
         run.begin(start, workers)
     tracker = tracking.start(cfg, run) if ctx.is_main else None  # None unless configured
@@ -515,7 +519,7 @@ def _evaluate_run(run: RunDir, device: str) -> dict[str, Any]:
     extra = {"selected_by": f"validation {ckpt.config.train.best_metric}",
              "checkpoint": ckpt.path.name,
              "profiling": profile_folds(run, data, ckpt.config, list(results))}  # fmt: skip
-    return run.write_final(ckpt.epoch, scores, extra)
+    return run.write_final(ckpt.epoch, scores, extra, data.store.unit)
 
 
 def check_storage_shared(run: RunDir, ctx: Context) -> None:

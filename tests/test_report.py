@@ -16,7 +16,7 @@ import yaml
 from helpers import make_checkpoint, make_store
 
 from cellmorph.cli import main
-from cellmorph.config import Config, resolve_label_column
+from cellmorph.config import Config, resolve_from_store
 from cellmorph.index import build_index
 from cellmorph.metrics import compute_metrics
 from cellmorph.report import Run, build_report, plot_confusion
@@ -56,7 +56,7 @@ def make_run(tmp_path: Path, split: str = "grouped", class_names=None) -> RunDir
         data={"store": str(store_path), "split": split},
         eval={"tsne_max_points": 20, "sample_grid_per_class": 2},
     )
-    cfg = resolve_label_column(cfg)  # as training records it
+    cfg = resolve_from_store(cfg)  # as training records it
     index = build_index(store.metadata, cfg.data)
     run = tmp_path / "runs" / "toy"
     run.mkdir(parents=True)

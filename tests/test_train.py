@@ -10,7 +10,7 @@ import torch
 from helpers import read_events
 
 from cellmorph.checkpoint import load_checkpoint, update_best
-from cellmorph.config import load_config, resolve_label_column
+from cellmorph.config import load_config, resolve_from_store
 from cellmorph.distributed import Context
 from cellmorph.errors import CellmorphError
 from cellmorph.rundir import RunDir
@@ -66,7 +66,7 @@ def test_run_writes_every_artefact(small_cfg, epochs_of):
         assert (run_dir / name).is_file(), name
     # The run records the label column it used (the store's), the config left it unset.
     assert cfg.data.label_column is None
-    assert load_config(run_dir / "config.yaml") == resolve_label_column(cfg)
+    assert load_config(run_dir / "config.yaml") == resolve_from_store(cfg)
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert set(ckpt) >= {
         "model",

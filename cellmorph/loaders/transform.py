@@ -2,14 +2,15 @@
 
 Geometry (the same for training and evaluation, in both loaders)::
 
-    store image (S px) -> resize to R = round(image_size / view_fraction)   (skipped when R == S)
+    store image (S px) -> resize to R ~ image_size / view_fraction         (skipped when R == S)
                        -> [vflip, hflip, rotate about the centre]           (training only)
                        -> centre crop image_size
                        -> [log1p] -> standardize per channel and plate     (cellmorph/loaders/normalize.py)
                        -> [brightness/contrast]                             (training only)
 
-With the defaults (store 160 px, image_size 128, view_fraction 0.8) R == S: no resize, and the
-rotation's empty corners fall in the 16 px margin that the centre crop removes (up to ~17°).
+``loader.image_size`` defaults to the store's size x view_fraction (config.default_image_size:
+160 px fields -> 128, 96 px cell crops -> 76), so with the defaults R == S: no resize, and the
+rotation's empty corners fall in the margin that the centre crop removes (up to ~17°).
 Evaluation is the same chain without the random ops: a centre crop of the same field of view.
 Resizing before rotating keeps rotation cheap when the store is much larger than R.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cellmorph.augment import BatchParams, active_ops
-from cellmorph.config import LoaderConfig
+from cellmorph.config import LoaderConfig, default_image_size, view_size
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,10 @@ class Geometry:
 
 def geometry(store_size: int, cfg: LoaderConfig) -> Geometry:
     # R - crop is kept even, so the centre crop is exactly centred (DALI's rotate centres its
-    # output canvas on the input's centre).
-    margin = round((cfg.image_size / cfg.view_fraction - cfg.image_size) / 2)
-    resize_to = cfg.image_size + 2 * max(0, margin)
-    return Geometry(store_size=store_size, resize_to=resize_to, crop=cfg.image_size)
+    # output canvas on the input's centre). An unresolved image_size (a config used without
+    # config.resolve_from_store) takes the store's default, as a run would record it.
+    crop = cfg.image_size or default_image_size(store_size, cfg.view_fraction)
+    return Geometry(store_size, view_size(crop, cfg.view_fraction), crop)
 
 
 def crop_offset(size: int, crop: int) -> int:

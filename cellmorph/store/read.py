@@ -72,7 +72,8 @@ class Store:
 
     @property
     def unit(self) -> str:
-        return str(self.attrs.get("unit", "field"))
+        """``"cell"``: rows are single-cell crops (a cell store); ``"field"``: whole fields."""
+        return "cell" if self.attrs.get("unit") == "cell" else "field"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -165,10 +166,9 @@ def open_store(path: str | AnyPath, columns: Sequence[str] | None = None) -> Sto
     return Store(p, images, metadata, attrs, quarantine, folder, file)
 
 
-def recorded_label_column(path: str | AnyPath) -> str | None:
-    """The label column conversion recorded in ``attrs.label_column`` (None for a store
-    converted with ``--allow-unlabeled``); reads only ``zarr.json``, :func:`open_store` checks
-    the rest."""
+def recorded_attrs(path: str | AnyPath) -> dict[str, Any]:
+    """The store's attributes (``zarr.json``), format checked: what a config's defaults are
+    resolved from (the label column, the image size); :func:`open_store` checks the rest."""
     folder = open_folder(path)
     try:
         if "zarr.json" not in folder.names():
@@ -177,8 +177,7 @@ def recorded_label_column(path: str | AnyPath) -> str | None:
         _check_format(folder.path, attrs)
     finally:
         folder.close()
-    column = attrs.get("label_column")
-    return str(column) if column else None
+    return attrs
 
 
 def _check_format(p: AnyPath, attrs: dict[str, Any]) -> None:
