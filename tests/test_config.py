@@ -8,7 +8,7 @@ def test_defaults_load_and_demo_yaml_is_valid():
     assert isinstance(load_config(None), Config)
     cfg = load_config("configs/demo.yaml")
     assert cfg.name == "demo" and cfg.data.split == "grouped"
-    for path in ("configs/cpjump1.yaml",):
+    for path in ("configs/cpjump1.yaml", "configs/cpjump1_cells.yaml"):
         load_config(path)
 
 
