@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from imblearn.over_sampling import RandomOverSampler
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -357,6 +356,9 @@ def _oversample(rows: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
     blocks of ``_OVERSAMPLE_BLOCK`` against the global target; one RandomState threads through
     the blocks, so the result is fixed by ``seed``.
     """
+    # Imported here: imbalanced-learn costs ~3 s to import, paid by every CLI start otherwise.
+    from imblearn.over_sampling import RandomOverSampler
+
     y = labels[rows]
     counts = np.bincount(y)
     present = np.flatnonzero(counts)
