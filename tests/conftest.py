@@ -22,13 +22,18 @@ def _has_gpu() -> bool:
 
 
 # pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): tests that share one expensive
-# session or module fixture run on one worker, so that it is built once per run.
-SHARED = {"ray_cluster": "ray-cluster", "mlflow_server": "mlflow", "scale_work": "bench-scale"}
+# session or module fixture run on one worker, so that it is built once per run. Every test
+# that starts Ray (the session's cluster, or a head or local instance of its own in a child
+# process) runs on that same worker, one at a time: two Ray instances starting side by side on
+# 2 cores race for ports and time out (seen in CI: a README head's dashboard gone mid-test while
+# the GPU check's Ray section timed out).
+SHARED = {"ray_cluster": "ray", "mlflow_server": "mlflow", "scale_work": "ray"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         group = next((g for f, g in SHARED.items() if f in item.fixturenames), None)
+        group = group or ("ray" if "ray" in item.keywords else None)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
     # Modules with Ray tests (the longest: tens of seconds each) first, each module's tests in

@@ -440,10 +440,20 @@ def run_check(tmp_path: Path, *flags: str, timeout: int = 600) -> tuple[dict, st
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), *flags, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, _failed_sections(proc.stdout) + proc.stderr[-3000:]
     printed = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == printed
     return printed, proc.stderr
+
+
+def _failed_sections(stdout: str) -> str:
+    """The sections that did not end "ok", with their output (the report's JSON is long)."""
+    try:
+        sections = json.loads(stdout)["sections"]
+    except (ValueError, KeyError):
+        return stdout[-3000:]
+    bad = {k: v for k, v in sections.items() if v.get("status") != "ok"}
+    return json.dumps(bad, indent=1)[-6000:]
 
 
 def test_gpu_check_quick_plan_leaves_out_dali_and_ray(tmp_path, monkeypatch):

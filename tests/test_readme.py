@@ -249,8 +249,13 @@ def _wait_for_dashboard(dash: int, head: subprocess.Popen, log: Path) -> None:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
             return
-        except urllib.error.HTTPError:
-            return  # up, and asking for the token
+        except urllib.error.HTTPError as e:
+            if e.code == 401:
+                return  # up, and asking for the token
+            # Anything else answering there is not this head's dashboard (yet): a server that
+            # took the port between _free_port() and `ray start` would fail the jobs obscurely.
+            assert head.poll() is None, f"ray head exited: {log.read_text()[-2000:]}"
+            time.sleep(1)
         except OSError:
             assert head.poll() is None, f"ray head exited: {log.read_text()[-2000:]}"
             time.sleep(1)
