@@ -27,6 +27,8 @@ def _has_gpu() -> bool:
 # process) runs on that same worker, one at a time: two Ray instances starting side by side on
 # 2 cores race for ports and time out (seen in CI: a README head's dashboard gone mid-test while
 # the GPU check's Ray section timed out).
+# (pytest is pinned to 9.1.1: under pytest 9.2 pytest-xdist 3.8's loadgroup silently spreads a
+# group over both workers; pytest_collection_finish below refuses such a pairing.)
 SHARED = {"ray_cluster": "ray", "mlflow_server": "mlflow", "scale_work": "ray"}
 
 
@@ -46,6 +48,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--dist loadgroup`` xdist sends a group to one worker by a ``@group`` suffix it
+    appends to the test ids; a pytest that ignores the suffix would run each group's shared
+    cluster or server twice, side by side. Stop instead."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [
+        i.nodeid
+        for i in session.items
+        if i.get_closest_marker("xdist_group") and "@" not in i.nodeid
+    ]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} drops pytest-xdist's group of {lost[0]}: "
+            "install the pinned versions (requirements.txt)"
+        )
 
 
 @pytest.fixture(scope="session")
