@@ -16,8 +16,8 @@ images/s of:
 - ``e_decode``: its ceiling: numcodecs decoding the same chunks from bytes already in memory
   (same thread count as the reader; ``e_decode_1thread`` on one thread);
 - ``zarr_rows``: zarr-python reading the same rows one call per image (what the reader replaces);
-- ``train_cpu``: MobileNetV2 forward+backward at batch 64, 128 px on the CPU — what CPU
-  training consumes;
+- ``train_cpu``: MobileNetV2 forward+backward on the CPU at the batch and the image size the
+  loaders produce (128 px from the 160 px store) — what CPU training consumes;
 - ``g_dali_gpu`` (only with CUDA): DALI on the GPU from a page-cached LZ4 store at 128 px.
 
 Ratios: ``store_vs_original`` = best of (b, c) / a (goal >= 10), ``read_vs_decode`` = d / e
@@ -25,6 +25,18 @@ Ratios: ``store_vs_original`` = best of (b, c) / a (goal >= 10), ``read_vs_decod
 JSON object. Run: ``.venv/bin/python bench/loader.py [--sites 96] [--workers 2]`` (a smoke run:
 ``--sites 8 --tiff-size 64 --batch 4 --seconds 0 --rounds 1``);
 ``--read-only`` measures only the read path (d, d_read_unchecked, e, zarr_rows).
+
+Cell stores (``--crop-size 96``): the store is a cell store converted the way
+bench/convert_cells.py builds it (``--sites`` copies of the real JUMP site in tests/data, 109
+nuclei each from CellProfiler's table, ``convert --crop-size --locations`` with the converter's
+default codec and shard size), so the crops are real pixels. The loaders run with what a user's
+config gets on that store: ``loader.image_size`` resolved from it (96 px -> 76 px), the default
+augmentations, and ``loader.batch_size``'s default unless ``--batch`` is given; ``train_cpu`` is
+measured at that batch and image size. b, c, d, e, zarr_rows and ``loader_vs_train_cpu`` are
+measured as above (rates are crops/s); ``a_original`` and ``store_vs_original`` are null (the
+original study's path reads whole sites, it never cut crops), ``g_dali_gpu`` is null (the GPU
+check measures DALI on the GPU), ``--tiff-size`` does not apply (the real site is 1080 px).
+Smoke run: ``--crop-size 32 --sites 1 --batch 4 --seconds 0 --rounds 1``.
 """
 
 from __future__ import annotations
@@ -49,7 +61,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from cellmorph import store as st
-from cellmorph.config import LoaderConfig, ModelConfig, SynthConfig
+from cellmorph.config import (
+    Config,
+    ConvertConfig,
+    DataConfig,
+    LoaderConfig,
+    ModelConfig,
+    SynthConfig,
+    resolve_from_store,
+)
 from cellmorph.loaders import ShardReader, build_loader
 from cellmorph.loaders.stats import group_key, store_stats, sums_by_group
 from cellmorph.shardfile import crc32c
@@ -95,6 +115,19 @@ def build_store(path: Path, df: pd.DataFrame, size: int, codec: str) -> st.Store
     st.write_metadata(path, md)
     st.write_quarantine(path, [])
     return st.open_store(path)
+
+
+def build_cell_store(root: Path, sites: int, crop: int) -> st.Store:
+    """A cell store of ``crop`` px crops from ``sites`` copies of the real site, converted as
+    bench/convert_cells.py converts it (one worker, the converter's default codec and shards)."""
+    # bench/ is sys.path[0] when a bench script runs; its input builder is the one to share.
+    from convert_cells import make_input, run_convert
+
+    csv, locs, _ = make_input(root / "cells_input", sites)
+    defaults = ConvertConfig()
+    out = root / "cells.zarr"
+    run_convert(csv, locs, out, crop, defaults.shard_size, defaults.codec)
+    return st.open_store(out)
 
 
 def _read_resized(site: pd.Series, size: int) -> np.ndarray:
@@ -228,19 +261,24 @@ def bench_read(store: st.Store, threads: int, batch: int, nbatches: int) -> dict
             "zarr_rows": z}  # fmt: skip
 
 
-def bench_train_cpu(batch: int = 64, steps: int = 3) -> float:
+def bench_train_cpu(batch: int = 64, size: int = 128, steps: int = 3,
+                    seconds: float = 0.0) -> float:  # fmt: skip
+    """Images/s of MobileNetV2 forward+backward+AdamW on the CPU at ``batch`` x 5 x ``size``
+    px: at least ``steps`` steps and ``seconds`` timed, the first step (set-up) excluded."""
     from cellmorph.model import build_model
 
     model = build_model(ModelConfig(), 5, 10)
     opt = torch.optim.AdamW(model.parameters())
-    x, y = torch.randn(batch, 5, 128, 128), torch.randint(0, 10, (batch,))
-    for i in range(steps + 1):
-        if i == 1:
+    x, y = torch.randn(batch, 5, size, size), torch.randint(0, 10, (batch,))
+    n, t = -1, 0.0
+    while n < steps or time.perf_counter() - t < seconds:
+        if n == 0:
             t = time.perf_counter()
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return batch * steps / (time.perf_counter() - t)
+        n += 1
+    return batch * n / (time.perf_counter() - t)
 
 
 def bench_dali_gpu(df: pd.DataFrame, tmp: Path, workers: int) -> float:
@@ -262,15 +300,24 @@ def bench_dali_gpu(df: pd.DataFrame, tmp: Path, workers: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sites", type=int, default=96)
+    ap.add_argument("--sites", type=int, default=None,
+                    help="sites (default 96); with --crop-size, copies of the real site (default 24)")  # fmt: skip
+    ap.add_argument("--crop-size", type=int, default=None,
+                    help="measure a cell store of crops this size (96: the pilot's) instead")  # fmt: skip
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="default 64; with --crop-size, loader.batch_size's default")  # fmt: skip
     ap.add_argument("--dir", default=None, help="keep the TIFFs and store here (default: temp)")
     ap.add_argument("--read-only", action="store_true", help="measure only the read path")
     ap.add_argument("--tiff-size", type=int, default=1080, help="px of the synthetic TIFFs")
-    ap.add_argument("--seconds", type=float, default=4, help="least seconds timed per loader")
+    ap.add_argument("--seconds", type=float, default=4, help="least seconds timed per path")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (best kept)")
     args = ap.parse_args()
+    cells = args.crop_size is not None
+    if args.sites is None:
+        args.sites = 24 if cells else 96
+    if args.batch is None:
+        args.batch = LoaderConfig().batch_size if cells else 64
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="cm-bench-loader-"))
     try:
         run(args, tmp)
@@ -281,21 +328,37 @@ def main() -> None:
 
 def run(args: argparse.Namespace, tmp: Path) -> None:
     t0 = time.perf_counter()
-    df = make_sites(tmp / "tiffs", args.sites, args.tiff_size)
-    store = build_store(tmp / "store.zarr", df, 160, "zstd")
+    cells = args.crop_size is not None
+    if cells:
+        df = None
+        store = build_cell_store(tmp, args.sites, args.crop_size)
+        what = f"{len(store)} crops of {args.crop_size} px, {store.attrs.get('codec', '?')}"
+        source = "copies of the real JUMP site (1080x1080 uint16 LZW, 109 nuclei each)"
+    else:
+        df = make_sites(tmp / "tiffs", args.sites, args.tiff_size)
+        store = build_store(tmp / "store.zarr", df, 160, "zstd")
+        what = f"{store.shape[-1]} px, zstd, {len(store)} images"
+        source = f"{args.tiff_size}x{args.tiff_size} uint16, 5 files per site"
     prep_s = time.perf_counter() - t0
+    # The image size a run on this store trains at: resolved from the store as a run resolves it.
+    size = resolve_from_store(Config(data=DataConfig(store=str(store.path)))).loader.image_size
+    assert size is not None
 
     w = args.workers
-    # Epochs of ~1,000 images over the same sites, so per-epoch start-up is amortized as in
-    # a real dataset; the sampling still draws a fresh permutation per epoch.
-    rows = np.resize(np.arange(len(store)), 16 * args.batch)
-    base = LoaderConfig(batch_size=args.batch, num_workers=w, reader_threads=w, dali_threads=w)
-    res: dict[str, float | int | str | None] = {
+    # Epochs of >= ~1,000 images (or the whole store), so per-epoch start-up is amortized as
+    # in a real dataset; the sampling still draws a fresh permutation per epoch.
+    rows = np.resize(np.arange(len(store)), max(16 * args.batch, len(store)))
+    base = LoaderConfig(batch_size=args.batch, num_workers=w, reader_threads=w, dali_threads=w,
+                        image_size=size)  # fmt: skip
+    res: dict[str, float | int | str | list | None] = {
         "machine": f"{os.cpu_count()} cores, cuda={torch.cuda.is_available()}",
-        "sites": len(df),
-        "tiff": f"{args.tiff_size}x{args.tiff_size} uint16, 5 files per site",
-        "store": f"{store.shape[-1]} px, zstd, {len(store)} images",
+        "sites": args.sites,
+        "tiff": source,
+        "store": what,
+        "image_size": size,
+        "batch": args.batch,
         "workers": w,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "prep_s": round(prep_s, 1),
     }
     if args.read_only:
@@ -303,30 +366,29 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         res["total_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
         return
-    # The machine is shared and noisy: interleave two rounds and keep each path's best.
     sec = args.seconds
+
+    def loader(kind: str) -> Callable[[], float]:
+        cfg = base.model_copy(update={"kind": kind})
+        return lambda: bench_loader(store, cfg, rows, seconds=sec)
+
+    paths: dict[str, Callable[[], float]] = {}
+    if df is not None:
+        paths["a_original"] = lambda: bench_original(df, w, 16, sec)
+    else:  # the original study read whole sites; it has no cell crops to compare
+        res["a_original"] = None
+    paths.update(b_torch=loader("torch"), c_dali_cpu=loader("dali"),
+                 train_cpu=lambda: bench_train_cpu(args.batch, size, seconds=sec))  # fmt: skip
+    # The machine is shared and noisy: interleave the rounds and keep each path's best (the
+    # training side included, so the ratio is not flattered by one slow training sample).
     for _ in range(args.rounds):
-        for key, fn in (
-            ("a_original", lambda: bench_original(df, w, 16, sec)),
-            (
-                "b_torch",
-                lambda: bench_loader(
-                    store, base.model_copy(update={"kind": "torch"}), rows, seconds=sec
-                ),  # fmt: skip
-            ),
-            (
-                "c_dali_cpu",
-                lambda: bench_loader(
-                    store, base.model_copy(update={"kind": "dali"}), rows, seconds=sec
-                ),  # fmt: skip
-            ),
-        ):
+        for key, fn in paths.items():
             res[key] = max(res.get(key) or 0.0, fn())
     res.update(bench_read(store, w, args.batch, 30))
-    res["train_cpu"] = bench_train_cpu(args.batch)
-    res["g_dali_gpu"] = bench_dali_gpu(df, tmp, 8) if torch.cuda.is_available() else None
+    on_gpu = torch.cuda.is_available() and df is not None
+    res["g_dali_gpu"] = bench_dali_gpu(df, tmp, 8) if on_gpu else None
     best = max(res["b_torch"], res["c_dali_cpu"])
-    res["store_vs_original"] = best / res["a_original"]
+    res["store_vs_original"] = best / res["a_original"] if df is not None else None
     res["read_vs_decode"] = res["d_read"] / res["e_decode"]
     res["loader_vs_train_cpu"] = best / res["train_cpu"]
     res["total_s"] = round(time.perf_counter() - t0, 1)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from cellmorph.config import LoaderConfig, default_image_size
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 # Scripts smoke-tested elsewhere, and where.
@@ -75,6 +77,24 @@ def test_loader(tmp_path):
         "crc32c_1thread", "crc_vs_decode", "zarr_rows", "train_cpu", "g_dali_gpu",
         "store_vs_original", "read_vs_decode", "loader_vs_train_cpu", "prep_s", "total_s")  # fmt: skip
     assert r["sites"] == 8 and r["b_torch"] > 0 and r["c_dali_cpu"] > 0
+
+
+def test_loader_cells(tmp_path):
+    """``--crop-size``: a cell store converted from the real site, the image size resolved from
+    it, the ratio to CPU training at that size; the field-only paths are null."""
+    r = run_bench("loader.py", "--crop-size", "32", "--sites", "1", "--batch", "4",
+                  "--workers", "1", "--seconds", "0", "--rounds", "1", "--dir", str(tmp_path),
+                  cwd=tmp_path)  # fmt: skip
+    has(r, "machine", "sites", "store", "image_size", "batch", "workers", "load_average",
+        "b_torch", "c_dali_cpu", "train_cpu", "d_read", "e_decode", "read_vs_decode",
+        "loader_vs_train_cpu", "prep_s", "total_s")  # fmt: skip
+    assert r["store"].startswith("109 crops of 32 px")
+    assert r["image_size"] == default_image_size(32, LoaderConfig().view_fraction)
+    assert r["a_original"] is None and r["store_vs_original"] is None and r["g_dali_gpu"] is None
+    best = max(r["b_torch"], r["c_dali_cpu"])
+    assert r["train_cpu"] > 0 and r["loader_vs_train_cpu"] == pytest.approx(
+        best / r["train_cpu"], rel=0.02
+    )
 
 
 @pytest.mark.slow
