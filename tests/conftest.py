@@ -28,10 +28,11 @@ def _has_gpu() -> bool:
 # 2 cores race for ports and time out (seen in CI: a README head's dashboard gone mid-test while
 # the GPU check's Ray section timed out).
 # (pytest is pinned to 9.1.1: under pytest 9.2 pytest-xdist 3.8's loadgroup silently spreads a
-# group over both workers; pytest_collection_finish below refuses such a pairing.)
+# group over both workers; pytest_configure below refuses such a pairing.)
 SHARED = {"ray_cluster": "ray", "mlflow_server": "mlflow", "scale_work": "ray"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         group = next((g for f, g in SHARED.items() if f in item.fixturenames), None)
@@ -50,21 +51,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Under ``--dist loadgroup`` xdist sends a group to one worker by a ``@group`` suffix it
-    appends to the test ids; a pytest that ignores the suffix would run each group's shared
-    cluster or server twice, side by side. Stop instead."""
-    if not getattr(session.config.option, "loadgroup", False):
-        return
-    lost = [
-        i.nodeid
-        for i in session.items
-        if i.get_closest_marker("xdist_group") and "@" not in i.nodeid
-    ]
-    if lost:
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``--dist loadgroup`` pytest-xdist 3.8 sends a group to one worker by assigning
+    ``item._nodeid`` (a ``@group`` suffix); a pytest whose ids no longer come from that slot
+    would run each group's shared cluster or server twice, side by side. Stop instead."""
+    import _pytest.nodes
+
+    if (
+        config.getoption("dist", "no") == "loadgroup"
+        and "_nodeid" not in _pytest.nodes.Node.__slots__
+    ):
         raise pytest.UsageError(
-            f"pytest {pytest.__version__} drops pytest-xdist's group of {lost[0]}: "
+            f"pytest {pytest.__version__} ignores pytest-xdist's test groups: "
             "install the pinned versions (requirements.txt)"
         )
 
