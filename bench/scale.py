@@ -34,10 +34,31 @@ libraries (~0.5 GB of torch and friends) and of memory-mapped files (the metadat
 shares) in every process; ``peak_anon_mb`` is the largest private memory (RssAnon, polled every
 0.2 s), what a process adds to its node.
 
+Cells (``--cells N``, the single-cell rehearsal of a cell store, ``convert --crop-size``): the
+sites of the JUMP plates above with a seeded, variable number of nuclei each (negative binomial,
+mean 25 a site as in the pilot's 75 M cells over ~3 M sites, sd ~12; a few sites have none and
+are quarantined), N in all, as a LoadData CSV and CellProfiler's Nuclei table (``ImageNumber``,
+``ObjectNumber``, ``Location_Center_X/Y``). Stages, each in a fresh process:
+
+- ``convert_cells``: ``conversion.pack.convert`` end to end on them (the LoadData layout, the
+  header probes answered from memory, the locations table read a block at a time, the cell
+  plan, every shard's task, then the finish: metadata.parquet, one row per cell, gathered shard
+  by shard), each shard writer replaced by the manifest record it writes (random checksums and
+  crcs, as real ones are). No pixel is written: the store's shards stay absent, which only a
+  pixel reader (``inspect --verify``, training) would refuse; ``open_store`` and ``index`` read
+  none. Its store is the one the next stages open;
+- ``open_store``: the readers' columns (keys, checksums, label; every column is left out: no
+  cellmorph command opens them, and five file paths per cell do not fit at 75 M);
+- ``index``: ``build_index`` on the cell store.
+
+The JSON adds the store's bytes per cell: metadata.parquet and the manifest measured; pixels
+from docs/sizing.md (65.0 KB a 96 px cell with zstd, measured on a real site), not here.
+
 Run: ``.venv/bin/python bench/scale.py --images 300000 [--work DIR] [--steps 200]`` (the
 smallest N with two plate types, a smoke run: ``--images 10000 --steps 2``); it exits 1 when a
 stage failed. The work
-folder keeps the store between runs of the same N (``--rebuild`` to build it again).
+folder keeps the store between runs of the same N (``--rebuild`` to build it again). Cells:
+``.venv/bin/python bench/scale.py --cells 75000000 [--work DIR]``.
 """
 
 from __future__ import annotations
@@ -72,6 +93,15 @@ NEGCON = "Metadata_JCP2022=JCP2022_033924"  # DMSO
 GALLERY = "s3://cellpainting-gallery/"
 LOAD_DATA = "load_data.csv"  # the sites as conversion reads them (convert_plan's input)
 STAGES = ["convert_plan", "open_store", "index", "train", "report", "predict"]
+CELL_STAGES = ["convert_cells", "open_store", "index"]
+LOCATIONS = "nuclei.csv"  # the cells as CellProfiler's Nuclei table (convert_cells' --locations)
+# Cells per site: negative binomial of mean NB_N (1 - NB_P) / NB_P = 25, the pilot's 75 M cells
+# over ~3 M sites, sd ~12, P(no cell) ~1e-4.
+NB_N, NB_P = 5, 5 / 30
+FIELD_PX = 1080  # the pilot's field: nucleus centres fall anywhere in it
+# docs/sizing.md: a 96 px, 5-channel crop with the store's zstd, measured on the real site's
+# 109 cells (tests/data/cpg0000_BR00116991_A01_f01). This rehearsal writes no pixels.
+PIXEL_BYTES_PER_CELL_96PX = 65_000
 
 
 # --------------------------------------------------------------------------- real-shaped metadata
@@ -166,6 +196,48 @@ def _with_sources(md: pd.DataFrame) -> pd.DataFrame:
     for i, ch in enumerate(CHANNELS, start=1):
         md[f"source_{ch}"] = folder + f"{i}sk1fk1fl1.tiff"
     return md
+
+
+def cell_counts(n: int, seed: int = 0) -> np.ndarray:
+    """Nuclei per site, ``n`` in all (:data:`NB_N`, :data:`NB_P`); the last site keeps what is
+    left of ``n`` (at least one)."""
+    rng = np.random.default_rng(seed)
+    parts, total = [], 0
+    while total < n:
+        part = rng.negative_binomial(NB_N, NB_P, size=max(1024, (n - total) // 20))
+        parts.append(part)
+        total += int(part.sum())
+    counts = np.concatenate(parts).astype(np.int64)
+    cum = np.cumsum(counts)
+    sites = int(np.searchsorted(cum, n)) + 1  # up to the site that reaches n
+    counts = counts[:sites]
+    counts[-1] -= int(cum[sites - 1]) - n
+    return counts.astype(np.int32)
+
+
+def write_locations(counts: np.ndarray, path: Path, seed: int = 0) -> int:
+    """CellProfiler's Nuclei table of the sites: ``ImageNumber`` (the LoadData CSV's row, from
+    1), ``ObjectNumber`` (1.. per site) and the centre in native px (to 1/1000 px, as
+    CellProfiler writes it), a block of sites at a time; returns the rows written."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    rng = np.random.default_rng(seed)
+    schema = pa.schema([("ImageNumber", pa.int32()), ("ObjectNumber", pa.int32()),
+                        ("Location_Center_X", pa.float64()),
+                        ("Location_Center_Y", pa.float64())])  # fmt: skip
+    tmp, rows, block = path.with_suffix(".tmp"), 0, 200_000
+    with pacsv.CSVWriter(str(tmp), schema) as writer:
+        for first in range(0, len(counts), block):
+            c = counts[first : first + block]
+            image = np.repeat(np.arange(first + 1, first + 1 + len(c), dtype=np.int32), c)
+            starts = np.repeat(np.cumsum(c) - c, c)
+            obj = (np.arange(len(image)) - starts + 1).astype(np.int32)
+            x, y = (rng.uniform(0, FIELD_PX, len(image)).round(3) for _ in range(2))
+            writer.write_table(pa.table([image, obj, x, y], schema=schema))
+            rows += len(image)
+    os.replace(tmp, path)
+    return rows
 
 
 # --------------------------------------------------------------------------- the store
@@ -360,6 +432,58 @@ def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "state": state, **steps}  # fmt: skip
 
 
+def stage_convert_cells(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The cell store's conversion, ``conversion.pack.convert`` itself, with the TIFF headers
+    answered from memory and each shard's writer replaced by the record it writes (no pixels);
+    leaves the store the next stages open (its shards absent)."""
+    from cellmorph.config import ConvertConfig
+    from conversion import cells, pack, tiffs
+
+    cfg = ConvertConfig(load_data=str(work / LOAD_DATA), channels=CHANNELS, size=SIZE,
+                        shard_size=SHARD, negcon=NEGCON, label_column="Metadata_JCP2022",
+                        stats_images=64, crop_size=SIZE,
+                        locations=str(work / LOCATIONS))  # fmt: skip
+    header = tiffs.FileInfo(1, 1080, 1080, "uint16", 2_332_800, 1_700_000_000_000_000_000)
+    tiffs.probe_file = lambda path: header
+
+    def mapper(fn: Any, tasks: Any) -> Any:  # probes inline; shards: their records only
+        if fn is cells.pack_cells:
+            return (_cell_record(task) for task in tasks)
+        return pack.inline_map(fn, tasks)
+
+    out = work / "store.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    done = pack.convert(cfg, out, mapper=mapper)
+    files = [f for f in (out / ".convert").iterdir() if f.name.startswith("shard-")]
+    return {"cells": done["images"], "sites": done["sites"],
+            "sites_without_cells": done["sites_without_cells"],
+            "quarantined": done["quarantined"], "shards": len(files), **done["phases"],
+            "metadata_bytes": (out / cstore.METADATA).stat().st_size,
+            "manifest_bytes": sum(f.stat().st_size for f in files)}  # fmt: skip
+
+
+def _cell_record(task: Any) -> Any:
+    """What a cell shard's writer records (conversion.shards.write_shard), without pixels:
+    checksums and crcs random (seeded by the shard), per-group counts of its cells."""
+    from conversion.manifest import Manifest
+    from conversion.shards import ShardResult
+
+    n = len(task.xy)
+    rng = np.random.default_rng(task.index)
+    per_group: dict[str, int] = {}
+    for group, count in zip(task.groups, task.counts):
+        per_group[group] = per_group.get(group, 0) + count
+    ones = [1.0] * len(CHANNELS)
+    sums = {g: {"n": c, "sum": ones, "sumsq": ones, "log_sum": ones, "log_sumsq": ones}
+            for g, c in per_group.items()}  # fmt: skip
+    record = {"key": task.key, "start": task.start,
+              "checksums": [f"{v:016x}" for v in rng.integers(0, 2**64, n, dtype=np.uint64)],
+              "chunk_crcs": rng.integers(0, 2**32, n, dtype=np.int64).tolist(), "sums": sums,
+              "saturated": [0] * len(CHANNELS), "pixels": 0}  # fmt: skip
+    Manifest(task.out).write_shard(task.index, record)
+    return ShardResult(task.index, n)
+
+
 def write_load_data(md: pd.DataFrame, path: Path) -> None:
     """The sites as a CellProfiler LoadData CSV (PathName/FileName per channel), paths on a
     local mount of the gallery."""
@@ -396,10 +520,13 @@ def stage_open_store(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     shared_mb, shared_anon = peak_rss_mb(), anon_mb()
     training_columns = len(shared.metadata.columns)
     del shared
+    opened = {"training_columns_s": round(t1 - t0, 2), "training_columns_peak_rss_mb": shared_mb,
+              "training_columns_anon_mb": shared_anon,
+              "training_columns": training_columns}  # fmt: skip
+    if args.cells:  # every column of a cell store: five file paths a cell (~56 GB at 75 M)
+        return opened
     full = cstore.open_store(work / "store.zarr")
-    return {"training_columns_s": round(t1 - t0, 2), "training_columns_peak_rss_mb": shared_mb,
-            "training_columns_anon_mb": shared_anon, "training_columns": training_columns,
-            "all_columns_s": round(time.perf_counter() - t1, 2),
+    return {**opened, "all_columns_s": round(time.perf_counter() - t1, 2),
             "all_columns_peak_rss_mb": peak_rss_mb(),
             "columns": len(full.metadata.columns)}  # fmt: skip
 
@@ -465,8 +592,9 @@ def stage_predict(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_stage(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run one stage in a fresh process (its own peak RSS); returns its JSON."""
-    cmd = [sys.executable, __file__, "--stage", name, "--work", str(work.parent),
-           "--images", str(args.images), "--steps", str(args.steps),
+    size = ["--cells", str(args.cells)] if args.cells else ["--images", str(args.images)]
+    cmd = [sys.executable, __file__, "--stage", name, "--work", str(args.work), *size,
+           "--steps", str(args.steps),
            "--label-column", args.label_column, "--top-k", str(args.top_k)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -489,10 +617,13 @@ def child(name: str, work: Path, args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--images", type=int, help="a field store of this many sites")
+    size.add_argument("--cells", type=int, help="a cell store of this many cells (stages "
+                      f"{','.join(CELL_STAGES)})")  # fmt: skip
     p.add_argument("--work", type=Path, default=Path("data/scale"))
     p.add_argument("--steps", type=int, default=200, help="training steps of the epoch")
-    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--stages", help=f"default: {','.join(STAGES)}")
     p.add_argument("--label-column", default="Metadata_PlateType")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -504,11 +635,15 @@ def main() -> None:
     if args.make_metadata:
         make_jump_metadata(args.make_metadata)
         return
-    work = args.work.resolve() / str(args.images)
+    if not (args.images or args.cells):
+        p.error("give --images N or --cells N")
+    args.work = args.work.resolve()
+    work = args.work / (f"cells-{args.cells}" if args.cells else str(args.images))
     if args.stage:
         child(args.stage, work, args)
         return
-    result = run_all(work, args)
+    args.stages = args.stages or ",".join(CELL_STAGES if args.cells else STAGES)
+    result = (run_cells if args.cells else run_all)(work, args)
     print(json.dumps(result))
     failed = [name for name, stage in result["stages"].items() if "failed" in stage]
     if failed:  # the JSON above says why; a failed stage is no measurement
@@ -539,6 +674,37 @@ def run_all(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "load_average_after": list(os.getloadavg()),
             "machine": f"{os.cpu_count()} cores, torch threads {args.threads}",
             "label_column": args.label_column, "steps": args.steps}  # fmt: skip
+
+
+def run_cells(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The cells rehearsal: its inputs (kept between runs of the same N), then its stages."""
+    load = list(os.getloadavg())
+    work.mkdir(parents=True, exist_ok=True)
+    built = None
+    if args.rebuild or not (work / LOAD_DATA).is_file() or not (work / LOCATIONS).is_file():
+        t = time.perf_counter()
+        counts = cell_counts(args.cells)
+        md = jump_metadata(len(counts))
+        write_load_data(md, work / LOAD_DATA)
+        del md
+        built = {"sites": len(counts), "sites_without_cells": int((counts == 0).sum()),
+                 "load_data_s": round(time.perf_counter() - t, 1)}  # fmt: skip
+        t = time.perf_counter()
+        built["locations_rows"] = write_locations(counts, work / LOCATIONS)
+        built["locations_s"] = round(time.perf_counter() - t, 1)
+    stages = {name: run_stage(name, work, args) for name in args.stages.split(",")}
+    store = work / "store.zarr"
+    per_cell = None
+    if (store / cstore.METADATA).is_file():  # what the store holds a cell, as written
+        manifest = sum(f.stat().st_size for f in (store / ".convert").iterdir())
+        per_cell = {"metadata": round((store / cstore.METADATA).stat().st_size / args.cells, 2),
+                    "manifest": round(manifest / args.cells, 2),
+                    "pixels_96px_zstd_from_sizing_md": PIXEL_BYTES_PER_CELL_96PX}  # fmt: skip
+    return {"cells": args.cells, "stages": stages, "bytes_per_cell": per_cell,
+            "inputs": built, "load_average_before": load,
+            "load_average_after": list(os.getloadavg()),
+            "machine": f"{os.cpu_count()} cores, torch threads {args.threads}",
+            "label_column": args.label_column}  # fmt: skip
 
 
 if __name__ == "__main__":

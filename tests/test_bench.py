@@ -187,6 +187,26 @@ def test_scale_planning_and_reading(scale_work):
 
 
 @pytest.mark.slow
+def test_scale_cells(tmp_path):
+    """The cells rehearsal: a cell store of 20,000 cells converted, opened and indexed, each
+    stage in its own process (the compound as label: these few plates have one plate type)."""
+    n = 20_000
+    r = run_bench("scale.py", "--cells", str(n), "--work", str(tmp_path),
+                  "--label-column", "Metadata_JCP2022", cwd=tmp_path)  # fmt: skip
+    assert list(r["stages"]) == ["convert_cells", "open_store", "index"]
+    for stage in r["stages"].values():
+        assert "failed" not in stage, stage
+        has(stage, "seconds", "peak_rss_mb", "peak_anon_mb")
+    convert, index = r["stages"]["convert_cells"], r["stages"]["index"]
+    assert r["cells"] == convert["cells"] == r["inputs"]["locations_rows"] == n
+    assert convert["sites"] + convert["sites_without_cells"] == r["inputs"]["sites"]
+    assert convert["shards"] == -(-n // 4096) and index["classes"] >= 2
+    assert index["train"] + index["val"] + index["test"] == n
+    has(r["bytes_per_cell"], "metadata", "manifest", "pixels_96px_zstd_from_sizing_md")
+    assert r["bytes_per_cell"]["metadata"] == pytest.approx(convert["metadata_bytes"] / n, abs=0.01)
+
+
+@pytest.mark.slow
 @pytest.mark.ray
 def test_scale_training_report_predict(scale_work):
     """``train`` starts Ray (2 workers, 2 steps); report and predict read its run."""

@@ -245,6 +245,35 @@ def test_hand_written_store_binds_metadata_and_chunks(tmp_path: Path) -> None:
     assert len(problems) == 6 and all("image checksum" in p for p in problems)
 
 
+def test_metadata_is_streamed_to_its_file(tmp_path: Path, monkeypatch) -> None:
+    """metadata.parquet goes part by part into its temporary file, never whole into memory
+    (3 GB at 75 M cells), and its digest is of the file's bytes; a table with too few rows
+    leaves neither the file nor the temporary one."""
+    import io
+
+    from cellmorph.store import write as swrite
+    from cellmorph.store.layout import DIGEST, METADATA, metadata_digest
+
+    path = tmp_path / "m.zarr"
+    create_images(path, 6, ["a"], 8, shard_size=4)
+    monkeypatch.setattr(swrite, "METADATA_ROW_GROUP", 2)
+    monkeypatch.setattr(io, "BytesIO", None)  # a buffer of the whole file would fail here
+    parts = [pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": "A01",
+                           "Metadata_Site": range(i, i + 2), "checksum": "", CHUNK_CRC: 0})
+             for i in (0, 2, 4)]  # fmt: skip
+    with pytest.raises(StoreError, match="4 metadata rows for 6 images"):
+        write_metadata(path, iter(parts[:2]))
+    assert sorted(p.name for p in path.iterdir()) == ["images", "zarr.json"]
+    write_metadata(path, iter(parts))
+    data = (path / METADATA).read_bytes()
+    attrs = json.loads((path / "zarr.json").read_text())["attributes"]
+    assert attrs[DIGEST] == metadata_digest(data, ["a"], (6, 1, 8, 8))
+    monkeypatch.undo()
+    write_quarantine(path, [])
+    st = open_store(path)
+    assert st.metadata["Metadata_Site"].tolist() == list(range(6))
+
+
 def test_na_like_labels_and_quarantine_text_stay_text(tmp_path: Path) -> None:
     path = tmp_path / "na.zarr"
     labels = ["NA", "None", "null", "nan", "N/A", "#N/A"] * 4

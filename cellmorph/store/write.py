@@ -6,10 +6,11 @@ write small ones through the same calls. Readers never import this module.
 
 from __future__ import annotations
 
-import io
 import json
 import uuid
 from collections.abc import Iterable
+from contextlib import nullcontext
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from cellmorph import remote
 from cellmorph.remote import AnyPath, is_url
 from cellmorph.shardfile import StoreDamage, chunk_crcs, layout_of, shard_key
 from cellmorph.store import layout as L
-from cellmorph.store.files import read_file, write_bytes, write_file, zarr_store
+from cellmorph.store.files import read_file, write_file, zarr_store
 from cellmorph.store.layout import StoreError
 
 # Rows per parquet row group of metadata.parquet (a module setting so tests can shrink it).
@@ -161,14 +162,22 @@ def write_metadata(path: str | AnyPath, metadata: pd.DataFrame | Iterable[pd.Dat
         if L.CHUNK_CRC not in metadata.columns and set(L.REQUIRED_COLUMNS) <= set(metadata.columns):
             metadata[L.CHUNK_CRC] = _read_chunk_crcs(path, images)
         metadata = [metadata]
-    buf = io.BytesIO()
-    rows = _write_parts(path, metadata, buf)
-    if rows != images.shape[0]:
-        raise StoreError(f"{path}: {rows} metadata rows for {images.shape[0]} images")
-    data = buf.getbuffer()
-    write_bytes(path, L.METADATA, data)
-    channels = list(group.attrs["channels"])
-    write_attrs(path, {L.DIGEST: L.metadata_digest(data, channels, tuple(images.shape))})
+    channels, shape = list(group.attrs["channels"]), tuple(images.shape)
+    digest = ""
+
+    def write(target: Any) -> None:
+        # Streamed into the temporary file and hashed back from it: the file is never whole in
+        # memory (~42 bytes a cell, 3 GB at 75 M cells). A URL's target is the put's buffer.
+        nonlocal digest
+        with open(target, "wb") if isinstance(target, str | Path) else nullcontext(target) as f:
+            rows = _write_parts(path, metadata, f)
+        if rows != shape[0]:  # before the rename: a short table never replaces the file
+            raise StoreError(f"{path}: {rows} metadata rows for {shape[0]} images")
+        with open(target, "rb") if isinstance(target, str | Path) else nullcontext(target) as f:
+            digest = L.digest_blocks(L.file_blocks(f), channels, shape)
+
+    write_file(path, L.METADATA, write)
+    write_attrs(path, {L.DIGEST: digest})
 
 
 def _missing_columns(table: pd.DataFrame) -> list[str]:
