@@ -10,10 +10,14 @@ This module is the one place that knows those bytes: the fast reader, ``inspect 
 and the converter's read-back after each shard write all go through it, so all three check
 exactly what zarr-python would check, plus what zarr cannot know: that a chunk belongs to
 the row that asks for it (its crc32c equals the one recorded in ``metadata.parquet``).
+:func:`encode_shard` is the inverse the converter writes with: the file zarr-python writes for
+the same rows, byte for byte, without zarr's per-chunk codec pipeline.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +48,9 @@ class ShardLayout:
     index_at_end: bool
     index_crc: bool
     chunk_crc: bool  # every chunk ends with the crc32c of its compressed bytes
+    # numcodecs config that encodes chunks exactly as the array's codec does (every parameter:
+    # ``codec`` is only what decoding needs); None when this module cannot write them.
+    encoder: dict[str, Any] | None = None
 
     @property
     def index_nbytes(self) -> int:
@@ -65,6 +72,24 @@ def _numcodecs_config(codec: Any) -> dict[str, Any] | None:
         return {"id": "zstd"}
     name = getattr(codec, "codec_name", "")
     if name in ("numcodecs.lz4", "numcodecs.zstd", "numcodecs.blosc"):
+        return dict(codec.codec_config)
+    return None
+
+
+def _encoder_config(codec: Any) -> dict[str, Any] | None:
+    """The numcodecs config zarr-python itself builds to encode chunks with this zarr v3 codec
+    (mirrors ``BloscCodec._blosc_codec``, ``ZstdCodec._zstd_codec`` and the numcodecs
+    wrappers' ``get_codec(codec_config)``), so the bytes are zarr's; None for other codecs."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if isinstance(codec, BloscCodec):
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
+        return {"id": "blosc", "cname": codec.cname.name, "clevel": codec.clevel,
+                "shuffle": shuffle, "blocksize": codec.blocksize,
+                "typesize": codec.typesize}  # fmt: skip
+    if isinstance(codec, ZstdCodec):
+        return {"id": "zstd", "level": codec.level, "checksum": codec.checksum}
+    if getattr(codec, "codec_name", "") in ("numcodecs.lz4", "numcodecs.zstd"):
         return dict(codec.codec_config)
     return None
 
@@ -108,6 +133,7 @@ def layout_of(arr: Any) -> ShardLayout | None:
         index_at_end=sc.index_location.value == "end",
         index_crc=len(idx) == 2,
         chunk_crc=chunk_crc,
+        encoder=_encoder_config(codecs[1]),
     )
 
 
@@ -179,6 +205,58 @@ def chunk_crcs(data: bytes, layout: ShardLayout, rows: int, where: str) -> list[
         chunk_payload(view[off : off + nbytes], layout, None, f"{where} chunk {i}")
         out.append(int.from_bytes(view[off + nbytes - CRC_BYTES : off + nbytes], "little"))
     return out
+
+
+@contextlib.contextmanager
+def _blosc_in_this_thread(codec_id: str) -> Iterator[None]:
+    """Blosc compressing in the calling thread only, as under zarr (which encodes in worker
+    threads, where numcodecs' blosc does not use its own thread pool): one core per
+    conversion worker, whatever thread calls. The bytes are the same either way."""
+    if codec_id != "blosc":
+        yield
+        return
+    from numcodecs import blosc
+
+    before = blosc.use_threads
+    blosc.use_threads = False
+    try:
+        yield
+    finally:
+        blosc.use_threads = before
+
+
+def encode_shard(block: np.ndarray, layout: ShardLayout) -> bytes:
+    """The shard file zarr-python writes for ``block``, rows ``0 ..`` of one shard, byte for
+    byte: each image ``compressor(bytes) || crc32c`` in row order (zarr's morton order of a
+    ``(rows, 1, 1, 1)`` chunk grid), then the index and its crc32c (or the index first, when
+    the layout says so). Every row of ``block`` is written, an all-zero image too; a block of
+    fewer rows than the shard holds (an array's last shard) leaves the rest unwritten
+    (``2**64-1`` entries), as zarr does."""
+    import numcodecs
+
+    if layout.encoder is None or not layout.chunk_crc:
+        raise ValueError("encode_shard needs a layout with a known encoder and chunk crc32c")
+    rows = len(block)
+    if not 0 < rows <= layout.shard_rows or tuple(block.shape[1:]) != layout.chunk_shape:
+        raise ValueError(f"a block of shape {block.shape} does not fit a shard of "
+                         f"{layout.shard_rows} x {layout.chunk_shape}")  # fmt: skip
+    # zarr's bytes codec: each chunk's values little-endian, C order, seen as raw bytes.
+    raw = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
+    images = raw.reshape(rows, -1).view(np.uint8)
+    codec = numcodecs.get_codec(dict(layout.encoder))
+    index = np.full((layout.shard_rows, 2), EMPTY, dtype="<u8")
+    parts: list[bytes] = []
+    offset = 0 if layout.index_at_end else layout.index_nbytes
+    with _blosc_in_this_thread(layout.encoder["id"]):
+        for i in range(rows):
+            payload = bytes(codec.encode(images[i]))
+            parts += (payload, crc32c(payload).to_bytes(CRC_BYTES, "little"))
+            index[i] = (offset, len(payload) + CRC_BYTES)
+            offset += len(payload) + CRC_BYTES
+    table = index.tobytes()
+    if layout.index_crc:
+        table += crc32c(table).to_bytes(CRC_BYTES, "little")
+    return b"".join([*parts, table] if layout.index_at_end else [table, *parts])
 
 
 def _declared_size(codec_id: str, payload: memoryview) -> int | None:

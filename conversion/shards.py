@@ -3,8 +3,9 @@ shares.
 
 - A :data:`Mapper` runs tasks inline, in a local process pool (:class:`ProcessMapper`), or as Ray
   tasks (``ray_jobs.convert``), keeping only a few in flight.
-- :func:`write_shard` writes a shard's block in one write, reads its crcs back and records it in
-  the manifest (data first, so a record means done and verified), under the store's owner check.
+- :func:`write_shard` writes a shard's block in one write (the file's bytes encoded by
+  :mod:`cellmorph.shardfile`, as zarr would write them), reads it back and records it in the
+  manifest (data first, so a record means done and verified), under the store's owner check.
 - :func:`corrected` divides a site's planes by their illumination functions, counting what the
   division saturated.
 """
@@ -191,21 +192,22 @@ def sums_by_histogram(block: np.ndarray, groups: list[str]) -> dict[str, dict[st
 
 def write_shard(task: Written, block: np.ndarray, groups: list[str], saturated: np.ndarray,
                 pixels: int, histogram: bool = False) -> ShardResult:  # fmt: skip
-    """Write ``block`` as rows ``task.start ..`` in one write, read its crcs back, then record
-    the shard with its images' checksums, per-group sums (``histogram``: counted, for many
-    small images) and the correction's saturation."""
+    """Write ``block`` as rows ``task.start ..`` in one write, read the file back (the bytes
+    written, every chunk's crc32c), then record the shard with its images' checksums,
+    per-group sums (``histogram``: counted, for many small images) and the correction's
+    saturation."""
     n = len(block)
     arr = swrite.open_images(task.out)
     with ownership.writing(task.owner) as ours:
         if not ours:  # this writer outlived its run: the store belongs to another run now
             return ShardResult(task.index, 0, abandoned=True)
         swrite.discard_shard(task.out, arr, task.index)
-        arr[task.start : task.start + n] = block
+        written = swrite.write_shard_file(task.out, arr, task.index, block)
         record = {
             "key": task.key,
             "start": task.start,
             "checksums": [slayout.image_checksum(b) for b in block],
-            "chunk_crcs": swrite.shard_chunk_crcs(task.out, arr, task.index, n),
+            "chunk_crcs": swrite.shard_chunk_crcs(task.out, arr, task.index, n, written),
             "sums": (sums_by_histogram if histogram else sstats.sums_by_group)(block, groups),
             "saturated": saturated.tolist(),  # per channel, by the illumination correction
             "pixels": pixels,  # per channel, of the raw images the correction divided

@@ -117,6 +117,7 @@ def test_convert_cells(tmp_path):
         "pack_vs_decode", "load_average", "all_seconds")  # fmt: skip
     assert set(r["crops_per_s"]) == {"decode", "convert", "pack"}
     assert r["cells"] == 2 * 109 and r["pack_vs_decode"] > 0
+    assert r["cpu_convert_vs_decode"] > 0 and set(r["cpu_seconds"]) == {"decode", "convert"}
 
 
 @pytest.mark.slow

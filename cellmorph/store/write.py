@@ -22,7 +22,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cellmorph import remote
 from cellmorph.remote import AnyPath, is_url
-from cellmorph.shardfile import StoreDamage, chunk_crcs, layout_of, shard_key
+from cellmorph.shardfile import StoreDamage, chunk_crcs, encode_shard, layout_of, shard_key
 from cellmorph.store import layout as L
 from cellmorph.store.files import read_file, write_file, zarr_store
 from cellmorph.store.layout import StoreError
@@ -103,14 +103,37 @@ def discard_shard(path: str | AnyPath, images: zarr.Array, index: int) -> None:
     target = f"{root.rstrip('/')}/{shard_key(images, index)}"
     if fs.exists(target):
         fs.rm(target)
-    # zarr writes "<key>.<uuid>.partial" and renames it: a killed writer leaves that behind.
-    for stale in fs.glob(f"{target}.*.partial"):
+    # A killed writer leaves its temporary file behind: zarr's "<key>.<uuid>.partial", or
+    # :func:`write_shard_file`'s ".<name>.<pid>.<random>.tmp" (cellmorph.atomic's naming).
+    folder, _, name = target.rpartition("/")
+    for stale in [*fs.glob(f"{target}.*.partial"), *fs.glob(f"{folder}/.{name}.*.tmp")]:
         fs.rm(stale)
 
 
-def shard_chunk_crcs(path: str | AnyPath, images: zarr.Array, index: int, rows: int) -> list[int]:
+def write_shard_file(path: str | AnyPath, images: zarr.Array, index: int,
+                     block: np.ndarray) -> bytes | None:  # fmt: skip
+    """Write ``block`` as shard file ``index`` of ``images``, whole, in one write (a temporary
+    file renamed into place, or one put), and return the bytes written.
+
+    The bytes are :func:`cellmorph.shardfile.encode_shard`'s: the file zarr-python writes for
+    the same rows, without its per-chunk codec pipeline (as costly as compressing, for small
+    images). A layout it cannot encode is written through zarr instead (returns None).
+    """
+    layout = layout_of(images)
+    if layout is None or layout.encoder is None or not layout.chunk_crc:
+        start = index * int(images.shards[0])
+        images[start : start + len(block)] = block
+        return None
+    data = encode_shard(block, layout)
+    write_bytes(path, shard_key(images, index), data)
+    return data
+
+
+def shard_chunk_crcs(path: str | AnyPath, images: zarr.Array, index: int, rows: int,
+                     written: bytes | None = None) -> list[int]:  # fmt: skip
     """Read shard file ``index`` back and return the crc32c of its first ``rows`` chunks, each
-    checked: what the writer records for metadata.parquet right after writing the shard."""
+    checked: what the writer records for metadata.parquet right after writing the shard.
+    ``written``: the bytes just written, which the file must hold exactly."""
     layout = layout_of(images)
     if layout is None or not layout.chunk_crc:
         raise StoreError(f"{path}: images array is not in cellmorph format {L.FORMAT_VERSION}")
@@ -118,6 +141,9 @@ def shard_chunk_crcs(path: str | AnyPath, images: zarr.Array, index: int, rows: 
     data = read_file(path, key)
     if data is None:
         raise StoreDamage(f"{path}/{key}: the shard just written is missing")
+    if written is not None and data != written:
+        raise StoreDamage(f"{path}/{key}: the shard read back is not the one just written "
+                          f"({len(data)} bytes, {len(written)} written)")  # fmt: skip
     return chunk_crcs(data, layout, rows, f"{path}/{key}")
 
 

@@ -1,0 +1,95 @@
+"""The converter's shard encoder (:func:`cellmorph.shardfile.encode_shard`) writes the file
+zarr-python writes for the same rows, byte for byte: every codec the converter offers, both
+index locations, a partial last shard and an all-zero image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs import numcodecs as numcodecs_zarr
+
+from cellmorph.shardfile import encode_shard, layout_of, shard_key
+from cellmorph.store import write as swrite
+
+pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
+
+SHARD = 4
+
+
+def _pixels(n: int, c: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    data = rng.gamma(2.0, 300.0, (n, c, size, size)).astype(np.uint16)
+    data[2] = 0  # an all-zero image is written like any other (never a hole)
+    return data
+
+
+def _zarr_files(arr: zarr.Array, root: Path, data: np.ndarray) -> list[bytes]:
+    """Each shard file as zarr-python writes it: shard-aligned writes, as conversion did."""
+    for start in range(0, len(data), SHARD):
+        arr[start : start + SHARD] = data[start : start + SHARD]
+    return [(root / shard_key(arr, i)).read_bytes() for i in range(-(-len(data) // SHARD))]
+
+
+def _encoded(arr: zarr.Array, data: np.ndarray) -> list[bytes]:
+    layout = layout_of(arr)
+    assert layout is not None and layout.encoder is not None
+    return [encode_shard(data[s : s + SHARD], layout) for s in range(0, len(data), SHARD)]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_converter_codecs_encode_as_zarr_writes(tmp_path: Path, codec: str) -> None:
+    # 5 x 96 x 96: a cell crop (several blosc blocks per chunk); 10 rows: the last shard holds 2.
+    data = _pixels(10, 5, 96)
+    root = tmp_path / "s.zarr"
+    arr = swrite.create_images(root, len(data), list("abcde"), 96, codec, SHARD)
+    assert _encoded(arr, data) == _zarr_files(arr, root, data)
+
+
+@pytest.mark.parametrize("index_location", ["end", "start"])
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+        BloscCodec(cname="lz4", clevel=5),
+        ZstdCodec(level=3),
+        ZstdCodec(level=1, checksum=True),
+        numcodecs_zarr.Zstd(level=1),
+    ],  # fmt: skip
+    ids=["blosc-zstd", "blosc-lz4", "zstd", "zstd-checksum", "numcodecs-zstd"],
+)
+def test_other_codecs_and_index_at_the_start(tmp_path: Path, compressor, index_location) -> None:
+    data = _pixels(7, 3, 20)
+    sharding = ShardingCodec(chunk_shape=(1, 3, 20, 20), index_location=index_location,
+                             codecs=[BytesCodec(), compressor, Crc32cCodec()])  # fmt: skip
+    arr = zarr.create_array(tmp_path, shape=data.shape, chunks=(SHARD, 3, 20, 20),
+                            serializer=sharding, compressors=None, dtype="uint16",
+                            fill_value=0, zarr_format=3)  # fmt: skip
+    arr = arr.with_config({"write_empty_chunks": True})
+    assert _encoded(arr, data) == _zarr_files(arr, tmp_path, data)
+
+
+def test_write_shard_file_is_one_file_read_back_whole(tmp_path: Path) -> None:
+    data = _pixels(6, 2, 16)
+    ref, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
+    expected = _zarr_files(swrite.create_images(ref, 6, ["a", "b"], 16, "zstd", SHARD), ref, data)
+    arr = swrite.create_images(out, 6, ["a", "b"], 16, "zstd", SHARD)
+    key = out / shard_key(arr, 1)
+    key.parent.mkdir(parents=True)
+    stale = key.parent / f".{key.name}.4242.ab12cd34.tmp"  # a killed writer's temporary file
+    stale.write_bytes(b"torn")
+    swrite.discard_shard(out, arr, 1)
+    assert not stale.exists()
+    written = [swrite.write_shard_file(out, arr, i, data[s : s + SHARD])
+               for i, s in enumerate(range(0, 6, SHARD))]  # fmt: skip
+    assert (
+        written == expected and [(out / shard_key(arr, i)).read_bytes() for i in (0, 1)] == expected
+    )
+    assert np.array_equal(zarr.open_array(out / "images", mode="r")[:], data)
+    crcs = swrite.shard_chunk_crcs(out, arr, 1, 2, written[1])
+    assert len(crcs) == 2
+    with pytest.raises(swrite.StoreDamage, match="not the one just written"):
+        swrite.shard_chunk_crcs(out, arr, 1, 2, written[0])
