@@ -261,7 +261,7 @@ def prepare_sweep(sweep: SweepConfig, base: Config) -> tuple[AnyPath, Config, Tr
     base = trial_config(base, {"ray.num_workers": fit.num_workers}, base.name)
     r = base.ray
     print(
-        f"sweep {sweep.name}: {sweep.num_samples} trials, "
+        f"sweep {sweep.name}: {sweep.num_samples} trial{'s' * (sweep.num_samples != 1)}, "
         f"{min(fit.concurrency, sweep.num_samples)} at a time, "
         f"{r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU each"
     )

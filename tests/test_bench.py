@@ -26,9 +26,13 @@ BENCH = ROOT / "bench"
 ELSEWHERE = {"gpu_check.py": "tests/test_gpu_kit.py"}
 
 
-def run_bench(script: str, *args: str, cwd: Path, timeout: float = 300) -> dict:
-    """Run ``bench/<script>`` as a user does; its stdout is one JSON object."""
+def run_bench(script: str, *args: str, cwd: Path, timeout: float = 300,
+              ray_address: str | None = None) -> dict:  # fmt: skip
+    """Run ``bench/<script>`` as a user does; its stdout is one JSON object. ``ray_address``:
+    its Ray runs join that cluster (as inside ``ray job submit``) instead of starting one."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     # One intra-op thread: the smoke runs check the code paths, not the rates, and two threads
     # on a shared 2-core machine can stall a step for seconds.
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
@@ -167,10 +171,12 @@ def scale_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("scale")
 
 
-def run_scale(work: Path, stages: list[str], timeout: float = 300) -> dict:
+def run_scale(work: Path, stages: list[str], timeout: float = 300,
+              ray_address: str | None = None) -> dict:  # fmt: skip
     # 10,000 sites: the smallest N whose plates hold two plate types (two classes)
     r = run_bench("scale.py", "--images", "10000", "--work", str(work), "--steps", "2",
-                  "--stages", ",".join(stages), cwd=work, timeout=timeout)  # fmt: skip
+                  "--stages", ",".join(stages), cwd=work, timeout=timeout,
+                  ray_address=ray_address)  # fmt: skip
     assert list(r["stages"]) == stages
     failed = {k: v for k, v in r["stages"].items() if "failed" in v}
     assert not failed, failed
@@ -209,9 +215,11 @@ def test_scale_cells(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_scale_training_report_predict(scale_work):
-    """``train`` starts Ray (2 workers, 2 steps); report and predict read its run."""
-    r = run_scale(scale_work, ["train", "report", "predict"], timeout=500)
+def test_scale_training_report_predict(scale_work, ray_cluster):
+    """``train`` on 2 Ray workers (the session's cluster: one per node), 2 steps; report and
+    predict read its run."""
+    r = run_scale(scale_work, ["train", "report", "predict"], timeout=500,
+                  ray_address=ray_cluster.address)  # fmt: skip
     has(r["stages"]["train"], "epoch_s", "train_steps_s", "validation_s", "finish_s",
         "val_images", "test_images")  # fmt: skip
     assert r["stages"]["predict"]["images"] == 10000 and r["per_worker_peak_rss_mb"] > 0

@@ -435,10 +435,13 @@ def test_real_kit_parts_fit_a_call_with_the_repo():
 # --------------------------------------------------------------------------- gpu_check
 
 
-def run_check(tmp_path: Path, *flags: str, timeout: int = 600) -> tuple[dict, str]:
+def run_check(tmp_path: Path, *flags: str, timeout: int = 600,
+              ray_address: str | None = None) -> tuple[dict, str]:  # fmt: skip
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), *flags, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if ray_address:  # its Ray section joins that cluster, as inside `ray job submit`
+        env["RAY_ADDRESS"] = ray_address
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, _failed_sections(proc.stdout) + proc.stderr[-3000:]
     printed = json.loads(proc.stdout)
@@ -478,9 +481,11 @@ def test_gpu_check_quick_plan_leaves_out_dali_and_ray(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_gpu_check_full_runs_end_to_end_on_the_cpu(tmp_path):
-    """Every section (DALI and Ray included) as a process, as on the GPU machine."""
-    r, _ = run_check(tmp_path, "--cpu-smoke", "--budget", "560", timeout=620)
+def test_gpu_check_full_runs_end_to_end_on_the_cpu(tmp_path, ray_cluster):
+    """Every section (DALI and Ray included) as a process, as on the GPU machine (its Ray
+    section on the session's cluster: starting another Ray costs tens of seconds here)."""
+    r, _ = run_check(tmp_path, "--cpu-smoke", "--budget", "560", timeout=620,
+                     ray_address=ray_cluster.address)  # fmt: skip
     assert r["mode"] == "full cpu-smoke"
     assert list(r["sections"]) == ["env", "store", "loaders", "train", "train_compile", "tests",
                                    "ray"]  # fmt: skip
