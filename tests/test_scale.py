@@ -225,3 +225,43 @@ def test_blocks_that_compact_a_column_differently_still_concatenate(tmp_path, mo
     assert isinstance(got["Metadata_x"].dtype, pd.CategoricalDtype)
     assert list(got["Metadata_x"]) == ["a"] * 4 + ["u", "v", "w", "z"]
     assert list(got["n"]) == list(range(8))
+
+
+def _cache_read_whole(path: Path, names: list[str], out: Path) -> bytes:
+    """The cache file as it was built before it was gathered a row group at a time."""
+    import pyarrow.ipc as paipc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=names).combine_chunks()
+    with paipc.new_file(str(out), table.schema) as w:
+        w.write_table(table)
+    return out.read_bytes()
+
+
+def test_the_cache_file_gathered_by_row_group_is_the_table_read_whole(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cellmorph.store.shared import _write_cache
+
+    n = 53
+    rng = np.random.default_rng(0)
+    text = [None if i % 7 == 3 else "" if i % 11 == 5 else f"w{i % 5}" * (i % 4) for i in range(n)]
+    columns = {
+        "large": pa.array(text, pa.large_string()),
+        "small": pa.array(text, pa.string()),
+        "dense": pa.array([f"{x:016x}" for x in rng.integers(0, 2**62, n)], pa.large_string()),
+        "empty": pa.array([""] * n, pa.large_string()),
+        "site": pa.array([None if i % 9 == 0 else i for i in range(n)], pa.int64()),
+        "crc": pa.array(rng.integers(0, 2**32, n), pa.uint32()),
+        "x": pa.array(rng.random(n)),
+        "flag": pa.array([i % 3 == 0 for i in range(n)]),  # read whole: bits, not bytes
+        "cat": pa.array([f"c{i % 3}" for i in range(n)]).dictionary_encode(),
+    }
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table(columns), path, row_group_size=8)
+    names = ["large", "small", "dense", "empty", "site", "crc", "x", "flag", "cat"]
+    with open(path, "rb") as f:
+        made = _write_cache(tmp_path, "k", f, names)
+    assert made.read_bytes() == _cache_read_whole(path, names, tmp_path / "whole.arrow")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no scratch
