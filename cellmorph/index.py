@@ -25,13 +25,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.class_weight import compute_class_weight
 
 from cellmorph.config import DEFAULT_LABEL_COLUMN, DataConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.sampling import contiguous_runs, epoch_indices, epoch_permutation
-from cellmorph.store.layout import CHECKSUM, PLATE, WELL, well_codes
+from cellmorph.store.layout import CHECKSUM, PLATE, WELL, well_codes_from
 
 __all__ = [
     "Index",
@@ -122,7 +123,8 @@ def _encode_raw(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, np.nda
     names = _merge_case(names, counts, column)
     # Merge values that print alike (1 and "1", "a " and "a") and sort by name in one step.
     sorted_names, remap = np.unique(names, return_inverse=True)
-    remap = np.append(remap.astype(np.int64), -1)  # code -1 (missing) maps to -1
+    # code -1 (missing) maps to -1; int32 codes: they only index the names (4 bytes a row less)
+    remap = np.append(remap.astype(np.int32 if len(names) < 2**31 else np.int64), -1)
     codes = remap[codes]
     if len(sorted_names) and sorted_names[0] == "":
         codes = np.where(codes <= 0, -1, codes - 1)  # blank (0) and missing (-1)
@@ -193,14 +195,17 @@ def _factorize_required(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray
     missing = int((codes < 0).sum())
     if missing:
         raise IndexBuildError(f"metadata: {missing} row(s) have no value in column {column!r}")
-    return codes.astype(np.int64), [str(u) for u in uniques]
+    # int32: these codes only index plates and well positions (int64 would be 8 bytes a row).
+    return codes.astype(np.int32 if len(uniques) < 2**31 else np.int64), [str(u) for u in uniques]
 
 
 def _rows(metadata: pd.DataFrame, labels: np.ndarray, n_classes: int) -> _Rows:
     plate_codes, plate_names = _factorize_required(metadata, PLATE)
-    positions, _ = _factorize_required(metadata, WELL)
-    well_ids = well_codes(metadata)[0]  # the one well id evaluation and outputs use too
-    return _Rows(labels, well_ids, plate_codes, plate_names, positions, n_classes)
+    positions, well_names = _factorize_required(metadata, WELL)
+    # The one well id evaluation and outputs use too (layout.well_codes), from these codes.
+    ids = well_codes_from(plate_codes, np.asarray(plate_names, object),
+                   positions, np.asarray(well_names, object))[0]  # fmt: skip
+    return _Rows(labels, ids, plate_codes, plate_names, positions, n_classes)
 
 
 def _wells_with_majority_label(rows: _Rows) -> tuple[np.ndarray, np.ndarray, int]:
@@ -364,6 +369,10 @@ def _oversample(rows: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
     present = np.flatnonzero(counts)
     target = int(counts.max())
     state = np.random.RandomState(seed)
+    # imbalanced-learn copies X and y a few times over; int32 halves that (the draws depend
+    # only on the class sizes, so the order is the same). Back to int64 at the end.
+    if len(labels) <= np.iinfo(np.int32).max:
+        rows, y = rows.astype(np.int32), y.astype(np.int32)
     blocks = [present[i : i + _OVERSAMPLE_BLOCK] for i in range(0, len(present), _OVERSAMPLE_BLOCK)]
     if len(blocks) > 1 and len(blocks[-1]) < 2:  # imbalanced-learn needs 2 classes per call
         blocks[-2:] = [np.concatenate(blocks[-2:])]
@@ -375,7 +384,9 @@ def _oversample(rows: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
         )
         resampled, _ = ros.fit_resample(rows[sel].reshape(-1, 1), y[sel])
         out.append(resampled[:, 0])
-    return np.concatenate(out).astype(np.int64, copy=False)
+        del resampled
+    order = np.empty(sum(map(len, out)), dtype=np.int64)
+    return np.concatenate(out, out=order, casting="safe")
 
 
 def _study_split(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -406,14 +417,84 @@ def _check_folds(train: np.ndarray, val: np.ndarray, rows: _Rows, classes: list[
 
 
 def _content_ids(metadata: pd.DataFrame) -> np.ndarray | None:
-    """Equal ids for rows with identical image checksums; rows without one are unique."""
+    """Equal ids for rows with identical image checksums, numbered by first appearance (as
+    ``pd.factorize``); rows without one are unique, numbered after them by row."""
     if CHECKSUM not in metadata.columns:
         return None
-    codes, uniques = pd.factorize(metadata[CHECKSUM])
-    codes = codes.astype(np.int64)
-    blank = codes < 0
-    codes[blank] = len(uniques) + np.flatnonzero(blank)
-    return codes
+    column = metadata[CHECKSUM]
+    text = _as_text(column)
+    if text is None:  # not text: the values themselves
+        codes, uniques = pd.factorize(column)
+        codes = codes.astype(np.int64)
+        blank = codes < 0
+        codes[blank] = len(uniques) + np.flatnonzero(blank)
+        return codes
+    # A 64-bit key per row instead of factorizing 75 M unique strings (~115 bytes a row):
+    # equal checksums have equal keys, so only rows whose key is shared are compared exactly.
+    null = text.is_null().to_numpy(zero_copy_only=False)
+    keys = np.empty(len(column), dtype=np.uint64)
+    start = 0
+    for chunk in text.chunks:
+        keys[start : start + len(chunk)] = _text_keys(chunk)
+        start += len(chunk)
+    keys[null] = 0
+    sorted_keys = np.sort(keys[~null] if null.any() else keys)
+    shared = np.unique(sorted_keys[1:][sorted_keys[1:] == sorted_keys[:-1]])
+    del sorted_keys
+    suspect = np.zeros(len(keys), dtype=bool)
+    for b in range(0, len(keys), _BLOCK):  # membership a block at a time: no 8-byte index
+        part = keys[b : b + _BLOCK]
+        at = np.minimum(np.searchsorted(shared, part), max(len(shared) - 1, 0))
+        suspect[b : b + _BLOCK] = shared[at] == part if len(shared) else False
+    del keys
+    suspect &= ~null
+    first = ~null  # the first row of each checksum
+    rows = np.flatnonzero(suspect)
+    if len(rows):
+        codes, _ = pd.factorize(column.iloc[rows])  # rows ascending: first appearance
+        _, at = np.unique(codes, return_index=True)
+        same_as = rows[at[codes]]
+        first[rows] = same_as == rows
+    ids = np.cumsum(first) - 1  # a first row's id: the first rows before it
+    if len(rows):
+        ids[rows] = ids[same_as]
+    ids[null] = np.count_nonzero(first) + np.flatnonzero(null)
+    return ids
+
+
+_BLOCK = 1 << 16
+_KEY_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it is a bijection of uint64
+
+
+def _as_text(column: pd.Series) -> pa.ChunkedArray | None:
+    """The column as Arrow large strings (the mapped store's own chunks, not a copy), or None
+    when it is not all text."""
+    try:
+        arr = pa.array(column, from_pandas=True)
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    arr = arr if isinstance(arr, pa.ChunkedArray) else pa.chunked_array([arr])
+    if pa.types.is_dictionary(arr.type):
+        arr = pa.chunked_array([c.dictionary_decode() for c in arr.chunks], arr.type.value_type)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        return None
+    return arr.cast(pa.large_string())
+
+
+def _text_keys(chunk: pa.LargeStringArray) -> np.ndarray:
+    """uint64 per string from its first 16 bytes (zero-padded): equal strings, equal keys; a
+    16-hex-digit checksum fills all 64 bits. Nulls get some key (the caller masks them)."""
+    offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset :][: len(chunk) + 1]
+    data = np.frombuffer(chunk.buffers()[2] or b"\0", np.uint8)
+    out = np.empty(len(chunk), dtype=np.uint64)
+    span = np.arange(16)
+    for b in range(0, len(chunk), _BLOCK):
+        at = offsets[b : b + _BLOCK + 1]
+        index = at[:-1, None] + span
+        bytes_ = np.where(index < at[1:, None], data[np.minimum(index, len(data) - 1)], 0)
+        words = np.ascontiguousarray(bytes_, dtype=np.uint8).view("<u8")
+        out[b : b + _BLOCK] = words[:, 0] ^ (words[:, 1] * _KEY_MIX)
+    return out
 
 
 def _layout_confound(rows: _Rows) -> tuple[int, str | None]:
@@ -470,6 +551,7 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -
         cfg = cfg.model_copy(update={"label_column": DEFAULT_LABEL_COLUMN})
     codes, names = _encode_raw(metadata, cfg.label_column)
     labels, classes, counts = _select_classes(codes, names, cfg)
+    del codes  # a row's label is in ``labels`` now; not kept beside it
     rows = _rows(metadata, labels, len(classes))
     warns: list[str] = []
     if cfg.oversample_before_split:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from cellmorph.config import DataConfig, load_config
@@ -415,3 +416,67 @@ def test_test_fold_settings_that_contradict_are_refused():
     with pytest.raises(CellmorphError, match="share plates"):
         load_config(None, ["data.split=plate", "data.val_plates=[P1]", "data.test_plates=[P1]",
                            "data.test_fraction=0"])  # fmt: skip
+
+
+def _content_ids_by_factorize(metadata: pd.DataFrame) -> np.ndarray:
+    """The ids as they were first computed: a factorize of every checksum string."""
+    codes, uniques = pd.factorize(metadata["checksum"])
+    codes = codes.astype(np.int64)
+    blank = codes < 0
+    codes[blank] = len(uniques) + np.flatnonzero(blank)
+    return codes
+
+
+def _checksum_columns() -> dict[str, pd.Series]:
+    rng = np.random.default_rng(3)
+    hexes = [f"{x:016x}" for x in rng.integers(0, 2**63, 400)]
+    dups = [hexes[i] for i in rng.integers(0, 60, 400)]  # duplicate images: equal checksums
+    # Strings equal in their first 16 bytes: every key collides, only exact comparison tells.
+    prefix = [f"{'p' * 16}{i % 37}" for i in range(400)]
+    mixed = [None if i % 13 == 0 else np.nan if i % 17 == 0 else "" if i % 19 == 0 else d
+             for i, d in enumerate(dups)]  # fmt: skip
+    short = [["a", "ab", "a\x00", "", "é", "ab"][i % 6] for i in range(400)]
+    sliced = pa.array(mixed, pa.large_string(), from_pandas=True).slice(7, 300)  # offset chunks
+    return {
+        "unique_hex": pd.Series(hexes),
+        "duplicates": pd.Series(dups),
+        "same_prefix": pd.Series(prefix),
+        "missing_and_blank": pd.Series(mixed, dtype=object),
+        "missing_str": pd.Series(mixed, dtype="str"),
+        "short_and_zero_bytes": pd.Series(short),
+        "categorical": pd.Series(mixed, dtype="category"),
+        "object": pd.Series(dups, dtype=object),
+        "numbers": pd.Series(rng.integers(0, 50, 400)),  # not text: factorized as values
+        "all_missing": pd.Series([None] * 5, dtype=object),
+        "empty": pd.Series([], dtype="str"),
+        "sliced_chunks": pa.chunked_array([sliced, pa.array(short, pa.large_string())]).to_pandas(),
+        "chunked": pd.concat([pd.Series(dups[:150]), pd.Series(mixed[150:], dtype="str")]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_checksum_columns()))
+def test_content_ids_are_those_of_a_factorize_of_the_checksums(name):
+    from cellmorph.index import _content_ids
+
+    md = pd.DataFrame({"checksum": _checksum_columns()[name]})
+    ids = _content_ids(md)
+    expected = _content_ids_by_factorize(md)
+    assert ids.dtype == expected.dtype == np.int64
+    np.testing.assert_array_equal(ids, expected)
+
+
+def test_well_ids_are_those_of_the_store_layout(md):
+    from cellmorph.store.layout import well_codes, well_codes_from
+
+    m = md.sample(frac=1.0, random_state=1).reset_index(drop=True)  # row order is not id order
+    codes, names = well_codes(m)
+    assert codes.dtype == np.int64
+    expected = pd.factorize(m["Metadata_Plate"] + "/" + m["Metadata_Well"], sort=True)
+    np.testing.assert_array_equal(codes, expected[0])
+    assert list(names) == list(expected[1])
+    # A well name per row: more (plate, well) pairs than the 2**20 counted; sorted instead.
+    plates = np.array([f"P{i:04d}" for i in range(1100)], object)
+    wells = np.array([f"W{i:03d}" for i in range(1000)], object)
+    sparse = well_codes_from(np.array([1099, 0, 5, 0]), plates, np.array([0, 999, 3, 999]), wells)
+    np.testing.assert_array_equal(sparse[0], [2, 0, 1, 0])
+    assert list(sparse[1]) == ["P0000/W999", "P0005/W003", "P1099/W000"]

@@ -148,13 +148,33 @@ def well_codes(metadata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         codes, uniques = pd.factorize(metadata[column], sort=True)
         if (codes < 0).any():
             raise StoreError(f"metadata: {int((codes < 0).sum())} row(s) have no {column}")
-        parts.append((codes.astype(np.int64), np.asarray([str(u) for u in uniques], object)))
+        parts.append((codes, np.asarray([str(u) for u in uniques], object)))
     (plate, plates), (well, wells) = parts
-    key = plate * len(wells) + well
-    codes, used = pd.factorize(key, sort=True)
+    return well_codes_from(plate, plates, well, wells)
+
+
+def well_codes_from(
+    plate: np.ndarray, plates: np.ndarray, well: np.ndarray, wells: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`well_codes` from each row's sorted plate and well codes (``pd.factorize(...,
+    sort=True)``) and their names: the ids are the used (plate, well) pairs in sorted order."""
+    n = len(plates) * len(wells)
+    key = plate.astype(np.int64) * len(wells)
+    key += well
+    # The used pairs by a count over all pairs: pd.factorize would size a hash table by the
+    # rows (~2 GB at 75 M), np.unique would sort them. Pairs beyond the rows (a well name per
+    # row, never seen in a store) fall back to the sort.
+    if n <= max(len(key), 1 << 20):
+        used = np.flatnonzero(np.bincount(key, minlength=n))
+        ids = np.full(n, -1, dtype=np.int64)
+        ids[used] = np.arange(len(used))
+        codes = ids[key]
+    else:
+        used, codes = np.unique(key, return_inverse=True)
+        codes = codes.astype(np.int64, copy=False)
     names = np.char.add(np.char.add(plates[used // len(wells)].astype(str), "/"),
                         wells[used % len(wells)].astype(str))  # fmt: skip
-    return codes.astype(np.int64), names.astype(object)
+    return codes, names.astype(object)
 
 
 def parse_negcon(spec: str | None) -> tuple[str, str] | None:
