@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -49,6 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _OVERSAMPLE_BLOCK = 16
+_ROW_BLOCK = 1 << 20  # rows gathered at a time where a whole fold's copy is not needed
 IMAGE_SPLIT_WARNING = (
     "split=image: sites of one well are near-duplicates and land on both sides, so validation "
     "accuracy is inflated; use it only to compare with the original study"
@@ -208,11 +209,30 @@ def _rows(metadata: pd.DataFrame, labels: np.ndarray, n_classes: int) -> _Rows:
     return _Rows(labels, ids, plate_codes, plate_names, positions, n_classes)
 
 
+def _pairs(a: np.ndarray, n_b: int, b: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """``a * n_b + b`` over the used rows (int64), in place: one temporary, not three."""
+    key = a[used].astype(np.int64, copy=False)
+    key *= n_b
+    key += b[used]
+    return key
+
+
+def _counts(key: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(key, return_counts=True)`` for keys in ``[0, size)``: counted, not sorted,
+    when ``size`` is at most the keys (sorting 75 M keys takes two more copies of them)."""
+    if size > len(key):
+        return np.unique(key, return_counts=True)
+    counts = np.bincount(key, minlength=size)
+    pairs = np.flatnonzero(counts)
+    return pairs, counts[pairs]
+
+
 def _wells_with_majority_label(rows: _Rows) -> tuple[np.ndarray, np.ndarray, int]:
     """One unit per well that has used rows: (well id, majority label, wells with >1 label)."""
     used = rows.labels >= 0
     k = rows.n_classes
-    pairs, counts = np.unique(rows.well_ids[used] * k + rows.labels[used], return_counts=True)
+    n_wells = int(rows.well_ids.max()) + 1 if len(rows.well_ids) else 0
+    pairs, counts = _counts(_pairs(rows.well_ids, k, rows.labels, used), n_wells * k)
     wells, labels = pairs // k, pairs % k
     order = np.lexsort((-counts, wells))  # stable: count ties go to the smaller class id
     wells, labels = wells[order], labels[order]
@@ -501,7 +521,7 @@ def _layout_confound(rows: _Rows) -> tuple[int, str | None]:
     """Classes that occupy one well position on every plate (position == perturbation)."""
     used = rows.labels >= 0
     n_pos = int(rows.well_codes.max()) + 1
-    pairs = np.unique(rows.labels[used] * n_pos + rows.well_codes[used])
+    pairs = _counts(_pairs(rows.labels, n_pos, rows.well_codes, used), rows.n_classes * n_pos)[0]
     positions = np.bincount(pairs // n_pos, minlength=rows.n_classes)
     fixed = int((positions == 1).sum())
     plates = len(np.unique(rows.plate_codes[used]))
@@ -535,7 +555,10 @@ def _balance(
 
 
 def _per_class(rows_: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, int]:
-    counts = np.bincount(labels[rows_], minlength=len(classes))
+    # A block at a time: the oversampled order is ~3 rows a cell (labels[order]: 1.6 GB at 75 M).
+    counts = np.zeros(len(classes), dtype=np.int64)
+    for block in _blocks(rows_, labels):
+        counts += np.bincount(block, minlength=len(classes))
     return {c: int(n) for c, n in zip(classes, counts)}
 
 
@@ -622,8 +645,9 @@ def _spread(rows: _Rows, classes: list[str]) -> dict[str, list[str]]:
         ("classes_single_well", rows.well_ids),
         ("classes_single_plate", rows.plate_codes),
     ):
-        pairs = np.unique(rows.labels[used] * (int(unit.max()) + 1) + unit[used])
-        n = np.bincount(pairs // (int(unit.max()) + 1), minlength=len(classes))
+        size = int(unit.max()) + 1
+        pairs = _counts(_pairs(rows.labels, size, unit, used), len(classes) * size)[0]
+        n = np.bincount(pairs // size, minlength=len(classes))
         out[name] = [classes[i] for i in np.flatnonzero(n == 1)]
     return out
 
@@ -676,12 +700,27 @@ def _summary(index: Index, rows: _Rows, cfg: DataConfig, extra: dict[str, Any]) 
 # ---------------------------------------------------------------------------- leakage audit
 
 
+def _blocks(rows: np.ndarray, ids: np.ndarray | None) -> Iterator[np.ndarray]:
+    """``ids[rows]`` (or ``rows``) a block at a time: never a gathered copy of a whole fold."""
+    for b in range(0, len(rows), _ROW_BLOCK):
+        yield rows[b : b + _ROW_BLOCK] if ids is None else ids[rows[b : b + _ROW_BLOCK]]
+
+
+def _flags(ids: np.ndarray | None, folds: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """A flag per id in ``[0, size)``: held by a row of ``folds``."""
+    flags = np.zeros(size, dtype=bool)
+    for fold in folds:
+        for block in _blocks(fold, ids):
+            flags[block] = True
+    return flags
+
+
 def count_val_copies_in_train(index: Index) -> int:
     """Validation entries whose store row, or identical image checksum, is also in training."""
     ids = index.content_ids
-    train_ids = index.train if ids is None else ids[index.train]
-    val_ids = index.val if ids is None else ids[index.val]
-    return int(np.isin(val_ids, train_ids).sum())
+    size = len(index.labels) if ids is None else int(ids.max(initial=-1)) + 1
+    in_train = _flags(ids, [index.train], size)
+    return sum(int(np.count_nonzero(in_train[block])) for block in _blocks(index.val, ids))
 
 
 def shared_wells(index: Index, fold: str = "val") -> int:
@@ -689,9 +728,11 @@ def shared_wells(index: Index, fold: str = "val") -> int:
     and val for the test fold): near-duplicate sites across the split."""
     if index.well_ids is None:
         raise CellmorphError("shared_wells: this index carries no well ids")
-    before = index.train if fold == "val" else np.concatenate([index.train, index.val])
+    before = [index.train] if fold == "val" else [index.train, index.val]
     rows = index.val if fold == "val" else index.test
-    return int(np.intersect1d(index.well_ids[before], index.well_ids[rows]).size)
+    size = int(index.well_ids.max(initial=-1)) + 1
+    both = _flags(index.well_ids, before, size) & _flags(index.well_ids, [rows], size)
+    return int(np.count_nonzero(both))
 
 
 # --------------------------------------------------------------------------- label encoding
