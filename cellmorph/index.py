@@ -125,7 +125,7 @@ def _encode_raw(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, np.nda
     # Merge values that print alike (1 and "1", "a " and "a") and sort by name in one step.
     sorted_names, remap = np.unique(names, return_inverse=True)
     # code -1 (missing) maps to -1; int32 codes: they only index the names (4 bytes a row less)
-    remap = np.append(remap.astype(np.int32 if len(names) < 2**31 else np.int64), -1)
+    remap = np.append(remap, -1).astype(np.int32 if len(names) < 2**31 else np.int64)
     codes = remap[codes]
     if len(sorted_names) and sorted_names[0] == "":
         codes = np.where(codes <= 0, -1, codes - 1)  # blank (0) and missing (-1)
