@@ -502,8 +502,8 @@ def _as_text(column: pd.Series) -> pa.ChunkedArray | None:
 
 
 def _text_keys(chunk: pa.LargeStringArray) -> np.ndarray:
-    """uint64 per string from its first 16 bytes (zero-padded): equal strings, equal keys; a
-    16-hex-digit checksum fills all 64 bits. Nulls get some key (the caller masks them)."""
+    """uint64 per string from its first 16 bytes (zero-padded), folded: equal strings, equal
+    keys; all 16 characters of a checksum count. Nulls get some key (the caller masks them)."""
     offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset :][: len(chunk) + 1]
     data = np.frombuffer(chunk.buffers()[2] or b"\0", np.uint8)
     out = np.empty(len(chunk), dtype=np.uint64)
