@@ -481,10 +481,11 @@ def test_gpu_check_quick_plan_leaves_out_dali_and_ray(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.timeout(900)
 def test_gpu_check_full_runs_end_to_end_on_the_cpu(tmp_path, ray_cluster):
     """Every section (DALI and Ray included) as a process, as on the GPU machine (its Ray
     section on the session's cluster: starting another Ray costs tens of seconds here)."""
-    r, _ = run_check(tmp_path, "--cpu-smoke", "--budget", "560", timeout=620,
+    r, _ = run_check(tmp_path, "--cpu-smoke", "--budget", "840", timeout=880,
                      ray_address=ray_cluster.address)  # fmt: skip
     assert r["mode"] == "full cpu-smoke"
     assert list(r["sections"]) == ["env", "store", "loaders", "train", "train_compile", "tests",
