@@ -456,7 +456,7 @@ def _checksum_columns() -> dict[str, pd.Series]:
 
 @pytest.mark.parametrize("name", list(_checksum_columns()))
 def test_content_ids_are_those_of_a_factorize_of_the_checksums(name):
-    from cellmorph.index import _content_ids
+    from cellmorph.content_ids import content_ids as _content_ids
 
     md = pd.DataFrame({"checksum": _checksum_columns()[name]})
     ids = _content_ids(md)
