@@ -10,6 +10,14 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# One torch/OpenMP thread per process: the suite runs 2 pytest workers plus Ray's processes on
+# 2 cores, and OpenMP's spinning threads on an oversubscribed CPU made a small training step
+# 15-80x slower (measured: 0.06 s with one thread, 0.8-4.6 s with two). Subprocesses and the
+# session's Ray nodes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray Train gives a worker group 60 s to start; the two Ray groups below share 2 cores with the
+# other tests, and a start-up slowed past that would fail a test for the machine's load.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
 def _has_gpu() -> bool:
@@ -22,21 +30,28 @@ def _has_gpu() -> bool:
 
 
 # pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): tests that share one expensive
-# session or module fixture run on one worker, so that it is built once per run. Every test
-# that starts Ray (the session's cluster, or a head or local instance of its own in a child
-# process) runs on that same worker, one at a time: two Ray instances starting side by side on
-# 2 cores race for ports and time out (seen in CI: a README head's dashboard gone mid-test while
-# the GPU check's Ray section timed out).
+# session or module fixture run on one worker, so that it is built once per run. Two groups
+# hold the tests that start Ray, each on one worker, one test at a time:
+# - "ray": the tests on the session's cluster (`ray_cluster`, and the scale bench's work
+#   folder its training stage reuses);
+# - "ray-own": the tests that start a Ray instance of their own in child processes (the
+#   README's head and jobs, the bucket flow's jobs).
+# A Ray test mostly waits (actor start-ups one after another, Ray Train's polls: 4 min of CPU
+# in 12 min when all ran in turn), so the two groups run side by side (suite 14 min, was 15
+# with one group). They used to be one group after CI saw a README head's dashboard gone while
+# another Ray instance timed out; that was with two OpenMP threads per process (above), which
+# made every process on the 2 cores many times slower.
 # (pytest is pinned to 9.1.1: under pytest 9.2 pytest-xdist 3.8's loadgroup silently spreads a
-# group over both workers; pytest_configure below refuses such a pairing.)
-SHARED = {"ray_cluster": "ray", "mlflow_server": "mlflow", "scale_work": "ray"}
+# group over workers; pytest_configure below refuses such a pairing.)
+SHARED = {"ray_cluster": "ray", "mlflow_server": "mlflow", "scale_work": "ray",
+          "scored": "distributed_eval"}  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         group = next((g for f, g in SHARED.items() if f in item.fixturenames), None)
-        group = group or ("ray" if "ray" in item.keywords else None)
+        group = group or ("ray-own" if "ray" in item.keywords else None)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
     # Modules with Ray tests (the longest: tens of seconds each) first, each module's tests in
