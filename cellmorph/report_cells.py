@@ -2,8 +2,8 @@
 class, and what a cell store adds — its scores at the cell, site and well levels, led by
 ``well_balanced_accuracy`` (the headline of a cell store's test fold).
 
-No torch here (the report loads without it); figures are returned to the report, which saves
-and embeds them.
+No torch here (the report loads without it); figures are returned to
+:mod:`cellmorph.report_figures`, which saves them for the report to embed.
 """
 
 from __future__ import annotations

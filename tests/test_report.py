@@ -19,7 +19,8 @@ from cellmorph.cli import main
 from cellmorph.config import Config, resolve_from_store
 from cellmorph.index import build_index
 from cellmorph.metrics import compute_metrics
-from cellmorph.report import Run, build_report, plot_confusion
+from cellmorph.report import Run, build_report
+from cellmorph.report_figures import plot_confusion
 from cellmorph.rundir import RunDir
 from cellmorph.store import describe, open_store, well_ids, write_metadata
 
