@@ -9,173 +9,63 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from cellmorph import atomic
 from cellmorph.augment import OP_NAMES
-from cellmorph.errors import CellmorphError
+
+# re-exported: cellmorph.config is the one config entry point
+from cellmorph.config_commands import (
+    DEFAULT_LABEL_COLUMN,
+    ConvertConfig,
+    NucleiConfig,
+    SynthConfig,
+)
+from cellmorph.config_io import (
+    ConfigError,
+    Section,
+    config_to_dict,
+    merge_trees,
+    parse_overrides,
+    read_tree,
+    validate,
+)
 from cellmorph.metrics import SCORE_MODES, score_mode, topk_name
 from cellmorph.remote import AnyPath, as_path
 
-S = TypeVar("S", bound=BaseModel)
-
-
-class ConfigError(CellmorphError):
-    """A config that cannot be used; the message names the key."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys rejected, values frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class SynthConfig(Section):
-    """Synthetic Cell Painting plate (the embedded default dataset)."""
-
-    out: str = "data/demo/raw"
-    seed: int = 0
-    plates: int = Field(2, ge=1)
-    rows: int = Field(4, ge=1, le=16)
-    cols: int = Field(6, ge=1, le=24)
-    sites: int = Field(4, ge=1)
-    size: int = Field(96, ge=32)
-    cells_per_site: int = Field(14, ge=1)
-    # Real scale (None: the thumbnail scale above, whose cells grow with ``size``).
-    nucleus_diameter: float | None = Field(
-        None, gt=0.0,
-        description="draw at a fixed physical scale: mean nucleus equivalent diameter in px "
-        "(the pilot's is 29.8 at 1080 px); cells_per_site is then ignored",
-    )  # fmt: skip
-    cells_per_field: float = Field(
-        110.0, gt=0.0, description="real scale: expected cells per 1080 x 1080 px of field"
-    )
-    texture_only: bool = Field(
-        False,
-        description="real scale: treatments differ only in texture (1-4 px: chromatin, "
-        "nucleoli, mitochondria, ER, actin), not in size, shape, intensity or density",
-    )
-
-    @model_validator(mode="after")
-    def _texture_needs_real_scale(self) -> SynthConfig:
-        if self.texture_only and self.nucleus_diameter is None:
-            raise ValueError("synth.texture_only needs synth.nucleus_diameter (real scale)")
-        return self
-
-
-DEFAULT_LABEL_COLUMN = "Metadata_pert_iname"
-
-
-class ConvertConfig(Section):
-    """Packing TIFFs into the store (writer side)."""
-
-    load_data: str | None = None
-    images: str | None = None
-    metadata: str | None = None
-    id_pattern: str | None = None
-    id_column: str | None = None
-    join: str | None = None
-    join_on: list[str] = []
-    illum_dir: str | None = None
-    channels: list[str] = ["DNA", "ER", "RNA", "AGP", "Mito"]
-    size: int = Field(160, ge=8)
-    codec: Literal["zstd", "lz4"] = "zstd"
-    shard_size: int = Field(1024, ge=1)
-    workers: int = Field(2, ge=1)
-    label_column: str = DEFAULT_LABEL_COLUMN
-    allow_unlabeled: bool = Field(False, description="keep sites without a label (prediction)")
-    file_channels: list[str] = Field(
-        [], description="channel names in file order for multi-channel TIFFs; [] = channels"
-    )
-    path_replace: list[str] = Field([], description="OLD=NEW prefixes applied to LoadData paths")
-    stats_images: int = Field(256, ge=1, description="images sampled for channel percentiles")
-    negcon: str = Field(
-        "Metadata_control_type=negcon",
-        pattern=r"^$|^[^=]+=",
-        description="COLUMN=VALUE naming the negative-control wells (per-plate statistics for "
-        "loader.normalize=negcon); empty: none",
-    )
-    barcode_platemap: str | None = Field(
-        None, description="JUMP barcode_platemap.csv: plate barcode -> plate map (labels by join)"
-    )
-    platemap_dir: str | None = Field(
-        None, description="folder of <Plate_Map_Name>.txt; None = platemap/ next to the CSV"
-    )
-    external_metadata: list[str] = Field(
-        [], description="tables keyed by broad_sample (compound, CRISPR, ORF metadata)"
-    )
-    max_pixels: int = Field(
-        4096 * 4096,
-        ge=1,
-        description="largest plane (height x width) decoded; a larger TIFF is quarantined from "
-        "its header (fields are 1080-2160 px; a 20000x20000 plane decodes to GBs)",
-    )
-    crop_size: int | None = Field(
-        None, ge=0, le=2048,
-        description="a cell store: one crop_size x crop_size crop per nucleus (after binning), "
-        "zero-padded past the field's edge; None or 0: a field store (size)",
-    )  # fmt: skip
-    locations: str | None = Field(
-        None, description="nucleus centres: a DeepProfiler folder (<plate>/<well>-<site>-"
-        "Nuclei.csv) or one CellProfiler object table; None: found by the nuclei finder",
-    )  # fmt: skip
-    bin: int = Field(
-        1, ge=1, le=16,
-        description="average bin x bin blocks of the field before cropping (centres / bin)",
-    )  # fmt: skip
-
-    @model_validator(mode="after")
-    def _cell_options_need_crop(self) -> ConvertConfig:
-        if not self.crop_size:
-            for key, given in (("locations", self.locations is not None), ("bin", self.bin != 1)):
-                if given:
-                    raise ValueError(f"convert.{key} needs convert.crop_size (--crop-size)")
-        elif self.crop_size < 8:
-            raise ValueError(f"convert.crop_size {self.crop_size} is below 8 px (0: fields)")
-        return self
-
-
-class NucleiConfig(Section):
-    """Finding nuclei on the DNA channel (``cellmorph nuclei``); defaults fit the JUMP pilot."""
-
-    channel: str = Field("DNA", min_length=1, description="the channel that stains nuclei")
-    diameter: float = Field(
-        29.8, gt=0.0, description="expected nucleus equivalent diameter in px (the pilot's median)"
-    )
-    smoothing: float = Field(
-        0.067, ge=0.0, description="Gaussian sigma before thresholding, as a fraction of diameter"
-    )
-    threshold: Literal["otsu", "li"] = Field(
-        "otsu",
-        description="global threshold of the log-intensities: otsu, or li (minimum cross "
-        "entropy, CellProfiler's default)",
-    )
-    min_contrast: float = Field(
-        2.0, ge=1.0,
-        description="the threshold is at least this x the 1st percentile (the background), so "
-        "a field without nuclei yields none rather than the brightest noise",
-    )  # fmt: skip
-    split_distance: float = Field(
-        0.3, gt=0.0, le=2.0,
-        description="touching nuclei are split at distance-transform peaks at least this "
-        "fraction of diameter apart",
-    )  # fmt: skip
-    min_area: float = Field(0.25, ge=0.0, description="smallest nucleus, fraction of expected area")
-    max_area: float = Field(4.0, gt=0.0, description="largest nucleus, fraction of expected area")
-    exclude_border: bool = Field(
-        True, description="drop nuclei touching the image border (as CellProfiler does)"
-    )
-    workers: int = Field(2, ge=1, description="parallel processes (sites)")
-
-    @model_validator(mode="after")
-    def _area_bounds_ordered(self) -> NucleiConfig:
-        if self.min_area >= self.max_area:
-            raise ValueError(f"nuclei.min_area ({self.min_area}) must be below nuclei.max_area "
-                             f"({self.max_area})")  # fmt: skip
-        return self
+__all__ = [
+    "DEFAULT_LABEL_COLUMN",
+    "AugmentOp",
+    "Config",
+    "ConfigError",
+    "ConvertConfig",
+    "DataConfig",
+    "EvalConfig",
+    "LoaderConfig",
+    "ModelConfig",
+    "NucleiConfig",
+    "OptimConfig",
+    "RayConfig",
+    "Section",
+    "SynthConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "default_image_size",
+    "dump_config",
+    "load_config",
+    "max_view_fraction",
+    "merge_trees",
+    "parse_overrides",
+    "read_tree",
+    "resolve_from_store",
+    "validate",
+    "view_size",
+]
 
 
 class DataConfig(Section):
@@ -421,85 +311,6 @@ class Config(Section):
         return as_path(self.run_root) / self.name
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``["train.epochs=3", "loader.augment=[hflip]"]`` into a nested dict.
-
-    Values are parsed as YAML scalars/flow collections, so ``3`` is an int and ``[a,b]`` a list.
-    """
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r} ({e})") from None
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: {part} is set to a value and a section")
-        node[parts[-1]] = value
-    return tree
-
-
-def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``update`` laid over it, section by section."""
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_trees(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        msg = msg.removeprefix("Value error, ")  # our validators' messages name their keys
-        lines.append(f"{key}: {msg}" if key else msg)
-    return "; ".join(lines)
-
-
-def validate(model: type[S], raw: dict[str, Any], where: str = "invalid config") -> S:
-    """Validate ``raw`` into ``model``, or raise ConfigError naming every bad key."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {_describe(e)}") from None
-
-
-def read_tree(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The YAML mapping at ``path`` (empty when None) with dotlist ``overrides`` applied."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:  # a binary file (an image, a checkpoint) given by mistake
-            raise ConfigError(
-                f"config file {p} is not text (byte {e.start} is not UTF-8): give a YAML file"
-            ) from None
-        except yaml.YAMLError as e:  # its message spans lines: keep the error to one
-            raise ConfigError(
-                f"config file {p}: not valid YAML ({' '.join(str(e).split())})"
-            ) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        raw = loaded
-    return merge_trees(raw, parse_overrides(overrides or []))
-
-
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Validate a plain dict into a Config, or raise ConfigError naming the bad keys."""
     return validate(Config, raw)
@@ -546,10 +357,6 @@ def resolve_from_store(cfg: Config) -> Config:
         size = default_image_size(int(attrs["size"]), cfg.loader.view_fraction)
         update["loader"] = cfg.loader.model_copy(update={"image_size": size})
     return cfg.model_copy(update=update)
-
-
-def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
