@@ -31,7 +31,7 @@ from cellmorph.evaluation import (
     resolve_device,
     score,
 )
-from cellmorph.index import encode_labels
+from cellmorph.labels import encode_labels
 from cellmorph.loaders import build_loader
 from cellmorph.loaders.normalize import Normalization, for_inference, from_store
 from cellmorph.outputs import EMBEDDINGS, PREDICTIONS, PROFILES, SITES, WELLS, OutputSet

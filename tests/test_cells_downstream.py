@@ -177,7 +177,7 @@ def _scored(store_path: Path, tmp: Path, batch: int = 7):
     from cellmorph.cells import site_codes
     from cellmorph.distributed import Context
     from cellmorph.evaluation import Fold, score
-    from cellmorph.index import encode_labels
+    from cellmorph.labels import encode_labels
     from cellmorph.outputs import OutputSet
     from cellmorph.store.layout import well_codes
 

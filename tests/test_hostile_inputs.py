@@ -175,10 +175,10 @@ def test_a_label_with_a_control_character_is_quarantined(tmp_path: Path) -> None
 def test_the_index_merges_case_variants_of_stores_converted_before(caplog) -> None:
     """A store converted before the rule still cannot split a class by case; a control
     character makes a label missing there."""
-    from cellmorph.index import _encode_raw, encode_labels
+    from cellmorph.labels import _encode_raw, encode_labels
 
     md = pd.DataFrame({"y": ["DMSO", "dmso ", "DMSO", "Taxol", "taxol", "a\x00", None, " "]})
-    with caplog.at_level("WARNING", logger="cellmorph.index"):
+    with caplog.at_level("WARNING", logger="cellmorph.labels"):
         codes, names = _encode_raw(md, "y")
     assert list(names) == ["DMSO", "Taxol"]
     assert codes.tolist() == [0, 0, 0, 1, 1, -1, -1, -1]

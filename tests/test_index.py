@@ -15,9 +15,9 @@ from cellmorph.index import (
     Index,
     build_index,
     count_val_copies_in_train,
-    encode_labels,
     shared_wells,
 )
+from cellmorph.labels import encode_labels
 from cellmorph.rundir import LabelEncoding, load_label_encoding, save_label_encoding
 
 LABEL = "Metadata_pert_iname"
@@ -358,7 +358,7 @@ def test_huge_oversampling_is_warned_about():
 
 @pytest.mark.parametrize("k", [2, 17, 40])
 def test_oversampling_in_class_blocks_reaches_the_largest_class(k):
-    from cellmorph.index import _oversample
+    from cellmorph.splits import _oversample
 
     rng = np.random.default_rng(k)
     labels = rng.integers(0, k, 3000) ** 2 % k  # uneven class sizes

@@ -19,7 +19,7 @@ from helpers import make_checkpoint, make_loaddata
 from cellmorph.cli import main as cellmorph_main
 from cellmorph.config import ConvertConfig
 from cellmorph.errors import CellmorphError
-from cellmorph.index import encode_labels
+from cellmorph.labels import encode_labels
 from cellmorph.loaders.reader import ShardReader
 from cellmorph.shardfile import StoreDamage
 from cellmorph.store import (
