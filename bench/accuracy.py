@@ -40,7 +40,8 @@ from cellmorph.report_cells import composite
 from cellmorph.rundir import RunDir
 from cellmorph.store import open_store, well_ids
 from cellmorph.synth import generate_plate
-from cellmorph.train import build_optimizer, lr_factor, plan_schedule, run_local
+from cellmorph.train import run_local
+from cellmorph.train_setup import build_optimizer, lr_factor, plan_schedule
 from conversion.pack import convert
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]

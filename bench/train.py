@@ -53,7 +53,8 @@ from cellmorph.model import build_model
 from cellmorph.progress import StepProgress
 from cellmorph.store import Store, open_store
 from cellmorph.synth import generate_plate
-from cellmorph.train import Training, build_optimizer, lr_factor, train_one_epoch
+from cellmorph.train import train_one_epoch
+from cellmorph.train_setup import Training, build_optimizer, lr_factor
 from conversion.pack import convert
 
 RATIO_GOAL = 0.9

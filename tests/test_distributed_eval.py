@@ -22,7 +22,8 @@ from cellmorph.config import Config
 from cellmorph.distributed import Context
 from cellmorph.model import build_model
 from cellmorph.rundir import RunDir
-from cellmorph.train import build_data, score_folds
+from cellmorph.train import score_folds
+from cellmorph.train_setup import build_data
 
 
 def _config(store: Path, run_root: Path) -> Config:

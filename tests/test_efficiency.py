@@ -71,7 +71,8 @@ def test_training_step_reads_the_loss_only_at_the_log_interval(small_cfg, monkey
     from cellmorph.distributed import local_context
     from cellmorph.progress import StepProgress
     from cellmorph.rundir import RunDir
-    from cellmorph.train import build_data, build_training, plan_schedule, train_one_epoch
+    from cellmorph.train import train_one_epoch
+    from cellmorph.train_setup import build_data, build_training, plan_schedule
 
     cfg = small_cfg("sync", "train.log_every=1000", "loader.batch_size=4")
     ctx = local_context()
@@ -99,7 +100,7 @@ def test_training_step_reads_the_loss_only_at_the_log_interval(small_cfg, monkey
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_evaluation_loader_is_built_once_and_reused(small_cfg, world_size):
     from cellmorph.distributed import Context
-    from cellmorph.train import build_data
+    from cellmorph.train_setup import build_data
 
     cfg = small_cfg("evalonce")
     data = build_data(cfg, Context(rank=0, world_size=world_size))

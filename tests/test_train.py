@@ -14,7 +14,8 @@ from cellmorph.config import load_config, resolve_from_store
 from cellmorph.distributed import Context
 from cellmorph.errors import CellmorphError
 from cellmorph.rundir import RunDir
-from cellmorph.train import check_storage_shared, lr_factor, resolve_amp, run_local
+from cellmorph.train import check_storage_shared, resolve_amp, run_local
+from cellmorph.train_setup import lr_factor
 
 
 def _cfg(small_cfg, name: str, *extra: str):
@@ -133,7 +134,7 @@ def test_keeps_best_k_checkpoints(small_cfg):
 
 
 def test_schedule_is_sized_in_optimizer_steps():
-    from cellmorph.train import plan_schedule
+    from cellmorph.train_setup import plan_schedule
 
     small = load_config(None, ["train.epochs=12", "train.min_steps=400", "loader.batch_size=32"])
     s = plan_schedule(small, batches_per_epoch=4, world_size=2)
