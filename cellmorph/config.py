@@ -18,7 +18,7 @@ from cellmorph import atomic
 from cellmorph.augment import OP_NAMES
 from cellmorph.errors import CellmorphError
 from cellmorph.metrics import SCORE_MODES, score_mode, topk_name
-from cellmorph.remote import AnyPath, as_path
+from cellmorph.urlpath import AnyPath, as_path
 
 S = TypeVar("S", bound=BaseModel)
 
