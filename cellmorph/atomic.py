@@ -4,7 +4,7 @@ A reader (or a rerun after a crash or a full disk) sees the old file or the new 
 of one; a write that fails removes its temporary file. Every writer in cellmorph goes through
 here, so there is one naming scheme for temporary files: ``.<name>.<pid>.<random>.tmp``.
 
-A target may also be an object-store URL (:class:`cellmorph.remote.URLPath`): there one put
+A target may also be an object-store URL (:class:`cellmorph.urlpath.URLPath`): there one put
 replaces the object whole, which is the store's own atomic write; writers that need a file
 (``torch.save``, ``to_parquet``) write a local temporary file that is then put.
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cellmorph.remote import AnyPath, URLPath, as_path
+from cellmorph.urlpath import AnyPath, URLPath, as_path
 
 TMP_SUFFIX = ".tmp"
 

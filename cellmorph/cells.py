@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from cellmorph import atomic
 from cellmorph.outputs import OUTPUT_ROWS, OutputSet, class_columns, prob_columns
-from cellmorph.remote import local_copy
 from cellmorph.store.layout import PLATE, SITE, WELL
+from cellmorph.urlpath import local_copy
 
 CELL = "cell"  # Store.unit of a cell store
 SITE_KEYS = [PLATE, WELL, SITE]

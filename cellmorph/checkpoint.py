@@ -21,8 +21,8 @@ import torch
 from cellmorph import atomic
 from cellmorph.config import Config, validate
 from cellmorph.errors import CellmorphError
-from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.rundir import RunDir
+from cellmorph.urlpath import AnyPath, URLPath, as_path
 
 # What torch.load(weights_only=True) raises for a foreign, truncated or corrupt file (an
 # empty file, a pickle of other objects, a damaged zip, random bytes): found by loading each.

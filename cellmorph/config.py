@@ -34,7 +34,7 @@ from cellmorph.config_io import (
     validate,
 )
 from cellmorph.metrics import SCORE_MODES, score_mode, topk_name
-from cellmorph.remote import AnyPath, as_path
+from cellmorph.urlpath import AnyPath, as_path
 
 __all__ = [
     "DEFAULT_LABEL_COLUMN",

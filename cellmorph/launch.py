@@ -29,9 +29,9 @@ from cellmorph.config import (
     resolve_from_store,
 )
 from cellmorph.errors import CellmorphError, fault_message, one_line
-from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.rundir import RunDir
 from cellmorph.store.files import check_outside_store
+from cellmorph.urlpath import AnyPath, URLPath, as_path
 
 
 def resolve_paths(cfg: Config) -> Config:

@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 
 from cellmorph import atomic, remote
 from cellmorph.errors import CellmorphError
-from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.store.layout import SITE, STORE_ROW
+from cellmorph.urlpath import AnyPath, URLPath, as_path, local_copy
 
 if TYPE_CHECKING:
     from cellmorph.store.read import MetadataRows
@@ -199,7 +199,7 @@ def merge(out: OutputSet, ranks: int, classes: list[str], metadata: MetadataRows
     if missing:
         raise CellmorphError(f"outputs: rank part(s) {', '.join(missing)} missing")
     with contextlib.ExitStack() as stack:  # an object store's parts: local copies
-        local = [[stack.enter_context(remote.local_copy(p)) for p in pair] for pair in parts]
+        local = [[stack.enter_context(local_copy(p)) for p in pair] for pair in parts]
         n = _merge_images(out, [p[0] for p in local], classes, metadata)
         w = _merge_wells(out, [p[1] for p in local], split_wells, classes, metadata)
     if isinstance(out.parts, URLPath):

@@ -36,10 +36,10 @@ from cellmorph.loaders import build_loader
 from cellmorph.loaders.normalize import Normalization, for_inference, from_store
 from cellmorph.outputs import EMBEDDINGS, PREDICTIONS, PROFILES, SITES, WELLS, OutputSet
 from cellmorph.profiles import profile
-from cellmorph.remote import AnyPath, URLPath, as_path
 from cellmorph.rundir import lead
 from cellmorph.store.layout import well_codes
 from cellmorph.store.read import Store, open_store
+from cellmorph.urlpath import AnyPath, URLPath, as_path
 
 PROFILING_JSON = "profiling.json"
 WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)

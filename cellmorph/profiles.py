@@ -36,9 +36,9 @@ from cellmorph import atomic
 from cellmorph.errors import CellmorphError
 from cellmorph.outputs import OUTPUT_ROWS, OutputSet, embedding_columns
 from cellmorph.profiling import NEGCON_FLAG, activity_report, negcon_mask
-from cellmorph.remote import AnyPath, local_copy
 from cellmorph.sampling import PROFILE_SAMPLE, sample_wells
 from cellmorph.store.layout import PLATE, SITE, WELL
+from cellmorph.urlpath import AnyPath, local_copy
 
 BLOCK_ROWS = 16_384  # rows aggregated at a time (pycytominer holds them as float64)
 SELECT = ["variance_threshold", "correlation_threshold", "drop_na_columns"]

@@ -30,7 +30,7 @@ Rank 0 writes; every write is atomic (:mod:`cellmorph.atomic`). Readers (report,
 audit, sweep, demo) go through the same class, so a renamed file changes in one place.
 
 The folder is a local path or an object-store URL (``run_root: s3://bucket/runs``): paths are
-``pathlib.Path`` or :class:`cellmorph.remote.URLPath`, which answer the same calls.
+``pathlib.Path`` or :class:`cellmorph.urlpath.URLPath`, which answer the same calls.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import yaml
 
 from cellmorph import atomic
 from cellmorph.errors import CellmorphError
-from cellmorph.remote import AnyPath, URLPath, as_path
+from cellmorph.urlpath import AnyPath, URLPath, as_path
 
 if TYPE_CHECKING:
     import numpy as np

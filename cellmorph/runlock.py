@@ -42,7 +42,7 @@ from typing import Any
 
 from cellmorph import remote
 from cellmorph.errors import CellmorphError
-from cellmorph.remote import AnyPath, URLPath, as_path
+from cellmorph.urlpath import AnyPath, URLPath, as_path
 
 LOCK_NAME = ".lock"
 # Object-store lease: valid this long after its last renewal, renewed this often (module

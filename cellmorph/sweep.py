@@ -30,9 +30,9 @@ from cellmorph.config import (
     validate,
 )
 from cellmorph.errors import CellmorphError
-from cellmorph.remote import AnyPath, as_path
 from cellmorph.rundir import RunDir
 from cellmorph.sweep_fit import ClusterSize, TrialFit, fit_trials
+from cellmorph.urlpath import AnyPath, as_path
 
 
 class Dimension(Section):

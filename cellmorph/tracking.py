@@ -20,8 +20,8 @@ from typing import Any
 
 from cellmorph.config import Config, TrackingConfig, config_to_dict
 from cellmorph.errors import CellmorphError
-from cellmorph.remote import local_copy
 from cellmorph.rundir import RunDir
+from cellmorph.urlpath import local_copy
 
 MAX_PARAM = 500  # MLflow's limit on a param value's length
 

@@ -23,9 +23,9 @@ from helpers import KILLED_AT_SHARD_2, make_loaddata, read_events
 from cellmorph import remote
 from cellmorph.config import ConvertConfig
 from cellmorph.loaders import ShardReader
-from cellmorph.remote import URLPath
 from cellmorph.shardfile import StoreDamage
 from cellmorph.store import open_store, verify_store
+from cellmorph.urlpath import URLPath
 from conversion.pack import convert
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cellmorph import remote, runlock
+from cellmorph import remote, runlock, urlpath
 from cellmorph.errors import CellmorphError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +192,7 @@ def test_s3_two_takers_of_a_stale_lease_one_wins(bucket: str) -> None:
 def test_s3_conditional_update_refuses_a_stale_version(bucket: str) -> None:
     """The takeover step itself: a taker that read the stale lease after another took it over
     cannot overwrite the new holder's lease."""
-    folder = remote.URLPath(f"{bucket}/runs/Z")
+    folder = urlpath.URLPath(f"{bucket}/runs/Z")
     _kill(_holder(str(folder), lease=1, renew=0.5))
     time.sleep(2.5)
     first, second = runlock.Lease(folder), runlock.Lease(folder)

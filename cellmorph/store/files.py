@@ -29,9 +29,10 @@ from typing import IO, Any
 
 from cellmorph import atomic, remote
 from cellmorph.errors import CellmorphError
-from cellmorph.remote import AnyPath, URLPath, as_path, is_url
+from cellmorph.remote import is_url
 from cellmorph.shardfile import StoreDamage
 from cellmorph.store.layout import GENERATION, StoreError
+from cellmorph.urlpath import AnyPath, URLPath, as_path
 
 Ranges = list[tuple[int, int]]
 

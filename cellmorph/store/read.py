@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import zarr
 
 from cellmorph import remote
-from cellmorph.remote import AnyPath
 from cellmorph.store.files import Folder, RemoteFolder, open_folder, zarr_store
 from cellmorph.store.layout import (
     ARRAY_META,
@@ -40,6 +39,7 @@ from cellmorph.store.layout import (
     read_quarantine,
 )
 from cellmorph.store.shared import shared_columns
+from cellmorph.urlpath import AnyPath
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,12 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cellmorph import remote
-from cellmorph.remote import AnyPath, is_url
+from cellmorph.remote import is_url
 from cellmorph.shardfile import StoreDamage, chunk_crcs, encode_shard, layout_of, shard_key
 from cellmorph.store import layout as L
 from cellmorph.store.files import read_file, write_bytes, write_file, zarr_store
 from cellmorph.store.layout import StoreError
+from cellmorph.urlpath import AnyPath
 
 # Rows per parquet row group of metadata.parquet (a module setting so tests can shrink it).
 METADATA_ROW_GROUP = L.METADATA_ROW_GROUP
