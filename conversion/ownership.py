@@ -113,15 +113,36 @@ def _flock(fd: int, op: int) -> bool:
     return True
 
 
+def _busy(fd: int, out: str) -> CellmorphError:
+    return CellmorphError(
+        f"--out {out} is being written by another convert ({_holder(fd)}); wait for it to "
+        "finish, or choose another --out"
+    )
+
+
+def refuse_if_busy(out: str) -> None:
+    """Stop with the "being written by another convert" line if another process holds the
+    store's writer lock: a store that convert is still creating is a folder that is not yet a
+    store, which must not be mistaken for someone else's folder."""
+    if not is_local(out):
+        return
+    try:
+        fd = os.open(sidecar(out) / LOCK, os.O_RDWR)
+    except OSError:
+        return  # no lock file: nobody has written here
+    try:
+        _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours for a moment: nobody else holds it
+    except BlockingIOError:
+        raise _busy(fd, out) from None
+    finally:
+        os.close(fd)
+
+
 def _lock_or_explain(fd: int, out: str) -> None:
     try:
         locked = _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        who = _holder(fd)
-        raise CellmorphError(
-            f"--out {out} is being written by another convert ({who}); wait for it to finish, "
-            "or choose another --out"
-        ) from None
+        raise _busy(fd, out) from None
     if not locked:
         print(
             f"warning: --out {out}: this filesystem has no file locks; make sure no other "

@@ -447,6 +447,7 @@ def check_out(out: str, kind: str) -> None:
     if kind == "file":
         raise CellmorphError(f"--out {out} is a file; give the path of a store folder")
     if kind == "other":
+        ownership.refuse_if_busy(out)  # another convert may be creating it right now
         raise CellmorphError(
             f"--out {out} exists and is not a cellmorph store; cellmorph never deletes it "
             "(--overwrite replaces only stores): choose another --out"

@@ -61,6 +61,21 @@ def test_second_convert_is_refused_while_one_writes(csv: Path, tmp_path: Path) -
     assert p.returncode == 0, p.stderr
 
 
+def test_a_store_another_convert_is_creating_is_not_someone_elses_folder(
+    csv: Path, tmp_path: Path
+) -> None:
+    """The race window CI hit once: the winner holds the lock and has made the folder, not yet
+    a store; the loser must say that a convert writes it, not that it is a foreign folder."""
+    out = tmp_path / "s.zarr"
+    with ownership.hold(str(out)):  # this process is the convert that is creating it
+        (out / "images").mkdir(parents=True)
+        with pytest.raises(CellmorphError, match="is being written by another convert"):
+            convert(_cfg(csv), out)
+    with pytest.raises(CellmorphError, match="exists and is not a cellmorph store"):
+        convert(_cfg(csv), out)  # nobody holds it now: it is a foreign folder, kept
+    assert (out / "images").is_dir()
+
+
 def test_racing_converts_of_different_inputs_leave_one_sound_store(
     csv: Path, tmp_path: Path
 ) -> None:
