@@ -102,7 +102,7 @@ def study_recipe(store_path: Path, cfg: Config, budget_s: float, image_size: int
     x = torch.nn.functional.interpolate(rgb_rendering(images, store.channels), size=image_size,
                                         mode="bilinear", antialias=True)  # fmt: skip
     x = (x - IMAGENET_MEAN) / IMAGENET_STD
-    y = torch.as_tensor(index.labels)
+    y = torch.as_tensor(index.labels).long()
     torch.manual_seed(cfg.seed)
     model = mobilenet_v2(weights=None, num_classes=len(index.classes))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)

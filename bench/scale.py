@@ -49,7 +49,13 @@ are quarantined), N in all, as a LoadData CSV and CellProfiler's Nuclei table (`
   none. Its store is the one the next stages open;
 - ``open_store``: the readers' columns (keys, checksums, label; every column is left out: no
   cellmorph command opens them, and five file paths per cell do not fit at 75 M);
-- ``index``: ``build_index`` on the cell store.
+- ``index``: ``build_index`` on the cell store (what ``cellmorph train``'s driver does before
+  it starts the workers);
+- ``plan``: a training rank's planning: ``build_index``, then its loader's rows and the first
+  epoch's batches (``cellmorph.loaders.plan.BatchSource`` over the oversampled order with the
+  store's reader, rank 0 of 8), no pixel read.
+
+Stages that do not train run without torch (a training rank adds torch's ~300 MB).
 
 The JSON adds the store's bytes per cell: metadata.parquet and the manifest measured; pixels
 from docs/sizing.md (65.0 KB a 96 px cell with zstd, measured on a real site), not here.
@@ -93,7 +99,9 @@ NEGCON = "Metadata_JCP2022=JCP2022_033924"  # DMSO
 GALLERY = "s3://cellpainting-gallery/"
 LOAD_DATA = "load_data.csv"  # the sites as conversion reads them (convert_plan's input)
 STAGES = ["convert_plan", "open_store", "index", "train", "report", "predict"]
-CELL_STAGES = ["convert_cells", "open_store", "index"]
+CELL_STAGES = ["convert_cells", "open_store", "index", "plan"]
+TORCH_STAGES = {"train", "report", "predict"}
+PLAN_WORLD = 8  # the plan stage plans rank 0 of a node's 8 training ranks
 LOCATIONS = "nuclei.csv"  # the cells as CellProfiler's Nuclei table (convert_cells' --locations)
 # Cells per site: negative binomial of mean NB_N (1 - NB_P) / NB_P = 25, the pilot's 75 M cells
 # over ~3 M sites, sd ~12, P(no cell) ~1e-4.
@@ -590,6 +598,29 @@ def stage_predict(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
+def stage_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A training rank's planning: the index, then its loader's rows and epoch 0's batches
+    (``BatchSource`` over ``train_order`` with the store's reader, as ``build_loader`` makes
+    it, for rank 0 of :data:`PLAN_WORLD`); no pixel is read."""
+    from cellmorph.index import build_index
+    from cellmorph.loaders.plan import BatchSource
+    from cellmorph.loaders.reader import ShardReader
+
+    cfg = _config(work, args)
+    store = cstore.open_store(cfg.data.store, columns=[cfg.data.label_column])
+    t0 = time.perf_counter()
+    index = build_index(store.metadata, cfg.data, warn=False)
+    t1 = time.perf_counter()
+    index_anon = anon_mb()
+    source = BatchSource(ShardReader(store), index.train_order, cfg.loader, train=True,
+                         seed=cfg.seed, rank=0, world_size=PLAN_WORLD)  # fmt: skip
+    batches = source.batches(0)
+    return {"build_index_s": round(t1 - t0, 2), "plan_s": round(time.perf_counter() - t1, 2),
+            "anon_after_index_mb": index_anon, "world_size": PLAN_WORLD,
+            "epoch_entries": index.epoch_size, "rank_batches": len(batches),
+            "batch_size": cfg.loader.batch_size}  # fmt: skip
+
+
 def run_stage(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run one stage in a fresh process (its own peak RSS); returns its JSON."""
     size = ["--cells", str(args.cells)] if args.cells else ["--images", str(args.images)]
@@ -604,9 +635,10 @@ def run_stage(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]
 
 
 def child(name: str, work: Path, args: argparse.Namespace) -> None:
-    import torch
+    if name in TORCH_STAGES:  # the others are measured without torch (~300 MB private)
+        import torch
 
-    torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     anon = AnonPeak(lambda: {"self": os.getpid()})
     t0 = time.perf_counter()
     out = globals()[f"stage_{name}"](work, args)

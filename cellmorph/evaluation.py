@@ -118,8 +118,8 @@ class Fold:
     """What scoring needs to know about the store rows, per store row."""
 
     classes: list[str]
-    labels: np.ndarray  # int64 class id; -1: not known (unlabelled store, dropped class)
-    wells: np.ndarray  # int64 well id (cellmorph.store.layout.well_codes)
+    labels: np.ndarray  # signed class id; -1: not known (unlabelled store, dropped class)
+    wells: np.ndarray  # int32 well id (cellmorph.store.layout.well_codes)
     sites: np.ndarray | None = None  # cell stores: int32 site id (cellmorph.cells.site_codes)
 
 
@@ -158,7 +158,8 @@ class _Pass:
             self.site_label = wells_majority(known, fold.labels, fold.sites, k)
 
     def add(self, rows: np.ndarray, probs: np.ndarray, emb: np.ndarray, feats: np.ndarray) -> None:
-        labels, ids = self.fold.labels[rows], self.fold.wells[rows]
+        # int64 in the outputs whatever the index holds (int8 labels at up to 127 classes)
+        labels, ids = self.fold.labels[rows].astype(np.int64), self.fold.wells[rows]
         if self.labelled:
             known = labels >= 0
             self.image.add(labels[known], probs[known])

@@ -10,8 +10,8 @@ table is indexed in seconds.
   each (with their majority label) before scikit-learn sees them, which is what makes it fast.
 - ``split=plate`` holds out whole plates; ``split=image`` is the original study's image-level
   split, kept for comparison and flagged ``leaky``.
-- Oversampling (imbalanced-learn ``RandomOverSampler`` over row ids) touches the training fold
-  only, unless ``oversample_before_split`` asks for the study's flawed protocol on purpose.
+- Oversampling (imbalanced-learn's ``RandomOverSampler`` draws, counted per row) touches the
+  training fold only, unless ``oversample_before_split`` asks for the study's flawed protocol.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from cellmorph.content_ids import content_ids
 from cellmorph.errors import CellmorphError
 from cellmorph.labels import IndexBuildError, _encode_raw, _select_classes
 from cellmorph.sampling import contiguous_runs, epoch_indices, epoch_permutation
-from cellmorph.splits import _counts, _folds, _oversample, _pairs, _Rows, _rows, _study_split
+from cellmorph.splits import _folds, _pair_counts, _repeats, _Rows, _rows, _study_split
 
 __all__ = [
     "Index",
@@ -64,18 +64,37 @@ class Index:
     ``oversample_before_split`` (the study protocol), where train and val are the two halves of
     an oversampled list and repeat. ``val`` picks epochs and sweep trials; ``test`` is scored
     once, at the end, by the chosen model.
+
+    Row arrays are int32 (int64 past 2**31 rows) and labels the narrowest signed integer
+    (int8 up to 127 classes): at the pilot's 75 M cells every byte a row is 75 MB per process.
     """
 
     classes: list[str]  # class id -> name, sorted by name
-    labels: np.ndarray  # int64 per store row; -1 = not used (no label or dropped class)
+    labels: np.ndarray  # per store row; -1 = not used (no label or dropped class)
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-    train_order: np.ndarray  # training rows after balancing; what each epoch permutes
+    # Copies of each ``train`` row in an epoch after balancing (None: once each).
+    train_repeats: np.ndarray | None
     class_weights: np.ndarray | None
     summary: dict[str, Any]
-    well_ids: np.ndarray | None = None  # int64 per store row: one id per (plate, well)
-    content_ids: np.ndarray | None = None  # int64 per store row: equal ids = identical checksum
+    well_ids: np.ndarray | None = None  # per store row: one id per (plate, well)
+    content_ids: np.ndarray | None = None  # per store row: equal ids = identical checksum
+
+    @property
+    def train_order(self) -> np.ndarray:
+        """Training rows after balancing, each ``train_repeats`` times: what each epoch
+        permutes. Built on each call (4 bytes an entry); :attr:`epoch_size` is its length."""
+        if self.train_repeats is None:
+            return self.train
+        return np.repeat(self.train, self.train_repeats)
+
+    @property
+    def epoch_size(self) -> int:
+        """Entries of :attr:`train_order`, without building it."""
+        if self.train_repeats is None:
+            return len(self.train)
+        return int(self.train_repeats.sum(dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------ build_index
@@ -102,7 +121,7 @@ def _layout_confound(rows: _Rows) -> tuple[int, str | None]:
     """Classes that occupy one well position on every plate (position == perturbation)."""
     used = rows.labels >= 0
     n_pos = int(rows.well_codes.max()) + 1
-    pairs = _counts(_pairs(rows.labels, n_pos, rows.well_codes, used), rows.n_classes * n_pos)[0]
+    pairs = _pair_counts(rows.labels, n_pos, rows.well_codes, used)[0]
     positions = np.bincount(pairs // n_pos, minlength=rows.n_classes)
     fixed = int((positions == 1).sum())
     plates = len(np.unique(rows.plate_codes[used]))
@@ -117,29 +136,32 @@ def _layout_confound(rows: _Rows) -> tuple[int, str | None]:
 
 def _balance(
     train: np.ndarray, labels: np.ndarray, n_classes: int, cfg: DataConfig
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Training order (oversampled or not) and class weights for the loss.
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Copies per training row (None: no oversampling) and class weights for the loss.
 
     Weights are computed on the training fold before oversampling; with ``both`` this
     corrects the imbalance twice, as the original study did.
     """
+    repeats = None
     if cfg.balance in ("oversample", "both") and not cfg.oversample_before_split:
-        order = _oversample(train, labels, cfg.seed)
-    else:
-        order = train
+        repeats = _repeats(train, labels, cfg.seed)
     weights = None
     if cfg.balance in ("class_weight", "both"):
         weights = compute_class_weight(
             "balanced", classes=np.arange(n_classes), y=labels[train]
         ).astype(np.float32)
-    return order, weights
+    return repeats, weights
 
 
-def _per_class(rows_: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, int]:
-    # A block at a time: the oversampled order is ~3 rows a cell (labels[order]: 1.6 GB at 75 M).
+def _per_class(
+    rows_: np.ndarray, labels: np.ndarray, classes: list[str], repeats: np.ndarray | None = None
+) -> dict[str, int]:
+    """Rows of ``rows_`` per class (each counted ``repeats`` times), a block at a time."""
     counts = np.zeros(len(classes), dtype=np.int64)
-    for block in _blocks(rows_, labels):
-        counts += np.bincount(block, minlength=len(classes))
+    for b in range(0, len(rows_), _ROW_BLOCK):
+        weights = None if repeats is None else repeats[b : b + _ROW_BLOCK]
+        block = labels[rows_[b : b + _ROW_BLOCK]]
+        counts += np.bincount(block, weights, minlength=len(classes)).astype(np.int64)
     return {c: int(n) for c, n in zip(classes, counts)}
 
 
@@ -153,6 +175,9 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -
         # Metadata without a store (tests, benchmarks): every caller holding a store has set
         # the store's recorded column already (config.resolve_from_store).
         cfg = cfg.model_copy(update={"label_column": DEFAULT_LABEL_COLUMN})
+    # Content ids first: their 8-byte keys are the largest temporary, best made while nothing
+    # else is held.
+    ids = content_ids(metadata)
     codes, names = _encode_raw(metadata, cfg.label_column)
     labels, classes, counts = _select_classes(codes, names, cfg)
     del codes  # a row's label is in ``labels`` now; not kept beside it
@@ -160,14 +185,14 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -
     warns: list[str] = []
     if cfg.oversample_before_split:
         train, val = _study_split(rows, cfg)
-        test, extra = np.zeros(0, np.int64), {}
+        test, extra = train[:0], {}
         warns.append(STUDY_WARNING)
     else:
         train, val, test, extra = _folds(rows, cfg)
     if cfg.split == "image":
         warns.append(IMAGE_SPLIT_WARNING)
     _check_folds(train, val, rows, classes)
-    train_order, weights = _balance(train, labels, len(classes), cfg)
+    repeats, weights = _balance(train, labels, len(classes), cfg)
 
     index = Index(
         classes=classes,
@@ -175,11 +200,11 @@ def build_index(metadata: pd.DataFrame, cfg: DataConfig, *, warn: bool = True) -
         train=train,
         val=val,
         test=test,
-        train_order=train_order,
+        train_repeats=repeats,
         class_weights=weights,
         summary={},
         well_ids=rows.well_ids,
-        content_ids=content_ids(metadata),
+        content_ids=ids,
     )
     fixed, confound = _layout_confound(rows)
     if confound:
@@ -208,11 +233,11 @@ def _fold_warnings(index: Index, cfg: DataConfig, unvalidated: dict[str, list[st
             f"data.val_fraction={cfg.val_fraction} gave {actual:.2f} of the images in validation "
             f"(stratified folds of {unit}, or whole plates)"
         )
-    growth = len(index.train_order) / max(1, len(index.train))
+    growth = index.epoch_size / max(1, len(index.train))
     if growth > 10:
         warns.append(
             f"oversampling makes each epoch {growth:.0f}x the training fold "
-            f"({len(index.train_order)} images); consider data.balance=class_weight or data.top_k"
+            f"({index.epoch_size} images); consider data.balance=class_weight or data.top_k"
         )
     return warns
 
@@ -227,7 +252,7 @@ def _spread(rows: _Rows, classes: list[str]) -> dict[str, list[str]]:
         ("classes_single_plate", rows.plate_codes),
     ):
         size = int(unit.max()) + 1
-        pairs = _counts(_pairs(rows.labels, size, unit, used), len(classes) * size)[0]
+        pairs = _pair_counts(rows.labels, size, unit, used)[0]
         n = np.bincount(pairs // size, minlength=len(classes))
         out[name] = [classes[i] for i in np.flatnonzero(n == 1)]
     return out
@@ -262,10 +287,10 @@ def _summary(index: Index, rows: _Rows, cfg: DataConfig, extra: dict[str, Any]) 
         "train_images": len(index.train),
         "val_images": len(index.val),
         "test_images": len(index.test),
-        "train_order_images": len(index.train_order),
+        "train_order_images": index.epoch_size,
         **extra,
         **{f"{f}_counts": counts[f] for f in ("train", "val", "test")},
-        "train_counts_balanced": _per_class(index.train_order, labels, classes),
+        "train_counts_balanced": _per_class(index.train, labels, classes, index.train_repeats),
         "classes_without_val": missing["val"],
         "classes_without_test": missing.get("test", []),
         **_spread(rows, classes),
@@ -318,8 +343,8 @@ def shared_wells(index: Index, fold: str = "val") -> int:
 
 def check_batch_size(batch_size: int, index: Index) -> None:
     """A batch larger than the training fold would make every epoch mostly padding."""
-    if batch_size > len(index.train_order):
+    if batch_size > index.epoch_size:
         raise CellmorphError(
             f"loader.batch_size={batch_size} is larger than the training fold "
-            f"({len(index.train_order)} images)"
+            f"({index.epoch_size} images)"
         )

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cellmorph.codes import factorize, narrowest_signed
 from cellmorph.config import DataConfig
 from cellmorph.errors import CellmorphError
 
@@ -34,7 +35,7 @@ def _encode_raw(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, np.nda
             f"data.label_column: column {column!r} not in the metadata "
             f"(Metadata_ columns: {', '.join(map(str, cols)) or 'none'})"
         )
-    codes, uniques = pd.factorize(metadata[column], sort=False)
+    codes, uniques = factorize(metadata[column], sort=False)
     names = np.asarray([str(u).strip() for u in uniques], dtype=object)
     counts = np.bincount(codes[codes >= 0], minlength=len(names))
     damaged = np.array([bool(_CONTROL.search(n)) for n in names], dtype=bool)
@@ -47,12 +48,12 @@ def _encode_raw(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, np.nda
     names = _merge_case(names, counts, column)
     # Merge values that print alike (1 and "1", "a " and "a") and sort by name in one step.
     sorted_names, remap = np.unique(names, return_inverse=True)
-    # code -1 (missing) maps to -1; int32 codes: they only index the names (4 bytes a row less)
-    remap = np.append(remap, -1).astype(np.int32 if len(names) < 2**31 else np.int64)
-    codes = remap[codes]
-    if len(sorted_names) and sorted_names[0] == "":
-        codes = np.where(codes <= 0, -1, codes - 1)  # blank (0) and missing (-1)
+    blank = len(sorted_names) > 0 and sorted_names[0] == ""
+    if blank:  # blank (0) and missing (-1) are both -1; the others move down by one
+        remap = np.where(remap == 0, -1, remap - 1)
         sorted_names = sorted_names[1:]
+    # code -1 (missing) maps to -1; the narrowest codes: they only index the names
+    codes = np.append(remap, -1).astype(narrowest_signed(len(sorted_names)))[codes]
     return codes, sorted_names
 
 
@@ -100,7 +101,8 @@ def _select_classes(
             f"top_k={cfg.top_k}, min_count={cfg.min_count} (of {int((counts > 0).sum())}); "
             "a classifier needs at least 2"
         )
-    mapping = np.full(len(names) + 1, -1, dtype=np.int64)  # last slot catches code -1
+    # The narrowest labels (int8 up to 127 classes): one per store row, 75 M at the pilot.
+    mapping = np.full(len(names) + 1, -1, dtype=narrowest_signed(len(keep)))  # last: code -1
     mapping[keep] = np.arange(len(keep))
     info = {
         "counts_before_topk": {str(names[i]): int(counts[i]) for i in by_freq if counts[i]},

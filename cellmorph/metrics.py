@@ -193,7 +193,7 @@ def well_labels(rows: np.ndarray, labels: np.ndarray, wells: np.ndarray,
                 n_classes: int) -> np.ndarray:  # fmt: skip
     """Per well id: the label of its images among ``rows`` (the most common one, the smaller
     class id on a tie; -1 for wells without rows)."""
-    ids, y = wells[rows], labels[rows]
+    ids, y = wells[rows].astype(np.int64), labels[rows]  # int64: ids * n_classes may pass 2**31
     out = np.full(int(wells.max()) + 1 if len(wells) else 0, -1, np.int64)
     pairs, counts = np.unique(ids * n_classes + y, return_counts=True)
     order = np.lexsort((pairs % n_classes, -counts, pairs // n_classes))

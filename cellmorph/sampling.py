@@ -11,11 +11,17 @@ import numpy as np
 
 
 def epoch_permutation(order: np.ndarray, epoch: int, seed: int) -> np.ndarray:
-    """The global shuffled order of ``order`` for one epoch (identical on every rank)."""
+    """The global shuffled order of ``order`` for one epoch (identical on every rank).
+
+    ``order[rng.permutation(len(order))]``, computed by shuffling a copy of ``order`` with the
+    same generator (the same swaps): one array of ``order``'s type, not two int64 ones.
+    """
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed ({seed}) and epoch ({epoch}) must be >= 0")
     rng = np.random.default_rng([seed, epoch])
-    return order[rng.permutation(len(order))]
+    out = np.array(order)
+    rng.shuffle(out)
+    return out
 
 
 def epoch_indices(
@@ -31,7 +37,7 @@ def epoch_indices(
 
     With ``drop_last`` the tail that does not fill a batch on every rank is dropped; otherwise
     the permutation is padded by wrapping around, so a few samples repeat (at most
-    ``world_size * batch_size - 1``).
+    ``world_size * batch_size - 1``). The part is a copy: the whole permutation is freed.
     """
     if world_size < 1 or batch_size < 1:
         raise ValueError(f"world_size ({world_size}) and batch_size ({batch_size}) must be >= 1")
@@ -42,15 +48,20 @@ def epoch_indices(
         return order[:0]
     perm = epoch_permutation(np.asarray(order), epoch, seed)
     step = world_size * batch_size
-    if drop_last and n >= step:
-        total = (n // step) * step
-        perm = perm[:total]
-    else:
-        total = -(-n // step) * step
-        if total > n:
-            perm = np.concatenate([perm, np.resize(perm, total - n)])
+    total = (n // step) * step if drop_last and n >= step else -(-n // step) * step
     per_rank = total // world_size
-    return perm[rank * per_rank : (rank + 1) * per_rank]
+    return _wrapped(perm, rank * per_rank, (rank + 1) * per_rank)
+
+
+def _wrapped(perm: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Positions ``[start, stop)`` of ``perm`` repeated end to end (``np.resize``'s padding)."""
+    parts = []
+    while start < stop:
+        at = start % len(perm)
+        take = min(len(perm) - at, stop - start)
+        parts.append(perm[at : at + take])
+        start += take
+    return np.concatenate(parts)
 
 
 def contiguous_runs(rows: np.ndarray, shard_size: int | None = None) -> np.ndarray:

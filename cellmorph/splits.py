@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from cellmorph.codes import factorize, where
 from cellmorph.config import DataConfig
 from cellmorph.labels import IndexBuildError
 from cellmorph.store.layout import PLATE, WELL, well_codes_from
 
-_OVERSAMPLE_BLOCK = 16
+_ROW_BLOCK = 1 << 20  # rows at a time where a whole column's temporary is not needed
+_DRAW_BLOCK = 1 << 22  # oversampling draws counted at a time (32 MB of int64)
 
 
 class _Rows(NamedTuple):
@@ -34,12 +36,12 @@ class _Rows(NamedTuple):
 def _factorize_required(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str]]:
     if column not in metadata.columns:
         raise IndexBuildError(f"metadata: required column {column!r} is missing")
-    codes, uniques = pd.factorize(metadata[column], sort=True)
-    missing = int((codes < 0).sum())
+    # The narrowest codes (int16 for plates and well positions): they only index the names.
+    codes, uniques = factorize(metadata[column], sort=True)
+    missing = int(np.count_nonzero(codes < 0))
     if missing:
         raise IndexBuildError(f"metadata: {missing} row(s) have no value in column {column!r}")
-    # int32: these codes only index plates and well positions (int64 would be 8 bytes a row).
-    return codes.astype(np.int32 if len(uniques) < 2**31 else np.int64), [str(u) for u in uniques]
+    return codes, [str(u) for u in uniques]
 
 
 def _rows(metadata: pd.DataFrame, labels: np.ndarray, n_classes: int) -> _Rows:
@@ -51,20 +53,29 @@ def _rows(metadata: pd.DataFrame, labels: np.ndarray, n_classes: int) -> _Rows:
     return _Rows(labels, ids, plate_codes, plate_names, positions, n_classes)
 
 
-def _pairs(a: np.ndarray, n_b: int, b: np.ndarray, used: np.ndarray) -> np.ndarray:
-    """``a * n_b + b`` over the used rows (int64), in place: one temporary, not three."""
-    key = a[used].astype(np.int64, copy=False)
-    key *= n_b
-    key += b[used]
-    return key
+def _pair_counts(
+    a: np.ndarray, n_b: int, b: np.ndarray, used: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs ``a * n_b + b`` over the used rows, and their counts
+    (``np.unique(..., return_counts=True)``).
 
-
-def _counts(key: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(key, return_counts=True)`` for keys in ``[0, size)``: counted, not sorted,
-    when ``size`` is at most the keys (sorting 75 M keys takes two more copies of them)."""
-    if size > len(key):
+    Counted a block of rows at a time when there are at most as many possible pairs as rows
+    (a bincount, int32 keys: no temporary a row); otherwise the keys are sorted, all at once.
+    """
+    size = (int(a.max(initial=0)) + 1) * max(n_b, 1)
+    dtype = np.int32 if size <= np.iinfo(np.int32).max else np.int64
+    if size > len(a):
+        key = a[used].astype(dtype)
+        key *= n_b
+        key += b[used]
         return np.unique(key, return_counts=True)
-    counts = np.bincount(key, minlength=size)
+    counts = np.zeros(size, dtype=np.int64)
+    for s in range(0, len(a), _ROW_BLOCK):
+        part = used[s : s + _ROW_BLOCK]
+        key = a[s : s + _ROW_BLOCK][part].astype(dtype)
+        key *= n_b
+        key += b[s : s + _ROW_BLOCK][part]
+        counts += np.bincount(key, minlength=size)
     pairs = np.flatnonzero(counts)
     return pairs, counts[pairs]
 
@@ -73,8 +84,7 @@ def _wells_with_majority_label(rows: _Rows) -> tuple[np.ndarray, np.ndarray, int
     """One unit per well that has used rows: (well id, majority label, wells with >1 label)."""
     used = rows.labels >= 0
     k = rows.n_classes
-    n_wells = int(rows.well_ids.max()) + 1 if len(rows.well_ids) else 0
-    pairs, counts = _counts(_pairs(rows.well_ids, k, rows.labels, used), n_wells * k)
+    pairs, counts = _pair_counts(rows.well_ids, k, rows.labels, used)
     wells, labels = pairs // k, pairs % k
     order = np.lexsort((-counts, wells))  # stable: count ties go to the smaller class id
     wells, labels = wells[order], labels[order]
@@ -160,7 +170,7 @@ def _split_plate(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, dict[str, An
 
 def _split_image(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, dict[str, Any]]:
     """Val mask over rows: the study's image-level stratified split (leaky by design)."""
-    used = np.flatnonzero(rows.labels >= 0)
+    used = where(rows.labels >= 0)
     val = np.zeros(len(rows.labels), dtype=bool)
     val[used[_stratified_val(rows.labels[used], rows.n_classes, cfg, "images")]] = True
     return val, {}
@@ -176,7 +186,8 @@ def _named_plates(rows: _Rows, plates: list[str], key: str) -> np.ndarray:
             f"{key}: unknown plate(s) {', '.join(unknown)} (column {PLATE!r} has "
             f"{', '.join(rows.plate_names[:20])}{' ...' if len(rows.plate_names) > 20 else ''})"
         )
-    return np.isin(np.asarray(rows.plate_names, dtype=object)[rows.plate_codes], plates)
+    codes = [i for i, name in enumerate(rows.plate_names) if name in set(plates)]
+    return np.isin(rows.plate_codes, codes)
 
 
 def _unlabel(rows: _Rows, mask: np.ndarray) -> _Rows:
@@ -210,49 +221,42 @@ def _folds(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.nda
     sub = cfg.model_copy(update={"val_fraction": min(cfg.val_fraction / share, 0.9)})
     val_mask, val_extra = _SPLITTERS[cfg.split](rest, sub)
     used = rows.labels >= 0
-    train = np.flatnonzero(used & ~val_mask & ~test_mask)
-    val = np.flatnonzero(used & val_mask & ~test_mask)
-    return train, val, np.flatnonzero(used & test_mask), {**val_extra, **extra}
+    used &= ~test_mask
+    test = where(rows.labels >= 0, test_mask)
+    train, val = where(used, ~val_mask), where(used, val_mask)
+    return train, val, test, {**val_extra, **extra}
 
 
-def _oversample(rows: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
-    """RandomOverSampler over row ids (a (n, 1) array), never over images.
+def _repeats(rows: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """How many times each of ``rows`` is in the oversampled order: every class up to the
+    largest, as imbalanced-learn's ``RandomOverSampler`` draws it, counted instead of listed.
 
-    Every class is drawn up to the size of the largest. imbalanced-learn grows its bookkeeping
-    array once per class (quadratic in the number of classes), so classes are resampled in
-    blocks of ``_OVERSAMPLE_BLOCK`` against the global target; one RandomState threads through
-    the blocks, so the result is fixed by ``seed``.
+    The per-class targets are imbalanced-learn's (``check_sampling_strategy``, "not majority");
+    the draws are RandomOverSampler's own: one ``RandomState(seed)``, a ``choice`` of each
+    class's rows in class order, which is ``randint(0, class size)``, drawn here a block at a
+    time (the same stream). RandomOverSampler lists every drawn row as int64 and copies the list
+    as it grows (~40 bytes a drawn row; 200 M drawn rows at the pilot's 75 M cells); the counts
+    are one byte a training row. tests/test_index.py checks them against RandomOverSampler.
     """
     # Imported here: imbalanced-learn costs ~3 s to import, paid by every CLI start otherwise.
-    from imblearn.over_sampling import RandomOverSampler
+    from imblearn.utils import check_sampling_strategy
 
     y = labels[rows]
-    counts = np.bincount(y)
-    present = np.flatnonzero(counts)
-    target = int(counts.max())
     state = np.random.RandomState(seed)
-    # imbalanced-learn copies X and y a few times over; int32 halves that (the draws depend
-    # only on the class sizes, so the order is the same). Back to int64 at the end.
-    if len(labels) <= np.iinfo(np.int32).max:
-        rows, y = rows.astype(np.int32), y.astype(np.int32)
-    blocks = [present[i : i + _OVERSAMPLE_BLOCK] for i in range(0, len(present), _OVERSAMPLE_BLOCK)]
-    if len(blocks) > 1 and len(blocks[-1]) < 2:  # imbalanced-learn needs 2 classes per call
-        blocks[-2:] = [np.concatenate(blocks[-2:])]
-    out = []
-    for block in blocks:
-        sel = np.isin(y, block)
-        ros = RandomOverSampler(
-            sampling_strategy={int(c): target for c in block}, random_state=state
-        )
-        resampled, _ = ros.fit_resample(rows[sel].reshape(-1, 1), y[sel])
-        out.append(resampled[:, 0])
-        del resampled
-    order = np.empty(sum(map(len, out)), dtype=np.int64)
-    return np.concatenate(out, out=order, casting="safe")
+    counts = np.ones(len(rows), dtype=np.uint32)
+    for cls, n_draws in check_sampling_strategy("not majority", y, "over-sampling").items():
+        members = where(y == cls)
+        drawn = np.zeros(len(members), dtype=np.int64)
+        for b in range(0, n_draws, _DRAW_BLOCK):
+            size = min(_DRAW_BLOCK, n_draws - b)
+            drawn += np.bincount(state.randint(0, len(members), size=size), minlength=len(members))
+        counts[members] += drawn.astype(np.uint32)
+    return counts.astype(np.min_scalar_type(int(counts.max(initial=1))))
 
 
 def _study_split(rows: _Rows, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """The original protocol: oversample every used row, then split the oversampled list."""
-    resampled = _oversample(np.flatnonzero(rows.labels >= 0), rows.labels, cfg.seed)
+    used = where(rows.labels >= 0)
+    resampled = np.repeat(used, _repeats(used, rows.labels, cfg.seed))
     val_pos = _stratified_val(rows.labels[resampled], rows.n_classes, cfg, "images")
     return np.sort(resampled[~val_pos]), np.sort(resampled[val_pos])

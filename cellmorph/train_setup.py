@@ -114,7 +114,7 @@ def build_data(cfg: Config, ctx: Context, *, training: bool = True) -> Data:
     if training:
         check_batch_size(cfg.loader.batch_size, index)
     norm = from_store(store, cfg.loader)
-    train_rows = index.train_order if training else index.train_order[:0]
+    train_rows = index.train_order if training else index.train[:0]
     # An evaluation covers each row once (the study protocol's validation list repeats rows).
     loaders = [
         build_loader(store, rows, index.labels, cfg.loader, train=train, device=ctx.device,

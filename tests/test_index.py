@@ -166,7 +166,7 @@ def test_labels_classes_top_k_and_min_count(md):
     counts = md[LABEL].value_counts()
     full = build_index(md, DataConfig(balance="none"))
     assert full.classes == sorted(counts.index)
-    assert full.labels.dtype == np.int64
+    assert full.labels.dtype == np.int8  # the narrowest type holding the class ids
     np.testing.assert_array_equal(
         np.asarray(full.classes, dtype=object)[full.labels], md[LABEL].to_numpy()
     )
@@ -251,9 +251,10 @@ def test_copies_are_found_by_checksum():
     base = dict(classes=["a"], labels=labels, class_weights=None, summary={})
     train, val = np.array([0, 1]), np.array([2, 3])
     base["test"] = np.zeros(0, np.int64)
-    plain = Index(train=train, val=val, train_order=train, **base)
+    plain = Index(train=train, val=val, train_repeats=None, **base)
     assert count_val_copies_in_train(plain) == 0
-    dup = Index(train=train, val=val, train_order=train, content_ids=np.array([7, 8, 7, 9]), **base)
+    dup = Index(train=train, val=val, train_repeats=None, content_ids=np.array([7, 8, 7, 9]),
+                **base)  # fmt: skip
     assert count_val_copies_in_train(dup) == 1
 
 
@@ -357,19 +358,46 @@ def test_huge_oversampling_is_warned_about():
 
 
 @pytest.mark.parametrize("k", [2, 17, 40])
-def test_oversampling_in_class_blocks_reaches_the_largest_class(k):
-    from cellmorph.splits import _oversample
+def test_oversampling_counts_the_draws_of_random_over_sampler(k):
+    from imblearn.over_sampling import RandomOverSampler
+
+    from cellmorph.splits import _repeats
 
     rng = np.random.default_rng(k)
-    labels = rng.integers(0, k, 3000) ** 2 % k  # uneven class sizes
-    rows = np.flatnonzero(rng.random(3000) < 0.7)
-    order = _oversample(rows, labels, seed=3)
-    counts = np.bincount(labels[order], minlength=k)
+    labels = (rng.integers(0, k, 3000) ** 2 % k).astype(np.int8)  # uneven class sizes
+    rows = np.flatnonzero(rng.random(3000) < 0.7).astype(np.int32)
+    repeats = _repeats(rows, labels, seed=3)
+    # RandomOverSampler itself, on the same rows and seed: the same copies of every row.
+    ros = RandomOverSampler(random_state=np.random.RandomState(3))
+    drawn = ros.fit_resample(rows.reshape(-1, 1), labels[rows])[0][:, 0]
+    np.testing.assert_array_equal(np.repeat(rows, repeats), np.sort(drawn))
+    counts = np.bincount(labels[np.repeat(rows, repeats)], minlength=k)
     present = np.bincount(labels[rows], minlength=k) > 0
     assert (counts[present] == np.bincount(labels[rows]).max()).all()
-    assert np.isin(order, rows).all() and np.isin(rows, order).all()
-    np.testing.assert_array_equal(order, _oversample(rows, labels, seed=3))
-    assert not np.array_equal(order, _oversample(rows, labels, seed=4))
+    assert repeats.min() >= 1 and repeats.dtype == np.min_scalar_type(int(repeats.max()))
+    assert not np.array_equal(repeats, _repeats(rows, labels, seed=4))
+
+
+def test_the_draws_are_the_same_a_block_at_a_time(monkeypatch):
+    import cellmorph.splits as splits
+
+    labels = np.r_[np.zeros(5000, np.int8), np.ones(40, np.int8), np.full(7, 2, np.int8)]
+    rows = np.arange(len(labels), dtype=np.int32)
+    whole = splits._repeats(rows, labels, seed=1)
+    monkeypatch.setattr(splits, "_DRAW_BLOCK", 97)  # 5,000 draws in 52 blocks
+    np.testing.assert_array_equal(splits._repeats(rows, labels, seed=1), whole)
+
+
+def test_index_arrays_are_narrow_and_the_order_is_built_from_repeats(md):
+    index = build_index(md, DataConfig())
+    assert index.labels.dtype == np.int8 and index.well_ids.dtype == np.int32
+    assert index.content_ids.dtype == np.int32
+    assert {index.train.dtype, index.val.dtype, index.test.dtype} == {np.dtype(np.int32)}
+    assert index.train_repeats is not None and len(index.train_repeats) == len(index.train)
+    order = index.train_order
+    assert order.dtype == np.int32 and len(order) == index.epoch_size
+    np.testing.assert_array_equal(np.unique(order), index.train)
+    assert index.summary["train_order_images"] == index.epoch_size
 
 
 def test_too_few_wells_for_the_folds_is_a_clear_error():
@@ -461,7 +489,7 @@ def test_content_ids_are_those_of_a_factorize_of_the_checksums(name):
     md = pd.DataFrame({"checksum": _checksum_columns()[name]})
     ids = _content_ids(md)
     expected = _content_ids_by_factorize(md)
-    assert ids.dtype == expected.dtype == np.int64
+    assert ids.dtype == np.int32  # row ids: 4 bytes a row below 2**31 rows
     np.testing.assert_array_equal(ids, expected)
 
 
@@ -470,7 +498,7 @@ def test_well_ids_are_those_of_the_store_layout(md):
 
     m = md.sample(frac=1.0, random_state=1).reset_index(drop=True)  # row order is not id order
     codes, names = well_codes(m)
-    assert codes.dtype == np.int64
+    assert codes.dtype == np.int32
     expected = pd.factorize(m["Metadata_Plate"] + "/" + m["Metadata_Well"], sort=True)
     np.testing.assert_array_equal(codes, expected[0])
     assert list(names) == list(expected[1])

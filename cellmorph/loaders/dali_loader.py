@@ -134,7 +134,7 @@ class DaliLoader:
     ):
         import_dali()
         self.source, self.cfg, self.geom, self.norm = source, cfg, geom, norm
-        self.labels = torch.tensor(np.asarray(labels, dtype=np.int64))
+        self.labels = torch.from_numpy(labels)  # the index's own (int8 up to 127 classes)
         self.device = device
         self.device_id = _device_id(device)
         # GPU inflate only for LZ4 chunks read straight from the shards.
@@ -195,7 +195,7 @@ class DaliLoader:
             d = out[0]
             rows = d["rows"].reshape(-1).cpu()
             x = d["images"].to(self.device, non_blocking=True)
-            yield x, self.labels[rows].to(self.device, non_blocking=True), rows
+            yield x, self.labels[rows].long().to(self.device, non_blocking=True), rows
         self._iter.reset()
         self._next_epoch = epoch + 1 if self.source.train else 0
 

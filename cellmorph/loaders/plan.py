@@ -34,7 +34,9 @@ class BatchSource:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.reader = reader
-        self.rows = np.array(rows, dtype=np.int64)  # own, writable copy (torch.from_numpy)
+        # Kept as given (int32 rows: 4 bytes an entry of an oversampled epoch, ~200 M entries
+        # at the pilot); each batch is int64.
+        self.rows = np.asarray(rows)
         self.cfg = cfg
         self.train = train
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -69,7 +71,7 @@ class BatchSource:
     ) -> tuple[np.ndarray | list[bytes], np.ndarray, BatchParams]:
         """Batch ``i`` of ``epoch``: images (uint16 (N, C, S, S), or compressed chunks when
         ``raw``), store rows, random parameters."""
-        rows = self.batches(epoch)[i]
+        rows = self.batches(epoch)[i].astype(np.int64)  # own, writable (torch.from_numpy)
         rng = batch_rng(self.seed, epoch, self.rank, i)
         params = sample_params(self.cfg, len(rows), self.channels, rng, self.train)
         images = self.reader.read_raw(rows) if raw else self.reader.read(rows)

@@ -72,7 +72,7 @@ class TorchLoader:
         norm: RowNorm,
     ):
         self.source, self.cfg, self.device, self.norm = source, cfg, device, norm
-        self.labels = torch.tensor(np.asarray(labels, dtype=np.int64))
+        self.labels = torch.from_numpy(labels)  # the index's own (int8 up to 127 classes)
         ops = list(cfg.augment) if source.train else []
         self.prep = {"geom": geom, "ops": ops, "log": norm.log}
         self.on_cpu = device.type == "cpu"
@@ -105,7 +105,7 @@ class TorchLoader:
 
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor, BatchParams]) -> tuple:
         x, rows, params = batch
-        y = self.labels[rows]
+        y = self.labels[rows].long()
         if self.on_cpu:
             return x, y, rows, params
         return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),

@@ -135,7 +135,8 @@ def well_ids(metadata: pd.DataFrame) -> np.ndarray:
 
 
 def well_codes(metadata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The one well id of every image: ``(codes, names)``; ``codes`` (int64 per row) index
+    """The one well id of every image: ``(codes, names)``; ``codes`` (int32 per row, int64
+    past 2**31 plate-well pairs) index
     ``names`` (``plate/well``), ordered by plate, then well, so ids never depend on row order.
 
     The index (splits), evaluation, prediction and profiling all use these ids."""
@@ -159,19 +160,22 @@ def well_codes_from(
     """:func:`well_codes` from each row's sorted plate and well codes (``pd.factorize(...,
     sort=True)``) and their names: the ids are the used (plate, well) pairs in sorted order."""
     n = len(plates) * len(wells)
-    key = plate.astype(np.int64) * len(wells)
+    # int32 where every pair fits: 4 bytes a row, not 8 (75 M rows at the pilot).
+    wide = np.int32 if n <= np.iinfo(np.int32).max else np.int64
+    key = plate.astype(wide)
+    key *= len(wells)
     key += well
     # The used pairs by a count over all pairs: pd.factorize would size a hash table by the
     # rows (~2 GB at 75 M), np.unique would sort them. Pairs beyond the rows (a well name per
     # row, never seen in a store) fall back to the sort.
     if n <= max(len(key), 1 << 20):
         used = np.flatnonzero(np.bincount(key, minlength=n))
-        ids = np.full(n, -1, dtype=np.int64)
+        ids = np.full(n, -1, dtype=wide)
         ids[used] = np.arange(len(used))
         codes = ids[key]
     else:
         used, codes = np.unique(key, return_inverse=True)
-        codes = codes.astype(np.int64, copy=False)
+        codes = codes.astype(wide, copy=False)
     names = np.char.add(np.char.add(plates[used // len(wells)].astype(str), "/"),
                         wells[used % len(wells)].astype(str))  # fmt: skip
     return codes, names.astype(object)
