@@ -36,7 +36,7 @@ shares) in every process; ``peak_anon_mb`` is the largest private memory (RssAno
 
 Cells (``--cells N``, the single-cell rehearsal of a cell store, ``convert --crop-size``): the
 sites of the JUMP plates above with a seeded, variable number of nuclei each (negative binomial,
-mean 25 a site as in the pilot's 75 M cells over ~3 M sites, sd ~12; a few sites have none and
+mean 125 a site as in the pilot's 75 M cells over its ~600 k sites, sd ~73; a few sites have none and
 are quarantined), N in all, as a LoadData CSV and CellProfiler's Nuclei table (``ImageNumber``,
 ``ObjectNumber``, ``Location_Center_X/Y``). Stages, each in a fresh process:
 
@@ -103,9 +103,11 @@ CELL_STAGES = ["convert_cells", "open_store", "index", "plan"]
 TORCH_STAGES = {"train", "report", "predict"}
 PLAN_WORLD = 8  # the plan stage plans rank 0 of a node's 8 training ranks
 LOCATIONS = "nuclei.csv"  # the cells as CellProfiler's Nuclei table (convert_cells' --locations)
-# Cells per site: negative binomial of mean NB_N (1 - NB_P) / NB_P = 25, the pilot's 75 M cells
-# over ~3 M sites, sd ~12, P(no cell) ~1e-4.
-NB_N, NB_P = 5, 5 / 30
+# Cells per site: negative binomial of mean NB_N (1 - NB_P) / NB_P = 125, the pilot's 75 M cells
+# over its ~600 k sites (~3 M TIFFs, five channels a site; the real site in tests/data has 109
+# nuclei), sd ~73 (dense and sparse fields), P(no cell) ~1e-5. (Until 2026-12-03: mean 25 over
+# ~3 M sites, which took the pilot's TIFFs for its sites: five times the sites per cell.)
+NB_N, NB_P = 3, 3 / 128
 FIELD_PX = 1080  # the pilot's field: nucleus centres fall anywhere in it
 # docs/sizing.md: a 96 px, 5-channel crop with the store's zstd, measured on the real site's
 # 109 cells (tests/data/cpg0000_BR00116991_A01_f01). This rehearsal writes no pixels.

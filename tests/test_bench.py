@@ -195,12 +195,13 @@ def test_scale_planning_and_reading(scale_work):
 
 @pytest.mark.slow
 def test_scale_cells(tmp_path):
-    """The cells rehearsal: a cell store of 20,000 cells converted, opened and indexed, each
-    stage in its own process (the compound as label: these few plates have one plate type)."""
-    n = 20_000
+    """The cells rehearsal: a cell store of 100,000 cells (~800 sites) converted, opened,
+    indexed and planned, each stage in its own process (the compound as label: these few
+    plates have one plate type)."""
+    n = 100_000
     r = run_bench("scale.py", "--cells", str(n), "--work", str(tmp_path),
                   "--label-column", "Metadata_JCP2022", cwd=tmp_path)  # fmt: skip
-    assert list(r["stages"]) == ["convert_cells", "open_store", "index"]
+    assert list(r["stages"]) == ["convert_cells", "open_store", "index", "plan"]
     for stage in r["stages"].values():
         assert "failed" not in stage, stage
         has(stage, "seconds", "peak_rss_mb", "peak_anon_mb")
@@ -209,6 +210,11 @@ def test_scale_cells(tmp_path):
     assert convert["sites"] + convert["sites_without_cells"] == r["inputs"]["sites"]
     assert convert["shards"] == -(-n // 4096) and index["classes"] >= 2
     assert index["train"] + index["val"] + index["test"] == n
+    plan = r["stages"]["plan"]
+    assert plan["epoch_entries"] == index["train_order"] >= index["train"]
+    # rank 0 of 8: an eighth of the epoch, padded to whole batches on every rank
+    step = plan["world_size"] * plan["batch_size"]
+    assert plan["rank_batches"] == -(-plan["epoch_entries"] // step)
     has(r["bytes_per_cell"], "metadata", "manifest", "pixels_96px_zstd_from_sizing_md")
     assert r["bytes_per_cell"]["metadata"] == pytest.approx(convert["metadata_bytes"] / n, abs=0.01)
 
