@@ -50,7 +50,7 @@ XDIST := -n 2 --dist loadgroup
 
 test:
 	$(MAKE) -j3 venv servers browser
-	$(PY) -m pytest -q $(XDIST)
+	$(PY) -m pytest -q --durations=25 $(XDIST)
 
 test-fast: venv
 	$(PY) -m pytest -q $(XDIST) -m "not slow and not ray and not browser"

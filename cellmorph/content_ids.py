@@ -20,7 +20,10 @@ __all__ = ["content_ids"]
 
 def content_ids(metadata: pd.DataFrame) -> np.ndarray | None:
     """Equal ids for rows with identical image checksums, numbered by first appearance (as
-    ``pd.factorize``); rows without one are unique, numbered after them by row."""
+    ``pd.factorize``); rows without one are unique, numbered after them by row.
+
+    None when there is no checksum column, or when no two rows share a checksum (every cell
+    of a cell store): then an image is its row, and no array is kept (4 bytes a row)."""
     if CHECKSUM not in metadata.columns:
         return None
     column = metadata[CHECKSUM]
@@ -44,6 +47,8 @@ def content_ids(metadata: pd.DataFrame) -> np.ndarray | None:
     rest = keys[int(np.count_nonzero(null)) :]  # the nulls' zeros sort first (a real 0 stays)
     shared = np.unique(rest[1:][rest[1:] == rest[:-1]])
     del keys, rest
+    if len(shared) == 0:  # no two checksums alike: an image's id would be its row
+        return None
     suspect = np.zeros(len(column), dtype=bool)
     for start, chunk in _chunks(text):  # membership a block at a time: no 8-byte index
         for b in range(0, len(chunk), _BLOCK):

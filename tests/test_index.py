@@ -391,7 +391,7 @@ def test_the_draws_are_the_same_a_block_at_a_time(monkeypatch):
 def test_index_arrays_are_narrow_and_the_order_is_built_from_repeats(md):
     index = build_index(md, DataConfig())
     assert index.labels.dtype == np.int8 and index.well_ids.dtype == np.int32
-    assert index.content_ids.dtype == np.int32
+    assert index.content_ids is None  # every checksum differs: a row is its own image
     assert {index.train.dtype, index.val.dtype, index.test.dtype} == {np.dtype(np.int32)}
     assert index.train_repeats is not None and len(index.train_repeats) == len(index.train)
     order = index.train_order
@@ -489,6 +489,9 @@ def test_content_ids_are_those_of_a_factorize_of_the_checksums(name):
     md = pd.DataFrame({"checksum": _checksum_columns()[name]})
     ids = _content_ids(md)
     expected = _content_ids_by_factorize(md)
+    if ids is None:  # only when every image is its own: the row is the id
+        assert len(np.unique(expected)) == len(expected) and name != "numbers"
+        return
     assert ids.dtype == np.int32  # row ids: 4 bytes a row below 2**31 rows
     np.testing.assert_array_equal(ids, expected)
 
