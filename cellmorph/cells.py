@@ -31,7 +31,9 @@ def site_codes(metadata: pd.DataFrame, wells: np.ndarray) -> np.ndarray:
     ``Metadata_Site``), numbered from 0 in the order the sites first appear. Four bytes per
     cell: at 75 M cells, 300 MB, the one per-row array cell stores add to scoring."""
     site = pd.factorize(metadata[SITE], sort=True)[0].astype(np.int64)
-    codes = pd.factorize(wells.astype(np.int64) * (int(site.max()) + 1 if len(site) else 1) + site)[0]
+    codes = pd.factorize(wells.astype(np.int64) * (int(site.max()) + 1 if len(site) else 1) + site)[
+        0
+    ]
     return codes.astype(np.int32)
 
 

@@ -54,7 +54,9 @@ def content_ids(metadata: pd.DataFrame) -> np.ndarray | None:
         for b in range(0, len(chunk), _BLOCK):
             part = _text_keys(chunk.slice(b, _BLOCK))
             at = np.minimum(np.searchsorted(shared, part), max(len(shared) - 1, 0))
-            suspect[start + b : start + b + len(part)] = shared[at] == part if len(shared) else False
+            suspect[start + b : start + b + len(part)] = (
+                shared[at] == part if len(shared) else False
+            )
     suspect &= ~null
     first = ~null  # the first row of each checksum
     rows = np.flatnonzero(suspect)
