@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.class_weight import compute_class_weight
 
+from cellmorph.codes import bincount
 from cellmorph.config import DEFAULT_LABEL_COLUMN, DataConfig
 from cellmorph.content_ids import content_ids
 from cellmorph.errors import CellmorphError
@@ -107,7 +108,7 @@ def _check_folds(train: np.ndarray, val: np.ndarray, rows: _Rows, classes: list[
         raise IndexBuildError(
             f"data.split: the validation fold is empty ({len(train)} in training)"
         )
-    in_train = np.bincount(rows.labels[train], minlength=rows.n_classes)
+    in_train = bincount(rows.labels[train], minlength=rows.n_classes)
     missing = [classes[i] for i in np.flatnonzero(in_train == 0)]
     if missing:
         raise IndexBuildError(

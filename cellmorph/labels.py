@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellmorph.codes import factorize, narrowest_signed
+from cellmorph.codes import bincount, factorize, narrowest_signed
 from cellmorph.config import DataConfig
 from cellmorph.errors import CellmorphError
 
@@ -37,7 +37,7 @@ def _encode_raw(metadata: pd.DataFrame, column: str) -> tuple[np.ndarray, np.nda
         )
     codes, uniques = factorize(metadata[column], sort=False)
     names = np.asarray([str(u).strip() for u in uniques], dtype=object)
-    counts = np.bincount(codes[codes >= 0], minlength=len(names))
+    counts = bincount(codes[codes >= 0], minlength=len(names))
     damaged = np.array([bool(_CONTROL.search(n)) for n in names], dtype=bool)
     if damaged.any():  # a NUL or a line break inside a label: damage, not a class
         log.warning(
@@ -87,7 +87,7 @@ def _select_classes(
 ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Keep classes with >= min_count images, then the top_k most frequent (ties by name)."""
     column = cfg.label_column
-    counts = np.bincount(codes[codes >= 0], minlength=len(names))
+    counts = bincount(codes[codes >= 0], minlength=len(names))
     if counts.sum() == 0:
         raise IndexBuildError(f"data.label_column: no rows have a label in column {column!r}")
     by_freq = np.lexsort((np.arange(len(names)), -counts))  # names are sorted: ties by name

@@ -16,7 +16,7 @@ from cellmorph.labels import IndexBuildError
 from cellmorph.store.layout import PLATE, WELL, well_codes_from
 
 _ROW_BLOCK = 1 << 20  # rows at a time where a whole column's temporary is not needed
-_DRAW_BLOCK = 1 << 22  # oversampling draws counted at a time (32 MB of int64)
+_DRAW_BLOCK = 1 << 21  # oversampling draws counted at a time (16 MB of int64)
 
 
 class _Rows(NamedTuple):
@@ -246,11 +246,10 @@ def _repeats(rows: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
     counts = np.ones(len(rows), dtype=np.uint32)
     for cls, n_draws in check_sampling_strategy("not majority", y, "over-sampling").items():
         members = where(y == cls)
-        drawn = np.zeros(len(members), dtype=np.int64)
         for b in range(0, n_draws, _DRAW_BLOCK):
             size = min(_DRAW_BLOCK, n_draws - b)
-            drawn += np.bincount(state.randint(0, len(members), size=size), minlength=len(members))
-        counts[members] += drawn.astype(np.uint32)
+            drawn = np.bincount(state.randint(0, len(members), size=size), minlength=len(members))
+            counts[members] += drawn.astype(np.uint32)
     return counts.astype(np.min_scalar_type(int(counts.max(initial=1))))
 
 

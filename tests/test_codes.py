@@ -46,3 +46,12 @@ def test_where_is_flatnonzero_of_the_masks_in_int32():
     np.testing.assert_array_equal(where(a), np.flatnonzero(a))
     np.testing.assert_array_equal(where(a, b, ~a | b), np.flatnonzero(a & b))
     assert where(a).dtype == np.int32 and len(where(np.zeros(0, bool))) == 0
+
+
+def test_bincount_a_block_at_a_time_is_numpys():
+    from cellmorph.codes import bincount
+
+    v = np.random.default_rng(1).integers(0, 9, 100).astype(np.int8)
+    np.testing.assert_array_equal(bincount(v), np.bincount(v))
+    np.testing.assert_array_equal(bincount(v, minlength=20), np.bincount(v, minlength=20))
+    assert len(bincount(np.zeros(0, np.int8), minlength=3)) == 3

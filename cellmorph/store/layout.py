@@ -169,7 +169,10 @@ def well_codes_from(
     # rows (~2 GB at 75 M), np.unique would sort them. Pairs beyond the rows (a well name per
     # row, never seen in a store) fall back to the sort.
     if n <= max(len(key), 1 << 20):
-        used = np.flatnonzero(np.bincount(key, minlength=n))
+        seen = np.zeros(n, dtype=bool)  # a block at a time: bincount casts keys to int64
+        for b in range(0, len(key), 1 << 20):
+            seen[key[b : b + (1 << 20)]] = True
+        used = np.flatnonzero(seen)
         ids = np.full(n, -1, dtype=wide)
         ids[used] = np.arange(len(used))
         codes = ids[key]
