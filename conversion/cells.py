@@ -273,7 +273,9 @@ def plan_cells(fields: Any, fp: str, inputs: Inputs, nuclei: NucleiConfig, run: 
                else f"no cells: {where} found no nuclei")  # fmt: skip
     for row, reason in sorted(failed.items()):
         inputs.quarantine.append(quarantine_row(sites.iloc[row], reason))
-    counts = np.bincount(cells.site, minlength=len(sites))
+    counts = np.zeros(len(sites), dtype=np.int64)
+    for b in range(0, len(cells), 1 << 20):  # bincount casts all its input to int64 first
+        counts += np.bincount(cells.site[b : b + (1 << 20)], minlength=len(sites))
     empty = [int(r) for r in np.flatnonzero(counts == 0) if int(r) not in failed]
     for row in empty:
         inputs.quarantine.append(quarantine_row(sites.iloc[row], notes.get(row, default)))

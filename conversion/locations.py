@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -48,6 +51,7 @@ IMAGE = "ImageNumber"
 FILE_CHUNK = 256  # sites per task reading DeepProfiler files
 FIND_CHUNK = 8  # sites per task of the finder (~0.3 s a site)
 TABLE_ROWS = 1 << 20  # rows of a CellProfiler table read at a time
+_CHECK_BLOCK = 1 << 20  # cells checked for order at a time
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,21 @@ class Cells:
         return Cells(*(getattr(self, f)[index] for f in FIELDS))
 
     def in_order(self) -> bool:
+        """Strictly increasing (site row, ObjectNumber), so also no nucleus twice; checked a
+        block at a time (the arrays may be mapped files of 75 M cells)."""
         s, o = self.site, self.obj
-        return bool(np.all((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (o[1:] > o[:-1]))))
+        for b in range(0, max(len(s) - 1, 0), _CHECK_BLOCK):
+            ss, oo = s[b : b + _CHECK_BLOCK + 1], o[b : b + _CHECK_BLOCK + 1]
+            if not np.all((ss[1:] > ss[:-1]) | ((ss[1:] == ss[:-1]) & (oo[1:] > oo[:-1]))):
+                return False
+        return True
 
     def sorted(self, where: str, sites: pd.DataFrame) -> Cells:
-        """Sorted by (site row, ObjectNumber); a nucleus listed twice stops, naming ``where``."""
-        cells = self if self.in_order() else self.take(np.lexsort((self.obj, self.site)))
+        """Sorted by (site row, ObjectNumber); a nucleus listed twice stops, naming ``where``.
+        A table out of order is sorted in memory (tables CellProfiler writes are in order)."""
+        if self.in_order():
+            return self
+        cells = self.take(np.lexsort((self.obj, self.site)))
         twice = np.flatnonzero(
             (cells.site[1:] == cells.site[:-1]) & (cells.obj[1:] == cells.obj[:-1])
         )
@@ -115,6 +128,58 @@ class Cells:
 
 
 FIELDS = ("site", "obj", "x", "y")
+
+
+# ------------------------------------------------------------------ the plan on disk
+# The pilot's 75 M cells are 16 bytes each in the plan (1.2 GB), held by the driver for the whole
+# conversion, and joining the blocks a table is read in took that much again. Written to four
+# files as the blocks come and mapped read-only afterwards, they are file pages the kernel can
+# drop and read back, not private memory, and the peak while reading is one block. The files are
+# unlinked as soon as they are mapped: a killed conversion leaves nothing behind.
+_DTYPES = {"site": np.int32, "obj": np.int32, "x": np.float32, "y": np.float32}
+
+
+class CellSpill:
+    """``with CellSpill() as spill: spill.add(cells)...; plan = spill.cells()``."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="cellmorph-cells-")
+        self._files = {f: open(os.path.join(self._dir, f), "wb") for f in FIELDS}  # noqa: SIM115
+
+    def add(self, cells: Cells) -> None:
+        for f, fh in self._files.items():
+            np.ascontiguousarray(getattr(cells, f), _DTYPES[f]).tofile(fh)
+
+    def cells(self) -> Cells:
+        """Everything added, memory-mapped read-only (in the order it was added)."""
+        arrays = []
+        for f, fh in self._files.items():
+            fh.close()
+            n = os.path.getsize(fh.name) // np.dtype(_DTYPES[f]).itemsize
+            mapped = np.memmap(fh.name, _DTYPES[f], mode="r", shape=(n,)) if n else None
+            arrays.append(mapped if mapped is not None else np.zeros(0, _DTYPES[f]))
+        self.close()  # the maps keep the pages; the names go
+        return Cells(*arrays)
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> CellSpill:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def spilled(cells: Cells) -> Cells:
+    """``cells`` as memory-mapped arrays (a plan built in memory: the finder's, a folder's)."""
+    with CellSpill() as spill:
+        spill.add(cells)
+        return spill.cells()
 
 
 def _pick(columns: list[str], names: list[str], where: str) -> str:
@@ -188,7 +253,7 @@ def read_folder(folder: str, sites: pd.DataFrame, run: Mapper) -> tuple[Cells, d
         parts.append(cells)
         missing.update(absent)
     parts.sort(key=lambda c: int(c.site[0]) if len(c) else -1)  # chunks are runs of sites
-    return Cells.concat(parts).sorted(f"--locations {folder}", sites), missing
+    return spilled(Cells.gather(parts).sorted(f"--locations {folder}", sites)), missing
 
 
 # ------------------------------------------------------------------ one CellProfiler table
@@ -250,14 +315,16 @@ def read_table(table: str, sites: pd.DataFrame, cfg: ConvertConfig) -> tuple[Cel
         raise CellmorphError(f"{where} lacks columns {', '.join(KEYS)} (or {IMAGE})")
     image_rows = None if by_keys else _image_rows(cfg, index, table)
     use = [*(KEYS if by_keys else [IMAGE]), OBJECT, x, y]
-    parts, dropped = [], 0
-    for block in _blocks(path, sep, use):
-        rows = _table_sites(block, image_rows, index, table)
-        keep = rows >= 0
-        dropped += int((~keep).sum())
-        obj, cx, cy = (_numbers(block, c, table)[keep] for c in (OBJECT, x, y))
-        parts.append(Cells.build(rows[keep], obj, cx, cy))
-    return Cells.gather(parts).sorted(where, sites), dropped
+    dropped = 0
+    with CellSpill() as spill:
+        for block in _blocks(path, sep, use):
+            rows = _table_sites(block, image_rows, index, table)
+            keep = rows >= 0
+            dropped += int((~keep).sum())
+            obj, cx, cy = (_numbers(block, c, table)[keep] for c in (OBJECT, x, y))
+            spill.add(Cells.build(rows[keep], obj, cx, cy))
+        cells = spill.cells().sorted(where, sites)
+    return cells, dropped
 
 
 def _blocks(path: Path, sep: str, use: list[str]) -> Iterator[pd.DataFrame]:
@@ -312,4 +379,4 @@ def find(sites: pd.DataFrame, pages: list[int], cfg: ConvertConfig, nuclei: Nucl
         parts.append(cells)
         failed.update(bad)
     parts.sort(key=lambda c: int(c.site[0]) if len(c) else -1)  # in order: no sort needed
-    return Cells.concat(parts).sorted("the nuclei finder", sites), failed
+    return spilled(Cells.gather(parts).sorted("the nuclei finder", sites)), failed

@@ -368,3 +368,31 @@ def test_counted_sums_equal_the_float_sums() -> None:
         assert a[key]["n"] == b[key]["n"]
         for m in ("sum", "sumsq", "log_sum", "log_sumsq"):
             assert np.allclose(a[key][m], b[key][m], rtol=1e-12, atol=0)
+
+
+def test_a_table_is_read_in_blocks_into_mapped_read_only_arrays(tmp_path, monkeypatch) -> None:
+    """The plan of a table: its cells in (site, ObjectNumber) order, as memory-mapped files
+    (not private memory at 75 M cells) whose names are already gone; a repeat still stops."""
+    import tempfile
+
+    spill_dir = tmp_path / "tmp"
+    spill_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_dir))
+    monkeypatch.setattr(locations, "TABLE_ROWS", 7)  # 109 rows in 16 blocks
+    sites = pd.DataFrame({"Metadata_Plate": ["BR00116991"], "Metadata_Well": ["A01"],
+                          "Metadata_Site": [1]})  # fmt: skip
+    nuclei = pd.read_csv(REAL / "Nuclei.csv")
+    table = nuclei.drop(columns=["ImageNumber"]).assign(**sites.iloc[0].to_dict())
+    path = tmp_path / "nuclei.csv"
+    table.to_csv(path, index=False)
+    cells, dropped = locations.read_table(str(path), sites, ConvertConfig(crop_size=96))
+    assert dropped == 0 and len(cells) == 109
+    assert all(isinstance(getattr(cells, f), np.memmap) for f in locations.FIELDS)
+    assert not cells.x.flags.writeable and list(spill_dir.iterdir()) == []
+    assert cells.obj.tolist() == sorted(nuclei.ObjectNumber) and (cells.site == 0).all()
+    by_obj = nuclei.set_index("ObjectNumber").loc[cells.obj]
+    np.testing.assert_allclose(cells.x, by_obj.Location_Center_X, atol=1e-3)
+    table.iloc[[3, 3]].to_csv(path, index=False)  # one nucleus twice, in order
+    with pytest.raises(CellmorphError, match="more than once"):
+        locations.read_table(str(path), sites, ConvertConfig(crop_size=96))
+    assert list(spill_dir.iterdir()) == []
