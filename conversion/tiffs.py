@@ -180,10 +180,28 @@ def _decode_libtiff(path: str, shape: tuple[int, int], dtype: np.dtype) -> np.nd
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's decompression-bomb warning: probed
             with Image.open(path) as im:
-                data = np.asarray(im)
+                data = _pixels(im, shape, dtype)
     except Exception:  # noqa: BLE001  damaged data: tifffile decodes again and says why
         return None
     return data if data.shape == shape and data.dtype == dtype else None
+
+
+def _pixels(im: Image.Image, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """The decoded image's pixels (read-only), without a copy where Pillow exports them as one
+    Arrow array (``np.asarray`` copies them through ``tobytes``: ~20% of the decode)."""
+    import pyarrow as pa
+
+    im.load()
+    n = shape[0] * shape[1]
+    try:
+        arr = pa.array(im)
+    except (ValueError, TypeError, NotImplementedError, pa.ArrowException):
+        arr = None  # a mode or memory layout Pillow does not export
+    if arr is not None and len(arr) == n and arr.offset == 0 and arr.null_count == 0:
+        data = arr.buffers()[1]
+        if data is not None and data.size >= n * dtype.itemsize:
+            return np.frombuffer(data, dtype=dtype, count=n).reshape(shape)
+    return np.asarray(im)
 
 
 def read_file(path: str) -> np.ndarray:
