@@ -11,6 +11,11 @@ is reported (the machine is shared). Goal: conversion >= 0.7 x the ceiling. ``cp
 ratio from this process's CPU seconds (one worker runs inline, so every thread of the
 conversion counts), steadier than wall time on a loaded machine.
 
+The converter decodes a plain LZW plane with libtiff (through Pillow), faster than tifffile:
+``own_decode`` is the converter's own decode of the same files (``conversion.tiffs.read_site``,
+nothing else) and the conversion against it, so the gap to decoding alone stays visible.
+``store``: the bytes the images take per crop, and the store's codec and zstd level.
+
     .venv/bin/python bench/convert_cells.py --sites 24 > bench_convert_cells.json
 """
 
@@ -29,6 +34,7 @@ import tifffile
 
 from cellmorph.config import ConvertConfig
 from conversion.pack import convert
+from conversion.tiffs import read_site
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "tests" / "data" / "cpg0000_BR00116991_A01_f01"
@@ -75,6 +81,23 @@ def decode_all(files: list[list[Path]]) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - cpu
 
 
+def decode_own(files: list[list[Path]]) -> tuple[float, float]:
+    """(wall, CPU) seconds to decode every site as the converter does (read_site)."""
+    t, cpu = time.perf_counter(), time.process_time()
+    for site in files:
+        read_site([(str(f), -1) for f in site])
+    return time.perf_counter() - t, time.process_time() - cpu
+
+
+def store_bytes(out: Path) -> dict[str, object]:
+    """Bytes of the shard files per crop, and the codec the store records."""
+    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    shards = sum(f.stat().st_size for f in (out / "images").rglob("*") if f.is_file()
+                 and f.name != "zarr.json")  # fmt: skip
+    return {"codec": attrs["codec"], "codec_level": attrs.get("codec_level"),
+            "bytes_per_crop": round(shards / attrs["images"])}  # fmt: skip
+
+
 def run_convert(csv: Path, locs: Path, out: Path, crop: int, shard: int,
                 codec: str) -> tuple[float, float, float]:  # fmt: skip
     """(whole command seconds, packing phase seconds, whole command CPU seconds) of one
@@ -100,12 +123,15 @@ def main() -> None:
     csv, locs, files = make_input(root, args.sites)
     cells = args.sites * len(pd.read_csv(REAL / "Nuclei.csv"))
     decode_all(files)  # warm the page cache: both sides read from memory
-    times: dict[str, list[float]] = {"decode": [], "convert": [], "pack": []}
-    cpu: dict[str, list[float]] = {"decode": [], "convert": []}
+    times: dict[str, list[float]] = {"decode": [], "convert": [], "pack": [], "own_decode": []}
+    cpu: dict[str, list[float]] = {"decode": [], "convert": [], "own_decode": []}
     for _ in range(args.rounds):
         wall, decode_cpu = decode_all(files)
         times["decode"].append(wall)
         cpu["decode"].append(decode_cpu)
+        wall, own_cpu = decode_own(files)
+        times["own_decode"].append(wall)
+        cpu["own_decode"].append(own_cpu)
         total, pack, convert_cpu = run_convert(csv, locs, root / "cells.zarr", args.crop_size,
                                                args.shard_size, args.codec)  # fmt: skip
         times["convert"].append(total)
@@ -113,6 +139,7 @@ def main() -> None:
         cpu["convert"].append(convert_cpu)
     best = {k: min(v) for k, v in times.items()}
     rate = {k: cells / t for k, t in best.items()}
+    own = rate.pop("own_decode")
     report = {
         "machine": f"{os.cpu_count()} CPU cores, no GPU",
         "sites": args.sites,
@@ -125,6 +152,13 @@ def main() -> None:
         "pack_vs_decode": round(rate["pack"] / rate["decode"], 3),
         "cpu_convert_vs_decode": round(min(cpu["decode"]) / min(cpu["convert"]), 3),
         "goal": ">= 0.7 x the decode ceiling, one worker",
+        "own_decode": {
+            "crops_per_s": round(own, 1),
+            "convert_vs_it": round(rate["convert"] / own, 3),
+            "pack_vs_it": round(rate["pack"] / own, 3),
+            "cpu_convert_vs_it": round(min(cpu["own_decode"]) / min(cpu["convert"]), 3),
+        },
+        "store": store_bytes(root / "cells.zarr"),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "cpu_seconds": {k: [round(x, 3) for x in v] for k, v in cpu.items()},

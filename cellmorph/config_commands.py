@@ -62,7 +62,11 @@ class ConvertConfig(Section):
     illum_dir: str | None = None
     channels: list[str] = ["DNA", "ER", "RNA", "AGP", "Mito"]
     size: int = Field(160, ge=8)
-    codec: Literal["zstd", "lz4"] = "zstd"
+    codec: Literal["zstd", "lz4"] = Field(
+        "zstd",
+        description="zstd: Blosc zstd, bit-shuffled, level 3 for a field store and 1 for a cell "
+        "store (attrs.codec_level); lz4: LZ4, which DALI inflates on the GPU",
+    )
     shard_size: int = Field(1024, ge=1)
     workers: int = Field(2, ge=1)
     label_column: str = DEFAULT_LABEL_COLUMN

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -102,9 +103,46 @@ def crop_cells(field: np.ndarray, xy: np.ndarray, factor: int, out: np.ndarray) 
             out[i, :, t0 - top : t1 - top, l0 - left : l1 - left] = field[:, t0:t1, l0:l1]
 
 
+# The last site this process decoded, binned: (its key, (field, saturated, pixels)). A shard
+# ends inside a site about as often as not (1024 cells hold ~10 sites), and the next shard
+# starts with that site's other cells: with one worker it is not decoded a second time.
+_last_site: list[tuple[Any, tuple[np.ndarray, np.ndarray, int]]] = []
+
+
+def _files_key(paths: list[str]) -> tuple | None:
+    """The files as they are now (path, size, mtime, inode), or None if one cannot be stat'ed
+    (then the site is decoded, and its error reported, as without the cache)."""
+    try:
+        stats = [os.stat(p) for p in paths]
+    except OSError:
+        return None
+    return tuple((p, s.st_size, s.st_mtime_ns, s.st_ino) for p, s in zip(paths, stats))
+
+
+def site_field(sources: list[Source], illum: list[str],
+               factor: int) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    """One site decoded, corrected and binned: (field (C, H, W) uint16, pixels the correction
+    saturated per channel, pixels divided per channel). The same site asked for again right
+    after (the next shard's first cells) comes from memory, with the same counts, so a
+    shard's record is the same whichever worker packed the shard before it."""
+    files = _files_key([p for p, _ in sources] + list(illum))
+    key = None if files is None else (tuple(sources), files, factor)
+    if key is not None and _last_site and _last_site[0][0] == key:
+        return _last_site[0][1]
+    _last_site.clear()  # the old field goes before the new one is decoded (memory)
+    saturated = np.zeros(len(sources), dtype=np.int64)
+    planes = corrected(read_site(sources), illum, saturated)  # BadImage: not kept
+    pixels = planes[0].size if illum else 0  # per channel, what was divided
+    field = binned(planes, factor)
+    field.flags.writeable = False
+    if key is not None:
+        _last_site.append((key, (field, saturated, pixels)))
+    return field, saturated, pixels
+
+
 def pack_cells(task: CellShardTask) -> ShardResult:
-    """Pack one shard of cells: each site decoded once, corrected, binned and cropped, then
-    the block written and recorded (:func:`conversion.shards.write_shard`)."""
+    """Pack one shard of cells: each site decoded once (:func:`site_field`), corrected, binned
+    and cropped, then the block written and recorded (:func:`conversion.shards.write_shard`)."""
     arr = swrite.open_images(task.out)
     block = np.zeros((len(task.xy), *arr.shape[1:]), dtype=np.uint16)
     failures: dict[int, str] = {}
@@ -112,12 +150,12 @@ def pack_cells(task: CellShardTask) -> ShardResult:
     pixels, row = 0, 0
     for (sources, illum), count in zip(task.sites, task.counts):
         try:
-            planes = corrected(read_site(sources), illum, saturated)
+            field, site_saturated, site_pixels = site_field(sources, illum, task.bin)
         except BadImage as e:
             failures[row] = str(e)  # the site's first cell: pack_all drops the whole site
         else:
-            pixels += planes[0].size if illum else 0  # per channel, what was divided
-            field = binned(planes, task.bin)
+            saturated += site_saturated
+            pixels += site_pixels
             crop_cells(field, task.xy[row : row + count], task.bin, block[row : row + count])
         row += count
     if failures:

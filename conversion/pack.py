@@ -48,7 +48,15 @@ from conversion.layouts import check_settings, load_inputs, no_valid_sites, summ
 from conversion.manifest import Manifest, digest
 from conversion.ownership import Owner
 from conversion.shards import IN_FLIGHT_PER_WORKER as IN_FLIGHT_PER_WORKER
-from conversion.shards import SATURATED, Mapper, ShardResult, corrected, illum_function, write_shard
+from conversion.shards import (
+    SATURATED,
+    Mapper,
+    ShardResult,
+    corrected,
+    illum_function,
+    read_rows,
+    write_shard,
+)
 from conversion.shards import ProcessMapper as ProcessMapper
 from conversion.shards import describe_task as describe_task
 from conversion.shards import inline_map as inline_map
@@ -595,7 +603,7 @@ def finish(out: str, plan: Any, inputs: Inputs, cfg: ConvertConfig) -> None:
     swrite.write_metadata(out, parts())
     swrite.write_quarantine(out, quarantine)
     rows = np.unique(np.linspace(0, len(plan) - 1, min(len(plan), cfg.stats_images)).astype(int))
-    attrs = store_stats(sums, np.stack([arr[int(i)] for i in rows]), cfg)
+    attrs = store_stats(sums, read_rows(out, arr, rows), cfg)
     if cfg.illum_dir:
         attrs["illumination_saturated"] = saturation(cfg.channels, **saturated)
     swrite.write_attrs(  # one write: complete and the digest binding the stats with the rest

@@ -121,7 +121,10 @@ def test_convert_cells(tmp_path):
         "pack_vs_decode", "load_average", "all_seconds")  # fmt: skip
     assert set(r["crops_per_s"]) == {"decode", "convert", "pack"}
     assert r["cells"] == 2 * 109 and r["pack_vs_decode"] > 0
-    assert r["cpu_convert_vs_decode"] > 0 and set(r["cpu_seconds"]) == {"decode", "convert"}
+    assert r["cpu_convert_vs_decode"] > 0
+    assert set(r["cpu_seconds"]) == {"decode", "convert", "own_decode"}
+    assert r["own_decode"]["convert_vs_it"] > 0 and r["store"]["bytes_per_crop"] > 0
+    assert (r["store"]["codec"], r["store"]["codec_level"]) == ("zstd", 1)
 
 
 @pytest.mark.slow

@@ -396,3 +396,92 @@ def test_a_table_is_read_in_blocks_into_mapped_read_only_arrays(tmp_path, monkey
     with pytest.raises(CellmorphError, match="more than once"):
         locations.read_table(str(path), sites, ConvertConfig(crop_size=96))
     assert list(spill_dir.iterdir()) == []
+
+
+def test_counted_sums_equal_one_bincount_per_channel() -> None:
+    """The sums counted a few rows at a time are the very numbers one bincount per channel
+    and group gave (the computation before the counting was split): equal, not close."""
+    from conversion.shards import _MOMENT_ROWS, COUNT_ROWS, sums_by_histogram
+
+    rng = np.random.default_rng(2)
+    n = 2 * COUNT_ROWS + 7  # full blocks and a partial one
+    block = rng.integers(0, 65536, (n, 3, 8, 8), dtype=np.uint16)
+    block[:5] = 65535
+    block[5:9] = 0
+    groups = [["P1\x1f0", "P1\x1f1", "P2\x1f0"][i % 3] for i in range(n)]  # interleaved
+    for gs in (groups, ["P1\x1f0"] * n):
+        keys = np.asarray(gs)
+        got = sums_by_histogram(block, gs)
+        assert list(got) == list(dict.fromkeys(gs))
+        for key in got:
+            sel = keys == key
+            counts = np.stack([np.bincount(block[sel, c].ravel(), minlength=65536)
+                               for c in range(3)]).astype(np.float64)  # fmt: skip
+            old = counts @ _MOMENT_ROWS.T
+            assert got[key]["n"] == int(sel.sum())
+            for i, m in enumerate(("sum", "sumsq", "log_sum", "log_sumsq")):
+                assert got[key][m] == old[:, i].tolist()
+
+
+def test_a_site_split_by_a_shard_boundary_is_decoded_once(plate: Path, tmp_path,
+                                                          monkeypatch) -> None:  # fmt: skip
+    """One worker decodes each site once, also a site whose cells end one shard and begin the
+    next; its shard records (checksums, sums, saturation counts) are those of a worker that
+    decodes the site again (a pool: the next shard goes to another process)."""
+    from conversion import cells
+    from conversion.manifest import Manifest
+
+    illum = tmp_path / "illum"
+    illum.mkdir()
+    for ch in CHANNELS:  # Mito at half gain: its brightest pixels saturate
+        np.save(illum / f"SYNP01_Illum{ch}.npy", np.full((256, 256), 0.5 if ch == "Mito" else 1.0,
+                                                         dtype=np.float32))  # fmt: skip
+    cfg = _cfg(plate, locations=str(plate.parent / "locations"), illum_dir=str(illum))
+    decoded: list[str] = []
+    read_site = cells.read_site
+
+    def counting(sources):
+        decoded.append(sources[0][0])
+        return read_site(sources)
+
+    monkeypatch.setattr(cells, "read_site", counting)
+
+    def forgetful(fn, tasks):  # each shard as if in a fresh worker
+        for task in tasks:
+            cells._last_site.clear()
+            yield fn(task)
+
+    convert(cfg, tmp_path / "once.zarr")
+    once = list(decoded)
+    decoded.clear()
+    convert(cfg, tmp_path / "again.zarr", mapper=forgetful)
+    assert sorted(set(once)) == sorted(once) and len(once) == 4  # each site once
+    assert len(decoded) > len(once)  # the plate's shards of 8 cells split sites
+    a, b = open_store(tmp_path / "once.zarr"), open_store(tmp_path / "again.zarr")
+    assert np.array_equal(a.images[:], b.images[:])
+    shards = -(-len(a) // 8)
+    records = [[Manifest(str(s)).shard(i) for i in range(shards)] for s in (a.path, b.path)]
+    assert records[0] == records[1] and any(r["saturated"][4] for r in records[0])
+    for key in ("stats", "plate_stats", "illumination_saturated"):
+        assert a.attrs[key] == b.attrs[key]
+
+
+def test_a_cell_store_compresses_with_zstd_level_1_and_reads_back(plate: Path, tmp_path) -> None:
+    """The default codec gives a cell store Blosc zstd at level 1 (bit-shuffled), recorded in
+    attrs.codec_level; zarr, the fast reader and ``inspect --verify`` read the pixels an LZ4
+    store of the same cells holds."""
+    from cellmorph.loaders.reader import ShardReader
+    from cellmorph.store.verify import verify_store
+
+    locs = str(plate.parent / "locations")
+    convert(_cfg(plate, locations=locs), tmp_path / "z.zarr")
+    convert(_cfg(plate, locations=locs, codec="lz4"), tmp_path / "l.zarr")
+    z, lz4 = open_store(tmp_path / "z.zarr"), open_store(tmp_path / "l.zarr")
+    blosc = z.images.metadata.codecs[0].codecs[1]
+    assert (blosc.cname.name, blosc.clevel, blosc.shuffle.value) == ("zstd", 1, "bitshuffle")
+    assert z.attrs["codec"] == "zstd" and z.attrs["codec_level"] == 1
+    pixels = lz4.images[:]
+    assert np.array_equal(z.images[:], pixels)
+    rows = np.arange(len(z))[::-1]
+    assert np.array_equal(ShardReader(z, threads=1).read(rows), pixels[rows])
+    assert verify_store(z, progress=False) == []

@@ -130,7 +130,10 @@ def test_lz4_codec_stores_same_pixels(plate: Path, tmp_path: Path) -> None:
     convert(ConvertConfig(**base), tmp_path / "z.zarr")
     convert(ConvertConfig(**base, codec="lz4"), tmp_path / "l.zarr")
     a, b = open_store(tmp_path / "z.zarr"), open_store(tmp_path / "l.zarr")
-    assert b.attrs["codec"] == "lz4"
+    assert b.attrs["codec"] == "lz4" and "codec_level" not in b.attrs
+    # a field store keeps Blosc zstd level 3 (a cell store's is 1: test_cells_convert.py)
+    blosc = a.images.metadata.codecs[0].codecs[1]
+    assert a.attrs["codec_level"] == blosc.clevel == 3 and blosc.cname.name == "zstd"
     assert np.array_equal(a.images[:], b.images[:])
 
 

@@ -338,3 +338,18 @@ def test_unreadable_quarantine_and_damaged_manifest_records(store: Path) -> None
     (store / "quarantine.csv").write_bytes(b'"unclosed\n\xff\xfe')
     with pytest.raises(StoreError, match=r"quarantine.csv is not a readable CSV"):
         open_store(store)
+
+
+def test_image_checksum_is_blake2b_of_the_little_endian_bytes() -> None:
+    """The manifest's checksum (docs/integrity.md): blake2b, 8 bytes, of the image's uint16
+    values little-endian in C order, whatever the array's order or byte order."""
+    import hashlib
+
+    from cellmorph.store.layout import image_checksum
+
+    img = np.arange(2 * 6 * 5, dtype=np.uint16).reshape(2, 6, 5) * 1000
+    want = hashlib.blake2b(img.astype("<u2").tobytes(), digest_size=8).hexdigest()
+    assert image_checksum(img) == want
+    assert image_checksum(np.asfortranarray(img)) == want
+    assert image_checksum(img.astype(">u2")) == want
+    assert image_checksum(np.stack([img, img], axis=-1)[..., 0]) == want  # a strided view

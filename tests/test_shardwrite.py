@@ -93,3 +93,24 @@ def test_write_shard_file_is_one_file_read_back_whole(tmp_path: Path) -> None:
     assert len(crcs) == 2
     with pytest.raises(swrite.StoreDamage, match="not the one just written"):
         swrite.shard_chunk_crcs(out, arr, 1, 2, written[0])
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_finish_reads_its_sample_as_zarr_does(tmp_path: Path, codec: str) -> None:
+    """``finish``'s sample comes from the shard files (conversion.shards.read_rows): the rows
+    zarr returns, any order, across shards and the partial last one; a damaged chunk stops."""
+    from conversion.shards import read_rows
+
+    data = _pixels(10, 3, 16)
+    root = tmp_path / "s.zarr"
+    arr = swrite.create_images(root, len(data), ["a", "b", "c"], 16, codec, SHARD)
+    for i, start in enumerate(range(0, len(data), SHARD)):
+        swrite.write_shard_file(root, arr, i, data[start : start + SHARD])
+    rows = np.array([9, 0, 2, 5, 4, 8])
+    assert np.array_equal(read_rows(str(root), arr, rows), data[rows])
+    key = root / shard_key(arr, 1)
+    raw = bytearray(key.read_bytes())
+    raw[10] ^= 0xFF  # inside row 4's chunk (the index is at the end)
+    key.write_bytes(bytes(raw))
+    with pytest.raises(swrite.StoreDamage, match=r"row 4\).*crc32c"):
+        read_rows(str(root), arr, rows)

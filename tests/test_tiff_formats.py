@@ -10,6 +10,7 @@ and sites that all (or mostly) fail to decode.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from collections.abc import Callable
@@ -98,6 +99,49 @@ def test_single_channel_formats_store_the_same_pixels(tmp_path: Path, baseline, 
     csv = write_loaddata(tmp_path, SINGLE[fmt], suffix)
     images = stored(ConvertConfig(load_data=str(csv), size=SIZE, workers=1), tmp_path / "s.zarr")
     assert np.array_equal(images, baseline["loaddata"])
+
+
+LIBTIFF_CASES = {  # plain LZW planes: libtiff decodes them (conversion.tiffs._decode_libtiff)
+    "strips": {}, "predictor": {"predictor": True}, "tiles": {"tile": (32, 32)},
+    "uint8": {"dtype": np.uint8}, "bigtiff": {"bigtiff": True}, "one-row-strips": {"rowsperstrip": 1},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LIBTIFF_CASES))
+def test_plain_lzw_planes_are_decoded_by_libtiff_as_tifffile_does(tmp_path: Path, monkeypatch,
+                                                                   case: str) -> None:  # fmt: skip
+    """A single-plane LZW file is decoded through Pillow's libtiff (faster than imagecodecs):
+    the same pixels tifffile decodes, also on the real JUMP site. Other files and damaged
+    pixel data go to tifffile, so a damaged file fails with tifffile's reason."""
+    from conversion import tiffs
+
+    used: list[str] = []
+    decode = tiffs._decode_libtiff
+    monkeypatch.setattr(tiffs, "_decode_libtiff", lambda p, *a: used.append(p) or decode(p, *a))
+    kw = dict(LIBTIFF_CASES[case])
+    data = pixels(1, "DNA").astype(kw.pop("dtype", np.uint16))
+    path = tmp_path / "x.tiff"
+    tifffile.imwrite(path, data, compression="lzw", photometric="minisblack", **kw)
+    got = tiffs.read_file(str(path))
+    gc.collect()  # the plane may be Pillow's own memory (no copy): it outlives the image
+    _ = [np.full(data.shape, 7, data.dtype) for _ in range(8)]
+    assert used == [str(path)] and got.dtype == data.dtype
+    assert np.array_equal(got, data[None]) and np.array_equal(got[0], tifffile.imread(path))
+    if case == "strips":
+        real = next((Path(__file__).parent / "data" / "cpg0000_BR00116991_A01_f01").glob("*.tiff"))
+        assert np.array_equal(tiffs.read_file(str(real))[0], tifffile.imread(real))
+        raw = bytearray(path.read_bytes())
+        with tifffile.TiffFile(path) as tif:
+            start = tif.pages.first.dataoffsets[0]
+        raw[start : start + 64] = b"\xff" * 64  # damaged LZW codes, the file's size unchanged
+        path.write_bytes(bytes(raw))
+        assert tiffs._decode_libtiff(str(path), data.shape, data.dtype) is None
+        with pytest.raises(tiffs.BadImage, match=r"cannot decode .*x.tiff \(ImcdError"):
+            tiffs.read_file(str(path))
+    for other in ({"compression": "zlib"}, {"compression": "lzw", "byteorder": ">"}):
+        tifffile.imwrite(path, data, photometric="minisblack", **other)
+        used.clear()
+        assert np.array_equal(tiffs.read_file(str(path))[0], data) and used == []
 
 
 # ------------------------------------------------------------- one multi-channel file per site

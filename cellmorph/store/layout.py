@@ -72,7 +72,7 @@ class StoreError(CellmorphError):
 def image_checksum(img: np.ndarray) -> str:
     """Checksum of the stored uint16 bytes of one image (little-endian, C order)."""
     data = np.ascontiguousarray(img, dtype="<u2")
-    return hashlib.blake2b(data.tobytes(), digest_size=8).hexdigest()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()  # hashed in place, not copied
 
 
 def metadata_digest(data: bytes, channels: list[str], shape: tuple[int, ...]) -> str:

@@ -32,10 +32,23 @@ from cellmorph.urlpath import AnyPath
 METADATA_ROW_GROUP = L.METADATA_ROW_GROUP
 
 
-def compressor_for(codec: str) -> Any:
-    """zstd (CPU decode, best ratio) or LZ4 (decodable on the GPU by DALI's inflate)."""
+# Blosc zstd's level (bit-shuffled) for each kind of store, decided here only and recorded in
+# attrs.codec_level. A cell store's crops (5 x 96 x 96 of the real JUMP site) compress at level
+# 1 to 0.6% more bytes than at level 3 in ~0.4x the CPU time, which a cell store's conversion
+# spends per crop while a field store's is dominated by its resize (docs/benchmarks.md).
+ZSTD_LEVELS = {"field": 3, "cell": 1}
+
+
+def zstd_level(unit: str) -> int:
+    """Blosc zstd's level for a store of ``unit`` ("cell": one crop per nucleus, else field)."""
+    return ZSTD_LEVELS["cell" if unit == "cell" else "field"]
+
+
+def compressor_for(codec: str, unit: str = "field") -> Any:
+    """zstd (CPU decode, best ratio; its level per kind of store, :func:`zstd_level`) or LZ4
+    (decodable on the GPU by DALI's inflate)."""
     if codec == "zstd":
-        return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+        return BloscCodec(cname="zstd", clevel=zstd_level(unit), shuffle="bitshuffle")
     if codec == "lz4":
         from zarr.codecs.numcodecs import LZ4
 
@@ -55,11 +68,15 @@ def create_images(
     """Create (overwrite) the group and its empty ``images`` array; returns the array, ready
     for shard-aligned writes (every chunk is written, see :func:`open_images`).
 
-    ``attrs`` (source description, resize policy...) is stored next to the format fields.
-    Channel statistics are added later with :func:`write_attrs` once the pixels are known.
+    ``attrs`` (source description, resize policy...) is stored next to the format fields;
+    its ``unit`` ("cell" for a cell store) sets zstd's level (:func:`zstd_level`, recorded as
+    ``codec_level``). Channel statistics are added later with :func:`write_attrs` once the
+    pixels are known.
     """
     if n <= 0:
         raise StoreError(f"{path}: cannot create a store with {n} images")
+    unit = str((attrs or {}).get("unit", "field"))
+    level = {"codec_level": zstd_level(unit)} if codec == "zstd" else {}
     group = zarr.open_group(zarr_store(path), mode="w", zarr_format=3)
     shard = max(1, min(shard_size, n))
     arr = group.create_array(
@@ -69,12 +86,13 @@ def create_images(
         shards=(shard, len(channels), size, size),
         dtype="uint16",
         # The crc32c after the compressor: every chunk checks itself (zarr and our readers).
-        compressors=[compressor_for(codec), Crc32cCodec()],
+        compressors=[compressor_for(codec, unit), Crc32cCodec()],
         fill_value=0,
     )
     write_attrs(path, {
         "cellmorph_format": L.FORMAT_VERSION, "channels": list(channels), "size": size,
-        "codec": codec, "shard_size": shard, L.GENERATION: uuid.uuid4().hex, **(attrs or {}),
+        "codec": codec, **level, "shard_size": shard, L.GENERATION: uuid.uuid4().hex,
+        **(attrs or {}),
     })  # fmt: skip
     return arr.with_config({"write_empty_chunks": True})
 
