@@ -115,7 +115,12 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=24)
     ap.add_argument("--crop-size", type=int, default=96)
     ap.add_argument("--shard-size", type=int, default=1024)
-    ap.add_argument("--codec", choices=["zstd", "lz4"], default="zstd")
+    ap.add_argument(
+        "--codec",
+        choices=["auto", "zstd", "lz4", "blosc-lz4"],
+        default="auto",
+        help="auto: the converter's default (a cell store: blosc-lz4)",
+    )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "cellmorph-bench-cells"))
     args = ap.parse_args()

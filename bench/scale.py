@@ -58,7 +58,8 @@ are quarantined), N in all, as a LoadData CSV and CellProfiler's Nuclei table (`
 Stages that do not train run without torch (a training rank adds torch's ~300 MB).
 
 The JSON adds the store's bytes per cell: metadata.parquet and the manifest measured; pixels
-from docs/sizing.md (65.0 KB a 96 px cell with zstd, measured on a real site), not here.
+from docs/sizing.md (70,953 bytes a 96 px cell with a cell store's default codec, Blosc LZ4,
+measured on a real site), not here.
 
 Run: ``.venv/bin/python bench/scale.py --images 300000 [--work DIR] [--steps 200]`` (the
 smallest N with two plate types, a smoke run: ``--images 10000 --steps 2``); it exits 1 when a
@@ -109,9 +110,10 @@ LOCATIONS = "nuclei.csv"  # the cells as CellProfiler's Nuclei table (convert_ce
 # ~3 M sites, which took the pilot's TIFFs for its sites: five times the sites per cell.)
 NB_N, NB_P = 3, 3 / 128
 FIELD_PX = 1080  # the pilot's field: nucleus centres fall anywhere in it
-# docs/sizing.md: a 96 px, 5-channel crop with the store's zstd, measured on the real site's
-# 109 cells (tests/data/cpg0000_BR00116991_A01_f01). This rehearsal writes no pixels.
-PIXEL_BYTES_PER_CELL_96PX = 65_000
+# docs/sizing.md: a 96 px, 5-channel crop with a cell store's default codec (Blosc LZ4), in a
+# converted store of the real site's 109 cells (tests/data/cpg0000_BR00116991_A01_f01). This
+# rehearsal writes no pixels.
+PIXEL_BYTES_PER_CELL_96PX = 70_953
 
 
 # --------------------------------------------------------------------------- real-shaped metadata
@@ -733,7 +735,7 @@ def run_cells(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         manifest = sum(f.stat().st_size for f in (store / ".convert").iterdir())
         per_cell = {"metadata": round((store / cstore.METADATA).stat().st_size / args.cells, 2),
                     "manifest": round(manifest / args.cells, 2),
-                    "pixels_96px_zstd_from_sizing_md": PIXEL_BYTES_PER_CELL_96PX}  # fmt: skip
+                    "pixels_96px_from_sizing_md": PIXEL_BYTES_PER_CELL_96PX}  # fmt: skip
     return {"cells": args.cells, "stages": stages, "bytes_per_cell": per_cell,
             "inputs": built, "load_average_before": load,
             "load_average_after": list(os.getloadavg()),

@@ -62,10 +62,12 @@ class ConvertConfig(Section):
     illum_dir: str | None = None
     channels: list[str] = ["DNA", "ER", "RNA", "AGP", "Mito"]
     size: int = Field(160, ge=8)
-    codec: Literal["zstd", "lz4"] = Field(
-        "zstd",
-        description="zstd: Blosc zstd, bit-shuffled, level 3 for a field store and 1 for a cell "
-        "store (attrs.codec_level); lz4: LZ4, which DALI inflates on the GPU",
+    codec: Literal["auto", "zstd", "lz4", "blosc-lz4"] = Field(
+        "auto",
+        description="auto: zstd for a field store, blosc-lz4 for a cell store; zstd: Blosc zstd, "
+        "bit-shuffled (level 3 for a field store, 1 for a cell store: attrs.codec_level); "
+        "blosc-lz4: Blosc LZ4, bit-shuffled (fastest on the CPU); lz4: plain LZ4, which DALI "
+        "inflates on the GPU",
     )
     shard_size: int = Field(1024, ge=1)
     workers: int = Field(2, ge=1)

@@ -63,7 +63,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--channels", help="channel names in store order, e.g. DNA,ER,RNA,AGP,Mito")
     opt.add_argument("--file-channels", help="channel names in file order (folder layout)")
     opt.add_argument("--size", type=int, help="stored image size in pixels (default 160)")
-    opt.add_argument("--codec", choices=["zstd", "lz4"])
+    opt.add_argument("--codec", choices=["auto", "zstd", "lz4", "blosc-lz4"])
     opt.add_argument("--shard-size", type=int, help="images per shard file")
     opt.add_argument("--workers", type=int, help="parallel processes")
     opt.add_argument(

@@ -687,8 +687,15 @@ def convert(
                 pool.close()
 
 
+def _unit(cfg: ConvertConfig) -> str:
+    return "cell" if cfg.crop_size else "field"
+
+
 def _convert(cfg: ConvertConfig, out: str, overwrite: bool, run: Mapper, owner: Owner | None,
              t0: float, nuclei: NucleiConfig) -> dict[str, Any]:  # fmt: skip
+    # The codec the store gets, before the fingerprint: "auto" is "zstd" for fields, so their
+    # stores and reruns are those of before "auto" existed.
+    cfg = cfg.model_copy(update={"codec": swrite.store_codec(cfg.codec, _unit(cfg))})
     inputs = load_inputs(cfg)
     if len(inputs.sites) == 0:  # stop before reading a single TIFF
         _stop_all_quarantined(out, inputs)

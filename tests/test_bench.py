@@ -218,7 +218,7 @@ def test_scale_cells(tmp_path):
     # rank 0 of 8: an eighth of the epoch, padded to whole batches on every rank
     step = plan["world_size"] * plan["batch_size"]
     assert plan["rank_batches"] == -(-plan["epoch_entries"] // step)
-    has(r["bytes_per_cell"], "metadata", "manifest", "pixels_96px_zstd_from_sizing_md")
+    has(r["bytes_per_cell"], "metadata", "manifest", "pixels_96px_from_sizing_md")
     assert r["bytes_per_cell"]["metadata"] == pytest.approx(convert["metadata_bytes"] / n, abs=0.01)
 
 

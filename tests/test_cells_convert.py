@@ -466,20 +466,28 @@ def test_a_site_split_by_a_shard_boundary_is_decoded_once(plate: Path, tmp_path,
         assert a.attrs[key] == b.attrs[key]
 
 
-def test_a_cell_store_compresses_with_zstd_level_1_and_reads_back(plate: Path, tmp_path) -> None:
-    """The default codec gives a cell store Blosc zstd at level 1 (bit-shuffled), recorded in
-    attrs.codec_level; zarr, the fast reader and ``inspect --verify`` read the pixels an LZ4
-    store of the same cells holds."""
+def test_a_cell_store_compresses_with_blosc_lz4_by_default_and_reads_back(plate: Path,
+                                                                         tmp_path) -> None:  # fmt: skip
+    """The default codec (auto) gives a cell store Blosc LZ4, bit-shuffled, recorded as
+    blosc-lz4; asked for zstd, Blosc zstd at level 1 (attrs.codec_level); zarr, the fast reader
+    and ``inspect --verify`` read the pixels an LZ4 store of the same cells holds."""
     from cellmorph.loaders.reader import ShardReader
     from cellmorph.store.verify import verify_store
 
     locs = str(plate.parent / "locations")
-    convert(_cfg(plate, locations=locs), tmp_path / "z.zarr")
+    convert(_cfg(plate, locations=locs), tmp_path / "b.zarr")
+    convert(_cfg(plate, locations=locs, codec="zstd"), tmp_path / "z.zarr")
     convert(_cfg(plate, locations=locs, codec="lz4"), tmp_path / "l.zarr")
+    b = open_store(tmp_path / "b.zarr")
     z, lz4 = open_store(tmp_path / "z.zarr"), open_store(tmp_path / "l.zarr")
+    blosc = b.images.metadata.codecs[0].codecs[1]
+    assert (blosc.cname.name, blosc.shuffle.value) == ("lz4", "bitshuffle")
+    assert b.attrs["codec"] == "blosc-lz4" and "codec_level" not in b.attrs
     blosc = z.images.metadata.codecs[0].codecs[1]
     assert (blosc.cname.name, blosc.clevel, blosc.shuffle.value) == ("zstd", 1, "bitshuffle")
     assert z.attrs["codec"] == "zstd" and z.attrs["codec_level"] == 1
+    assert np.array_equal(b.images[:], lz4.images[:])
+    assert verify_store(b, progress=False) == []
     pixels = lz4.images[:]
     assert np.array_equal(z.images[:], pixels)
     rows = np.arange(len(z))[::-1]
