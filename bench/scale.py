@@ -419,6 +419,7 @@ def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     # rest of the probe (per-site checks, the stat digest) is conversion's own code.
     header = tiffs.FileInfo(1, 1080, 1080, "uint16", 2_332_800, 1_700_000_000_000_000_000)
     tiffs.probe_file = lambda path: header
+    pack.read_rows = _no_pixels  # finish's statistics sample: no shard holds pixels here
 
     sites = pack.probe_all(inputs, cfg, {}, pack.inline_map)
     t["probe_s"] = time.perf_counter()
@@ -457,6 +458,7 @@ def stage_convert_cells(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                         locations=str(work / LOCATIONS))  # fmt: skip
     header = tiffs.FileInfo(1, 1080, 1080, "uint16", 2_332_800, 1_700_000_000_000_000_000)
     tiffs.probe_file = lambda path: header
+    pack.read_rows = _no_pixels  # finish's statistics sample: no shard holds pixels here
 
     def mapper(fn: Any, tasks: Any) -> Any:  # probes inline; shards: their records only
         if fn is cells.pack_cells:
@@ -472,6 +474,11 @@ def stage_convert_cells(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "quarantined": done["quarantined"], "shards": len(files), **done["phases"],
             "metadata_bytes": (out / cstore.METADATA).stat().st_size,
             "manifest_bytes": sum(f.stat().st_size for f in files)}  # fmt: skip
+
+
+def _no_pixels(out: str, arr: Any, rows: np.ndarray) -> np.ndarray:
+    """What finish's sample read returns here: zeros, as the shards are never written."""
+    return np.zeros((len(rows), *arr.shape[1:]), dtype=arr.dtype)
 
 
 def _cell_record(task: Any) -> Any:

@@ -105,11 +105,14 @@ def hold(path: str | AnyPath, what: str = "run") -> Iterator[None]:
             _held[key] -= 1
         return
     lock = Lease(folder, what) if isinstance(folder, URLPath) else FileLock(folder, what)
+    restore = None
+    if isinstance(lock, Lease):
+        lock.wake, restore = _wake_signal()
     lock.acquire()
     _held[key] = 1
     try:
         yield
-    except BaseException:  # the SIGINT a lost lease sends, or what the run made of it
+    except BaseException:  # the signal a lost lease sends, or what the run made of it
         if lock.lost is None:
             raise
         raise _lost(what, folder, lock) from None
@@ -119,6 +122,24 @@ def hold(path: str | AnyPath, what: str = "run") -> Iterator[None]:
     finally:
         del _held[key]
         lock.release()
+        if restore is not None:
+            signal.signal(lock.wake, restore)
+
+
+def _wake_signal() -> tuple[int, Any]:
+    """The signal the renewing thread sends the main thread when the lease is lost, and the
+    handler to put back afterwards. SIGUSR1 with a handler of ours when nothing else uses it:
+    a job a shell starts in the background ignores SIGINT, which then would not stop the run.
+    Else SIGINT (a lease held off the main thread: no handler can be installed there)."""
+    usr1 = getattr(signal, "SIGUSR1", None)
+    if (usr1 is None or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(usr1) != signal.SIG_DFL):  # fmt: skip
+        return signal.SIGINT, None
+    return usr1, signal.signal(usr1, _lease_lost)
+
+
+def _lease_lost(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds the run; hold() turns it into the lost lock's error
 
 
 def _lost(what: str, folder: AnyPath, lock: Lease | FileLock) -> CellmorphError:
@@ -229,6 +250,7 @@ class Lease:
         self.info = {**holder_info(), "lease_s": self.lease_s}
         self.version: dict[str, str] | None = None  # what we last wrote (e_tag, version)
         self.lost: dict[str, Any] | None = None  # the holder that took our lease over
+        self.wake: int = signal.SIGINT  # what stops the main thread then (hold() may choose)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -315,8 +337,8 @@ class Lease:
                 self.lost = (current[0] if current else None) or {}
                 print(f"error: {self.what} {self.folder.name}: lost its lock to "
                       f"{describe(self.lost)}; stopping", file=sys.stderr)  # fmt: skip
-                # SIGINT to the main thread itself: it also wakes a sleep or a wait there
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                # A signal to the main thread itself: it also wakes a sleep or a wait there
+                signal.pthread_kill(threading.main_thread().ident, self.wake)
                 return
             except Exception as e:  # the store unreachable past its retries: try again later
                 print(f"warning: {self.url}: lease not renewed ({e})", file=sys.stderr)

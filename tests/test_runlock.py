@@ -50,11 +50,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}  # AWS_* from the s3_server fixture
 
 
-def _holder(path: str, lease: float = 60, renew: float = 15) -> subprocess.Popen:
-    """A process holding the lock at ``path``, once it says so."""
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _holder(path: str, lease: float = 60, renew: float = 15,
+            background: bool = False) -> subprocess.Popen:  # fmt: skip
+    """A process holding the lock at ``path``, once it says so; ``background``: SIGINT
+    ignored, as in a job a shell starts with ``&``."""
     argv = [sys.executable, "-c", HOLD, path, str(lease), str(renew)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd=ROOT)  # fmt: skip
+                            env=_env(), cwd=ROOT,
+                            preexec_fn=_ignore_sigint if background else None)  # fmt: skip
     line = proc.stdout.readline()
     if line.strip() != "held":
         proc.kill()
@@ -207,8 +214,10 @@ def test_s3_conditional_update_refuses_a_stale_version(bucket: str) -> None:
 
 
 def test_s3_holder_whose_lease_was_taken_stops(bucket: str) -> None:
+    """Also when the holder ignores SIGINT (a background job): the renewing thread wakes the
+    main thread with a signal of its own."""
     run = f"{bucket}/runs/W"
-    holder = _holder(run, lease=2, renew=0.3)
+    holder = _holder(run, lease=2, renew=0.3, background=True)
     try:
         other = {"pid": 999999, "host": "elsewhere", "user": "u", "started": "t",
                  "command": "cellmorph train", "lease_s": 60}  # fmt: skip
