@@ -405,7 +405,7 @@ def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     with the TIFF headers answered from memory and each shard's record written as a writer
     would (no pixels are packed)."""
     from cellmorph.config import ConvertConfig
-    from conversion import layouts, pack, tiffs
+    from conversion import finish, layouts, pack, tiffs
     from conversion.manifest import Manifest
 
     cfg = ConvertConfig(load_data=str(work / LOAD_DATA), channels=CHANNELS, size=SIZE,
@@ -419,7 +419,7 @@ def stage_convert_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     # rest of the probe (per-site checks, the stat digest) is conversion's own code.
     header = tiffs.FileInfo(1, 1080, 1080, "uint16", 2_332_800, 1_700_000_000_000_000_000)
     tiffs.probe_file = lambda path: header
-    pack.read_rows = _no_pixels  # finish's statistics sample: no shard holds pixels here
+    finish.read_rows = _no_pixels  # finish's statistics sample: no shard holds pixels here
 
     sites = pack.probe_all(inputs, cfg, {}, pack.inline_map)
     t["probe_s"] = time.perf_counter()
@@ -450,7 +450,7 @@ def stage_convert_cells(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     answered from memory and each shard's writer replaced by the record it writes (no pixels);
     leaves the store the next stages open (its shards absent)."""
     from cellmorph.config import ConvertConfig
-    from conversion import cells, pack, tiffs
+    from conversion import cells, finish, pack, tiffs
 
     cfg = ConvertConfig(load_data=str(work / LOAD_DATA), channels=CHANNELS, size=SIZE,
                         shard_size=SHARD, negcon=NEGCON, label_column="Metadata_JCP2022",
@@ -458,7 +458,7 @@ def stage_convert_cells(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                         locations=str(work / LOCATIONS))  # fmt: skip
     header = tiffs.FileInfo(1, 1080, 1080, "uint16", 2_332_800, 1_700_000_000_000_000_000)
     tiffs.probe_file = lambda path: header
-    pack.read_rows = _no_pixels  # finish's statistics sample: no shard holds pixels here
+    finish.read_rows = _no_pixels  # finish's statistics sample: no shard holds pixels here
 
     def mapper(fn: Any, tasks: Any) -> Any:  # probes inline; shards: their records only
         if fn is cells.pack_cells:

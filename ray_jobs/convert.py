@@ -1,7 +1,7 @@
 """``python -m ray_jobs.convert``: the conversion with one Ray task per shard.
 
 Same arguments as ``cellmorph convert`` (plus ``--address``). The driver plans, the tasks run
-:func:`conversion.pack.pack_shard` (and the header probes), the driver finishes the store; the
+:func:`conversion.fieldplan.pack_shard` (and the header probes), the driver finishes the store; the
 bytes are the same as a local run's. ``--out`` may be a local (shared) path or any URL zarr's
 fsspec stores accept (``s3://bucket/store.zarr``).
 """
