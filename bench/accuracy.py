@@ -140,8 +140,9 @@ def plain_loop_images_per_s(store_path: Path, cfg: Config, steps: int) -> float:
 
     store = open_store(store_path)
     index = build_index(store.metadata, cfg.data, warn=False)
-    loader = build_loader(store, index.train_order, index.labels, cfg.loader, train=True,
-                          device=torch.device("cpu"), seed=cfg.seed)  # fmt: skip
+    loader = build_loader(store, index.train, index.labels, cfg.loader, train=True,
+                          device=torch.device("cpu"), seed=cfg.seed,
+                          repeats=index.train_repeats)  # fmt: skip
     loader.set_epoch(0)
     batches = [(x.clone(), y.clone()) for (x, y, _), _ in zip(loader, range(steps))]
     model = build_model(cfg.model, len(store.channels), len(index.classes))

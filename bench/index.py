@@ -109,7 +109,8 @@ def main() -> None:
     tracemalloc.stop()
 
     t = time.perf_counter()
-    epoch_indices(index.train_order, 0, 0, rank=0, world_size=8, batch_size=256)
+    epoch_indices(index.train, 0, 0, rank=0, world_size=8, batch_size=256,
+                  repeats=index.train_repeats)
     epoch_s = time.perf_counter() - t
 
     out = {
@@ -124,7 +125,7 @@ def main() -> None:
         "rss_after_table_mb": round(rss_table_mb, 1),
         "train": len(index.train),
         "val": len(index.val),
-        "train_order": len(index.train_order),
+        "train_order": index.epoch_size,
         "val_wells_in_train": index.summary["val_wells_in_train"],
         "epoch_indices_s": round(epoch_s, 3),
         "groupby_baseline_s": round(groupby_s, 3),

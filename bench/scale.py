@@ -559,7 +559,7 @@ def stage_index(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     index = build_index(store.metadata, cfg.data, warn=False)
     return {"build_index_s": round(time.perf_counter() - t0, 2), "classes": len(index.classes),
             "train": len(index.train), "val": len(index.val), "test": len(index.test),
-            "train_order": len(index.train_order)}  # fmt: skip
+            "train_order": index.epoch_size}  # fmt: skip
 
 
 def stage_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -611,8 +611,8 @@ def stage_predict(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def stage_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """A training rank's planning: the index, then its loader's rows and epoch 0's batches
-    (``BatchSource`` over ``train_order`` with the store's reader, as ``build_loader`` makes
-    it, for rank 0 of :data:`PLAN_WORLD`); no pixel is read."""
+    (``BatchSource`` over the training rows and their oversampling counts with the store's
+    reader, as ``build_loader`` makes it, for rank 0 of :data:`PLAN_WORLD`); no pixel is read."""
     from cellmorph.index import build_index
     from cellmorph.loaders.plan import BatchSource
     from cellmorph.loaders.reader import ShardReader
@@ -623,8 +623,8 @@ def stage_plan(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     index = build_index(store.metadata, cfg.data, warn=False)
     t1 = time.perf_counter()
     index_anon = anon_mb()
-    source = BatchSource(ShardReader(store), index.train_order, cfg.loader, train=True,
-                         seed=cfg.seed, rank=0, world_size=PLAN_WORLD)  # fmt: skip
+    source = BatchSource(ShardReader(store), index.train, cfg.loader, train=True, seed=cfg.seed,
+                         rank=0, world_size=PLAN_WORLD, repeats=index.train_repeats)  # fmt: skip
     batches = source.batches(0)
     return {"build_index_s": round(t1 - t0, 2), "plan_s": round(time.perf_counter() - t1, 2),
             "anon_after_index_mb": index_anon, "world_size": PLAN_WORLD,

@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.class_weight import compute_class_weight
 
-from cellmorph.codes import bincount
+from cellmorph.codes import bincount, repeat
 from cellmorph.config import DEFAULT_LABEL_COLUMN, DataConfig
 from cellmorph.content_ids import content_ids
 from cellmorph.errors import CellmorphError
 from cellmorph.labels import IndexBuildError, _encode_raw, _select_classes
-from cellmorph.sampling import contiguous_runs, epoch_indices, epoch_permutation
+from cellmorph.sampling import contiguous_runs, epoch_indices, epoch_permutation, epoch_size
 from cellmorph.splits import _folds, _pair_counts, _repeats, _Rows, _rows, _study_split
 
 __all__ = [
@@ -88,14 +88,12 @@ class Index:
         permutes. Built on each call (4 bytes an entry); :attr:`epoch_size` is its length."""
         if self.train_repeats is None:
             return self.train
-        return np.repeat(self.train, self.train_repeats)
+        return repeat(self.train, self.train_repeats)
 
     @property
     def epoch_size(self) -> int:
         """Entries of :attr:`train_order`, without building it."""
-        if self.train_repeats is None:
-            return len(self.train)
-        return int(self.train_repeats.sum(dtype=np.int64))
+        return epoch_size(self.train, self.train_repeats)
 
 
 # ------------------------------------------------------------------------------ build_index

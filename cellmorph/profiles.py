@@ -11,6 +11,8 @@ store) embeddings the outputs hold (:mod:`cellmorph.outputs`)::
                                 wells (the store's ``negcon`` spec); a plate with fewer than two
                                 of them against all its wells (named in the summary)
     pycytominer.feature_select  variance_threshold, correlation_threshold, drop_na_columns
+                                (correlation_threshold's choice vectorized: see
+                                :func:`correlation_threshold`)
 
 Columns follow pycytominer's conventions: the well's ``Metadata_`` columns (its first row's,
 ``Metadata_Site`` left out), ``Metadata_Object_Count`` (rows aggregated), then the selected
@@ -108,11 +110,49 @@ def _normalize(wells: pd.DataFrame, features: list[str], negcon: str) -> tuple[p
     return pd.concat(parts, ignore_index=True), to_all
 
 
+def correlation_threshold(profiles: pd.DataFrame, features: list[str],
+                          threshold: float = 0.9) -> list[str]:  # fmt: skip
+    """pycytominer's ``correlation_threshold``: the features it excludes, chosen as it does.
+
+    For every pair of features correlated above ``threshold`` (pycytominer's pairs and
+    correlations), the one of higher total absolute correlation goes. pycytominer picks it with
+    a pandas ``apply`` over the pairs, ~0.5 ms a pair: the embeddings of a few wells have most
+    of their 1,280 features correlated (800,000 pairs, minutes at the end of every run). The
+    same rule on arrays takes milliseconds.
+    """
+    from pycytominer.cyto_utils.util import get_pairwise_correlation
+
+    cor, pairs = get_pairwise_correlation(profiles.loc[:, features], method="pearson")
+    ranked = cor.abs().sum().sort_values().index  # pycytominer's order: the last goes first
+    pairs = pairs[pairs["correlation"] > threshold]
+    rank = pd.Series(np.arange(len(ranked)), index=ranked)
+    a, b = pairs["pair_a"].to_numpy(), pairs["pair_b"].to_numpy()
+    higher = rank.reindex(a).to_numpy() > rank.reindex(b).to_numpy()
+    return list(set(np.where(higher, a, b).tolist()))
+
+
+def feature_select(profiles: pd.DataFrame, features: list[str]) -> pd.DataFrame:
+    """``pycytominer.feature_select(profiles, features, operation=SELECT)``, each operation on
+    the features the previous ones kept, as pycytominer runs them; correlation_threshold's
+    choice is :func:`correlation_threshold`'s."""
+    import pycytominer
+
+    kept = list(features)
+    for op in SELECT:
+        if not kept:
+            break
+        if op == "correlation_threshold":
+            drop = set(correlation_threshold(profiles, kept))
+        else:
+            left = pycytominer.feature_select(profiles, features=kept, operation=op).columns
+            drop = set(kept) - set(left)
+        kept = [f for f in kept if f not in drop]
+    return profiles.drop(columns=[f for f in features if f not in kept])
+
+
 def build_profiles(sets: list[OutputSet], negcon: str, target: AnyPath,
                    block_rows: int = BLOCK_ROWS) -> dict[str, Any]:  # fmt: skip
     """Write ``target`` (profiles.parquet) from the outputs ``sets``; returns what was done."""
-    import pycytominer
-
     parts, features = [], None
     for s in sets:
         for block in _blocks(s, block_rows):
@@ -122,7 +162,7 @@ def build_profiles(sets: list[OutputSet], negcon: str, target: AnyPath,
         return {"skipped": "no wells to profile"}
     wells = pd.concat(parts, ignore_index=True).sort_values(KEYS, kind="stable")
     normalized, to_all = _normalize(wells.reset_index(drop=True), features, negcon)
-    selected = pycytominer.feature_select(normalized, features=features, operation=SELECT)
+    selected = feature_select(normalized, features)
     kept = [c for c in features if c in selected.columns]
     note = {}
     if not kept:  # too few wells for the selection's statistics: keep every feature

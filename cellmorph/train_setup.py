@@ -114,18 +114,21 @@ def build_data(cfg: Config, ctx: Context, *, training: bool = True) -> Data:
     if training:
         check_batch_size(cfg.loader.batch_size, index)
     norm = from_store(store, cfg.loader)
-    train_rows = index.train_order if training else index.train[:0]
-    # An evaluation covers each row once (the study protocol's validation list repeats rows).
-    loaders = [
-        build_loader(store, rows, index.labels, cfg.loader, train=train, device=ctx.device,
-                     seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, norm=norm)
-        if len(rows) else None
-        for rows, train in ((train_rows, True), (np.unique(index.val), False),
-                            (np.unique(index.test), False),
-                            (calibration_rows(index, cfg) if training else train_rows, False))
-    ]  # fmt: skip
+
+    def loader(rows: np.ndarray, train: bool, repeats: np.ndarray | None = None) -> Loader | None:
+        if not len(rows):
+            return None
+        return build_loader(store, rows, index.labels, cfg.loader, train=train,
+                            device=ctx.device, seed=cfg.seed, rank=ctx.rank,
+                            world_size=ctx.world_size, norm=norm, repeats=repeats)  # fmt: skip
+
+    # Training draws the oversampled epoch from the rows and their counts; an evaluation covers
+    # each row once (the study protocol's validation list repeats rows).
+    training_loader = loader(index.train, True, index.train_repeats) if training else None
+    calibration = loader(calibration_rows(index, cfg), False) if training else None
+    val, test = loader(np.unique(index.val), False), loader(np.unique(index.test), False)
     sites = site_codes(store.metadata, index.well_ids) if store.unit == CELL else None
-    return Data(store, index, *loaders[:3], norm, loaders[3], sites)
+    return Data(store, index, training_loader, val, test, norm, calibration, sites)
 
 
 def calibration_rows(index: Index, cfg: Config) -> np.ndarray:

@@ -55,3 +55,16 @@ def test_bincount_a_block_at_a_time_is_numpys():
     np.testing.assert_array_equal(bincount(v), np.bincount(v))
     np.testing.assert_array_equal(bincount(v, minlength=20), np.bincount(v, minlength=20))
     assert len(bincount(np.zeros(0, np.int8), minlength=3)) == 3
+
+
+def test_repeat_a_block_at_a_time_is_numpys():
+    from cellmorph.codes import repeat
+
+    rng = np.random.default_rng(2)
+    v = rng.integers(0, 1000, 100).astype(np.int32)
+    counts = rng.integers(0, 5, 100).astype(np.uint8)
+    got = repeat(v, counts)
+    np.testing.assert_array_equal(got, np.repeat(v, counts))
+    assert got.dtype == np.int32 and len(repeat(v[:0], counts[:0])) == 0
+    with pytest.raises(ValueError, match="3 counts for 100 values"):
+        repeat(v, counts[:3])

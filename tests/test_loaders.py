@@ -85,6 +85,25 @@ def test_train_epochs_equal_length_across_ranks_and_cover_rows(coded, world_size
 
 
 @pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_oversampling_counts_give_the_epochs_of_the_oversampled_order(coded, kind):
+    """Training takes the index's rows and counts; its batches are those of the order listed."""
+    rows = np.arange(0, N, 2, dtype=np.int32)
+    repeats = (np.arange(len(rows)) % 3).astype(np.uint8)  # 0, 1 or 2 copies
+    cfg = _cfg(kind=kind, augment=[], num_workers=1)
+    counted = build_loader(coded, rows, _labels(), cfg, train=True, device=CPU, seed=3, rank=1,
+                           world_size=2, repeats=repeats)  # fmt: skip
+    listed = build_loader(coded, np.repeat(rows, repeats), _labels(), cfg, train=True,
+                          device=CPU, seed=3, rank=1, world_size=2)  # fmt: skip
+    assert len(counted) == len(listed)
+    for epoch in (0, 1):
+        got, want = _epoch(counted, epoch), _epoch(listed, epoch)
+        for (x, y, r), (x2, y2, r2) in zip(got, want, strict=True):
+            assert torch.equal(r, r2) and torch.equal(y, y2) and torch.equal(x, x2)
+    with pytest.raises(ValueError, match="an evaluation covers each row once"):
+        build_loader(coded, rows, _labels(), cfg, train=False, device=CPU, repeats=repeats)
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_eval_covers_each_row_once_in_order(coded, kind, world_size):
     rows = np.arange(1, N, 2)  # 25 rows: uneven parts and partial last batches

@@ -65,3 +65,31 @@ def test_intensity_features_are_per_channel_statistics():
     f = intensity_features(x)
     assert f.shape == (2, 15)  # mean, std, p5, p50, p95 for each of 3 channels
     assert f[1, 2] == 5.0 and f[0].max() == 0.0
+
+
+def test_feature_selection_is_pycytominers_with_many_correlated_pairs():
+    """The vectorized correlation_threshold drops exactly the features pycytominer drops, on
+    profiles of few wells where most features correlate (thousands of pairs), a constant
+    feature and a missing value included."""
+    import pycytominer
+
+    from cellmorph.profiles import SELECT, correlation_threshold, feature_select
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(6, 4))
+    feats = base @ rng.normal(size=(4, 150)) + 0.05 * rng.normal(size=(6, 150))
+    feats[:, 7] = 1.0  # no variance
+    feats[2, 11] = np.nan
+    names = [f"emb_{i:04d}" for i in range(150)]
+    table = pd.DataFrame(feats, columns=names).assign(Metadata_Well=[f"A{i}" for i in range(6)])
+    table = table[["Metadata_Well", *names]]
+    ref = pycytominer.feature_select(table, features=names, operation=SELECT)
+    got = feature_select(table, names)
+    assert list(got.columns) == list(ref.columns)
+    pd.testing.assert_frame_equal(got, ref)
+    assert 5 <= len(ref.columns) - 1 < 100  # some features kept, most dropped
+    from pycytominer.operations import correlation_threshold as reference
+
+    complete = [n for n in names if n not in ("emb_0007", "emb_0011")]
+    want = reference(table, features=complete)
+    assert sorted(correlation_threshold(table, complete)) == sorted(want) and len(want) > 100

@@ -85,3 +85,40 @@ def test_contiguous_runs_cover_the_batch_and_respect_shards():
     covered = np.concatenate([np.arange(a, b) for a, b in runs])
     np.testing.assert_array_equal(covered, np.unique(rows))
     assert contiguous_runs(np.array([], dtype=np.int64)).shape == (0, 2)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_counts_give_the_epochs_of_the_repeated_order(world_size):
+    rows = np.arange(0, 400, 4, dtype=np.int32)
+    repeats = np.random.default_rng(0).integers(0, 4, len(rows)).astype(np.uint8)
+    for epoch in range(3):
+        for rank in range(world_size):
+            want = epoch_indices(np.repeat(rows, repeats), epoch, 9, rank, world_size, 8)
+            got = epoch_indices(rows, epoch, 9, rank, world_size, 8, repeats=repeats)
+            np.testing.assert_array_equal(got, want)
+            assert got.dtype == np.int32
+    with pytest.raises(ValueError, match="3 repeats for 100 rows"):
+        epoch_indices(rows, 0, 0, repeats=repeats[:3])
+
+
+def test_a_rank_holds_one_epoch_long_array_at_most(monkeypatch):
+    """An oversampled epoch ~2x the fold: building it from counts costs one epoch-long array
+    (shuffled in place) plus the rank's part, not the order and its shuffled copy."""
+    import tracemalloc
+
+    from cellmorph import codes
+
+    monkeypatch.setattr(codes, "BLOCK", 1 << 16)  # a pilot-sized fold is many blocks
+    rows = np.arange(1_000_000, dtype=np.int32)
+    repeats = np.full(len(rows), 2, np.uint8)
+    epoch_bytes = 2 * len(rows) * 4
+    tracemalloc.start()
+    try:
+        epoch_indices(rows, 0, 0, rank=0, world_size=8, batch_size=64, repeats=repeats)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        epoch_indices(np.repeat(rows, repeats), 0, 0, rank=0, world_size=8, batch_size=64)
+        listed = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.2 * epoch_bytes < listed

@@ -52,6 +52,7 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     norm: Normalization | None = None,
+    repeats: np.ndarray | None = None,
 ) -> Loader:
     """A torch or DALI loader (``cfg.kind``) over ``rows`` of the store for this rank.
 
@@ -60,6 +61,8 @@ def build_loader(
     ``set_epoch`` with equal length on every rank; evaluation covers this rank's contiguous
     part of ``rows`` once, in order, without augmentation. ``norm`` replaces the one ``cfg``
     asks for with the store's statistics (a trained model brings its own: predict).
+    ``repeats`` (training only) counts each row's copies in an epoch: the index's oversampling,
+    kept as counts (:attr:`Index.train_repeats`) instead of an order twice as long.
     """
     rows = np.asarray(rows)
     if rows.dtype.kind not in "iu":
@@ -71,9 +74,8 @@ def build_loader(
     geom = geometry(int(store.shape[-1]), cfg)
     reader = ShardReader(store, threads=cfg.reader_threads, cache_dir=cfg.cache_dir,
                          cache_bytes=int(cfg.cache_gb * 2**30))  # fmt: skip
-    source = BatchSource(
-        reader, rows, cfg, train=train, seed=seed, rank=rank, world_size=world_size
-    )
+    source = BatchSource(reader, rows, cfg, train=train, seed=seed, rank=rank,
+                         world_size=world_size, repeats=repeats)  # fmt: skip
     if cfg.kind == "dali":
         from cellmorph.loaders.dali_loader import DaliLoader, import_dali
 

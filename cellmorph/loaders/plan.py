@@ -14,7 +14,7 @@ import numpy as np
 from cellmorph.augment import BatchParams, batch_rng, sample_params
 from cellmorph.config import LoaderConfig
 from cellmorph.loaders.reader import ShardReader
-from cellmorph.sampling import epoch_indices
+from cellmorph.sampling import epoch_indices, epoch_size
 
 
 class BatchSource:
@@ -30,13 +30,20 @@ class BatchSource:
         seed: int,
         rank: int,
         world_size: int,
+        repeats: np.ndarray | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
+        if repeats is not None and not train:
+            raise ValueError("repeats: an evaluation covers each row once")
         self.reader = reader
-        # Kept as given (int32 rows: 4 bytes an entry of an oversampled epoch, ~200 M entries
-        # at the pilot); each batch is int64.
+        # Kept as given, with the oversampling's counts rather than the oversampled order (the
+        # index's own arrays, shared): each epoch builds the order, shuffles it and keeps this
+        # rank's part, so a rank never holds more than one epoch-long array (0.6 GB at the
+        # pilot's 75 M cells). Each batch is int64.
         self.rows = np.asarray(rows)
+        self.repeats = None if repeats is None else np.asarray(repeats)
+        self.epoch_size = epoch_size(self.rows, self.repeats)
         self.cfg = cfg
         self.train = train
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -46,7 +53,7 @@ class BatchSource:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same every epoch)."""
-        n = len(self.rows)
+        n = self.epoch_size
         if self.train:
             return math.ceil(n / (self.world_size * self.batch_size)) if n else 0
         part = n // self.world_size + (1 if self.rank < n % self.world_size else 0)
@@ -54,14 +61,14 @@ class BatchSource:
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         if self._cached is None or self._cached[0] != epoch:
+            self._cached = None  # the last epoch's part goes before the next one is built
             self._cached = (epoch, self._split(epoch))
         return self._cached[1]
 
     def _split(self, epoch: int) -> list[np.ndarray]:
         if self.train:
-            part = epoch_indices(
-                self.rows, epoch, self.seed, self.rank, self.world_size, self.batch_size
-            )
+            part = epoch_indices(self.rows, epoch, self.seed, self.rank, self.world_size,
+                                 self.batch_size, repeats=self.repeats)  # fmt: skip
         else:
             part = np.array_split(self.rows, self.world_size)[self.rank]
         return [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
