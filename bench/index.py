@@ -109,8 +109,9 @@ def main() -> None:
     tracemalloc.stop()
 
     t = time.perf_counter()
-    epoch_indices(index.train, 0, 0, rank=0, world_size=8, batch_size=256,
-                  repeats=index.train_repeats)
+    epoch_indices(
+        index.train, 0, 0, rank=0, world_size=8, batch_size=256, repeats=index.train_repeats
+    )
     epoch_s = time.perf_counter() - t
 
     out = {
