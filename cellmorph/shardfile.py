@@ -189,9 +189,14 @@ def chunk_payload(raw: memoryview, layout: ShardLayout, expected: int | None,
     return payload
 
 
-def chunk_crcs(data: bytes, layout: ShardLayout, rows: int, where: str) -> list[int]:
+def chunk_crcs(data: bytes, layout: ShardLayout, rows: int, where: str,
+               verify: bool = True) -> list[int]:  # fmt: skip
     """The crc32c of each of the first ``rows`` chunks of a whole shard file, each checked
-    (the converter's read-back right after writing a shard: what metadata.parquet records)."""
+    (the converter's read-back right after writing a shard: what metadata.parquet records).
+
+    ``verify=False`` reads each chunk's crc32c without recomputing it: for bytes known to be
+    the encoder's own (a read-back equal to what :func:`encode_shard` just returned, which
+    computed them), where the check costs ~0.07 ms a 96 px crop and can find nothing."""
     if not layout.chunk_crc:
         raise ValueError("chunk_crcs needs a layout whose chunks end with a crc32c")
     start, n = index_range(layout, len(data))
@@ -202,7 +207,8 @@ def chunk_crcs(data: bytes, layout: ShardLayout, rows: int, where: str) -> list[
         off, nbytes = (int(v) for v in index[i])
         if index[i, 0] == EMPTY:
             raise StoreDamage(f"{where}: chunk {i} was not written")
-        chunk_payload(view[off : off + nbytes], layout, None, f"{where} chunk {i}")
+        if verify:
+            chunk_payload(view[off : off + nbytes], layout, None, f"{where} chunk {i}")
         out.append(int.from_bytes(view[off + nbytes - CRC_BYTES : off + nbytes], "little"))
     return out
 

@@ -168,7 +168,8 @@ def shard_chunk_crcs(path: str | AnyPath, images: zarr.Array, index: int, rows: 
                      written: bytes | None = None) -> list[int]:  # fmt: skip
     """Read shard file ``index`` back and return the crc32c of its first ``rows`` chunks, each
     checked: what the writer records for metadata.parquet right after writing the shard.
-    ``written``: the bytes just written, which the file must hold exactly."""
+    ``written``: the bytes :func:`encode_shard` just returned, which the file must hold
+    exactly (their crcs are then the encoder's own, read, not recomputed)."""
     layout = layout_of(images)
     if layout is None or not layout.chunk_crc:
         raise StoreError(f"{path}: images array is not in cellmorph format {L.FORMAT_VERSION}")
@@ -179,7 +180,7 @@ def shard_chunk_crcs(path: str | AnyPath, images: zarr.Array, index: int, rows: 
     if written is not None and data != written:
         raise StoreDamage(f"{path}/{key}: the shard read back is not the one just written "
                           f"({len(data)} bytes, {len(written)} written)")  # fmt: skip
-    return chunk_crcs(data, layout, rows, f"{path}/{key}")
+    return chunk_crcs(data, layout, rows, f"{path}/{key}", verify=written is None)
 
 
 def write_attrs(path: str | AnyPath, attrs: dict[str, Any]) -> None:
