@@ -298,7 +298,7 @@ def test_ray_cluster_commands_run_as_written(tiny_plate, tmp_path):
     env.pop("RAY_ADDRESS", None)  # never the session's test cluster
     dash, jobs = _free_port(), {}
     # What the user typed: the sweep without paths is refused with one line. It asks
-    # the cluster for nothing, so it runs beside the README's jobs (~15 s less on 2 cores).
+    # the cluster for nothing, so it runs beside the README's jobs, not after them (13 s alone).
     bare = ("ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
             "python -m ray_jobs.tune --config configs/sweep.yaml")  # fmt: skip
     with contextlib.ExitStack() as stack:

@@ -39,8 +39,8 @@ class BatchSource:
         self.reader = reader
         # Kept as given, with the oversampling's counts rather than the oversampled order (the
         # index's own arrays, shared): each epoch builds the order, shuffles it and keeps this
-        # rank's part, so a rank never holds more than one epoch-long array (0.6 GB at the
-        # pilot's 75 M cells). Each batch is int64.
+        # rank's part, so a rank never holds more than one epoch-long array (205 M entries,
+        # 0.8 GB, at the pilot's 75 M cells). Each batch is int64.
         self.rows = np.asarray(rows)
         self.repeats = None if repeats is None else np.asarray(repeats)
         self.epoch_size = epoch_size(self.rows, self.repeats)
