@@ -261,3 +261,24 @@ def test_report_renders_in_headless_chromium(tmp_path: Path):
     assert sorted(i["file"] for i in images) == sorted(f"{n}.png" for n in FIGURES)
     broken = [i["file"] for i in images if not i["ok"]]
     assert not broken, f"images that did not load: {broken}"
+
+
+def test_sample_grid_mosaic_puts_each_picked_image_in_its_class_line(tmp_path: Path):
+    from cellmorph.loaders.reader import ShardReader
+    from cellmorph.report_cells import composite, grid_mosaic
+
+    store = open_store(make_store(tmp_path / "store.zarr", wells=4, sites=3))
+    rows = [np.array([5, 0, 7]), np.array([2])]  # the second class has one image of three
+    mosaic, centres = grid_mosaic(store, rows, per_class=3)
+    h, w = store.shape[2:]
+    gap = max(1, h // 32)
+    assert mosaic.shape == (2 * h + gap, 3 * w + 2 * gap, 3)
+    assert centres == [(h - 1) / 2, h + gap + (h - 1) / 2]
+    images = ShardReader(store).read(np.array([5, 0, 7, 2]))
+    for (r, c), image in zip([(0, 0), (0, 1), (0, 2), (1, 0)], images):
+        y, x = r * (h + gap), c * (w + gap)
+        np.testing.assert_array_equal(
+            mosaic[y : y + h, x : x + w], composite(image, store.channels).astype(np.float32)
+        )
+    assert (mosaic[h + gap :, w + gap :] == 1).all()  # the short class's missing tiles: white
+    assert (mosaic[h : h + gap] == 1).all() and (mosaic[:, w : w + gap] == 1).all()  # the gaps
