@@ -238,6 +238,13 @@ def encode_shard(block: np.ndarray, layout: ShardLayout) -> bytes:
     the layout says so). Every row of ``block`` is written, an all-zero image too; a block of
     fewer rows than the shard holds (an array's last shard) leaves the rest unwritten
     (``2**64-1`` entries), as zarr does."""
+    return b"".join(encode_shard_parts(block, layout))
+
+
+def encode_shard_parts(block: np.ndarray, layout: ShardLayout) -> list[bytes]:
+    """:func:`encode_shard`'s file as the pieces it is made of, in file order: a writer hands
+    them to one ``writev`` instead of joining them first (a copy of the whole shard: ~0.03 ms
+    a 96 px crop, as much as its crc32c)."""
     import numcodecs
 
     if layout.encoder is None or not layout.chunk_crc:
@@ -262,7 +269,7 @@ def encode_shard(block: np.ndarray, layout: ShardLayout) -> bytes:
     table = index.tobytes()
     if layout.index_crc:
         table += crc32c(table).to_bytes(CRC_BYTES, "little")
-    return b"".join([*parts, table] if layout.index_at_end else [table, *parts])
+    return [*parts, table] if layout.index_at_end else [table, *parts]
 
 
 def _declared_size(codec_id: str, payload: memoryview) -> int | None:

@@ -175,10 +175,13 @@ def test_edited_channel_names_are_refused(store: Path, channels, message: str) -
         open_store(store)
 
 
-def test_older_store_format_asks_for_a_new_conversion(store: Path) -> None:
-    _edit_attrs(store, cellmorph_format=1)
+@pytest.mark.parametrize("version", [1, 3])
+def test_older_store_format_asks_for_a_new_conversion(store: Path, version: int) -> None:
+    """Format 3 (blake2b image checksums) is refused as older: its checksums are not the ones
+    ``inspect --verify`` computes now."""
+    _edit_attrs(store, cellmorph_format=version)
     with pytest.raises(
-        StoreError, match=r"format 1 was written by an older cellmorph.*--overwrite"
+        StoreError, match=rf"format {version} was written by an older cellmorph.*--overwrite"
     ):
         open_store(store)
 
@@ -340,15 +343,16 @@ def test_unreadable_quarantine_and_damaged_manifest_records(store: Path) -> None
         open_store(store)
 
 
-def test_image_checksum_is_blake2b_of_the_little_endian_bytes() -> None:
-    """The manifest's checksum (docs/integrity.md): blake2b, 8 bytes, of the image's uint16
-    values little-endian in C order, whatever the array's order or byte order."""
-    import hashlib
+def test_image_checksum_is_xxh3_of_the_little_endian_bytes() -> None:
+    """The manifest's checksum (docs/integrity.md): xxh3-64 of the image's uint16 values
+    little-endian in C order, whatever the array's order or byte order (format 4)."""
+    import xxhash
 
     from cellmorph.store.layout import image_checksum
 
     img = np.arange(2 * 6 * 5, dtype=np.uint16).reshape(2, 6, 5) * 1000
-    want = hashlib.blake2b(img.astype("<u2").tobytes(), digest_size=8).hexdigest()
+    want = xxhash.xxh3_64(img.astype("<u2").tobytes()).hexdigest()
+    assert len(want) == 16 and want != xxhash.xxh3_64(img.astype(">u2").tobytes()).hexdigest()
     assert image_checksum(img) == want
     assert image_checksum(np.asfortranarray(img)) == want
     assert image_checksum(img.astype(">u2")) == want

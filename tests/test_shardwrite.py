@@ -85,9 +85,8 @@ def test_write_shard_file_is_one_file_read_back_whole(tmp_path: Path) -> None:
     assert not stale.exists()
     written = [swrite.write_shard_file(out, arr, i, data[s : s + SHARD])
                for i, s in enumerate(range(0, 6, SHARD))]  # fmt: skip
-    assert (
-        written == expected and [(out / shard_key(arr, i)).read_bytes() for i in (0, 1)] == expected
-    )
+    assert [b"".join(w) for w in written] == expected
+    assert [(out / shard_key(arr, i)).read_bytes() for i in (0, 1)] == expected
     assert np.array_equal(zarr.open_array(out / "images", mode="r")[:], data)
     crcs = swrite.shard_chunk_crcs(out, arr, 1, 2, written[1])
     # The encoder's crcs, read without recomputing them, are those recomputed and checked.
@@ -115,3 +114,23 @@ def test_finish_reads_its_sample_as_zarr_does(tmp_path: Path, codec: str) -> Non
     key.write_bytes(bytes(raw))
     with pytest.raises(swrite.StoreDamage, match=r"row 4\).*crc32c"):
         read_rows(str(root), arr, rows)
+
+
+def test_a_short_writev_is_resumed_where_it_stopped(tmp_path: Path, monkeypatch) -> None:
+    """The shard's pieces go to the file a writev at a time; a write the kernel cuts short
+    (a signal, a full pipe) goes on from the byte it stopped at, mid-piece or not."""
+    import os
+
+    parts = [bytes([i]) * n for i, n in enumerate([5, 0, 3, 11, 1, 7])]
+    real = os.writev
+    calls = []
+
+    def short(fd: int, buffers) -> int:
+        calls.append(len(buffers))
+        return real(fd, [memoryview(b"".join(bytes(b) for b in buffers))[:4]])
+
+    monkeypatch.setattr(os, "writev", short)
+    monkeypatch.setattr(swrite, "_IOV_MAX", 2)
+    swrite._writev_file(tmp_path / "f", parts)
+    assert (tmp_path / "f").read_bytes() == b"".join(parts)
+    assert len(calls) == 7 and max(calls) == 2  # 27 bytes, 4 a call, at most 2 pieces a call

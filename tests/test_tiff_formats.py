@@ -101,7 +101,7 @@ def test_single_channel_formats_store_the_same_pixels(tmp_path: Path, baseline, 
     assert np.array_equal(images, baseline["loaddata"])
 
 
-LIBTIFF_CASES = {  # plain LZW planes: libtiff decodes them (conversion.tiffs._decode_libtiff)
+LIBTIFF_CASES = {  # plain LZW planes: libtiff decodes them (conversion.tiffs._read_plain)
     "strips": {}, "predictor": {"predictor": True}, "tiles": {"tile": (32, 32)},
     "uint8": {"dtype": np.uint8}, "bigtiff": {"bigtiff": True}, "one-row-strips": {"rowsperstrip": 1},
 }  # fmt: skip
@@ -115,9 +115,11 @@ def test_plain_lzw_planes_are_decoded_by_libtiff_as_tifffile_does(tmp_path: Path
     pixel data go to tifffile, so a damaged file fails with tifffile's reason."""
     from conversion import tiffs
 
-    used: list[str] = []
-    decode = tiffs._decode_libtiff
-    monkeypatch.setattr(tiffs, "_decode_libtiff", lambda p, *a: used.append(p) or decode(p, *a))
+    used: list[str] = []  # the files whose pixels came from Pillow's libtiff decoder
+    pixels_of = tiffs._pixels
+    monkeypatch.setattr(
+        tiffs, "_pixels", lambda im, *a: used.append(im.filename) or pixels_of(im, *a)
+    )
     kw = dict(LIBTIFF_CASES[case])
     data = pixels(1, "DNA").astype(kw.pop("dtype", np.uint16))
     path = tmp_path / "x.tiff"
@@ -138,10 +140,13 @@ def test_plain_lzw_planes_are_decoded_by_libtiff_as_tifffile_does(tmp_path: Path
         assert tiffs._decode_libtiff(str(path), data.shape, data.dtype) is None
         with pytest.raises(tiffs.BadImage, match=r"cannot decode .*x.tiff \(ImcdError"):
             tiffs.read_file(str(path))
+    # zlib, and big-endian 16-bit LZW, go to tifffile (big-endian bytes are the same for uint8)
     for other in ({"compression": "zlib"}, {"compression": "lzw", "byteorder": ">"}):
         tifffile.imwrite(path, data, photometric="minisblack", **other)
         used.clear()
-        assert np.array_equal(tiffs.read_file(str(path))[0], data) and used == []
+        libtiff = other["compression"] == "lzw" and data.itemsize == 1
+        assert np.array_equal(tiffs.read_file(str(path))[0], data)
+        assert used == ([str(path)] if libtiff else [])
 
 
 # ------------------------------------------------------------- one multi-channel file per site

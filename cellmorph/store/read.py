@@ -187,8 +187,8 @@ def _check_format(p: AnyPath, attrs: dict[str, Any]) -> None:
     if isinstance(version, int) and version < FORMAT_VERSION:
         raise StoreError(
             f"{p}: store format {version} was written by an older cellmorph; this one reads "
-            f"format {FORMAT_VERSION} (checksummed chunks and description): re-run the convert command that "
-            "made it, with --overwrite"
+            f"format {FORMAT_VERSION} (checksummed chunks and description, xxh3 image "
+            "checksums): re-run the convert command that made it, with --overwrite"
         )
     if version != FORMAT_VERSION:
         raise StoreError(

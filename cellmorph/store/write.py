@@ -7,8 +7,10 @@ write small ones through the same calls. Readers never import this module.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import IO, Any
@@ -22,9 +24,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cellmorph import remote
 from cellmorph.remote import is_url
-from cellmorph.shardfile import StoreDamage, chunk_crcs, encode_shard, layout_of, shard_key
+from cellmorph.shardfile import StoreDamage, chunk_crcs, encode_shard_parts, layout_of, shard_key
 from cellmorph.store import layout as L
-from cellmorph.store.files import read_file, write_bytes, write_file, zarr_store
+from cellmorph.store.files import local, read_file, write_bytes, write_file, zarr_store
 from cellmorph.store.layout import StoreError
 from cellmorph.urlpath import AnyPath
 
@@ -146,9 +148,9 @@ def discard_shard(path: str | AnyPath, images: zarr.Array, index: int) -> None:
 
 
 def write_shard_file(path: str | AnyPath, images: zarr.Array, index: int,
-                     block: np.ndarray) -> bytes | None:  # fmt: skip
-    """Write ``block`` as shard file ``index`` of ``images``, whole, in one write (a temporary
-    file renamed into place, or one put), and return the bytes written.
+                     block: np.ndarray) -> list[bytes] | None:  # fmt: skip
+    """Write ``block`` as shard file ``index`` of ``images``, whole (a temporary file renamed
+    into place, or one put), and return the bytes written, as the pieces of the file in order.
 
     The bytes are :func:`cellmorph.shardfile.encode_shard`'s: the file zarr-python writes for
     the same rows, without its per-chunk codec pipeline (as costly as compressing, for small
@@ -159,27 +161,82 @@ def write_shard_file(path: str | AnyPath, images: zarr.Array, index: int,
         start = index * int(images.shards[0])
         images[start : start + len(block)] = block
         return None
-    data = encode_shard(block, layout)
-    write_bytes(path, shard_key(images, index), data)
-    return data
+    parts = encode_shard_parts(block, layout)
+    key = shard_key(images, index)
+    if is_url(path):
+        write_bytes(path, key, b"".join(parts))  # one put
+    else:
+        write_file(path, key, lambda tmp: _writev_file(tmp, parts))
+    return parts
+
+
+# At most this many pieces per writev call (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
+
+def _writev_file(target: Path, parts: Sequence[bytes]) -> None:
+    """Write ``parts`` one after another into a new file, a writev at a time (no joined copy)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        pending = [memoryview(p) for p in parts if len(p)]
+        while pending:
+            done = os.writev(fd, pending[:_IOV_MAX])
+            while done:  # drop what was written; a short write resumes mid-piece
+                if done >= len(pending[0]):
+                    done -= len(pending.pop(0))
+                else:
+                    pending[0], done = pending[0][done:], 0
+    finally:
+        os.close(fd)
+
+
+def _same_bytes(data: Any, parts: Sequence[bytes]) -> bool:
+    """Whether ``data`` (any buffer) holds exactly ``parts`` one after another."""
+    view = np.frombuffer(data, dtype=np.uint8) if len(data) else np.empty(0, np.uint8)
+    if len(view) != sum(len(p) for p in parts):
+        return False
+    offset = 0
+    for p in parts:
+        end = offset + len(p)
+        if len(p) <= 64:  # a chunk's crc32c: a slice of 4 bytes costs less than two arrays
+            if data[offset:end] != p:
+                return False
+        elif not np.array_equal(view[offset:end], np.frombuffer(p, np.uint8)):
+            return False
+        offset = end
+    return True
+
+
+def _read_back(path: str | AnyPath, key: str) -> Any:
+    """Shard file ``key`` as written: the local file mapped (not copied; unmapped when the
+    last reference goes), or the object's bytes; None when absent."""
+    if is_url(path):
+        return read_file(path, key)
+    try:
+        with open(local(path) / key, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        return None
 
 
 def shard_chunk_crcs(path: str | AnyPath, images: zarr.Array, index: int, rows: int,
-                     written: bytes | None = None) -> list[int]:  # fmt: skip
+                     written: Sequence[bytes] | None = None) -> list[int]:  # fmt: skip
     """Read shard file ``index`` back and return the crc32c of its first ``rows`` chunks, each
     checked: what the writer records for metadata.parquet right after writing the shard.
-    ``written``: the bytes :func:`encode_shard` just returned, which the file must hold
+    ``written``: the pieces :func:`write_shard_file` just wrote, which the file must hold
     exactly (their crcs are then the encoder's own, read, not recomputed)."""
     layout = layout_of(images)
     if layout is None or not layout.chunk_crc:
         raise StoreError(f"{path}: images array is not in cellmorph format {L.FORMAT_VERSION}")
     key = shard_key(images, index)
-    data = read_file(path, key)
+    data = _read_back(path, key)
     if data is None:
         raise StoreDamage(f"{path}/{key}: the shard just written is missing")
-    if written is not None and data != written:
+    if written is not None and not _same_bytes(data, written):
         raise StoreDamage(f"{path}/{key}: the shard read back is not the one just written "
-                          f"({len(data)} bytes, {len(written)} written)")  # fmt: skip
+                          f"({len(data)} bytes, {sum(map(len, written))} written)")  # fmt: skip
     return chunk_crcs(data, layout, rows, f"{path}/{key}", verify=written is None)
 
 
