@@ -169,23 +169,6 @@ def _plain_lzw(tif: tifffile.TiffFile, series: list) -> tuple[tuple[int, int], n
     return tuple(page.shape), dtype
 
 
-def _decode_libtiff(path: str, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
-    """The plane decoded by libtiff (through Pillow), or None when libtiff does not return
-    exactly the shape and type tifffile reads from the header (then tifffile decodes it, and
-    raises for a damaged file as it would have). libtiff decodes LZW ~1.6x faster than
-    imagecodecs: the same pixels (tests/test_tiff_formats.py)."""
-    if not _LIBTIFF:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's decompression-bomb warning: probed
-            with Image.open(path) as im:
-                data = _pixels(im, shape, dtype)
-    except Exception:  # noqa: BLE001  damaged data: tifffile decodes again and says why
-        return None
-    return data if data.shape == shape and data.dtype == dtype else None
-
-
 def _pixels(im: Image.Image, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     """The decoded image's pixels (read-only), without a copy where Pillow exports them as one
     Arrow array (``np.asarray`` copies them through ``tobytes``: ~20% of the decode)."""
@@ -227,35 +210,41 @@ def _plain_plane(im: Image.Image) -> tuple[tuple[int, int], np.dtype] | None:
     return (im.size[1], im.size[0]), dtype
 
 
-def _read_plain(path: str) -> np.ndarray | None:
-    """A plain LZW plane (:func:`_plain_plane`) decoded by libtiff, its header read once (by
-    Pillow: tifffile's read took ~0.6 ms a file, ~4% of a 1080 px plane's decode); None for
-    any other file, or any error (then tifffile reads it, and says what is wrong)."""
+def _decode_libtiff(path: str,
+                    plane: tuple[tuple[int, int], np.dtype] | None = None) -> np.ndarray | None:  # fmt: skip
+    """A single plane decoded by libtiff (through Pillow): ~1.6x faster than imagecodecs' LZW,
+    the same pixels (tests/test_tiff_formats.py). ``plane``: the (shape, dtype) tifffile read
+    from the header; without it, Pillow's own header read decides (:func:`_plain_plane`: one
+    header read a file, not two; tifffile's took ~0.6 ms, ~4% of a 1080 px plane's decode).
+    None for any other file, a mismatch or any error: then tifffile decodes it, and says why a
+    damaged file fails."""
     if not _LIBTIFF:
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's decompression-bomb warning: probed
             with Image.open(path) as im:
-                plain = _plain_plane(im)
-                data = None if plain is None else _pixels(im, *plain)
-    except Exception:  # noqa: BLE001  anything odd: tifffile's path decides
+                plane = plane or _plain_plane(im)
+                data = None if plane is None else _pixels(im, *plane)
+    except Exception:  # noqa: BLE001  damaged or odd: tifffile's path decides
         return None
-    return data if data is not None and data.shape == plain[0] else None
+    if data is None or plane is None or data.shape != plane[0] or data.dtype != plane[1]:
+        return None
+    return data
 
 
 def read_file(path: str) -> np.ndarray:
     """Decode a TIFF into (channels, H, W), whatever its layout (pages, samples, RGB). A plain
-    LZW plane is decoded by libtiff (:func:`_read_plain`, or :func:`_decode_libtiff` when
-    tifffile finds it plain), anything else by tifffile."""
-    data = _read_plain(path)
+    LZW plane is decoded by libtiff (:func:`_decode_libtiff`: from Pillow's header read, or
+    from tifffile's when only tifffile finds it plain), anything else by tifffile."""
+    data = _decode_libtiff(path)
     if data is not None:
         return data.reshape(1, *data.shape)
     try:
         with tifffile.TiffFile(path) as tif:
             _, axes, _, series = _site_series(tif)
             plain = _plain_lzw(tif, series)
-            data = None if plain is None else _decode_libtiff(path, *plain)
+            data = None if plain is None else _decode_libtiff(path, plain)
             if data is None:
                 data = (np.stack([s.asarray() for s in series]) if len(series) > 1
                         else series[0].asarray())  # fmt: skip

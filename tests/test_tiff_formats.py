@@ -101,7 +101,7 @@ def test_single_channel_formats_store_the_same_pixels(tmp_path: Path, baseline, 
     assert np.array_equal(images, baseline["loaddata"])
 
 
-LIBTIFF_CASES = {  # plain LZW planes: libtiff decodes them (conversion.tiffs._read_plain)
+LIBTIFF_CASES = {  # plain LZW planes: libtiff decodes them (conversion.tiffs._decode_libtiff)
     "strips": {}, "predictor": {"predictor": True}, "tiles": {"tile": (32, 32)},
     "uint8": {"dtype": np.uint8}, "bigtiff": {"bigtiff": True}, "one-row-strips": {"rowsperstrip": 1},
 }  # fmt: skip
@@ -137,7 +137,8 @@ def test_plain_lzw_planes_are_decoded_by_libtiff_as_tifffile_does(tmp_path: Path
             start = tif.pages.first.dataoffsets[0]
         raw[start : start + 64] = b"\xff" * 64  # damaged LZW codes, the file's size unchanged
         path.write_bytes(bytes(raw))
-        assert tiffs._decode_libtiff(str(path), data.shape, data.dtype) is None
+        assert tiffs._decode_libtiff(str(path), (data.shape, data.dtype)) is None
+        assert tiffs._decode_libtiff(str(path)) is None
         with pytest.raises(tiffs.BadImage, match=r"cannot decode .*x.tiff \(ImcdError"):
             tiffs.read_file(str(path))
     # zlib, and big-endian 16-bit LZW, go to tifffile (big-endian bytes are the same for uint8)
